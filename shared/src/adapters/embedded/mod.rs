@@ -1,0 +1,1 @@
+//! Embedded (SQLite) key-value table and queues.

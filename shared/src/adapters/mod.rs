@@ -1,0 +1,3 @@
+//! Adapters: embedded storage and app connectors.
+pub mod connectors;
+pub mod embedded;

@@ -1,0 +1,226 @@
+//! The compiled integration job (validated from a [`super::config::JobDef`]) and its status.
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+/// One of the job's two apps, by position in the job definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+    pub fn index(self) -> usize {
+        match self {
+            Side::A => 0,
+            Side::B => 1,
+        }
+    }
+    pub const BOTH: [Side; 2] = [Side::A, Side::B];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Async,
+    Live,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "connector", rename_all = "lowercase")]
+pub enum ConnectorSpec {
+    /// A local app database: a file path (relative paths resolve against the job file's folder).
+    Sqlite { path: String },
+    /// An OData v4 service (Dataverse Web API, fno data entities).
+    Odata { url: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct App {
+    pub name: String,
+    pub connector: ConnectorSpec,
+}
+
+/// A value map between the two apps' value spaces. Side A's values are the canonical space.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ValueMap {
+    /// (A value, B value) pairs, both normalized.
+    pub pairs: Vec<(Value, Value)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldMap {
+    /// Field name on side A and on side B.
+    pub names: [String; 2],
+    pub values: Option<ValueMap>,
+}
+
+/// A field (or fields) of this map that hold another map's integration key: a dependency.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lookup {
+    /// Index of the referenced map in [`Job::maps`].
+    pub map: usize,
+    /// Field names on A and B, in the referenced map's key-pair order.
+    pub fields: Vec<[String; 2]>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableMap {
+    pub name: String,
+    pub group: String,
+    /// Position of the table group in the job: groups deliver in this order.
+    pub group_index: usize,
+    pub sequence: u32,
+    pub entity: [String; 2],
+    pub keys: Vec<[String; 2]>,
+    pub fields: Vec<FieldMap>,
+    pub lookups: Vec<Lookup>,
+    pub company: Option<[String; 2]>,
+    pub mode: Mode,
+}
+
+impl TableMap {
+    pub fn entity(&self, side: Side) -> &str {
+        &self.entity[side.index()]
+    }
+    pub fn key_fields(&self, side: Side) -> Vec<String> {
+        self.keys.iter().map(|k| k[side.index()].clone()).collect()
+    }
+    /// Every field dualsync reads on `side`: keys, mapped fields and the company field.
+    pub fn read_fields(&self, side: Side) -> Vec<String> {
+        let i = side.index();
+        let mut out: Vec<String> = self.keys.iter().map(|k| k[i].clone()).collect();
+        for f in &self.fields {
+            if !out.contains(&f.names[i]) {
+                out.push(f.names[i].clone());
+            }
+        }
+        if let Some(c) = &self.company {
+            if !out.contains(&c[i]) {
+                out.push(c[i].clone());
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub name: String,
+    pub apps: [App; 2],
+    /// The app that wins conflicts.
+    pub primary: Side,
+    /// Companies (legal entities) in scope; empty means all.
+    pub companies: Vec<String>,
+    /// Table maps in delivery order: table group, then sequence.
+    pub maps: Vec<TableMap>,
+}
+
+impl Job {
+    pub fn side_of(&self, app: &str) -> Option<Side> {
+        Side::BOTH.into_iter().find(|s| self.apps[s.index()].name == app)
+    }
+    pub fn app_name(&self, side: Side) -> &str {
+        &self.apps[side.index()].name
+    }
+    pub fn map(&self, name: &str) -> Option<(usize, &TableMap)> {
+        self.maps.iter().enumerate().find(|(_, m)| m.name == name)
+    }
+    /// The map that pairs `entity` of `side`, if any.
+    pub fn map_for_entity(&self, side: Side, entity: &str) -> Option<(usize, &TableMap)> {
+        self.maps.iter().enumerate().find(|(_, m)| m.entity(side) == entity)
+    }
+    pub fn company_in_scope(&self, company: Option<&str>) -> bool {
+        match company {
+            _ if self.companies.is_empty() => true,
+            Some(c) => self.companies.iter().any(|x| x == c),
+            None => true,
+        }
+    }
+}
+
+/// Job status: `stopped → starting → active → stopping → stopped` (DESIGN §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    #[default]
+    Stopped,
+    Starting,
+    Active,
+    Stopping,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobAction {
+    Start,
+    Activate,
+    Stop,
+    Halt,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("job '{job}' is {from:?}: cannot {action:?} (allowed from {allowed})")]
+pub struct IllegalTransition {
+    pub job: String,
+    pub from: JobStatus,
+    pub action: JobAction,
+    pub allowed: &'static str,
+}
+
+impl JobStatus {
+    /// The status after `action`, or an error that names the job, its status and the action.
+    pub fn apply(self, job: &str, action: JobAction) -> Result<JobStatus, IllegalTransition> {
+        use JobAction::*;
+        use JobStatus::*;
+        let (next, allowed) = match action {
+            Start => (matches!(self, Stopped).then_some(Starting), "stopped"),
+            Activate => (matches!(self, Starting).then_some(Active), "starting"),
+            Stop => (matches!(self, Starting | Active).then_some(Stopping), "starting or active"),
+            Halt => (matches!(self, Stopping).then_some(Stopped), "stopping"),
+        };
+        next.ok_or(IllegalTransition { job: job.to_string(), from: self, action, allowed })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Stopped => "stopped",
+            JobStatus::Starting => "starting",
+            JobStatus::Active => "active",
+            JobStatus::Stopping => "stopping",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_machine_walks_the_cycle() {
+        let s = JobStatus::Stopped;
+        let s = s.apply("j", JobAction::Start).unwrap();
+        assert_eq!(s, JobStatus::Starting);
+        let s = s.apply("j", JobAction::Activate).unwrap();
+        assert_eq!(s, JobStatus::Active);
+        let s = s.apply("j", JobAction::Stop).unwrap();
+        assert_eq!(s, JobStatus::Stopping);
+        assert_eq!(s.apply("j", JobAction::Halt).unwrap(), JobStatus::Stopped);
+    }
+
+    #[test]
+    fn illegal_transition_names_job_status_and_action() {
+        let err = JobStatus::Stopped.apply("sales", JobAction::Stop).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("sales") && msg.contains("Stopped") && msg.contains("Stop"), "{msg}");
+        assert!(JobStatus::Active.apply("j", JobAction::Start).is_err());
+        assert!(JobStatus::Stopping.apply("j", JobAction::Activate).is_err());
+    }
+}

@@ -1,0 +1,10 @@
+//! Pure domain logic: no I/O here, so everything can be tested in isolation.
+pub mod canon;
+pub mod change;
+pub mod config;
+pub mod decide;
+pub mod errors;
+pub mod job;
+pub mod keys;
+pub mod link;
+pub mod sequence;

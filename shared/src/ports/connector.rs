@@ -1,0 +1,106 @@
+//! How dualsync reads and writes one app, and how it learns of the app's changes locally.
+use async_trait::async_trait;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use thiserror::Error;
+
+use crate::domain::change::{Key, Operation};
+
+/// What a connector needs to know of an entity: its name, its integration key fields (in key
+/// order) and the fields dualsync reads and writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntitySpec {
+    pub name: String,
+    pub key_fields: Vec<String>,
+    pub fields: Vec<String>,
+}
+
+/// A record as read: the requested fields and the record's version (etag).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub fields: BTreeMap<String, Value>,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// Write only if the record is still at this version (If-Match).
+    IfMatch(String),
+    /// Create only: fail if the record exists.
+    CreateOnly,
+}
+
+/// An upsert by integration key: `fields` holds the key fields too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteOp {
+    pub key: Key,
+    pub fields: BTreeMap<String, Value>,
+    pub precondition: Precondition,
+}
+
+/// Why one write did not happen.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum WriteFailure {
+    /// The record changed since it was read (412) or exists on create-only.
+    #[error("precondition failed")]
+    PreconditionFailed,
+    /// The app refused the write: validation or permission (4xx). An application failure.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// Throttling, 5xx, time-out: a system failure, to retry.
+    #[error("transient: {message}")]
+    Transient { message: String, retry_after: Option<Duration> },
+}
+
+/// A connector call that failed as a whole.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ConnectorError {
+    #[error("{app}: {message}")]
+    Transient { app: String, message: String, retry_after: Option<Duration> },
+    #[error("{app}: {message}")]
+    Rejected { app: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPage {
+    /// (key, record) in key order.
+    pub records: Vec<(Key, Record)>,
+    /// Cursor for the next page; `None` at the end.
+    pub next: Option<String>,
+}
+
+#[async_trait]
+pub trait Connector: Send + Sync {
+    /// The app's name, for messages.
+    fn app(&self) -> &str;
+    /// Reads records by integration key; the answer is in the order of `keys`.
+    async fn read(&self, entity: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError>;
+    /// Upserts by integration key, each under its precondition; returns each new version.
+    async fn write(&self, entity: &EntitySpec, ops: &[WriteOp]) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError>;
+    /// Deletes by integration key; a missing record is not an error.
+    async fn delete(&self, entity: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError>;
+    /// One page of all records of an entity, in key order, for initial sync.
+    async fn list(&self, entity: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError>;
+}
+
+/// One row of a local app's change log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawChange {
+    pub seq: u64,
+    pub entity: String,
+    pub key: Key,
+    pub op: Operation,
+    pub txid: String,
+    pub company: Option<String>,
+    /// The record's version after the change.
+    pub version: Option<String>,
+    pub at_ms: i64,
+}
+
+/// A change log a local app keeps (through triggers), read by local ingress.
+#[async_trait]
+pub trait ChangeFeed: Send + Sync {
+    /// Changes with `seq > after`, in seq order, `limit` at most.
+    async fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<RawChange>, ConnectorError>;
+}

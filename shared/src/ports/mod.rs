@@ -1,0 +1,11 @@
+//! The traits the steps talk to. Adapters implement them for the embedded (SQLite) and the AWS
+//! backends, and for each kind of app connector.
+pub mod clock;
+pub mod connector;
+pub mod kv;
+pub mod queue;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use connector::{ChangeFeed, Connector, ConnectorError, EntitySpec, ListPage, RawChange, Record, WriteFailure, WriteOp, Precondition};
+pub use kv::{Expect, Item, KvError, KvStore, Page, Put, SkRange};
+pub use queue::{InMessage, OutMessage, Queue, QueueError};

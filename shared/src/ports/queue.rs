@@ -1,0 +1,60 @@
+//! Queues between the steps. They carry references only, never record data.
+//!
+//! Semantics follow SQS: a received message is invisible for the queue's visibility timeout;
+//! unacknowledged, it comes back with its receive count raised, and past the queue's maximum it
+//! moves to the dead-letter queue. On a FIFO queue, messages of one group are handed out in
+//! order and never while an earlier one of the group is in flight; a deduplication id seen
+//! within the deduplication window drops the message.
+use async_trait::async_trait;
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutMessage {
+    pub body: String,
+    /// FIFO message group; `None` on a standard queue.
+    pub group: Option<String>,
+    /// FIFO deduplication id; `None` on a standard queue.
+    pub dedup_id: Option<String>,
+}
+
+impl OutMessage {
+    pub fn standard(body: String) -> Self {
+        OutMessage { body, group: None, dedup_id: None }
+    }
+    pub fn fifo(body: String, group: String, dedup_id: String) -> Self {
+        OutMessage { body, group: Some(group), dedup_id: Some(dedup_id) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InMessage {
+    pub id: String,
+    /// Proof of this receipt: acknowledging with a stale receipt does nothing.
+    pub receipt: String,
+    pub body: String,
+    pub group: Option<String>,
+    /// 1 on the first delivery.
+    pub receive_count: u32,
+}
+
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error("queue {queue} unavailable: {reason}")]
+    Unavailable { queue: String, reason: String },
+    #[error("message too large for queue {queue}: {bytes} bytes")]
+    TooLarge { queue: String, bytes: usize },
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync {
+    fn name(&self) -> &str;
+    /// Maximum receives before a message goes to the dead-letter queue.
+    fn max_receive_count(&self) -> u32;
+    async fn send(&self, msgs: Vec<OutMessage>) -> Result<(), QueueError>;
+    /// Up to `max` visible messages (FIFO order and group locking honoured).
+    async fn receive(&self, max: usize) -> Result<Vec<InMessage>, QueueError>;
+    async fn ack(&self, receipts: &[String]) -> Result<(), QueueError>;
+    /// Gives a received message back, visible again after `delay` (backoff for retries).
+    async fn release(&self, receipt: &str, delay: Duration) -> Result<(), QueueError>;
+}

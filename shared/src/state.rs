@@ -1,0 +1,1 @@
+//! Typed access to the key-value table items (DESIGN §4).
