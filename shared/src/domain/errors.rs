@@ -1,1 +1,99 @@
-//! TODO
+//! Sync error rows and conflict rows (DESIGN §1, seeds: async-faq "How are the errors
+//! categorized?").
+use serde::{Deserialize, Serialize};
+
+use super::change::Key;
+use super::job::Side;
+
+/// The four error categories of the seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorCategory {
+    /// Business validation or logical errors (a refused write, a missing reference).
+    Application,
+    /// Unresolvable system errors after retries; retriable.
+    System,
+    /// The change was not the latest: skipped, not retriable.
+    Concurrency,
+    /// Both sides changed: decided by the primary app; kept in the conflict log.
+    Conflict,
+}
+
+impl ErrorCategory {
+    pub const ALL: [ErrorCategory; 4] =
+        [ErrorCategory::Application, ErrorCategory::System, ErrorCategory::Concurrency, ErrorCategory::Conflict];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCategory::Application => "application",
+            ErrorCategory::System => "system",
+            ErrorCategory::Concurrency => "concurrency",
+            ErrorCategory::Conflict => "conflict",
+        }
+    }
+    pub fn retriable(self) -> bool {
+        matches!(self, ErrorCategory::Application | ErrorCategory::System)
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorStatus {
+    Open,
+    Retrying,
+    Dismissed,
+    Resolved,
+}
+
+impl ErrorStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorStatus::Open => "open",
+            ErrorStatus::Retrying => "retrying",
+            ErrorStatus::Dismissed => "dismissed",
+            ErrorStatus::Resolved => "resolved",
+        }
+    }
+}
+
+/// One failing link and cause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncError {
+    pub id: String,
+    pub job: String,
+    pub map: String,
+    /// The source app's entity.
+    pub entity: String,
+    /// The data source: the app the change came from.
+    pub app: String,
+    pub source: Side,
+    pub key: Key,
+    pub seq: u64,
+    pub txid: String,
+    pub category: ErrorCategory,
+    /// What is wrong, naming the key at most, never field values.
+    pub message: String,
+    pub retriable: bool,
+    pub attempts: u32,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub status: ErrorStatus,
+}
+
+/// A conflict: both sides changed since the last sync; the primary's side won.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    pub id: String,
+    pub job: String,
+    pub map: String,
+    pub key: Key,
+    /// The app whose change was being delivered when the conflict was seen.
+    pub app: String,
+    /// The app that won (the primary).
+    pub winner: String,
+    /// Hash of each side's content (A, B) when the conflict was seen.
+    pub hashes: [String; 2],
+    pub at_ms: i64,
+}

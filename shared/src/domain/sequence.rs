@@ -1,1 +1,220 @@
-//! TODO
+//! Sequencing (DESIGN §2.2): order a transaction's changes parent-before-child and give each a
+//! delivery group, the link of its dependency root, so that a parent and its children stay in
+//! order while unrelated records are delivered in parallel.
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+use super::change::{CapturedTransaction, ChangeRef, DeliveryBatch, Key};
+use super::job::{Job, TableMap};
+
+/// Orders the transaction's changes and packs them into one delivery batch per group.
+///
+/// Order: table group, then sequence (the job's map order); lookups always point to an earlier
+/// map (validated), so this is also a topological order. Of several changes to one record only
+/// the latest is kept: delivery reads the record fresh anyway.
+pub fn plan(job: &Job, tx: &CapturedTransaction) -> Vec<DeliveryBatch> {
+    let mut latest: BTreeMap<(usize, &Key), &ChangeRef> = BTreeMap::new();
+    for c in &tx.changes {
+        let Some((idx, _)) = job.map(&c.map) else { continue };
+        let slot = latest.entry((idx, &c.key)).or_insert(c);
+        if c.seq > slot.seq {
+            *slot = c;
+        }
+    }
+    // BTreeMap order is (map index, key): delivery order.
+    let changes: Vec<(usize, &ChangeRef)> = latest.into_iter().map(|((i, _), c)| (i, c)).collect();
+
+    // Union-find over the changes: a child joins its parent's set.
+    let mut parent: Vec<usize> = (0..changes.len()).collect();
+    fn find(p: &mut [usize], i: usize) -> usize {
+        let mut r = i;
+        while p[r] != r {
+            r = p[r];
+        }
+        p[i] = r;
+        r
+    }
+    let position: BTreeMap<(usize, &Key), usize> =
+        changes.iter().enumerate().map(|(pos, (i, c))| ((*i, &c.key), pos)).collect();
+    let mut roots: Vec<(usize, Key)> = Vec::with_capacity(changes.len());
+    for (pos, (map_idx, c)) in changes.iter().enumerate() {
+        roots.push(root_of(job, *map_idx, &c.key));
+        let map = &job.maps[*map_idx];
+        for lookup in &map.lookups {
+            let members: Vec<usize> = match derived_parent_key(map, &lookup.fields, &c.key) {
+                Some(k) => position.get(&(lookup.map, &k)).copied().into_iter().collect(),
+                // The parent cannot be told from the key: keep every change of the referenced
+                // map in this transaction in one group with this change, which is always safe.
+                None => changes.iter().enumerate().filter(|(_, (i, _))| *i == lookup.map).map(|(p, _)| p).collect(),
+            };
+            for m in members {
+                let (a, b) = (find(&mut parent, pos), find(&mut parent, m));
+                if a != b {
+                    // The earlier change (the parent side) stays the representative.
+                    parent[a.max(b)] = a.min(b);
+                }
+            }
+        }
+    }
+
+    let mut batches: BTreeMap<usize, DeliveryBatch> = BTreeMap::new();
+    for (pos, (_, c)) in changes.iter().enumerate() {
+        let rep = find(&mut parent, pos);
+        let (root_map, root_key) = &roots[rep];
+        let batch = batches.entry(rep).or_insert_with(|| DeliveryBatch {
+            job: tx.job.clone(),
+            group: group_id(&job.maps[*root_map].name, root_key),
+            changes: Vec::new(),
+        });
+        batch.changes.push((*c).clone());
+    }
+    batches.into_values().collect()
+}
+
+/// The dependency root of a record, following lookups whose fields are all part of the
+/// record's own key (an order line's key holds its header's key): no read needed, and it holds
+/// across transactions, so a line changed later still queues behind its header.
+pub fn root_of(job: &Job, map_idx: usize, key: &Key) -> (usize, Key) {
+    let (mut idx, mut key) = (map_idx, key.clone());
+    loop {
+        let map = &job.maps[idx];
+        let next = map.lookups.iter().find_map(|l| derived_parent_key(map, &l.fields, &key).map(|k| (l.map, k)));
+        match next {
+            Some((p, k)) if p < idx => (idx, key) = (p, k),
+            _ => return (idx, key),
+        }
+    }
+}
+
+/// The referenced key when every lookup field is one of the map's key fields.
+fn derived_parent_key(map: &TableMap, lookup_fields: &[[String; 2]], key: &Key) -> Option<Key> {
+    lookup_fields
+        .iter()
+        .map(|f| map.keys.iter().position(|k| k[0] == f[0]).and_then(|i| key.0.get(i).cloned()))
+        .collect::<Option<Vec<_>>>()
+        .map(Key)
+}
+
+/// A FIFO message group id for a root link: short and free of user characters.
+pub fn group_id(map: &str, key: &Key) -> String {
+    format!("g-{}", short_hash(&[map.as_bytes(), serde_json::to_string(&key.0).unwrap_or_default().as_bytes()]))
+}
+
+/// A deduplication id for a delivery batch: same changes, same id.
+pub fn dedup_id(batch: &DeliveryBatch) -> String {
+    let mut parts: Vec<Vec<u8>> = vec![batch.job.as_bytes().to_vec()];
+    for c in &batch.changes {
+        parts.push(format!("{}|{:?}|{}|{}", c.map, c.source, serde_json::to_string(&c.key.0).unwrap_or_default(), c.seq).into_bytes());
+    }
+    short_hash(&parts.iter().map(|p| p.as_slice()).collect::<Vec<_>>())
+}
+
+fn short_hash(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::job::{App, ConnectorSpec, Lookup, Mode, Side};
+
+    fn map(name: &str, keys: &[&str], lookups: Vec<Lookup>) -> TableMap {
+        TableMap {
+            name: name.into(),
+            group: "g".into(),
+            group_index: 0,
+            sequence: 0,
+            entity: [name.into(), name.into()],
+            keys: keys.iter().map(|k| [k.to_string(), k.to_string()]).collect(),
+            fields: vec![],
+            lookups,
+            company: None,
+            mode: Mode::Async,
+        }
+    }
+
+    fn job() -> Job {
+        let app = |n: &str| App { name: n.into(), connector: ConnectorSpec::Sqlite { path: "x".into() } };
+        Job {
+            name: "j".into(),
+            apps: [app("a"), app("b")],
+            primary: Side::A,
+            companies: vec![],
+            maps: vec![
+                map("customers", &["Cust"], vec![]),
+                map("headers", &["Order"], vec![Lookup { map: 0, fields: vec![["Cust".into(), "Cust".into()]] }]),
+                map("lines", &["Order", "Line"], vec![Lookup { map: 1, fields: vec![["Order".into(), "Order".into()]] }]),
+            ],
+        }
+    }
+
+    fn change(map: &str, key: &[&str], seq: u64) -> ChangeRef {
+        ChangeRef {
+            map: map.into(),
+            source: Side::A,
+            key: Key(key.iter().map(|s| s.to_string()).collect()),
+            seq,
+            txid: "t".into(),
+            at_ms: 0,
+        }
+    }
+
+    fn tx(changes: Vec<ChangeRef>) -> CapturedTransaction {
+        CapturedTransaction { job: "j".into(), source: Side::A, txid: "t".into(), changes }
+    }
+
+    #[test]
+    fn parent_before_child_and_one_group_per_order() {
+        let t = tx(vec![
+            change("lines", &["O1", "2"], 5),
+            change("lines", &["O2", "1"], 6),
+            change("headers", &["O1"], 3),
+            change("lines", &["O1", "1"], 4),
+            change("headers", &["O2"], 7),
+        ]);
+        let batches = plan(&job(), &t);
+        assert_eq!(batches.len(), 2, "{batches:?}");
+        for b in &batches {
+            assert_eq!(b.changes[0].map, "headers");
+            assert!(b.changes[1..].iter().all(|c| c.map == "lines" && c.key.0[0] == b.changes[0].key.0[0]));
+        }
+        assert_ne!(batches[0].group, batches[1].group);
+    }
+
+    #[test]
+    fn a_line_alone_queues_behind_its_header_across_transactions() {
+        let alone = plan(&job(), &tx(vec![change("lines", &["O1", "3"], 9)]));
+        let header = plan(&job(), &tx(vec![change("headers", &["O1"], 1)]));
+        assert_eq!(alone[0].group, header[0].group);
+    }
+
+    #[test]
+    fn non_key_lookups_within_a_transaction_share_a_group() {
+        let t = tx(vec![change("headers", &["O1"], 2), change("customers", &["C1"], 1), change("customers", &["C2"], 3)]);
+        let batches = plan(&job(), &t);
+        assert_eq!(batches.len(), 1);
+        let maps: Vec<&str> = batches[0].changes.iter().map(|c| c.map.as_str()).collect();
+        assert_eq!(maps, ["customers", "customers", "headers"]);
+    }
+
+    #[test]
+    fn only_the_latest_change_of_a_record_is_kept() {
+        let batches = plan(&job(), &tx(vec![change("customers", &["C1"], 1), change("customers", &["C1"], 4)]));
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].changes.len(), 1);
+        assert_eq!(batches[0].changes[0].seq, 4);
+    }
+
+    #[test]
+    fn dedup_id_depends_on_the_changes() {
+        let a = plan(&job(), &tx(vec![change("customers", &["C1"], 1)]));
+        let b = plan(&job(), &tx(vec![change("customers", &["C1"], 2)]));
+        assert_eq!(dedup_id(&a[0]), dedup_id(&a[0].clone()));
+        assert_ne!(dedup_id(&a[0]), dedup_id(&b[0]));
+    }
+}

@@ -1,1 +1,203 @@
-//! The four steps.
+//! The four steps, written once over the ports: [`capture`], [`sequence`], [`deliver`] and
+//! [`reconcile`]. Each takes a batch of queue messages and answers one [`Outcome`] per message,
+//! which a handler maps to acks and releases (locally) or to an `SqsBatchResponse` (Lambda).
+pub mod capture;
+pub mod deliver;
+pub mod reconcile;
+pub mod sequence;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::domain::job::{Job, JobStatus, Side};
+use crate::ports::{Connector, ConnectorError, EntitySpec, Queue};
+use crate::state::{State, StateError};
+
+/// What became of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled (delivered, skipped, or recorded as an error row): acknowledge.
+    Done,
+    /// A system failure: give the message back, visible again after `delay`.
+    Retry { delay: Duration },
+    /// The message cannot be handled at all (malformed, unknown job): give it back so that it
+    /// reaches the dead-letter queue; the reason is logged.
+    Poison { reason: String },
+}
+
+/// Crash injection for tests: a named point returns `true` to make the step stop there, as if
+/// the process died (nothing after it happens, nothing is acknowledged).
+#[derive(Clone, Default)]
+pub struct Failpoints(Option<Arc<dyn Fn(&str) -> bool + Send + Sync>>);
+
+impl Failpoints {
+    pub fn new(f: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        Failpoints(Some(Arc::new(f)))
+    }
+    pub fn check(&self, point: &str) -> Result<(), StepError> {
+        match &self.0 {
+            Some(f) if f(point) => Err(StepError::Crashed(point.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// A failpoint fired: the batch stops with nothing acknowledged.
+    #[error("crashed at failpoint {0}")]
+    Crashed(String),
+    /// The key-value table or a queue is unreachable: the whole batch is retried.
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Kv(#[from] crate::ports::KvError),
+    #[error(transparent)]
+    Queue(#[from] crate::ports::QueueError),
+}
+
+/// Counters the demo, the benchmark and the runner's progress read.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub captured: AtomicU64,
+    pub out_of_scope: AtomicU64,
+    pub echoes_suppressed: AtomicU64,
+    pub written: AtomicU64,
+    pub in_step: AtomicU64,
+    pub other_side_changed: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub concurrency: AtomicU64,
+    pub application: AtomicU64,
+    pub system_retries: AtomicU64,
+    pub system_recorded: AtomicU64,
+    pub live_deletes: AtomicU64,
+    latencies: Mutex<Option<Vec<u32>>>,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+    /// Starts keeping change-to-delivery latencies (milliseconds), for the benchmark.
+    pub fn keep_latencies(&self) {
+        *self.latencies.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+    pub fn record_latency(&self, ms: i64) {
+        if let Some(v) = self.latencies.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            v.push(ms.clamp(0, u32::MAX as i64) as u32);
+        }
+    }
+    pub fn take_latencies(&self) -> Vec<u32> {
+        self.latencies.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default()
+    }
+}
+
+/// Opens the connectors of a job's two apps (the runtime decides how, and caches them).
+pub trait ConnectorRegistry: Send + Sync {
+    fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError>;
+}
+
+/// Backoff for system failures: doubling from `base`, capped, honouring the app's Retry-After.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { base: Duration::from_millis(500), cap: Duration::from_secs(300) }
+    }
+}
+
+impl Backoff {
+    pub fn delay(&self, receive_count: u32, retry_after: Option<Duration>) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << receive_count.saturating_sub(1).min(16));
+        exp.min(self.cap).max(retry_after.unwrap_or_default())
+    }
+}
+
+/// A job ready to run: compiled, with its connectors and entity specs.
+pub struct LoadedJob {
+    pub job: Job,
+    pub status: JobStatus,
+    pub connectors: [Arc<dyn Connector>; 2],
+    /// Per map, per side: what the connector reads and writes.
+    pub specs: Vec<[EntitySpec; 2]>,
+}
+
+impl LoadedJob {
+    pub fn connector(&self, side: Side) -> &Arc<dyn Connector> {
+        &self.connectors[side.index()]
+    }
+    pub fn spec(&self, map_idx: usize, side: Side) -> &EntitySpec {
+        &self.specs[map_idx][side.index()]
+    }
+}
+
+/// Everything the steps need: the state table, the queues they send to, the connectors.
+pub struct Steps {
+    pub state: State,
+    pub registry: Arc<dyn ConnectorRegistry>,
+    pub sequence_queue: Arc<dyn Queue>,
+    pub deliver_queue: Arc<dyn Queue>,
+    pub failpoints: Failpoints,
+    pub metrics: Arc<Metrics>,
+    pub backoff: Backoff,
+    jobs: Mutex<HashMap<String, (u64, Arc<LoadedJob>)>>,
+}
+
+impl Steps {
+    pub fn new(state: State, registry: Arc<dyn ConnectorRegistry>, sequence_queue: Arc<dyn Queue>, deliver_queue: Arc<dyn Queue>) -> Self {
+        Steps {
+            state,
+            registry,
+            sequence_queue,
+            deliver_queue,
+            failpoints: Failpoints::default(),
+            metrics: Arc::new(Metrics::default()),
+            backoff: Backoff::default(),
+            jobs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn with_failpoints(mut self, failpoints: Failpoints) -> Self {
+        self.failpoints = failpoints;
+        self
+    }
+
+    /// The job, compiled and with its connectors; `None` if there is no such job. Reads the job
+    /// item once per call (status changes take effect at once), compiles once per revision.
+    pub async fn load_job(&self, name: &str) -> Result<Option<Arc<LoadedJob>>, StepError> {
+        let (record, _) = match self.state.job_record(name).await {
+            Ok(r) => r,
+            Err(StateError::UnknownJob(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let cached = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
+        if let Some((rev, loaded)) = cached {
+            if rev == record.revision && loaded.status == record.status {
+                return Ok(Some(loaded));
+            }
+        }
+        let job = crate::domain::config::compile("(stored job)", &record.def).map_err(StateError::from)?;
+        let connectors = self.registry.connectors(&job).map_err(|e| {
+            StepError::Kv(crate::ports::KvError::Unavailable(format!("cannot open the apps of job '{name}': {e}")))
+        })?;
+        let specs = job
+            .maps
+            .iter()
+            .map(|m| {
+                Side::BOTH.map(|s| EntitySpec { name: m.entity(s).to_string(), key_fields: m.key_fields(s), fields: m.read_fields(s) })
+            })
+            .collect();
+        let loaded = Arc::new(LoadedJob { job, status: record.status, connectors, specs });
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), (record.revision, loaded.clone()));
+        Ok(Some(loaded))
+    }
+}

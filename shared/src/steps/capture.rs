@@ -1,0 +1,229 @@
+//! Capture (DESIGN §2.1): turn change notifications into validated change references.
+//!
+//! Rules from the seeds: a delete never enters the async pipeline, it goes through the live
+//! path now; a transaction touching both async and live maps is rejected whole, naming the
+//! misconfigured entities. Capture is idempotent under redelivery (dedupe by app and
+//! transaction id), drops the echo of dualsync's own writes when the notification carries the
+//! version dualsync wrote, and raises each link's highest seen seq so that delivery can tell a
+//! stale change from the latest.
+use std::collections::BTreeSet;
+use tracing::warn;
+
+use super::deliver::ChangeResult;
+use super::{LoadedJob, Metrics, Outcome, StepError, Steps};
+use crate::domain::change::{CapturedTransaction, ChangeRef, Key, Operation, TransactionNotification};
+use crate::domain::errors::ErrorCategory;
+use crate::domain::job::{JobStatus, Mode, Side};
+use crate::domain::link::LinkState;
+use crate::ports::{ConnectorError, InMessage, KvError, OutMessage, Put};
+use crate::state::State;
+
+/// How often capture re-reads links whose seen-seq update lost a race before giving up.
+const MAX_RACES: usize = 5;
+
+impl Steps {
+    pub async fn capture(&self, msgs: &[InMessage]) -> Result<Vec<Outcome>, StepError> {
+        let mut outcomes = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            outcomes.push(self.capture_one(m).await?);
+        }
+        Ok(outcomes)
+    }
+
+    async fn capture_one(&self, m: &InMessage) -> Result<Outcome, StepError> {
+        let tx: TransactionNotification = match serde_json::from_str(&m.body) {
+            Ok(tx) => tx,
+            Err(e) => return Ok(Outcome::Poison { reason: format!("malformed change notification: {e}") }),
+        };
+        let Some(lj) = self.load_job(&tx.job).await? else {
+            return Ok(Outcome::Poison { reason: format!("unknown job '{}'", tx.job) });
+        };
+        let job = &lj.job;
+        let Some(source) = job.side_of(&tx.app) else {
+            let apps = format!("{}, {}", job.app_name(Side::A), job.app_name(Side::B));
+            return Ok(Outcome::Poison { reason: format!("app '{}' is not an app of job '{}' (apps: {apps})", tx.app, job.name) });
+        };
+        if self.state.tx_captured(&job.name, &tx.app, &tx.txid).await? {
+            return Ok(Outcome::Done);
+        }
+        if lj.status == JobStatus::Starting {
+            return Ok(Outcome::Retry { delay: self.backoff.delay(m.receive_count, None) });
+        }
+
+        // Validate and resolve every change against the job.
+        let mut upserts: Vec<(ChangeRef, Mode, Option<String>)> = Vec::new();
+        let mut deletes: Vec<ChangeRef> = Vec::new();
+        for ch in &tx.changes {
+            let mut c = ChangeRef { map: ch.entity.clone(), source, key: ch.key.clone(), seq: ch.seq, txid: tx.txid.clone(), at_ms: ch.at_ms };
+            if ch.app != tx.app {
+                let msg = format!("change of {} names app '{}' inside a transaction of app '{}'", ch.entity, ch.app, tx.app);
+                self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, msg).await?;
+                continue;
+            }
+            let Some((_, map)) = job.map_for_entity(source, &ch.entity) else {
+                let msg = format!("entity '{}' of app '{}' is not mapped in job '{}'", ch.entity, tx.app, job.name);
+                self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, msg).await?;
+                continue;
+            };
+            c.map = map.name.clone();
+            if let Err(msg) = check_key(&ch.key, &map.key_fields(source), &ch.entity) {
+                self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, msg).await?;
+                continue;
+            }
+            if !job.company_in_scope(ch.company.as_deref()) {
+                Metrics::add(&self.metrics.out_of_scope, 1);
+                continue;
+            }
+            match ch.op {
+                Operation::Delete => deletes.push(c),
+                Operation::Upsert => upserts.push((c, map.mode, ch.version.clone())),
+            }
+        }
+        let all: Vec<&ChangeRef> = upserts.iter().map(|(c, _, _)| c).chain(&deletes).collect();
+
+        if lj.status != JobStatus::Active {
+            let msg = format!("job '{}' is {}: change not synced; retry it once the job is active", job.name, lj.status.as_str());
+            for c in all {
+                self.record(&lj, c, ErrorCategory::Application, msg.clone()).await?;
+            }
+            return self.finish(&lj, &tx, None).await;
+        }
+
+        let live_entities = entities(&lj, upserts.iter().filter(|u| u.1 == Mode::Live).map(|u| &u.0));
+        let async_entities = entities(&lj, upserts.iter().filter(|u| u.1 == Mode::Async).map(|u| &u.0));
+        if !live_entities.is_empty() && !async_entities.is_empty() {
+            let msg = format!(
+                "transaction {} mixes async and live maps; make them all one mode. async: {}; live: {}",
+                tx.txid,
+                async_entities.into_iter().collect::<Vec<_>>().join(", "),
+                live_entities.into_iter().collect::<Vec<_>>().join(", "),
+            );
+            for c in all {
+                self.record(&lj, c, ErrorCategory::Application, msg.clone()).await?;
+            }
+            return self.finish(&lj, &tx, None).await;
+        }
+
+        // The live path: deletes and live maps, done now.
+        for c in &deletes {
+            if let Some(outcome) = self.delete_now(&lj, c, m.receive_count).await? {
+                return Ok(outcome);
+            }
+        }
+        let (live, queued): (Vec<_>, Vec<_>) = upserts.into_iter().partition(|u| u.1 == Mode::Live);
+        let live: Vec<ChangeRef> = live.into_iter().map(|u| u.0).collect();
+        for r in self.deliver_now(&lj, &live).await? {
+            if let ChangeResult::System { retry_after, .. } = r {
+                return Ok(Outcome::Retry { delay: self.backoff.delay(m.receive_count, retry_after) });
+            }
+        }
+
+        let changes = self.raise_seen(&lj, queued).await?;
+        Metrics::add(&self.metrics.captured, changes.len() as u64);
+        let captured = (!changes.is_empty()).then(|| CapturedTransaction { job: job.name.clone(), source, txid: tx.txid.clone(), changes });
+        self.finish(&lj, &tx, captured).await
+    }
+
+    /// Sends the captured transaction on, then remembers the transaction id. A crash between the
+    /// two repeats the send, which delivery absorbs (deduplication id, loopback control).
+    async fn finish(&self, lj: &LoadedJob, tx: &TransactionNotification, captured: Option<CapturedTransaction>) -> Result<Outcome, StepError> {
+        if let Some(c) = captured {
+            let body = serde_json::to_string(&c).unwrap_or_default();
+            self.sequence_queue.send(vec![OutMessage::standard(body)]).await?;
+        }
+        self.failpoints.check("capture.after_send")?;
+        self.state.kv().put(self.state.tx_mark(&lj.job.name, &tx.app, &tx.txid)).await?;
+        Ok(Outcome::Done)
+    }
+
+    /// Deletes the counterpart now; `Some(outcome)` when the message must be retried.
+    async fn delete_now(&self, lj: &LoadedJob, c: &ChangeRef, receive_count: u32) -> Result<Option<Outcome>, StepError> {
+        let job = &lj.job;
+        let (m, _) = job.map(&c.map).unwrap_or((0, &job.maps[0]));
+        let target = c.source.other();
+        match lj.connector(target).delete(lj.spec(m, target), std::slice::from_ref(&c.key)).await {
+            Ok(()) => {
+                self.state.delete_link(&job.name, &c.map, &c.key).await?;
+                Metrics::add(&self.metrics.live_deletes, 1);
+                Ok(None)
+            }
+            Err(ConnectorError::Transient { retry_after, message, .. }) => {
+                warn!(job = %job.name, map = %c.map, key = %c.key, %message, "live delete failed; will retry");
+                Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, retry_after) }))
+            }
+            Err(ConnectorError::Rejected { message, .. }) => {
+                let msg = format!("{} refused the delete of {}/{}: {message}", job.app_name(target), c.map, c.key);
+                self.record(lj, c, ErrorCategory::Application, msg).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops echoes of dualsync's own writes and raises each remaining link's seen seq.
+    async fn raise_seen(&self, lj: &LoadedJob, changes: Vec<(ChangeRef, Mode, Option<String>)>) -> Result<Vec<ChangeRef>, StepError> {
+        let job = &lj.job.name;
+        let mut keep: Vec<ChangeRef> = Vec::with_capacity(changes.len());
+        let mut pending: Vec<(ChangeRef, Option<String>)> = changes.into_iter().map(|(c, _, v)| (c, v)).collect();
+        for _ in 0..MAX_RACES {
+            if pending.is_empty() {
+                break;
+            }
+            let refs: Vec<(&str, &Key)> = pending.iter().map(|(c, _)| (c.map.as_str(), &c.key)).collect();
+            let links = self.state.links(job, &refs).await?;
+            let mut puts: Vec<Put> = Vec::new();
+            let mut raised: Vec<usize> = Vec::new();
+            for (n, ((c, version), link)) in pending.iter().zip(links).enumerate() {
+                let echo = version.is_some() && link.as_ref().and_then(|l| l.state.version(c.source)) == version.as_deref();
+                if echo {
+                    Metrics::add(&self.metrics.echoes_suppressed, 1);
+                    continue;
+                }
+                let (mut state, rev) = match link {
+                    Some(l) => (l.state, Some(l.rev)),
+                    None => (LinkState::default(), None),
+                };
+                if state.raise_seen(c.source, c.seq) {
+                    puts.push(State::link_put(job, &c.map, &c.key, &state, rev));
+                    raised.push(n);
+                } else {
+                    keep.push(c.clone());
+                }
+            }
+            let answers = self.state.put_links(puts).await?;
+            let mut again = Vec::new();
+            for (n, a) in raised.into_iter().zip(answers) {
+                match a {
+                    Ok(_) => keep.push(pending[n].0.clone()),
+                    Err(KvError::ConditionFailed { .. }) => again.push(pending[n].clone()),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            pending = again;
+        }
+        // Still racing: pass them on; delivery's fresh read and link checks keep them safe.
+        keep.extend(pending.into_iter().map(|(c, _)| c));
+        Ok(keep)
+    }
+}
+
+fn entities<'a>(lj: &LoadedJob, changes: impl Iterator<Item = &'a ChangeRef>) -> BTreeSet<String> {
+    changes
+        .filter_map(|c| lj.job.map(&c.map).map(|(_, m)| format!("{} ({})", m.entity(c.source), m.name)))
+        .collect()
+}
+
+/// A key is well formed when it has one non-empty value per key field.
+fn check_key(key: &Key, fields: &[String], entity: &str) -> Result<(), String> {
+    if key.0.len() != fields.len() {
+        return Err(format!(
+            "malformed key for {entity}: {} value(s), expected {} ({})",
+            key.0.len(),
+            fields.len(),
+            fields.join(", ")
+        ));
+    }
+    if let Some(i) = key.0.iter().position(|v| v.is_empty()) {
+        return Err(format!("malformed key for {entity}: key field {} is empty", fields[i]));
+    }
+    Ok(())
+}
