@@ -1,1 +1,60 @@
-fn main() {}
+//! `dualsync`: the local runner, the demo, the benchmark and the admin commands.
+mod admin;
+mod bench;
+mod demo;
+mod run;
+mod sample_apps;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "dualsync", version, about = "Keeps two systems of record in step, both ways, eventually consistent.")]
+struct Cli {
+    /// Where the local runner keeps its state (one SQLite file) and the demo its sample apps.
+    #[arg(long, global = true, env = "DUALSYNC_DATA_DIR", default_value = ".dualsync")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Two sample apps, a job, an initial load, concurrent edits on both sides; prints what happened.
+    Demo(demo::DemoArgs),
+    /// Runs a job file's job on this machine until Ctrl-C.
+    Run(run::RunArgs),
+    /// Syncs N records end to end through the embedded pipeline and prints figures.
+    Bench(bench::BenchArgs),
+    /// Job definitions and status.
+    #[command(subcommand)]
+    Job(admin::JobCommand),
+    /// Sync errors: list, retry, dismiss.
+    #[command(subcommand)]
+    Errors(admin::ErrorsCommand),
+    /// Conflicts: which side won.
+    Conflicts(admin::ConflictsArgs),
+    /// Copies what exists in one app to the other.
+    InitialSync(admin::InitialSyncArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => demo::run(&cli.data_dir, args).await,
+            Command::Run(args) => run::run(&cli.data_dir, args).await,
+            Command::Bench(args) => bench::run(&cli.data_dir, args).await,
+            Command::Job(cmd) => admin::job(&cli.data_dir, cmd).await,
+            Command::Errors(cmd) => admin::errors(&cli.data_dir, cmd).await,
+            Command::Conflicts(args) => admin::conflicts(&cli.data_dir, args).await,
+            Command::InitialSync(args) => admin::initial_sync(&cli.data_dir, args).await,
+        }
+    })
+}

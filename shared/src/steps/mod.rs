@@ -3,6 +3,7 @@
 //! which a handler maps to acks and releases (locally) or to an `SqsBatchResponse` (Lambda).
 pub mod capture;
 pub mod deliver;
+pub mod initial_sync;
 pub mod reconcile;
 pub mod sequence;
 
@@ -56,6 +57,11 @@ pub enum StepError {
     Kv(#[from] crate::ports::KvError),
     #[error(transparent)]
     Queue(#[from] crate::ports::QueueError),
+    /// An app could not be reached or refused a whole call (outside the per-change paths).
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+    #[error("job '{job}' is {status}: start it first")]
+    NotActive { job: String, status: &'static str },
 }
 
 /// Counters the demo, the benchmark and the runner's progress read.
@@ -186,9 +192,7 @@ impl Steps {
             }
         }
         let job = crate::domain::config::compile("(stored job)", &record.def).map_err(StateError::from)?;
-        let connectors = self.registry.connectors(&job).map_err(|e| {
-            StepError::Kv(crate::ports::KvError::Unavailable(format!("cannot open the apps of job '{name}': {e}")))
-        })?;
+        let connectors = self.registry.connectors(&job)?;
         let specs = job
             .maps
             .iter()

@@ -1,0 +1,269 @@
+//! The local runtime: the embedded table and queues in one SQLite file under a data folder,
+//! `sqlite` apps as connectors, and the four steps driven by tokio tasks.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::ingress::pump_feed;
+use super::worker::{run_loop, run_once};
+use crate::adapters::connectors::sqlite::{CaptureSpec, SqliteApp};
+use crate::adapters::embedded::{EmbeddedDb, EmbeddedQueue, QueueConfig};
+use crate::domain::config::JobDef;
+use crate::domain::job::{ConnectorSpec, Job, JobAction, JobStatus, Side};
+use crate::ports::{Clock, Connector, ConnectorError, Queue, SystemClock};
+use crate::state::{JobRecord, State, StateError};
+use crate::steps::{ConnectorRegistry, Failpoints, StepError, Steps};
+
+/// Messages a worker takes per receive.
+pub const BATCH: usize = 500;
+
+/// Opens each `sqlite` app once and shares it.
+#[derive(Default)]
+pub struct SqliteRegistry {
+    open: Mutex<HashMap<PathBuf, Arc<SqliteApp>>>,
+}
+
+impl SqliteRegistry {
+    pub fn app(&self, name: &str, path: &Path) -> Result<Arc<SqliteApp>, ConnectorError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(app) = open.get(path) {
+            return Ok(app.clone());
+        }
+        let app = Arc::new(SqliteApp::open(name, path)?);
+        open.insert(path.to_path_buf(), app.clone());
+        Ok(app)
+    }
+
+    fn side(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
+        let app = &job.apps[side.index()];
+        match &app.connector {
+            ConnectorSpec::Sqlite { path } => self.app(&app.name, Path::new(path)),
+            ConnectorSpec::Odata { .. } => Err(ConnectorError::Rejected {
+                app: app.name.clone(),
+                message: "the odata connector is not available in this build; use sqlite apps locally".into(),
+            }),
+        }
+    }
+}
+
+impl ConnectorRegistry for SqliteRegistry {
+    fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
+        Ok([self.side(job, Side::A)? as Arc<dyn Connector>, self.side(job, Side::B)? as Arc<dyn Connector>])
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Step(#[from] StepError),
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+    #[error("cannot use data folder {path}: {reason}")]
+    DataDir { path: String, reason: String },
+}
+
+pub struct LocalRuntime {
+    pub state: State,
+    pub steps: Arc<Steps>,
+    pub apps: Arc<SqliteRegistry>,
+    pub capture: Arc<EmbeddedQueue>,
+    pub sequence: Arc<EmbeddedQueue>,
+    pub deliver: Arc<EmbeddedQueue>,
+    pub dead_letters: [Arc<EmbeddedQueue>; 3],
+    /// Deliver workers run side by side; FIFO groups keep each group in order.
+    pub deliver_workers: usize,
+}
+
+impl LocalRuntime {
+    /// Opens (or creates) the runtime state in `data_dir/state.db`.
+    pub fn open(data_dir: &Path) -> Result<Self, RuntimeError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| RuntimeError::DataDir { path: data_dir.display().to_string(), reason: e.to_string() })?;
+        let db = EmbeddedDb::open(&data_dir.join("state.db"), Arc::new(SystemClock))
+            .map_err(|e| RuntimeError::DataDir { path: data_dir.display().to_string(), reason: e.to_string() })?;
+        Ok(Self::with_db(db, Arc::new(SystemClock), Failpoints::default()))
+    }
+
+    /// A runtime over a given database and clock, with failpoints: for tests.
+    pub fn with_db(db: EmbeddedDb, clock: Arc<dyn Clock>, failpoints: Failpoints) -> Self {
+        let queue = |name: &str, fifo: bool| {
+            let dlq = Arc::new(db.queue(QueueConfig::new(&format!("{name}-dlq"), fifo)));
+            let mut cfg = QueueConfig::new(name, fifo);
+            cfg.visibility_timeout = Duration::from_secs(30);
+            cfg.max_receive_count = 5;
+            cfg.dead_letter = Some(format!("{name}-dlq"));
+            (Arc::new(db.queue(cfg)), dlq)
+        };
+        let (capture, capture_dlq) = queue("capture", false);
+        let (sequence, sequence_dlq) = queue("sequence", false);
+        let (deliver, deliver_dlq) = queue("deliver.fifo", true);
+        let state = State::new(Arc::new(db.kv()), clock);
+        let apps = Arc::new(SqliteRegistry::default());
+        let steps = Steps::new(state.clone(), apps.clone(), sequence.clone(), deliver.clone()).with_failpoints(failpoints);
+        LocalRuntime {
+            state,
+            steps: Arc::new(steps),
+            apps,
+            capture,
+            sequence,
+            deliver,
+            dead_letters: [capture_dlq, sequence_dlq, deliver_dlq],
+            deliver_workers: 2,
+        }
+    }
+
+    /// Stores a job definition (validated). Relative sqlite paths must be resolved by the caller.
+    pub async fn apply(&self, def: JobDef) -> Result<JobRecord, RuntimeError> {
+        Ok(self.state.apply_job(def).await?)
+    }
+
+    /// Starts a job: installs change capture in its sqlite apps, then makes it active.
+    pub async fn start(&self, job: &str) -> Result<(), RuntimeError> {
+        self.state.transition(job, JobAction::Start).await?;
+        let installed = self.install_capture(job).await;
+        if let Err(e) = installed {
+            // Back to stopped, so the user can fix the apps and start again.
+            self.state.transition(job, JobAction::Stop).await?;
+            self.state.transition(job, JobAction::Halt).await?;
+            return Err(e);
+        }
+        self.state.transition(job, JobAction::Activate).await?;
+        Ok(())
+    }
+
+    async fn install_capture(&self, job: &str) -> Result<(), RuntimeError> {
+        let (compiled, _) = self.state.job(job).await?;
+        for side in Side::BOTH {
+            let specs: Vec<CaptureSpec> = compiled
+                .maps
+                .iter()
+                .map(|m| CaptureSpec {
+                    entity: m.entity(side).to_string(),
+                    key_fields: m.key_fields(side),
+                    company_field: m.company.as_ref().map(|c| c[side.index()].clone()),
+                })
+                .collect();
+            self.apps.side(&compiled, side)?.install_capture(&specs)?;
+        }
+        Ok(())
+    }
+
+    /// Stops a job: it moves no data until started again; captured changes stay queued.
+    pub async fn stop(&self, job: &str) -> Result<(), RuntimeError> {
+        self.state.transition(job, JobAction::Stop).await?;
+        self.state.transition(job, JobAction::Halt).await?;
+        Ok(())
+    }
+
+    async fn active_jobs(&self) -> Result<Vec<Job>, RuntimeError> {
+        let mut out = Vec::new();
+        for name in self.state.job_names().await? {
+            let (job, status) = self.state.job(&name).await?;
+            if status == JobStatus::Active {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves every active job's app change logs onto the capture queue; returns the rows moved.
+    pub async fn pump_feeds(&self, limit: usize) -> Result<usize, RuntimeError> {
+        let mut n = 0;
+        for job in self.active_jobs().await? {
+            for side in Side::BOTH {
+                let app = self.apps.side(&job, side)?;
+                n += pump_feed(&self.state, &job.name, job.app_name(side), app.as_ref(), self.capture.as_ref(), limit).await?;
+            }
+        }
+        Ok(n)
+    }
+
+    /// One round of every step, in this task: what tests and `drain` use.
+    pub async fn pump(&self) -> Result<usize, RuntimeError> {
+        let mut n = self.pump_feeds(BATCH * 4).await?;
+        let steps = &self.steps;
+        n += run_once(self.capture.as_ref(), BATCH, &|m| async move { let r = steps.capture(&m).await; (m, r) }).await?;
+        n += run_once(self.sequence.as_ref(), BATCH, &|m| async move { let r = steps.sequence(&m).await; (m, r) }).await?;
+        n += run_once(self.deliver.as_ref(), BATCH, &|m| async move { let r = steps.deliver(&m).await; (m, r) }).await?;
+        Ok(n)
+    }
+
+    /// True when no change log has unread rows and no queue holds a message (visible or not).
+    pub async fn is_idle(&self) -> Result<bool, RuntimeError> {
+        for q in [&self.capture, &self.sequence, &self.deliver] {
+            let d = q.depth().map_err(StepError::from)?;
+            if d.visible + d.in_flight > 0 {
+                return Ok(false);
+            }
+        }
+        for job in self.active_jobs().await? {
+            for side in Side::BOTH {
+                let app = self.apps.side(&job, side)?;
+                let pos = self.state.feed_position(&job.name, job.app_name(side)).await.map_err(StepError::from)?;
+                if !crate::ports::ChangeFeed::changes_after(app.as_ref(), pos, 1).await?.is_empty() {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Spawns the workers: a change-log poller, capture, sequence and the deliver workers. They
+    /// stop, each after its current batch, when `shutdown` turns true.
+    pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let rt = self.clone();
+        let mut stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            while !*stop.borrow() {
+                let moved = match rt.pump_feeds(BATCH * 4).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading app change logs");
+                        0
+                    }
+                };
+                if moved == 0 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }));
+        let steps = self.steps.clone();
+        tasks.push(tokio::spawn(run_loop(self.capture.clone() as Arc<dyn Queue>, BATCH, move |m| {
+            let s = steps.clone();
+            async move { let r = s.capture(&m).await; (m, r) }
+        }, shutdown.clone())));
+        let steps = self.steps.clone();
+        tasks.push(tokio::spawn(run_loop(self.sequence.clone() as Arc<dyn Queue>, BATCH, move |m| {
+            let s = steps.clone();
+            async move { let r = s.sequence(&m).await; (m, r) }
+        }, shutdown.clone())));
+        for _ in 0..self.deliver_workers {
+            let steps = self.steps.clone();
+            tasks.push(tokio::spawn(run_loop(self.deliver.clone() as Arc<dyn Queue>, BATCH, move |m| {
+                let s = steps.clone();
+                async move { let r = s.deliver(&m).await; (m, r) }
+            }, shutdown.clone())));
+        }
+        tasks
+    }
+
+    /// Waits until the pipeline is idle (see [`Self::is_idle`]), checking every `poll`.
+    pub async fn wait_idle(&self, poll: Duration) -> Result<(), RuntimeError> {
+        loop {
+            if self.is_idle().await? {
+                return Ok(());
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+}
