@@ -1,1 +1,2 @@
 //! App connectors.
+pub mod sqlite;
