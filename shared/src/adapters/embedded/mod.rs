@@ -1,1 +1,8 @@
 //! Embedded (SQLite) key-value table and queues.
+pub mod db;
+pub mod kv;
+pub mod queue;
+
+pub use db::EmbeddedDb;
+pub use kv::EmbeddedKv;
+pub use queue::{EmbeddedQueue, QueueConfig, QueueDepth, QueuedMessage};
