@@ -54,7 +54,8 @@ impl FilterArgs {
 }
 
 fn parse_category(s: &str) -> Result<ErrorCategory, String> {
-    ErrorCategory::parse(s).ok_or_else(|| format!("unknown category '{s}': use application, system, concurrency or conflict"))
+    ErrorCategory::parse(s)
+        .ok_or_else(|| format!("unknown category '{s}': use application, system, concurrency or conflict"))
 }
 
 #[derive(Subcommand)]
@@ -147,8 +148,16 @@ pub async fn job(data_dir: &Path, cmd: JobCommand) -> Result<()> {
             }
             for name in names {
                 let (record, _) = rt.state.job_record(&name).await?;
-                let open = rt.state.errors(&name, &ErrorFilter { status: Some(ErrorStatus::Open), ..Default::default() }, 10_000, None).await?;
-                println!("{name}: {} (revision {}), {} open error(s)", record.status.as_str(), record.revision, open.items.len());
+                let open = rt
+                    .state
+                    .errors(&name, &ErrorFilter { status: Some(ErrorStatus::Open), ..Default::default() }, 10_000, None)
+                    .await?;
+                println!(
+                    "{name}: {} (revision {}), {} open error(s)",
+                    record.status.as_str(),
+                    record.revision,
+                    open.items.len()
+                );
             }
         }
     }
@@ -161,9 +170,21 @@ pub async fn errors(data_dir: &Path, cmd: ErrorsCommand) -> Result<()> {
         ErrorsCommand::List { job, filter, all, limit, after } => {
             let status = (!all).then_some(ErrorStatus::Open);
             let page = rt.state.errors(&job, &filter.filter(status), limit, after.as_deref()).await?;
-            println!("{:<12} {:<24} {:<10} {:<24} {:>8} {:<9} message", "category", "map", "app", "key", "attempts", "status");
+            println!(
+                "{:<12} {:<24} {:<10} {:<24} {:>8} {:<9} message",
+                "category", "map", "app", "key", "attempts", "status"
+            );
             for e in &page.items {
-                println!("{:<12} {:<24} {:<10} {:<24} {:>8} {:<9} {}", e.category.as_str(), e.map, e.app, e.key.display(), e.attempts, e.status.as_str(), e.message);
+                println!(
+                    "{:<12} {:<24} {:<10} {:<24} {:>8} {:<9} {}",
+                    e.category.as_str(),
+                    e.map,
+                    e.app,
+                    e.key.display(),
+                    e.attempts,
+                    e.status.as_str(),
+                    e.message
+                );
             }
             if let Some(next) = page.next {
                 println!("more: --after '{next}'");
@@ -201,12 +222,21 @@ pub async fn initial_sync(data_dir: &Path, args: InitialSyncArgs) -> Result<()> 
     let rt = LocalRuntime::open(data_dir)?;
     let (job, _) = rt.state.job(&args.job).await?;
     let Some(side) = job.side_of(&args.from) else {
-        bail!("app '{}' is not an app of job '{}' (apps: {}, {})", args.from, job.name, job.apps[0].name, job.apps[1].name);
+        bail!(
+            "app '{}' is not an app of job '{}' (apps: {}, {})",
+            args.from,
+            job.name,
+            job.apps[0].name,
+            job.apps[1].name
+        );
     };
     if args.restart {
         rt.steps.reset_initial_sync(&args.job, &args.from).await?;
     }
     let report = rt.steps.initial_sync(&args.job, side, 500, |map, n| eprintln!("{map}: {n} records")).await?;
-    println!("{} records in {} pages; {} deferred by system failures (run again to resume)", report.records, report.pages, report.deferred);
+    println!(
+        "{} records in {} pages; {} deferred by system failures (run again to resume)",
+        report.records, report.pages, report.deferred
+    );
     Ok(())
 }

@@ -100,7 +100,13 @@ pub async fn run(data_dir: &Path, args: BenchArgs) -> Result<()> {
             in_transaction(&mut conn, &format!("bench-{start}"), |tx| {
                 let mut ins = tx.prepare_cached("INSERT INTO items VALUES (?1, ?2, ?3, ?4, ?5)")?;
                 for i in start..(start + tx_size).min(n) {
-                    ins.execute(params![i as i64, format!("item {i}"), (i % 97) as i64, (i % 1000) as f64 / 10.0, "bench"])?;
+                    ins.execute(params![
+                        i as i64,
+                        format!("item {i}"),
+                        (i % 97) as i64,
+                        (i % 1000) as f64 / 10.0,
+                        "bench"
+                    ])?;
                 }
                 Ok(())
             })?;
@@ -135,10 +141,18 @@ pub async fn run(data_dir: &Path, args: BenchArgs) -> Result<()> {
         let tx = copy.transaction()?;
         {
             let mut read = source.prepare("SELECT id, name, qty, price, note FROM items ORDER BY id")?;
-            let mut write = tx.prepare("INSERT INTO products (product_id, title, quantity, unit_price, remark) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            let mut write = tx.prepare(
+                "INSERT INTO products (product_id, title, quantity, unit_price, remark) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
             let mut rows = read.query([])?;
             while let Some(r) = rows.next()? {
-                write.execute(params![r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, f64>(3)?, r.get::<_, String>(4)?])?;
+                write.execute(params![
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, f64>(3)?,
+                    r.get::<_, String>(4)?
+                ])?;
             }
         }
         tx.commit()?;

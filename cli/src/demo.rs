@@ -35,7 +35,11 @@ pub struct DemoArgs {
 
 fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    pb.set_style(ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
     pb.set_prefix(what.to_string());
     pb
 }
@@ -74,25 +78,41 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     let report = rt.steps.initial_sync(JOB, Side::A, 500, |map, k| pb.set_message(format!("{map}: {k}"))).await?;
     pb.set_position(report.records as u64);
     let back = rt.steps.initial_sync(JOB, Side::B, 500, |_, _| {}).await?;
-    pb.finish_with_message(format!("{} records fno → dataverse, {} records dataverse → fno", report.records, back.records));
+    pb.finish_with_message(format!(
+        "{} records fno → dataverse, {} records dataverse → fno",
+        report.records, back.records
+    ));
 
     // 4. Edits made before the runner picks them up, so their outcome is certain:
     //    a conflict, an order whose customer and header are missing on the target, a delete.
     let conflict = 3usize;
     apps::in_transaction(&mut fno, "fno-conflict", |tx| {
-        tx.execute("UPDATE CustomersV3 SET Name = 'Edited in fno' WHERE dataAreaId = ?1 AND CustomerAccount = ?2", params![company(conflict), account(conflict)]).map(|_| ())
+        tx.execute(
+            "UPDATE CustomersV3 SET Name = 'Edited in fno' WHERE dataAreaId = ?1 AND CustomerAccount = ?2",
+            params![company(conflict), account(conflict)],
+        )
+        .map(|_| ())
     })?;
     apps::in_transaction(&mut dv, "dv-conflict", |tx| {
-        tx.execute("UPDATE accounts SET name = 'Edited in dataverse' WHERE msdyn_company = ?1 AND accountnumber = ?2", params![company(conflict), account(conflict)]).map(|_| ())
+        tx.execute(
+            "UPDATE accounts SET name = 'Edited in dataverse' WHERE msdyn_company = ?1 AND accountnumber = ?2",
+            params![company(conflict), account(conflict)],
+        )
+        .map(|_| ())
     })?;
     let (orphan_customer, orphan_order) = (account(900_001), order_number(900_001));
     apps::in_transaction(&mut dv, "dv-orphan-order", |tx| {
         tx.execute("INSERT INTO salesorders VALUES ('USMF', ?1, ?2, 1)", params![orphan_order, orphan_customer])?;
-        tx.execute("INSERT INTO salesorderdetails VALUES ('USMF', ?1, 1, 'ITEM-0001', 2, 9.5)", params![orphan_order]).map(|_| ())
+        tx.execute("INSERT INTO salesorderdetails VALUES ('USMF', ?1, 1, 'ITEM-0001', 2, 9.5)", params![orphan_order])
+            .map(|_| ())
     })?;
     let deleted = n + 7; // a Dataverse-born account with no orders
     apps::in_transaction(&mut dv, "dv-delete", |tx| {
-        tx.execute("DELETE FROM accounts WHERE msdyn_company = ?1 AND accountnumber = ?2", params![company(deleted), account(deleted)]).map(|_| ())
+        tx.execute(
+            "DELETE FROM accounts WHERE msdyn_company = ?1 AND accountnumber = ?2",
+            params![company(deleted), account(deleted)],
+        )
+        .map(|_| ())
     })?;
 
     // 5. The runner, with edits on both sides at once.
@@ -116,7 +136,11 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
 
     // 6. Mend the missing references: create the customer, then retry the failed records.
     apps::in_transaction(&mut dv, "dv-mend", |tx| {
-        tx.execute("INSERT INTO accounts VALUES ('USMF', ?1, 'Late customer', 'G01', 1000, 2)", params![orphan_customer]).map(|_| ())
+        tx.execute(
+            "INSERT INTO accounts VALUES ('USMF', ?1, 'Late customer', 'G01', 1000, 2)",
+            params![orphan_customer],
+        )
+        .map(|_| ())
     })?;
     wait_idle(&rt, &pb, &metrics).await?;
     let retry = ErrorFilter { category: Some(ErrorCategory::Application), ..Default::default() };
@@ -144,7 +168,11 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     println!();
     println!("{:<14} {:>6} {:>6}", "errors", "seen", "open");
     for cat in ErrorCategory::ALL {
-        let seen = if cat == ErrorCategory::Conflict { conflicts.len() } else { rows.iter().filter(|(_, r)| r.category == cat).count() };
+        let seen = if cat == ErrorCategory::Conflict {
+            conflicts.len()
+        } else {
+            rows.iter().filter(|(_, r)| r.category == cat).count()
+        };
         let open = rows.iter().filter(|(_, r)| r.category == cat && r.status == ErrorStatus::Open).count();
         println!("{:<14} {:>6} {:>6}", cat.as_str(), seen, open);
     }
@@ -165,22 +193,39 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     let mut failed = Vec::new();
     for c in &maps {
         if !c.all_in_step() {
-            failed.push(format!("{}: {} differ, {} only in fno, {} only in dataverse", c.map, c.differ.len(), c.only[0].len(), c.only[1].len()));
+            failed.push(format!(
+                "{}: {} differ, {} only in fno, {} only in dataverse",
+                c.map,
+                c.differ.len(),
+                c.only[0].len(),
+                c.only[1].len()
+            ));
         }
     }
     let conflict_key = format!("{}/{}", company(conflict), account(conflict));
     if !conflicts.iter().any(|c| c.key.display() == conflict_key && c.winner == "fno") {
         failed.push(format!("no conflict logged for customers/{conflict_key} won by fno"));
     }
-    let name: String = dv.query_row("SELECT name FROM accounts WHERE msdyn_company = ?1 AND accountnumber = ?2", params![company(conflict), account(conflict)], |r| r.get(0))?;
+    let name: String = dv.query_row(
+        "SELECT name FROM accounts WHERE msdyn_company = ?1 AND accountnumber = ?2",
+        params![company(conflict), account(conflict)],
+        |r| r.get(0),
+    )?;
     if name != "Edited in fno" {
         failed.push("the conflict was not decided by the primary (fno)".into());
     }
     let missing: Vec<_> = rows.iter().filter(|(_, r)| r.message.starts_with("missing reference")).collect();
     if missing.len() < 2 || missing.iter().any(|(_, r)| r.status != ErrorStatus::Resolved) {
-        failed.push(format!("expected the orphan order's header and line as missing references, resolved by the retry; saw {}", missing.len()));
+        failed.push(format!(
+            "expected the orphan order's header and line as missing references, resolved by the retry; saw {}",
+            missing.len()
+        ));
     }
-    let gone: i64 = fno.query_row("SELECT count(*) FROM CustomersV3 WHERE dataAreaId = ?1 AND CustomerAccount = ?2", params![company(deleted), account(deleted)], |r| r.get(0))?;
+    let gone: i64 = fno.query_row(
+        "SELECT count(*) FROM CustomersV3 WHERE dataAreaId = ?1 AND CustomerAccount = ?2",
+        params![company(deleted), account(deleted)],
+        |r| r.get(0),
+    )?;
     if gone != 0 || m(&metrics.live_deletes) == 0 {
         failed.push("the delete did not reach fno through the live path".into());
     }
@@ -201,7 +246,12 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
 async fn wait_idle(rt: &LocalRuntime, pb: &ProgressBar, m: &Metrics) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !rt.is_idle().await? {
-        pb.set_message(format!("written {}, in step {}, errors {}", Metrics::get(&m.written), Metrics::get(&m.in_step), Metrics::get(&m.application)));
+        pb.set_message(format!(
+            "written {}, in step {}, errors {}",
+            Metrics::get(&m.written),
+            Metrics::get(&m.in_step),
+            Metrics::get(&m.application)
+        ));
         if Instant::now() > deadline {
             bail!("the pipeline did not drain within two minutes");
         }
@@ -224,9 +274,15 @@ fn edit_fno(path: &Path, n: usize, orders: usize) -> Result<()> {
     }
     for o in orders..orders + 200 {
         apps::in_transaction(&mut conn, &format!("fno-order-{o}"), |tx| {
-            tx.execute("INSERT INTO SalesOrderHeadersV2 VALUES (?1, ?2, ?3, 'Backorder')", params![company(o), order_number(o), account((o * 7) % (n / 2) * 2 + o % 2)])?;
+            tx.execute(
+                "INSERT INTO SalesOrderHeadersV2 VALUES (?1, ?2, ?3, 'Backorder')",
+                params![company(o), order_number(o), account((o * 7) % (n / 2) * 2 + o % 2)],
+            )?;
             for l in 1..=5i64 {
-                tx.execute("INSERT INTO SalesOrderLines VALUES (?1, ?2, ?3, 'ITEM-0042', ?4, 12.5)", params![company(o), order_number(o), l, l as f64])?;
+                tx.execute(
+                    "INSERT INTO SalesOrderLines VALUES (?1, ?2, ?3, 'ITEM-0042', ?4, 12.5)",
+                    params![company(o), order_number(o), l, l as f64],
+                )?;
             }
             Ok(())
         })?;
@@ -239,12 +295,20 @@ fn edit_dataverse(path: &Path, n: usize, dv_only: usize) -> Result<()> {
     let mut conn = apps::open(path)?;
     for i in n / 2..n / 2 + 1000.min(n / 2) {
         apps::in_transaction(&mut conn, &format!("dv-name-{i}"), |tx| {
-            tx.execute("UPDATE accounts SET name = name || ' (renamed)' WHERE msdyn_company = ?1 AND accountnumber = ?2", params![company(i), account(i)]).map(|_| ())
+            tx.execute(
+                "UPDATE accounts SET name = name || ' (renamed)' WHERE msdyn_company = ?1 AND accountnumber = ?2",
+                params![company(i), account(i)],
+            )
+            .map(|_| ())
         })?;
     }
     for i in n + dv_only..n + dv_only + 100 {
         apps::in_transaction(&mut conn, &format!("dv-new-{i}"), |tx| {
-            tx.execute("INSERT INTO accounts VALUES (?1, ?2, ?3, 'G02', 2500, 1)", params![company(i), account(i), format!("New account {i}")]).map(|_| ())
+            tx.execute(
+                "INSERT INTO accounts VALUES (?1, ?2, ?3, 'G02', 2500, 1)",
+                params![company(i), account(i), format!("New account {i}")],
+            )
+            .map(|_| ())
         })?;
     }
     Ok(())

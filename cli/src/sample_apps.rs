@@ -74,17 +74,33 @@ pub fn order_number(i: usize) -> String {
 }
 
 /// Loads the fno app before the job exists: groups, customers, orders with their lines.
-pub fn seed_fno(conn: &mut Connection, customers: usize, orders: usize, lines: usize, mut progress: impl FnMut(usize)) -> Result<()> {
+pub fn seed_fno(
+    conn: &mut Connection,
+    customers: usize,
+    orders: usize,
+    lines: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(7);
     let tx = conn.transaction()?;
     for g in 0..GROUPS {
-        tx.execute("INSERT INTO CustCustomerGroup VALUES (?1, ?2)", params![format!("G{g:02}"), format!("Customer group {g}")])?;
+        tx.execute(
+            "INSERT INTO CustCustomerGroup VALUES (?1, ?2)",
+            params![format!("G{g:02}"), format!("Customer group {g}")],
+        )?;
     }
     {
         let mut ins = tx.prepare("INSERT INTO CustomersV3 VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
         for i in 0..customers {
             let kind = if rng.random_bool(0.3) { "Person" } else { "Organization" };
-            ins.execute(params![company(i), account(i), format!("Customer {i}"), format!("G{:02}", i % GROUPS), (rng.random_range(10..500) * 100) as f64, kind])?;
+            ins.execute(params![
+                company(i),
+                account(i),
+                format!("Customer {i}"),
+                format!("G{:02}", i % GROUPS),
+                (rng.random_range(10..500) * 100) as f64,
+                kind
+            ])?;
             if i % 1000 == 0 {
                 progress(i);
             }
@@ -96,7 +112,14 @@ pub fn seed_fno(conn: &mut Connection, customers: usize, orders: usize, lines: u
             let c = (rng.random_range(0..customers / 2)) * 2 + o % 2;
             head.execute(params![company(o), order_number(o), account(c), "Backorder"])?;
             for l in 1..=lines {
-                line.execute(params![company(o), order_number(o), l as i64, format!("ITEM-{:04}", rng.random_range(0..500)), rng.random_range(1..20) as f64, rng.random_range(100..10000) as f64 / 100.0])?;
+                line.execute(params![
+                    company(o),
+                    order_number(o),
+                    l as i64,
+                    format!("ITEM-{:04}", rng.random_range(0..500)),
+                    rng.random_range(1..20) as f64,
+                    rng.random_range(100..10000) as f64 / 100.0
+                ])?;
             }
             if o % 200 == 0 {
                 progress(customers + o);
@@ -112,13 +135,20 @@ pub fn seed_fno(conn: &mut Connection, customers: usize, orders: usize, lines: u
 pub fn seed_dataverse(conn: &mut Connection, from: usize, count: usize) -> Result<()> {
     let tx = conn.transaction()?;
     for i in from..from + count {
-        tx.execute("INSERT INTO accounts VALUES (?1, ?2, ?3, ?4, ?5, ?6)", params![company(i), account(i), format!("Account {i}"), "G01", 5000.0, 2])?;
+        tx.execute(
+            "INSERT INTO accounts VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![company(i), account(i), format!("Account {i}"), "G01", 5000.0, 2],
+        )?;
     }
     tx.commit()?;
     Ok(())
 }
 
 /// An app transaction that dualsync captures as one: all `statements` commit together.
-pub fn in_transaction(conn: &mut Connection, txid: &str, f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<()>) -> Result<()> {
+pub fn in_transaction(
+    conn: &mut Connection,
+    txid: &str,
+    f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<()>,
+) -> Result<()> {
     transaction(conn, txid, f).with_context(|| format!("app transaction {txid}"))
 }

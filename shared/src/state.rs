@@ -137,9 +137,7 @@ impl State {
             }
             None => (JobRecord { def, status: JobStatus::Stopped, revision: 1 }, Expect::Absent),
         };
-        self.kv
-            .put(Put { pk, sk: keys::CONFIG.into(), body: encode(&record), expires_at: None, expect })
-            .await?;
+        self.kv.put(Put { pk, sk: keys::CONFIG.into(), body: encode(&record), expires_at: None, expect }).await?;
         self.kv
             .put(Put {
                 pk: keys::JOBS_PK.into(),
@@ -294,7 +292,13 @@ impl State {
                 row.txid = e.txid.clone();
                 row.message = e.message.clone();
                 row.status = ErrorStatus::Open;
-                let put = Put { pk: pk.clone(), sk: item.sk.clone(), body: encode(&row), expires_at: None, expect: Expect::Rev(item.rev) };
+                let put = Put {
+                    pk: pk.clone(),
+                    sk: item.sk.clone(),
+                    body: encode(&row),
+                    expires_at: None,
+                    expect: Expect::Rev(item.rev),
+                };
                 self.kv.put(put).await?;
                 item.sk
             }
@@ -320,7 +324,13 @@ impl State {
                     status: ErrorStatus::Open,
                 };
                 let rows = vec![
-                    Put { pk: pk.clone(), sk: sk.clone(), body: encode(&row), expires_at: None, expect: Expect::Absent },
+                    Put {
+                        pk: pk.clone(),
+                        sk: sk.clone(),
+                        body: encode(&row),
+                        expires_at: None,
+                        expect: Expect::Absent,
+                    },
                     Put { pk: idx_pk, sk: idx_sk, body: sk.clone().into(), expires_at: None, expect: Expect::Any },
                 ];
                 for r in self.kv.put_many(rows).await? {
@@ -360,7 +370,13 @@ impl State {
     }
 
     /// Sets the status of rows currently in one of `from`.
-    pub async fn set_error_status(&self, job: &str, sks: &[String], to: ErrorStatus, from: &[ErrorStatus]) -> Result<(), KvError> {
+    pub async fn set_error_status(
+        &self,
+        job: &str,
+        sks: &[String],
+        to: ErrorStatus,
+        from: &[ErrorStatus],
+    ) -> Result<(), KvError> {
         let pk = keys::errors_pk(job);
         let keys: Vec<(String, String)> = sks.iter().map(|sk| (pk.clone(), sk.clone())).collect();
         let mut puts = Vec::new();
@@ -369,7 +385,13 @@ impl State {
             if from.contains(&row.status) {
                 row.status = to;
                 row.last_seen_ms = self.now_ms();
-                puts.push(Put { pk: pk.clone(), sk: item.sk.clone(), body: encode(&row), expires_at: None, expect: Expect::Rev(item.rev) });
+                puts.push(Put {
+                    pk: pk.clone(),
+                    sk: item.sk.clone(),
+                    body: encode(&row),
+                    expires_at: None,
+                    expect: Expect::Rev(item.rev),
+                });
             }
         }
         // A row changed meanwhile (a new attempt) keeps its newer status.
@@ -378,7 +400,13 @@ impl State {
 
     /// Error rows in time order that match `filter`, a page at a time. The cursor is the last
     /// row's sort key, so paging is stable while rows are added.
-    pub async fn errors(&self, job: &str, filter: &ErrorFilter, limit: usize, after: Option<&str>) -> Result<Page<SyncError>, KvError> {
+    pub async fn errors(
+        &self,
+        job: &str,
+        filter: &ErrorFilter,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<SyncError>, KvError> {
         let pk = keys::errors_pk(job);
         let range = filter.range();
         let mut out = Vec::new();
@@ -463,7 +491,12 @@ impl State {
         Ok(true)
     }
 
-    pub async fn conflicts(&self, job: &str, limit: usize, after: Option<&str>) -> Result<Page<ConflictRecord>, KvError> {
+    pub async fn conflicts(
+        &self,
+        job: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<ConflictRecord>, KvError> {
         let page = self.kv.query(&keys::conflicts_pk(job), &SkRange::default(), limit, after).await?;
         Ok(Page { items: page.items.iter().map(decode).collect::<Result<_, _>>()?, next: page.next })
     }

@@ -19,7 +19,13 @@ pub enum Decision {
 
 /// `h_source`: hash of the source record (read fresh); `h_other`: hash of the other side's
 /// record, `None` when it does not exist.
-pub fn decide(link: Option<&LinkState>, source: Side, primary: Side, h_source: &str, h_other: Option<&str>) -> Decision {
+pub fn decide(
+    link: Option<&LinkState>,
+    source: Side,
+    primary: Side,
+    h_source: &str,
+    h_other: Option<&str>,
+) -> Decision {
     let Some(h_other) = h_other else {
         return Decision::Write { conflict: false };
     };

@@ -104,7 +104,10 @@ pub fn group_id(map: &str, key: &Key) -> String {
 pub fn dedup_id(batch: &DeliveryBatch) -> String {
     let mut parts: Vec<Vec<u8>> = vec![batch.job.as_bytes().to_vec()];
     for c in &batch.changes {
-        parts.push(format!("{}|{:?}|{}|{}", c.map, c.source, serde_json::to_string(&c.key.0).unwrap_or_default(), c.seq).into_bytes());
+        parts.push(
+            format!("{}|{:?}|{}|{}", c.map, c.source, serde_json::to_string(&c.key.0).unwrap_or_default(), c.seq)
+                .into_bytes(),
+        );
     }
     short_hash(&parts.iter().map(|p| p.as_slice()).collect::<Vec<_>>())
 }
@@ -148,7 +151,11 @@ mod tests {
             maps: vec![
                 map("customers", &["Cust"], vec![]),
                 map("headers", &["Order"], vec![Lookup { map: 0, fields: vec![["Cust".into(), "Cust".into()]] }]),
-                map("lines", &["Order", "Line"], vec![Lookup { map: 1, fields: vec![["Order".into(), "Order".into()]] }]),
+                map(
+                    "lines",
+                    &["Order", "Line"],
+                    vec![Lookup { map: 1, fields: vec![["Order".into(), "Order".into()]] }],
+                ),
             ],
         }
     }
@@ -195,7 +202,8 @@ mod tests {
 
     #[test]
     fn non_key_lookups_within_a_transaction_share_a_group() {
-        let t = tx(vec![change("headers", &["O1"], 2), change("customers", &["C1"], 1), change("customers", &["C2"], 3)]);
+        let t =
+            tx(vec![change("headers", &["O1"], 2), change("customers", &["C1"], 1), change("customers", &["C2"], 3)]);
         let batches = plan(&job(), &t);
         assert_eq!(batches.len(), 1);
         let maps: Vec<&str> = batches[0].changes.iter().map(|c| c.map.as_str()).collect();

@@ -77,7 +77,11 @@ pub trait Connector: Send + Sync {
     /// Reads records by integration key; the answer is in the order of `keys`.
     async fn read(&self, entity: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError>;
     /// Upserts by integration key, each under its precondition; returns each new version.
-    async fn write(&self, entity: &EntitySpec, ops: &[WriteOp]) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError>;
+    async fn write(
+        &self,
+        entity: &EntitySpec,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError>;
     /// Deletes by integration key; a missing record is not an error.
     async fn delete(&self, entity: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError>;
     /// One page of all records of an entity, in key order, for initial sync.

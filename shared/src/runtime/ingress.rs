@@ -10,7 +10,14 @@ use crate::steps::StepError;
 /// The position is saved after the send, so a crash in between sends the same transactions
 /// again, which capture's dedupe drops. A page never ends inside a transaction, so the same
 /// rows always form the same notification (one larger than the page goes alone).
-pub async fn pump_feed(state: &State, job: &str, app: &str, feed: &dyn ChangeFeed, capture: &dyn Queue, limit: usize) -> Result<usize, StepError> {
+pub async fn pump_feed(
+    state: &State,
+    job: &str,
+    app: &str,
+    feed: &dyn ChangeFeed,
+    capture: &dyn Queue,
+    limit: usize,
+) -> Result<usize, StepError> {
     let pos = state.feed_position(job, app).await?;
     let rows = feed
         .changes_after(pos, limit)

@@ -105,7 +105,8 @@ impl LocalRuntime {
         let (deliver, deliver_dlq) = queue("deliver.fifo", true);
         let state = State::new(Arc::new(db.kv()), clock);
         let apps = Arc::new(SqliteRegistry::default());
-        let steps = Steps::new(state.clone(), apps.clone(), sequence.clone(), deliver.clone()).with_failpoints(failpoints);
+        let steps =
+            Steps::new(state.clone(), apps.clone(), sequence.clone(), deliver.clone()).with_failpoints(failpoints);
         LocalRuntime {
             state,
             steps: Arc::new(steps),
@@ -178,7 +179,8 @@ impl LocalRuntime {
         for job in self.active_jobs().await? {
             for side in Side::BOTH {
                 let app = self.apps.side(&job, side)?;
-                n += pump_feed(&self.state, &job.name, job.app_name(side), app.as_ref(), self.capture.as_ref(), limit).await?;
+                n += pump_feed(&self.state, &job.name, job.app_name(side), app.as_ref(), self.capture.as_ref(), limit)
+                    .await?;
             }
         }
         Ok(n)
@@ -188,17 +190,28 @@ impl LocalRuntime {
     pub async fn pump(&self) -> Result<usize, RuntimeError> {
         let mut n = self.pump_feeds(BATCH * 4).await?;
         let steps = &self.steps;
-        n += run_once(self.capture.as_ref(), BATCH, &|m| async move { let r = steps.capture(&m).await; (m, r) }).await?;
-        n += run_once(self.sequence.as_ref(), BATCH, &|m| async move { let r = steps.sequence(&m).await; (m, r) }).await?;
-        n += run_once(self.deliver.as_ref(), BATCH, &|m| async move { let r = steps.deliver(&m).await; (m, r) }).await?;
+        n += run_once(self.capture.as_ref(), BATCH, &|m| async move {
+            let r = steps.capture(&m).await;
+            (m, r)
+        })
+        .await?;
+        n += run_once(self.sequence.as_ref(), BATCH, &|m| async move {
+            let r = steps.sequence(&m).await;
+            (m, r)
+        })
+        .await?;
+        n += run_once(self.deliver.as_ref(), BATCH, &|m| async move {
+            let r = steps.deliver(&m).await;
+            (m, r)
+        })
+        .await?;
         Ok(n)
     }
 
     /// True when no change log has unread rows and no queue holds a message (visible or not).
     pub async fn is_idle(&self) -> Result<bool, RuntimeError> {
         for q in [&self.capture, &self.sequence, &self.deliver] {
-            let d = q.depth().map_err(StepError::from)?;
-            if d.visible + d.in_flight > 0 {
+            if !q.is_empty().map_err(StepError::from)? {
                 return Ok(false);
             }
         }
@@ -238,21 +251,45 @@ impl LocalRuntime {
             }
         }));
         let steps = self.steps.clone();
-        tasks.push(tokio::spawn(run_loop(self.capture.clone() as Arc<dyn Queue>, BATCH, move |m| {
-            let s = steps.clone();
-            async move { let r = s.capture(&m).await; (m, r) }
-        }, shutdown.clone())));
+        tasks.push(tokio::spawn(run_loop(
+            self.capture.clone() as Arc<dyn Queue>,
+            BATCH,
+            move |m| {
+                let s = steps.clone();
+                async move {
+                    let r = s.capture(&m).await;
+                    (m, r)
+                }
+            },
+            shutdown.clone(),
+        )));
         let steps = self.steps.clone();
-        tasks.push(tokio::spawn(run_loop(self.sequence.clone() as Arc<dyn Queue>, BATCH, move |m| {
-            let s = steps.clone();
-            async move { let r = s.sequence(&m).await; (m, r) }
-        }, shutdown.clone())));
+        tasks.push(tokio::spawn(run_loop(
+            self.sequence.clone() as Arc<dyn Queue>,
+            BATCH,
+            move |m| {
+                let s = steps.clone();
+                async move {
+                    let r = s.sequence(&m).await;
+                    (m, r)
+                }
+            },
+            shutdown.clone(),
+        )));
         for _ in 0..self.deliver_workers {
             let steps = self.steps.clone();
-            tasks.push(tokio::spawn(run_loop(self.deliver.clone() as Arc<dyn Queue>, BATCH, move |m| {
-                let s = steps.clone();
-                async move { let r = s.deliver(&m).await; (m, r) }
-            }, shutdown.clone())));
+            tasks.push(tokio::spawn(run_loop(
+                self.deliver.clone() as Arc<dyn Queue>,
+                BATCH,
+                move |m| {
+                    let s = steps.clone();
+                    async move {
+                        let r = s.deliver(&m).await;
+                        (m, r)
+                    }
+                },
+                shutdown.clone(),
+            )));
         }
         tasks
     }

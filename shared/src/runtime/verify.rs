@@ -37,7 +37,8 @@ pub async fn compare(lj: &LoadedJob) -> Result<Vec<MapComparison>, ConnectorErro
             loop {
                 let page = lj.connector(side).list(lj.spec(m, side), after.as_deref(), 2000).await?;
                 for (key, r) in &page.records {
-                    let h = canon(map, side, &r.fields).map(|c| hash(&c)).unwrap_or_else(|e| format!("unmappable: {e}"));
+                    let h =
+                        canon(map, side, &r.fields).map(|c| hash(&c)).unwrap_or_else(|e| format!("unmappable: {e}"));
                     let key = record_key(map, side, &r.fields).unwrap_or_else(|| key.clone());
                     sides[side.index()].insert(key, h);
                 }
@@ -47,7 +48,8 @@ pub async fn compare(lj: &LoadedJob) -> Result<Vec<MapComparison>, ConnectorErro
                 }
             }
         }
-        let mut cmp = MapComparison { map: map.name.clone(), records: [sides[0].len(), sides[1].len()], ..Default::default() };
+        let mut cmp =
+            MapComparison { map: map.name.clone(), records: [sides[0].len(), sides[1].len()], ..Default::default() };
         for (k, h) in &sides[0] {
             match sides[1].get(k) {
                 Some(h2) if h2 == h => cmp.in_step += 1,

@@ -41,7 +41,9 @@ impl Steps {
         let job = &lj.job;
         let Some(source) = job.side_of(&tx.app) else {
             let apps = format!("{}, {}", job.app_name(Side::A), job.app_name(Side::B));
-            return Ok(Outcome::Poison { reason: format!("app '{}' is not an app of job '{}' (apps: {apps})", tx.app, job.name) });
+            return Ok(Outcome::Poison {
+                reason: format!("app '{}' is not an app of job '{}' (apps: {apps})", tx.app, job.name),
+            });
         };
         if self.state.tx_captured(&job.name, &tx.app, &tx.txid).await? {
             return Ok(Outcome::Done);
@@ -54,9 +56,17 @@ impl Steps {
         let mut upserts: Vec<(ChangeRef, Mode, Option<String>)> = Vec::new();
         let mut deletes: Vec<ChangeRef> = Vec::new();
         for ch in &tx.changes {
-            let mut c = ChangeRef { map: ch.entity.clone(), source, key: ch.key.clone(), seq: ch.seq, txid: tx.txid.clone(), at_ms: ch.at_ms };
+            let mut c = ChangeRef {
+                map: ch.entity.clone(),
+                source,
+                key: ch.key.clone(),
+                seq: ch.seq,
+                txid: tx.txid.clone(),
+                at_ms: ch.at_ms,
+            };
             if ch.app != tx.app {
-                let msg = format!("change of {} names app '{}' inside a transaction of app '{}'", ch.entity, ch.app, tx.app);
+                let msg =
+                    format!("change of {} names app '{}' inside a transaction of app '{}'", ch.entity, ch.app, tx.app);
                 self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, msg).await?;
                 continue;
             }
@@ -82,7 +92,11 @@ impl Steps {
         let all: Vec<&ChangeRef> = upserts.iter().map(|(c, _, _)| c).chain(&deletes).collect();
 
         if lj.status != JobStatus::Active {
-            let msg = format!("job '{}' is {}: change not synced; retry it once the job is active", job.name, lj.status.as_str());
+            let msg = format!(
+                "job '{}' is {}: change not synced; retry it once the job is active",
+                job.name,
+                lj.status.as_str()
+            );
             for c in all {
                 self.record(&lj, c, ErrorCategory::Application, msg.clone()).await?;
             }
@@ -120,13 +134,23 @@ impl Steps {
 
         let changes = self.raise_seen(&lj, queued).await?;
         Metrics::add(&self.metrics.captured, changes.len() as u64);
-        let captured = (!changes.is_empty()).then(|| CapturedTransaction { job: job.name.clone(), source, txid: tx.txid.clone(), changes });
+        let captured = (!changes.is_empty()).then(|| CapturedTransaction {
+            job: job.name.clone(),
+            source,
+            txid: tx.txid.clone(),
+            changes,
+        });
         self.finish(&lj, &tx, captured).await
     }
 
     /// Sends the captured transaction on, then remembers the transaction id. A crash between the
     /// two repeats the send, which delivery absorbs (deduplication id, loopback control).
-    async fn finish(&self, lj: &LoadedJob, tx: &TransactionNotification, captured: Option<CapturedTransaction>) -> Result<Outcome, StepError> {
+    async fn finish(
+        &self,
+        lj: &LoadedJob,
+        tx: &TransactionNotification,
+        captured: Option<CapturedTransaction>,
+    ) -> Result<Outcome, StepError> {
         if let Some(c) = captured {
             let body = serde_json::to_string(&c).unwrap_or_default();
             self.sequence_queue.send(vec![OutMessage::standard(body)]).await?;
@@ -137,7 +161,12 @@ impl Steps {
     }
 
     /// Deletes the counterpart now; `Some(outcome)` when the message must be retried.
-    async fn delete_now(&self, lj: &LoadedJob, c: &ChangeRef, receive_count: u32) -> Result<Option<Outcome>, StepError> {
+    async fn delete_now(
+        &self,
+        lj: &LoadedJob,
+        c: &ChangeRef,
+        receive_count: u32,
+    ) -> Result<Option<Outcome>, StepError> {
         let job = &lj.job;
         let (m, _) = job.map(&c.map).unwrap_or((0, &job.maps[0]));
         let target = c.source.other();
@@ -160,7 +189,11 @@ impl Steps {
     }
 
     /// Drops echoes of dualsync's own writes and raises each remaining link's seen seq.
-    async fn raise_seen(&self, lj: &LoadedJob, changes: Vec<(ChangeRef, Mode, Option<String>)>) -> Result<Vec<ChangeRef>, StepError> {
+    async fn raise_seen(
+        &self,
+        lj: &LoadedJob,
+        changes: Vec<(ChangeRef, Mode, Option<String>)>,
+    ) -> Result<Vec<ChangeRef>, StepError> {
         let job = &lj.job.name;
         let mut keep: Vec<ChangeRef> = Vec::with_capacity(changes.len());
         let mut pending: Vec<(ChangeRef, Option<String>)> = changes.into_iter().map(|(c, _, v)| (c, v)).collect();
@@ -173,7 +206,8 @@ impl Steps {
             let mut puts: Vec<Put> = Vec::new();
             let mut raised: Vec<usize> = Vec::new();
             for (n, ((c, version), link)) in pending.iter().zip(links).enumerate() {
-                let echo = version.is_some() && link.as_ref().and_then(|l| l.state.version(c.source)) == version.as_deref();
+                let echo =
+                    version.is_some() && link.as_ref().and_then(|l| l.state.version(c.source)) == version.as_deref();
                 if echo {
                     Metrics::add(&self.metrics.echoes_suppressed, 1);
                     continue;
@@ -207,9 +241,7 @@ impl Steps {
 }
 
 fn entities<'a>(lj: &LoadedJob, changes: impl Iterator<Item = &'a ChangeRef>) -> BTreeSet<String> {
-    changes
-        .filter_map(|c| lj.job.map(&c.map).map(|(_, m)| format!("{} ({})", m.entity(c.source), m.name)))
-        .collect()
+    changes.filter_map(|c| lj.job.map(&c.map).map(|(_, m)| format!("{} ({})", m.entity(c.source), m.name))).collect()
 }
 
 /// A key is well formed when it has one non-empty value per key field.

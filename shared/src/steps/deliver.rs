@@ -127,7 +127,11 @@ impl Steps {
     }
 
     /// Runs §3 for changes of distinct delivery groups together.
-    pub(crate) async fn deliver_wave(&self, lj: &LoadedJob, changes: &[&ChangeRef]) -> Result<Vec<ChangeResult>, StepError> {
+    pub(crate) async fn deliver_wave(
+        &self,
+        lj: &LoadedJob,
+        changes: &[&ChangeRef],
+    ) -> Result<Vec<ChangeResult>, StepError> {
         let job = &lj.job;
         let mut results: Vec<Option<ChangeResult>> = vec![None; changes.len()];
         let map_idx: Vec<Option<usize>> = changes.iter().map(|c| job.map(&c.map).map(|(i, _)| i)).collect();
@@ -136,7 +140,15 @@ impl Steps {
             if map_idx[i].is_none() {
                 warn!(job = %job.name, map = %c.map, "delivery for a map the job no longer has");
                 results[i] = Some(ChangeResult::Done);
-                self.record_raw(job.name.as_str(), c, &c.map, "?", ErrorCategory::Application, format!("map '{}' is not in job '{}'", c.map, job.name)).await?;
+                self.record_raw(
+                    job.name.as_str(),
+                    c,
+                    &c.map,
+                    "?",
+                    ErrorCategory::Application,
+                    format!("map '{}' is not in job '{}'", c.map, job.name),
+                )
+                .await?;
             } else {
                 pending.push(i);
             }
@@ -158,7 +170,12 @@ impl Steps {
                 let c = changes[i];
                 match &link {
                     Some(l) if c.seq < l.state.seen(c.source) => {
-                        let msg = format!("skipped: a newer change (seq {}) of {}/{} exists", l.state.seen(c.source), c.map, c.key);
+                        let msg = format!(
+                            "skipped: a newer change (seq {}) of {}/{} exists",
+                            l.state.seen(c.source),
+                            c.map,
+                            c.key
+                        );
                         failures.push((i, ErrorCategory::Concurrency, msg));
                         results[i] = Some(ChangeResult::Done);
                     }
@@ -167,8 +184,18 @@ impl Steps {
             }
 
             // Step 2: read both sides fresh.
-            let src = self.read_grouped(lj, live.iter().map(|(i, _)| (map_idx[*i].unwrap_or(0), changes[*i].source, &changes[*i].key))).await;
-            let dst = self.read_grouped(lj, live.iter().map(|(i, _)| (map_idx[*i].unwrap_or(0), changes[*i].source.other(), &changes[*i].key))).await;
+            let src = self
+                .read_grouped(
+                    lj,
+                    live.iter().map(|(i, _)| (map_idx[*i].unwrap_or(0), changes[*i].source, &changes[*i].key)),
+                )
+                .await;
+            let dst = self
+                .read_grouped(
+                    lj,
+                    live.iter().map(|(i, _)| (map_idx[*i].unwrap_or(0), changes[*i].source.other(), &changes[*i].key)),
+                )
+                .await;
             self.failpoints.check("deliver.after_read")?;
 
             struct Plan {
@@ -190,7 +217,9 @@ impl Steps {
                     (Ok(rs), Ok(ro)) => (rs, ro),
                     (Err(e), _) | (_, Err(e)) => {
                         results[i] = Some(match e {
-                            ConnectorError::Transient { message, retry_after, .. } => ChangeResult::System { message, retry_after },
+                            ConnectorError::Transient { message, retry_after, .. } => {
+                                ChangeResult::System { message, retry_after }
+                            }
                             ConnectorError::Rejected { message, .. } => {
                                 failures.push((i, ErrorCategory::Application, message));
                                 ChangeResult::Done
@@ -264,7 +293,11 @@ impl Steps {
                 match r {
                     Ok(Some(_)) => {}
                     Ok(None) => {
-                        failures.push((i, ErrorCategory::Application, format!("missing reference: {}/{}", job.maps[*m].name, k)));
+                        failures.push((
+                            i,
+                            ErrorCategory::Application,
+                            format!("missing reference: {}/{}", job.maps[*m].name, k),
+                        ));
                         results[i] = Some(ChangeResult::Done);
                         blocked[*p] = true;
                     }
@@ -308,8 +341,13 @@ impl Steps {
                     let plan = &writes[p];
                     let (i, c) = (plan.i, changes[plan.i]);
                     let r = match &answer {
-                        Ok(rs) => rs.get(k).cloned().unwrap_or(Err(WriteFailure::Transient { message: "connector answered too few results".into(), retry_after: None })),
-                        Err(ConnectorError::Transient { message, retry_after, .. }) => Err(WriteFailure::Transient { message: message.clone(), retry_after: *retry_after }),
+                        Ok(rs) => rs.get(k).cloned().unwrap_or(Err(WriteFailure::Transient {
+                            message: "connector answered too few results".into(),
+                            retry_after: None,
+                        })),
+                        Err(ConnectorError::Transient { message, retry_after, .. }) => {
+                            Err(WriteFailure::Transient { message: message.clone(), retry_after: *retry_after })
+                        }
                         Err(ConnectorError::Rejected { message, .. }) => Err(WriteFailure::Rejected(message.clone())),
                     };
                     match r {
@@ -318,7 +356,11 @@ impl Steps {
                             next.version[side.index()] = Some(version);
                             commits.push((i, next, plan.link.as_ref().map(|l| l.rev), open_errors(plan.link.as_ref())));
                             if plan.conflict {
-                                let h_o = plan.other.as_ref().and_then(|r| canon::canon(map, side, &r.fields).ok()).map(|c| canon::hash(&c));
+                                let h_o = plan
+                                    .other
+                                    .as_ref()
+                                    .and_then(|r| canon::canon(map, side, &r.fields).ok())
+                                    .map(|c| canon::hash(&c));
                                 conflicts.push(self.conflict(job, c, &plan.hash, h_o.as_deref().unwrap_or_default()));
                             }
                             Metrics::add(&self.metrics.written, 1);
@@ -326,7 +368,11 @@ impl Steps {
                         }
                         Err(WriteFailure::PreconditionFailed) => retry.push(i),
                         Err(WriteFailure::Rejected(message)) => {
-                            failures.push((i, ErrorCategory::Application, format!("{} refused {}/{}: {message}", job.app_name(side), c.map, c.key)));
+                            failures.push((
+                                i,
+                                ErrorCategory::Application,
+                                format!("{} refused {}/{}: {message}", job.app_name(side), c.map, c.key),
+                            ));
                             results[i] = Some(ChangeResult::Done);
                         }
                         Err(WriteFailure::Transient { message, retry_after }) => {
@@ -359,7 +405,10 @@ impl Steps {
             pending = retry;
         }
         for i in pending {
-            results[i] = Some(ChangeResult::System { message: format!("{}/{} kept changing during delivery", changes[i].map, changes[i].key), retry_after: None });
+            results[i] = Some(ChangeResult::System {
+                message: format!("{}/{} kept changing during delivery", changes[i].map, changes[i].key),
+                retry_after: None,
+            });
         }
 
         for (i, category, message) in failures {
@@ -423,12 +472,26 @@ impl Steps {
     }
 
     /// Records an error row for a change and counts it.
-    pub(crate) async fn record(&self, lj: &LoadedJob, c: &ChangeRef, category: ErrorCategory, message: String) -> Result<(), StepError> {
+    pub(crate) async fn record(
+        &self,
+        lj: &LoadedJob,
+        c: &ChangeRef,
+        category: ErrorCategory,
+        message: String,
+    ) -> Result<(), StepError> {
         let entity = lj.job.map(&c.map).map(|(_, m)| m.entity(c.source).to_string()).unwrap_or_else(|| c.map.clone());
         self.record_raw(&lj.job.name, c, &entity, lj.job.app_name(c.source), category, message).await
     }
 
-    pub(crate) async fn record_raw(&self, job: &str, c: &ChangeRef, entity: &str, app: &str, category: ErrorCategory, message: String) -> Result<(), StepError> {
+    pub(crate) async fn record_raw(
+        &self,
+        job: &str,
+        c: &ChangeRef,
+        entity: &str,
+        app: &str,
+        category: ErrorCategory,
+        message: String,
+    ) -> Result<(), StepError> {
         match category {
             ErrorCategory::Concurrency => Metrics::add(&self.metrics.concurrency, 1),
             ErrorCategory::Application => Metrics::add(&self.metrics.application, 1),

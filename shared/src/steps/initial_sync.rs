@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::deliver::ChangeResult;
 use super::{StepError, Steps};
-use crate::domain::change::ChangeRef;
-use crate::domain::keys;
 use crate::domain::canon::record_key;
+use crate::domain::change::ChangeRef;
 use crate::domain::job::{JobStatus, Side};
+use crate::domain::keys;
 use crate::ports::{Expect, Put};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,7 +39,10 @@ impl Steps {
         page_size: usize,
         mut progress: impl FnMut(&str, usize),
     ) -> Result<InitialSyncReport, StepError> {
-        let lj = self.load_job(job_name).await?.ok_or_else(|| StepError::State(crate::state::StateError::UnknownJob(job_name.into())))?;
+        let lj = self
+            .load_job(job_name)
+            .await?
+            .ok_or_else(|| StepError::State(crate::state::StateError::UnknownJob(job_name.into())))?;
         if lj.status != JobStatus::Active {
             return Err(StepError::NotActive { job: job_name.into(), status: lj.status.as_str() });
         }
@@ -50,7 +53,9 @@ impl Steps {
             let (pk, sk) = (keys::init_pk(&job.name, &map.name), format!("FROM#{}", keys::escape(&app)));
             let stored = self.state.kv().get(&pk, &sk).await?;
             let (mut cp, mut rev) = match &stored {
-                Some(item) => (serde_json::from_value::<Checkpoint>(item.body.clone()).unwrap_or_default(), Some(item.rev)),
+                Some(item) => {
+                    (serde_json::from_value::<Checkpoint>(item.body.clone()).unwrap_or_default(), Some(item.rev))
+                }
                 None => (Checkpoint::default(), None),
             };
             while !cp.done {

@@ -159,7 +159,12 @@ pub struct Steps {
 }
 
 impl Steps {
-    pub fn new(state: State, registry: Arc<dyn ConnectorRegistry>, sequence_queue: Arc<dyn Queue>, deliver_queue: Arc<dyn Queue>) -> Self {
+    pub fn new(
+        state: State,
+        registry: Arc<dyn ConnectorRegistry>,
+        sequence_queue: Arc<dyn Queue>,
+        deliver_queue: Arc<dyn Queue>,
+    ) -> Self {
         Steps {
             state,
             registry,
@@ -197,7 +202,11 @@ impl Steps {
             .maps
             .iter()
             .map(|m| {
-                Side::BOTH.map(|s| EntitySpec { name: m.entity(s).to_string(), key_fields: m.key_fields(s), fields: m.read_fields(s) })
+                Side::BOTH.map(|s| EntitySpec {
+                    name: m.entity(s).to_string(),
+                    key_fields: m.key_fields(s),
+                    fields: m.read_fields(s),
+                })
             })
             .collect();
         let loaded = Arc::new(LoadedJob { job, status: record.status, connectors, specs });

@@ -46,7 +46,12 @@ impl From<StateError> for ReconcileError {
 
 impl Steps {
     /// Retries or dismisses the open error rows of `job` that match `filter`.
-    pub async fn reconcile(&self, job: &str, action: ReconcileAction, filter: &ErrorFilter) -> Result<ReconcileReport, ReconcileError> {
+    pub async fn reconcile(
+        &self,
+        job: &str,
+        action: ReconcileAction,
+        filter: &ErrorFilter,
+    ) -> Result<ReconcileReport, ReconcileError> {
         let (compiled, status) = self.state.job(job).await?;
         if status != JobStatus::Active {
             return Err(ReconcileError::NotActive { job: job.to_string(), status: status.as_str() });
@@ -73,14 +78,32 @@ impl Steps {
                         continue;
                     };
                     let (root_map, root_key) = root_of(&compiled, map_idx, &row.key);
-                    let change = ChangeRef { map: row.map.clone(), source: row.source, key: row.key.clone(), seq: row.seq, txid: row.txid.clone(), at_ms: now };
-                    let batch = DeliveryBatch { job: job.to_string(), group: group_id(&compiled.maps[root_map].name, &root_key), changes: vec![change] };
+                    let change = ChangeRef {
+                        map: row.map.clone(),
+                        source: row.source,
+                        key: row.key.clone(),
+                        seq: row.seq,
+                        txid: row.txid.clone(),
+                        at_ms: now,
+                    };
+                    let batch = DeliveryBatch {
+                        job: job.to_string(),
+                        group: group_id(&compiled.maps[root_map].name, &root_key),
+                        changes: vec![change],
+                    };
                     // A retry must not be taken for a duplicate of the original delivery.
                     let dedup = format!("retry-{}-{}", row.id, row.attempts);
-                    out.push(OutMessage::fifo(serde_json::to_string(&batch).unwrap_or_default(), batch.group.clone(), dedup));
+                    out.push(OutMessage::fifo(
+                        serde_json::to_string(&batch).unwrap_or_default(),
+                        batch.group.clone(),
+                        dedup,
+                    ));
                     retrying.push(sk.clone());
                 }
-                self.state.set_error_status(job, &retrying, ErrorStatus::Retrying, &[ErrorStatus::Open]).await.map_err(StepError::from)?;
+                self.state
+                    .set_error_status(job, &retrying, ErrorStatus::Retrying, &[ErrorStatus::Open])
+                    .await
+                    .map_err(StepError::from)?;
                 report.queued = out.len();
                 for chunk in out.chunks(500) {
                     self.deliver_queue.send(chunk.to_vec()).await.map_err(StepError::from)?;

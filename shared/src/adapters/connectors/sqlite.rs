@@ -43,8 +43,7 @@ use serde_json::Value;
 
 use crate::domain::change::{Key, Operation};
 use crate::ports::connector::{
-    ChangeFeed, Connector, ConnectorError, EntitySpec, ListPage, Precondition, RawChange, Record,
-    WriteFailure, WriteOp,
+    ChangeFeed, Connector, ConnectorError, EntitySpec, ListPage, Precondition, RawChange, Record, WriteFailure, WriteOp,
 };
 
 /// The change-log table.
@@ -84,10 +83,7 @@ pub struct SqliteApp {
 
 impl std::fmt::Debug for SqliteApp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteApp")
-            .field("app", &self.app)
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("SqliteApp").field("app", &self.app).field("path", &self.path).finish()
     }
 }
 
@@ -120,8 +116,7 @@ impl TableInfo {
     }
 
     fn is_blob_column(&self, name: &str) -> bool {
-        self.column(name)
-            .is_some_and(|c| c.decl_type.contains("BLOB"))
+        self.column(name).is_some_and(|c| c.decl_type.contains("BLOB"))
     }
 
     /// Checks that every field is a column (and that capture is installed); the message names
@@ -135,10 +130,9 @@ impl TableInfo {
             ));
         }
         match fields.find(|f| self.column(f).is_none()) {
-            Some(f) => Err(format!(
-                "entity `{}` has no field `{f}` (no such column in table `{}`)",
-                self.name, self.name
-            )),
+            Some(f) => {
+                Err(format!("entity `{}` has no field `{f}` (no such column in table `{}`)", self.name, self.name))
+            }
             None => Ok(()),
         }
     }
@@ -225,10 +219,7 @@ fn json_to_sql(v: &Value, blob_column: bool) -> ToSqlOutput<'_> {
         },
         Value::String(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
         Value::Array(items) if blob_column => {
-            let bytes: Option<Vec<u8>> = items
-                .iter()
-                .map(|x| x.as_u64().and_then(|b| u8::try_from(b).ok()))
-                .collect();
+            let bytes: Option<Vec<u8>> = items.iter().map(|x| x.as_u64().and_then(|b| u8::try_from(b).ok())).collect();
             match bytes {
                 Some(bytes) => ToSqlOutput::Owned(SqlValue::Blob(bytes)),
                 None => ToSqlOutput::Owned(SqlValue::Text(v.to_string())),
@@ -319,10 +310,7 @@ fn describe(e: &rusqlite::Error) -> String {
 fn op_failure(entity: &str, key: &Key, e: &rusqlite::Error) -> WriteFailure {
     let message = format!("{entity} {key}: {}", describe(e));
     if is_transient(e) {
-        WriteFailure::Transient {
-            message,
-            retry_after: None,
-        }
+        WriteFailure::Transient { message, retry_after: None }
     } else {
         WriteFailure::Rejected(message)
     }
@@ -339,11 +327,9 @@ pub fn transaction<T>(
     f: impl FnOnce(&Transaction) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.prepare_cached("INSERT INTO \"_dualsync_tx\" (txid) VALUES (?1)")?
-        .execute([txid])?;
+    tx.prepare_cached("INSERT INTO \"_dualsync_tx\" (txid) VALUES (?1)")?.execute([txid])?;
     let out = f(&tx)?;
-    tx.prepare_cached("DELETE FROM \"_dualsync_tx\"")?
-        .execute([])?;
+    tx.prepare_cached("DELETE FROM \"_dualsync_tx\"")?.execute([])?;
     tx.commit()?;
     Ok(out)
 }
@@ -351,9 +337,7 @@ pub fn transaction<T>(
 /// Loads a table's column information; `None` if there is no such table.
 fn load_table(conn: &Connection, table: &str) -> rusqlite::Result<Option<TableInfo>> {
     let kind: Option<(String, String, bool)> = conn
-        .prepare_cached(
-            "SELECT name, type, wr FROM pragma_table_list(?1) WHERE schema = 'main' LIMIT 1",
-        )?
+        .prepare_cached("SELECT name, type, wr FROM pragma_table_list(?1) WHERE schema = 'main' LIMIT 1")?
         .query_row([table], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let Some((name, kind, without_rowid)) = kind else {
@@ -365,11 +349,7 @@ fn load_table(conn: &Connection, table: &str) -> rusqlite::Result<Option<TableIn
     let mut stmt = conn.prepare_cached("SELECT name, type, pk FROM pragma_table_info(?1)")?;
     let columns = stmt
         .query_map([&name], |r| {
-            Ok(Column {
-                name: r.get(0)?,
-                decl_type: r.get::<_, String>(1)?.to_ascii_uppercase(),
-                pk: r.get(2)?,
-            })
+            Ok(Column { name: r.get(0)?, decl_type: r.get::<_, String>(1)?.to_ascii_uppercase(), pk: r.get(2)? })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut by_name = HashMap::new();
@@ -377,32 +357,15 @@ fn load_table(conn: &Connection, table: &str) -> rusqlite::Result<Option<TableIn
         by_name.entry(c.name.to_ascii_lowercase()).or_insert(i);
         by_name.insert(c.name.clone(), i);
     }
-    let has_version = columns
-        .iter()
-        .any(|c| c.name.eq_ignore_ascii_case(VERSION_COLUMN));
-    Ok(Some(TableInfo {
-        name,
-        columns,
-        by_name,
-        without_rowid,
-        has_version,
-    }))
+    let has_version = columns.iter().any(|c| c.name.eq_ignore_ascii_case(VERSION_COLUMN));
+    Ok(Some(TableInfo { name, columns, by_name, without_rowid, has_version }))
 }
 
 /// Whether a PRIMARY KEY or UNIQUE index covers exactly the key fields.
-fn key_is_unique(
-    conn: &Connection,
-    info: &TableInfo,
-    key_fields: &[String],
-) -> rusqlite::Result<bool> {
+fn key_is_unique(conn: &Connection, info: &TableInfo, key_fields: &[String]) -> rusqlite::Result<bool> {
     let mut wanted: Vec<String> = key_fields.iter().map(|k| k.to_ascii_lowercase()).collect();
     wanted.sort();
-    let mut pk: Vec<String> = info
-        .columns
-        .iter()
-        .filter(|c| c.pk > 0)
-        .map(|c| c.name.to_ascii_lowercase())
-        .collect();
+    let mut pk: Vec<String> = info.columns.iter().filter(|c| c.pk > 0).map(|c| c.name.to_ascii_lowercase()).collect();
     pk.sort();
     if pk == wanted {
         return Ok(true);
@@ -547,11 +510,7 @@ fn capture_triggers(spec: &CaptureSpec, info: &TableInfo) -> Vec<(String, String
         old_key = key_json("OLD"),
         old_company = company("OLD"),
     );
-    vec![
-        (name("ins"), insert),
-        (name("upd"), update),
-        (name("del"), delete),
-    ]
+    vec![(name("ins"), insert), (name("upd"), update), (name("del"), delete)]
 }
 
 /// The outcome of one op inside a write transaction.
@@ -569,30 +528,19 @@ impl SqliteApp {
         let fail = |e: rusqlite::Error| {
             let message = format!("cannot open {}: {}", path.display(), describe(&e));
             if is_transient(&e) {
-                ConnectorError::Transient {
-                    app: app_name.to_string(),
-                    message,
-                    retry_after: None,
-                }
+                ConnectorError::Transient { app: app_name.to_string(), message, retry_after: None }
             } else {
-                ConnectorError::Rejected {
-                    app: app_name.to_string(),
-                    message,
-                }
+                ConnectorError::Rejected { app: app_name.to_string(), message }
             }
         };
         let conn = Connection::open(path).map_err(fail)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-            .map_err(fail)?;
+        let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(fail)?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(app = app_name, mode, "sqlite app: WAL mode not available");
         }
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(fail)?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(fail)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(fail)?;
+        conn.pragma_update(None, "foreign_keys", true).map_err(fail)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(SqliteApp {
             app: app_name.to_string(),
@@ -666,10 +614,7 @@ impl SqliteApp {
                 "{what}: entity `{entity}` has no field `{f}` (no such column in table `{entity}`)"
             )));
         }
-        if let Some(f) = fields
-            .clone()
-            .find(|f| f.eq_ignore_ascii_case(VERSION_COLUMN))
-        {
+        if let Some(f) = fields.clone().find(|f| f.eq_ignore_ascii_case(VERSION_COLUMN)) {
             return Err(self.rejected(format!("{what}: field `{f}` is reserved for dualsync")));
         }
         if !info.has_version {
@@ -678,8 +623,7 @@ impl SqliteApp {
                 ident(&info.name),
                 ident(VERSION_COLUMN)
             );
-            conn.execute_batch(&sql)
-                .map_err(|e| self.error(&what, &e))?;
+            conn.execute_batch(&sql).map_err(|e| self.error(&what, &e))?;
             info = load(conn)?;
         }
         if !key_is_unique(conn, &info, &spec.key_fields).map_err(|e| self.error(&what, &e))? {
@@ -693,9 +637,7 @@ impl SqliteApp {
             // sqlite_schema keeps the statement as `CREATE TRIGGER <definition>`.
             let sql = format!("CREATE TRIGGER {definition}");
             let existing: Option<String> = conn
-                .prepare_cached(
-                    "SELECT sql FROM sqlite_schema WHERE type = 'trigger' AND name = ?1",
-                )
+                .prepare_cached("SELECT sql FROM sqlite_schema WHERE type = 'trigger' AND name = ?1")
                 .and_then(|mut s| s.query_row([&name], |r| r.get(0)).optional())
                 .map_err(|e| self.error(&what, &e))?;
             if existing.as_deref() == Some(sql.as_str()) {
@@ -727,25 +669,15 @@ impl SqliteApp {
     }
 
     fn rejected(&self, message: String) -> ConnectorError {
-        ConnectorError::Rejected {
-            app: self.app.clone(),
-            message,
-        }
+        ConnectorError::Rejected { app: self.app.clone(), message }
     }
 
     fn error(&self, what: &str, e: &rusqlite::Error) -> ConnectorError {
         let message = format!("{what}: {}", describe(e));
         if is_transient(e) {
-            ConnectorError::Transient {
-                app: self.app.clone(),
-                message,
-                retry_after: None,
-            }
+            ConnectorError::Transient { app: self.app.clone(), message, retry_after: None }
         } else {
-            ConnectorError::Rejected {
-                app: self.app.clone(),
-                message,
-            }
+            ConnectorError::Rejected { app: self.app.clone(), message }
         }
     }
 
@@ -758,12 +690,7 @@ impl SqliteApp {
         fields: impl Iterator<Item = &'a str> + Clone,
     ) -> Result<Arc<TableInfo>, ConnectorError> {
         let name = entity.to_ascii_lowercase();
-        let cached = self
-            .tables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&name)
-            .cloned();
+        let cached = self.tables.lock().unwrap_or_else(|p| p.into_inner()).get(&name).cloned();
         if let Some(info) = cached {
             if info.check(fields.clone()).is_ok() {
                 return Ok(info);
@@ -774,10 +701,7 @@ impl SqliteApp {
             Ok(None) => return Err(self.rejected(format!("entity `{entity}`: no such table"))),
             Err(e) => return Err(self.error(&format!("entity `{entity}`"), &e)),
         };
-        self.tables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name, info.clone());
+        self.tables.lock().unwrap_or_else(|p| p.into_inner()).insert(name, info.clone());
         info.check(fields).map_err(|m| self.rejected(m))?;
         Ok(info)
     }
@@ -795,17 +719,9 @@ impl SqliteApp {
         }
     }
 
-    fn read_sync(
-        &self,
-        entity: &EntitySpec,
-        keys: &[Key],
-    ) -> Result<Vec<Option<Record>>, ConnectorError> {
+    fn read_sync(&self, entity: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
         let conn = self.lock();
-        let fields = entity
-            .key_fields
-            .iter()
-            .chain(&entity.fields)
-            .map(String::as_str);
+        let fields = entity.key_fields.iter().chain(&entity.fields).map(String::as_str);
         let info = self.table(&conn, &entity.name, fields)?;
         let mut select: Vec<String> = entity.fields.iter().map(|f| ident(f)).collect();
         select.push(ident(VERSION_COLUMN));
@@ -816,28 +732,20 @@ impl SqliteApp {
             key_match(&entity.key_fields, 1)
         );
         let what = || format!("read {}", entity.name);
-        let mut stmt = conn
-            .prepare_cached(&sql)
-            .map_err(|e| self.error(&what(), &e))?;
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.error(&what(), &e))?;
         let n = entity.fields.len();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
             self.check_key(entity, key)?;
             let record = stmt
-                .query_row(
-                    params_from_iter(key.0.iter().map(|k| Bind::Text(k))),
-                    |row| {
-                        let mut fields = BTreeMap::new();
-                        for (i, f) in entity.fields.iter().enumerate() {
-                            fields.insert(f.clone(), value_to_json(row.get_ref(i)?));
-                        }
-                        let version: i64 = row.get(n)?;
-                        Ok(Record {
-                            fields,
-                            version: version.to_string(),
-                        })
-                    },
-                )
+                .query_row(params_from_iter(key.0.iter().map(|k| Bind::Text(k))), |row| {
+                    let mut fields = BTreeMap::new();
+                    for (i, f) in entity.fields.iter().enumerate() {
+                        fields.insert(f.clone(), value_to_json(row.get_ref(i)?));
+                    }
+                    let version: i64 = row.get(n)?;
+                    Ok(Record { fields, version: version.to_string() })
+                })
                 .optional()
                 .map_err(|e| self.error(&what(), &e))?;
             out.push(record);
@@ -851,19 +759,14 @@ impl SqliteApp {
         ops: &[WriteOp],
     ) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError> {
         let mut conn = self.lock();
-        let fields = entity.key_fields.iter().map(String::as_str).chain(
-            ops.iter()
-                .flat_map(|op| op.fields.keys().map(String::as_str)),
-        );
+        let fields = entity
+            .key_fields
+            .iter()
+            .map(String::as_str)
+            .chain(ops.iter().flat_map(|op| op.fields.keys().map(String::as_str)));
         let info = self.table(&conn, &entity.name, fields.clone())?;
-        if let Some(f) = fields
-            .clone()
-            .find(|f| f.eq_ignore_ascii_case(VERSION_COLUMN))
-        {
-            return Err(self.rejected(format!(
-                "entity `{}`: field `{f}` is reserved for dualsync",
-                entity.name
-            )));
+        if let Some(f) = fields.clone().find(|f| f.eq_ignore_ascii_case(VERSION_COLUMN)) {
+            return Err(self.rejected(format!("entity `{}`: field `{f}` is reserved for dualsync", entity.name)));
         }
         for op in ops {
             self.check_key(entity, &op.key)?;
@@ -875,9 +778,8 @@ impl SqliteApp {
         }
         let what = || format!("write {}", entity.name);
         loop {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|e| self.error(&what(), &e))?;
+            let tx =
+                conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.error(&what(), &e))?;
             let mut results = Vec::with_capacity(ops.len());
             let mut rolled_back = false;
             for (i, op) in ops.iter().enumerate() {
@@ -906,30 +808,19 @@ impl SqliteApp {
 
     fn delete_sync(&self, entity: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError> {
         let mut conn = self.lock();
-        let info = self.table(
-            &conn,
-            &entity.name,
-            entity.key_fields.iter().map(String::as_str),
-        )?;
+        let info = self.table(&conn, &entity.name, entity.key_fields.iter().map(String::as_str))?;
         for key in keys {
             self.check_key(entity, key)?;
         }
-        let sql = format!(
-            "DELETE FROM {} WHERE {}",
-            ident(&info.name),
-            key_match(&entity.key_fields, 1)
-        );
+        let sql = format!("DELETE FROM {} WHERE {}", ident(&info.name), key_match(&entity.key_fields, 1));
         let what = |key: Option<&Key>| match key {
             Some(key) => format!("delete {} {key}", entity.name),
             None => format!("delete {}", entity.name),
         };
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.error(&what(None), &e))?;
+        let tx =
+            conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.error(&what(None), &e))?;
         {
-            let mut stmt = tx
-                .prepare_cached(&sql)
-                .map_err(|e| self.error(&what(None), &e))?;
+            let mut stmt = tx.prepare_cached(&sql).map_err(|e| self.error(&what(None), &e))?;
             for key in keys {
                 stmt.execute(params_from_iter(key.0.iter().map(|k| Bind::Text(k))))
                     .map_err(|e| self.error(&what(Some(key)), &e))?;
@@ -940,18 +831,9 @@ impl SqliteApp {
 
     /// One page in key order. The cursor is the JSON array of the page's last key values as
     /// stored (typed, so `(k1, k2) > (?, ?)` compares as the ORDER BY does).
-    fn list_sync(
-        &self,
-        entity: &EntitySpec,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<ListPage, ConnectorError> {
+    fn list_sync(&self, entity: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
         let conn = self.lock();
-        let fields = entity
-            .key_fields
-            .iter()
-            .chain(&entity.fields)
-            .map(String::as_str);
+        let fields = entity.key_fields.iter().chain(&entity.fields).map(String::as_str);
         let info = self.table(&conn, &entity.name, fields)?;
         let nk = entity.key_fields.len();
         if nk == 0 {
@@ -962,10 +844,9 @@ impl SqliteApp {
             Some(text) => match serde_json::from_str::<Vec<Value>>(text) {
                 Ok(values) if values.len() == nk => Some(values),
                 _ => {
-                    return Err(self.rejected(format!(
-                        "list {}: invalid cursor (not one from this connector)",
-                        entity.name
-                    )))
+                    return Err(
+                        self.rejected(format!("list {}: invalid cursor (not one from this connector)", entity.name))
+                    )
                 }
             },
         };
@@ -977,15 +858,8 @@ impl SqliteApp {
         let mut params: Vec<Bind> = Vec::new();
         if let Some(values) = &cursor {
             let placeholders: Vec<String> = (1..=nk).map(|i| format!("?{i}")).collect();
-            conditions.push(format!(
-                "({}) > ({})",
-                keys.join(", "),
-                placeholders.join(", ")
-            ));
-            params.extend(values.iter().map(|v| Bind::Json {
-                value: v,
-                blob: true,
-            }));
+            conditions.push(format!("({}) > ({})", keys.join(", "), placeholders.join(", ")));
+            params.extend(values.iter().map(|v| Bind::Json { value: v, blob: true }));
         }
         let sql = format!(
             "SELECT {} FROM {} WHERE {} ORDER BY {} LIMIT ?{}",
@@ -999,12 +873,8 @@ impl SqliteApp {
         let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
         params.push(Bind::Int(fetch));
         let what = || format!("list {}", entity.name);
-        let mut stmt = conn
-            .prepare_cached(&sql)
-            .map_err(|e| self.error(&what(), &e))?;
-        let mut rows = stmt
-            .query(params_from_iter(params.iter()))
-            .map_err(|e| self.error(&what(), &e))?;
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.error(&what(), &e))?;
+        let mut rows = stmt.query(params_from_iter(params.iter())).map_err(|e| self.error(&what(), &e))?;
         let mut records = Vec::new();
         let mut seen = 0usize;
         let mut last: Option<Vec<Value>> = None;
@@ -1057,8 +927,7 @@ impl SqliteApp {
             .map_err(|e| self.error(what, &e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, entity, key, op, txid, company, at_ms) =
-                row.map_err(|e| self.error(what, &e))?;
+            let (seq, entity, key, op, txid, company, at_ms) = row.map_err(|e| self.error(what, &e))?;
             let malformed = || self.rejected(format!("{what}: malformed change-log row seq {seq}"));
             let key = serde_json::from_str::<Vec<Value>>(&key)
                 .ok()
@@ -1071,16 +940,7 @@ impl SqliteApp {
             };
             let seq = u64::try_from(seq).map_err(|_| malformed())?;
             let version = (op == Operation::Upsert).then(|| seq.to_string());
-            out.push(RawChange {
-                seq,
-                entity,
-                key: Key(key),
-                op,
-                txid,
-                company,
-                version,
-                at_ms,
-            });
+            out.push(RawChange { seq, entity, key: Key(key), op, txid, company, version, at_ms });
         }
         Ok(out)
     }
@@ -1089,12 +949,8 @@ impl SqliteApp {
 /// A failure when a key field in `op.fields` disagrees with `op.key`.
 fn key_disagreement(entity: &EntitySpec, op: &WriteOp) -> Option<WriteFailure> {
     for (k, expected) in entity.key_fields.iter().zip(&op.key.0) {
-        let value = op.fields.get(k).or_else(|| {
-            op.fields
-                .iter()
-                .find(|(f, _)| f.eq_ignore_ascii_case(k))
-                .map(|(_, v)| v)
-        });
+        let value =
+            op.fields.get(k).or_else(|| op.fields.iter().find(|(f, _)| f.eq_ignore_ascii_case(k)).map(|(_, v)| v));
         if let Some(value) = value {
             if json_key_text(value).as_deref() != Some(expected.as_str()) {
                 return Some(WriteFailure::Rejected(format!(
@@ -1108,26 +964,18 @@ fn key_disagreement(entity: &EntitySpec, op: &WriteOp) -> Option<WriteFailure> {
 }
 
 fn is_key_field(entity: &EntitySpec, field: &str) -> bool {
-    entity
-        .key_fields
-        .iter()
-        .any(|k| k.eq_ignore_ascii_case(field))
+    entity.key_fields.iter().any(|k| k.eq_ignore_ascii_case(field))
 }
 
 /// Applies one op in the write transaction.
 fn apply_op(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteOp) -> OpOutcome {
     let table = ident(&info.name);
     let nk = entity.key_fields.len();
-    let version_sql = format!(
-        "SELECT {} FROM {table} WHERE {} LIMIT 1",
-        ident(VERSION_COLUMN),
-        key_match(&entity.key_fields, 1)
-    );
+    let version_sql =
+        format!("SELECT {} FROM {table} WHERE {} LIMIT 1", ident(VERSION_COLUMN), key_match(&entity.key_fields, 1));
     let key_params = || op.key.0.iter().map(|k| Bind::Text(k));
     let current_version = || -> rusqlite::Result<Option<i64>> {
-        tx.prepare_cached(&version_sql)?
-            .query_row(params_from_iter(key_params()), |r| r.get(0))
-            .optional()
+        tx.prepare_cached(&version_sql)?.query_row(params_from_iter(key_params()), |r| r.get(0)).optional()
     };
     let fail = |e: rusqlite::Error| {
         let failure = op_failure(&entity.name, &op.key, &e);
@@ -1153,14 +1001,8 @@ fn apply_op(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteO
                 Err(e) => return fail(e),
             }
             let mut columns: Vec<String> = op.fields.keys().map(|f| ident(f)).collect();
-            let mut params: Vec<Bind> = op
-                .fields
-                .iter()
-                .map(|(f, v)| Bind::Json {
-                    value: v,
-                    blob: info.is_blob_column(f),
-                })
-                .collect();
+            let mut params: Vec<Bind> =
+                op.fields.iter().map(|(f, v)| Bind::Json { value: v, blob: info.is_blob_column(f) }).collect();
             for (k, value) in entity.key_fields.iter().zip(&op.key.0) {
                 if !op.fields.keys().any(|f| f.eq_ignore_ascii_case(k)) {
                     columns.push(ident(k));
@@ -1168,19 +1010,11 @@ fn apply_op(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteO
                 }
             }
             let placeholders: Vec<String> = (1..=columns.len()).map(|i| format!("?{i}")).collect();
-            let sql = format!(
-                "INSERT INTO {table} ({}) VALUES ({})",
-                columns.join(", "),
-                placeholders.join(", ")
-            );
-            let inserted = tx
-                .prepare_cached(&sql)
-                .and_then(|mut s| s.execute(params_from_iter(params.iter())));
+            let sql = format!("INSERT INTO {table} ({}) VALUES ({})", columns.join(", "), placeholders.join(", "));
+            let inserted = tx.prepare_cached(&sql).and_then(|mut s| s.execute(params_from_iter(params.iter())));
             match inserted {
                 Ok(_) => written(),
-                Err(e) if is_key_conflict(&e, entity) => {
-                    OpOutcome::Done(Err(WriteFailure::PreconditionFailed))
-                }
+                Err(e) if is_key_conflict(&e, entity) => OpOutcome::Done(Err(WriteFailure::PreconditionFailed)),
                 Err(e) => fail(e),
             }
         }
@@ -1188,11 +1022,7 @@ fn apply_op(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteO
             let Ok(expected) = expected.parse::<i64>() else {
                 return OpOutcome::Done(Err(WriteFailure::PreconditionFailed));
             };
-            let set: Vec<(&String, &Value)> = op
-                .fields
-                .iter()
-                .filter(|(f, _)| !is_key_field(entity, f))
-                .collect();
+            let set: Vec<(&String, &Value)> = op.fields.iter().filter(|(f, _)| !is_key_field(entity, f)).collect();
             if set.is_empty() {
                 // Nothing to change: the write is its precondition check.
                 return match current_version() {
@@ -1201,11 +1031,8 @@ fn apply_op(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteO
                     Err(e) => fail(e),
                 };
             }
-            let assignments: Vec<String> = set
-                .iter()
-                .enumerate()
-                .map(|(i, (f, _))| format!("{} = ?{}", ident(f), i + 1))
-                .collect();
+            let assignments: Vec<String> =
+                set.iter().enumerate().map(|(i, (f, _))| format!("{} = ?{}", ident(f), i + 1)).collect();
             let sql = format!(
                 "UPDATE {table} SET {} WHERE {} AND {} = ?{}",
                 assignments.join(", "),
@@ -1213,18 +1040,11 @@ fn apply_op(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteO
                 ident(VERSION_COLUMN),
                 set.len() + nk + 1
             );
-            let mut params: Vec<Bind> = set
-                .iter()
-                .map(|(f, v)| Bind::Json {
-                    value: v,
-                    blob: info.is_blob_column(f),
-                })
-                .collect();
+            let mut params: Vec<Bind> =
+                set.iter().map(|(f, v)| Bind::Json { value: v, blob: info.is_blob_column(f) }).collect();
             params.extend(key_params());
             params.push(Bind::Int(expected));
-            let updated = tx
-                .prepare_cached(&sql)
-                .and_then(|mut s| s.execute(params_from_iter(params.iter())));
+            let updated = tx.prepare_cached(&sql).and_then(|mut s| s.execute(params_from_iter(params.iter())));
             match updated {
                 Ok(0) => OpOutcome::Done(Err(WriteFailure::PreconditionFailed)),
                 Ok(_) => written(),
@@ -1240,29 +1060,16 @@ fn is_key_conflict(e: &rusqlite::Error, entity: &EntitySpec) -> bool {
     let rusqlite::Error::SqliteFailure(f, msg) = e else {
         return false;
     };
-    if !matches!(
-        f.extended_code,
-        ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
-    ) {
+    if !matches!(f.extended_code, ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY) {
         return false;
     }
     let Some(on) = failed_on(msg.as_deref()) else {
         return false;
     };
-    let mut columns: Vec<String> = on
-        .split(", ")
-        .map(|c| {
-            c.rsplit_once('.')
-                .map_or(c, |(_, c)| c)
-                .to_ascii_lowercase()
-        })
-        .collect();
+    let mut columns: Vec<String> =
+        on.split(", ").map(|c| c.rsplit_once('.').map_or(c, |(_, c)| c).to_ascii_lowercase()).collect();
     columns.sort();
-    let mut keys: Vec<String> = entity
-        .key_fields
-        .iter()
-        .map(|k| k.to_ascii_lowercase())
-        .collect();
+    let mut keys: Vec<String> = entity.key_fields.iter().map(|k| k.to_ascii_lowercase()).collect();
     keys.sort();
     columns == keys
 }
@@ -1289,16 +1096,7 @@ fn list_row(row: &Row<'_>, entity: &EntitySpec, nk: usize) -> rusqlite::Result<L
         fields.insert(f.clone(), value_to_json(row.get_ref(nk + i)?));
     }
     let version: i64 = row.get(nk + entity.fields.len())?;
-    Ok(ListEntry {
-        cursor,
-        item: Some((
-            Key(key),
-            Record {
-                fields,
-                version: version.to_string(),
-            },
-        )),
-    })
+    Ok(ListEntry { cursor, item: Some((Key(key), Record { fields, version: version.to_string() })) })
 }
 
 // The async methods run their SQLite work inline: see the note on `SqliteApp::conn`.
@@ -1308,11 +1106,7 @@ impl Connector for SqliteApp {
         &self.app
     }
 
-    async fn read(
-        &self,
-        entity: &EntitySpec,
-        keys: &[Key],
-    ) -> Result<Vec<Option<Record>>, ConnectorError> {
+    async fn read(&self, entity: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
         self.read_sync(entity, keys)
     }
 
@@ -1328,23 +1122,14 @@ impl Connector for SqliteApp {
         self.delete_sync(entity, keys)
     }
 
-    async fn list(
-        &self,
-        entity: &EntitySpec,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<ListPage, ConnectorError> {
+    async fn list(&self, entity: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
         self.list_sync(entity, after, limit)
     }
 }
 
 #[async_trait]
 impl ChangeFeed for SqliteApp {
-    async fn changes_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<RawChange>, ConnectorError> {
+    async fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<RawChange>, ConnectorError> {
         self.changes_sync(after, limit)
     }
 }
@@ -1401,18 +1186,10 @@ mod tests {
                 key_fields: vec!["company".into(), "code".into()],
                 company_field: Some("company".into()),
             },
-            CaptureSpec {
-                entity: "parts".into(),
-                key_fields: vec!["id".into()],
-                company_field: None,
-            },
+            CaptureSpec { entity: "parts".into(), key_fields: vec!["id".into()], company_field: None },
         ])
         .unwrap();
-        Fixture {
-            _dir: dir,
-            app,
-            path,
-        }
+        Fixture { _dir: dir, app, path }
     }
 
     fn items() -> EntitySpec {
@@ -1424,11 +1201,7 @@ mod tests {
     }
 
     fn parts() -> EntitySpec {
-        EntitySpec {
-            name: "parts".into(),
-            key_fields: vec!["id".into()],
-            fields: vec!["label".into()],
-        }
+        EntitySpec { name: "parts".into(), key_fields: vec!["id".into()], fields: vec!["label".into()] }
     }
 
     fn key(parts: &[&str]) -> Key {
@@ -1436,10 +1209,7 @@ mod tests {
     }
 
     fn fields(pairs: &[(&str, Value)]) -> BTreeMap<String, Value> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
     }
 
     fn item_op(code: &str, name: &str, qty: i64, precondition: Precondition) -> WriteOp {
@@ -1456,11 +1226,7 @@ mod tests {
     }
 
     fn part_op(id: i64, label: Value, precondition: Precondition) -> WriteOp {
-        WriteOp {
-            key: key(&[&id.to_string()]),
-            fields: fields(&[("id", id.into()), ("label", label)]),
-            precondition,
-        }
+        WriteOp { key: key(&[&id.to_string()]), fields: fields(&[("id", id.into()), ("label", label)]), precondition }
     }
 
     fn count(conn: &Connection, sql: &str) -> i64 {
@@ -1471,24 +1237,13 @@ mod tests {
     async fn triggers_log_insert_update_delete() {
         let fx = fixture();
         let conn = fx.app_conn();
-        conn.execute(
-            "INSERT INTO items (company, code, name, qty) VALUES ('acme', 'A1', 'x', 1)",
-            [],
-        )
-        .unwrap();
-        conn.execute("UPDATE items SET qty = 2 WHERE code = 'A1'", [])
-            .unwrap();
-        conn.execute("DELETE FROM items WHERE code = 'A1'", [])
-            .unwrap();
-        conn.execute("INSERT INTO parts (id, label) VALUES (42, 'p')", [])
-            .unwrap();
+        conn.execute("INSERT INTO items (company, code, name, qty) VALUES ('acme', 'A1', 'x', 1)", []).unwrap();
+        conn.execute("UPDATE items SET qty = 2 WHERE code = 'A1'", []).unwrap();
+        conn.execute("DELETE FROM items WHERE code = 'A1'", []).unwrap();
+        conn.execute("INSERT INTO parts (id, label) VALUES (42, 'p')", []).unwrap();
 
         let changes = fx.changes().await;
-        assert_eq!(
-            changes.len(),
-            4,
-            "one row per change, no echo of the version update"
-        );
+        assert_eq!(changes.len(), 4, "one row per change, no echo of the version update");
         let raw: Vec<String> = conn
             .prepare("SELECT key FROM _dualsync_changes ORDER BY seq")
             .unwrap()
@@ -1496,46 +1251,18 @@ mod tests {
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        assert_eq!(
-            raw,
-            [
-                "[\"acme\",\"A1\"]",
-                "[\"acme\",\"A1\"]",
-                "[\"acme\",\"A1\"]",
-                "[42]"
-            ]
-        );
+        assert_eq!(raw, ["[\"acme\",\"A1\"]", "[\"acme\",\"A1\"]", "[\"acme\",\"A1\"]", "[42]"]);
         let ops: Vec<Operation> = changes.iter().map(|c| c.op).collect();
-        assert_eq!(
-            ops,
-            [
-                Operation::Upsert,
-                Operation::Upsert,
-                Operation::Delete,
-                Operation::Upsert
-            ]
-        );
+        assert_eq!(ops, [Operation::Upsert, Operation::Upsert, Operation::Delete, Operation::Upsert]);
         for (i, c) in changes.iter().enumerate() {
             assert_eq!(c.seq, i as u64 + 1);
-            assert_eq!(
-                c.txid,
-                format!("seq-{}", c.seq),
-                "own txid without _dualsync_tx"
-            );
-            assert!(
-                c.at_ms > 1_600_000_000_000,
-                "at_ms is epoch ms: {}",
-                c.at_ms
-            );
+            assert_eq!(c.txid, format!("seq-{}", c.seq), "own txid without _dualsync_tx");
+            assert!(c.at_ms > 1_600_000_000_000, "at_ms is epoch ms: {}", c.at_ms);
         }
         assert_eq!(changes[0].entity, "items");
         assert_eq!(changes[0].key, key(&["acme", "A1"]));
         assert_eq!(changes[0].company.as_deref(), Some("acme"));
-        assert_eq!(
-            changes[2].company.as_deref(),
-            Some("acme"),
-            "delete logs the old company"
-        );
+        assert_eq!(changes[2].company.as_deref(), Some("acme"), "delete logs the old company");
         assert_eq!(changes[0].version.as_deref(), Some("1"));
         assert_eq!(changes[2].version, None);
         assert_eq!(changes[3].entity, "parts");
@@ -1554,8 +1281,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(n, 1);
-        conn.execute("INSERT INTO parts (id, label) VALUES (3, 'd')", [])
-            .unwrap();
+        conn.execute("INSERT INTO parts (id, label) VALUES (3, 'd')", []).unwrap();
         // A failed transaction logs nothing.
         let failed = transaction(&mut conn, "order-8", |tx| {
             tx.execute("INSERT INTO parts (id, label) VALUES (4, 'e')", [])?;
@@ -1572,18 +1298,11 @@ mod tests {
     async fn version_is_the_seq_of_the_latest_change() {
         let fx = fixture();
         let conn = fx.app_conn();
-        conn.execute("INSERT INTO parts (id, label) VALUES (1, 'a')", [])
-            .unwrap();
-        conn.execute("INSERT INTO parts (id, label) VALUES (2, 'b')", [])
-            .unwrap();
-        conn.execute("UPDATE parts SET label = 'c' WHERE id = 1", [])
-            .unwrap();
+        conn.execute("INSERT INTO parts (id, label) VALUES (1, 'a')", []).unwrap();
+        conn.execute("INSERT INTO parts (id, label) VALUES (2, 'b')", []).unwrap();
+        conn.execute("UPDATE parts SET label = 'c' WHERE id = 1", []).unwrap();
         let changes = fx.changes().await;
-        let read = fx
-            .app
-            .read(&parts(), &[key(&["1"]), key(&["2"])])
-            .await
-            .unwrap();
+        let read = fx.app.read(&parts(), &[key(&["1"]), key(&["2"])]).await.unwrap();
         assert_eq!(read[0].as_ref().unwrap().version, "3");
         assert_eq!(changes[2].version.as_deref(), Some("3"));
         assert_eq!(read[1].as_ref().unwrap().version, "2");
@@ -1594,31 +1313,19 @@ mod tests {
     async fn updating_only_the_version_is_not_logged() {
         let fx = fixture();
         let conn = fx.app_conn();
-        conn.execute("INSERT INTO parts (id, label) VALUES (1, 'a')", [])
-            .unwrap();
-        conn.execute("UPDATE parts SET _ds_version = 99 WHERE id = 1", [])
-            .unwrap();
+        conn.execute("INSERT INTO parts (id, label) VALUES (1, 'a')", []).unwrap();
+        conn.execute("UPDATE parts SET _ds_version = 99 WHERE id = 1", []).unwrap();
         assert_eq!(fx.changes().await.len(), 1);
-        assert_eq!(
-            count(&conn, "SELECT _ds_version FROM parts WHERE id = 1"),
-            99
-        );
+        assert_eq!(count(&conn, "SELECT _ds_version FROM parts WHERE id = 1"), 99);
         // Even with recursive triggers on, the version update inside the triggers is not logged.
-        conn.execute_batch("PRAGMA recursive_triggers = ON")
-            .unwrap();
-        conn.execute("UPDATE parts SET label = 'b' WHERE id = 1", [])
-            .unwrap();
-        conn.execute("INSERT INTO parts (id, label) VALUES (2, 'a')", [])
-            .unwrap();
+        conn.execute_batch("PRAGMA recursive_triggers = ON").unwrap();
+        conn.execute("UPDATE parts SET label = 'b' WHERE id = 1", []).unwrap();
+        conn.execute("INSERT INTO parts (id, label) VALUES (2, 'a')", []).unwrap();
         let changes = fx.changes().await;
         assert_eq!(changes.len(), 3);
-        assert_eq!(
-            count(&conn, "SELECT _ds_version FROM parts WHERE id = 1"),
-            2
-        );
+        assert_eq!(count(&conn, "SELECT _ds_version FROM parts WHERE id = 1"), 2);
         // A no-op update of a real column is still a change.
-        conn.execute("UPDATE parts SET label = label WHERE id = 1", [])
-            .unwrap();
+        conn.execute("UPDATE parts SET label = label WHERE id = 1", []).unwrap();
         assert_eq!(fx.changes().await.len(), 4);
     }
 
@@ -1626,24 +1333,13 @@ mod tests {
     async fn key_change_logs_delete_of_old_key_then_upsert() {
         let fx = fixture();
         let conn = fx.app_conn();
-        conn.execute("INSERT INTO parts (id, label) VALUES (1, 'a')", [])
-            .unwrap();
-        conn.execute("UPDATE parts SET id = 5 WHERE id = 1", [])
-            .unwrap();
+        conn.execute("INSERT INTO parts (id, label) VALUES (1, 'a')", []).unwrap();
+        conn.execute("UPDATE parts SET id = 5 WHERE id = 1", []).unwrap();
         let changes = fx.changes().await;
         assert_eq!(changes.len(), 3);
-        assert_eq!(
-            (changes[1].op, &changes[1].key),
-            (Operation::Delete, &key(&["1"]))
-        );
-        assert_eq!(
-            (changes[2].op, &changes[2].key),
-            (Operation::Upsert, &key(&["5"]))
-        );
-        assert_eq!(
-            changes[1].txid, changes[2].txid,
-            "one statement, one transaction"
-        );
+        assert_eq!((changes[1].op, &changes[1].key), (Operation::Delete, &key(&["1"])));
+        assert_eq!((changes[2].op, &changes[2].key), (Operation::Upsert, &key(&["5"])));
+        assert_eq!(changes[1].txid, changes[2].txid, "one statement, one transaction");
         let read = fx.app.read(&parts(), &[key(&["5"])]).await.unwrap();
         assert_eq!(read[0].as_ref().unwrap().version, "3");
     }
@@ -1652,13 +1348,8 @@ mod tests {
     async fn install_capture_is_idempotent() {
         let fx = fixture();
         let conn = fx.app_conn();
-        conn.execute("INSERT INTO parts (id, label) VALUES (1, 'a')", [])
-            .unwrap();
-        let spec = CaptureSpec {
-            entity: "parts".into(),
-            key_fields: vec!["id".into()],
-            company_field: None,
-        };
+        conn.execute("INSERT INTO parts (id, label) VALUES (1, 'a')", []).unwrap();
+        let spec = CaptureSpec { entity: "parts".into(), key_fields: vec!["id".into()], company_field: None };
         let triggers = "SELECT group_concat(rowid || ':' || sql, ';') FROM sqlite_schema \
                         WHERE type = 'trigger' ORDER BY rowid";
         let before: String = conn.query_row(triggers, [], |r| r.get(0)).unwrap();
@@ -1666,20 +1357,10 @@ mod tests {
         fx.app.install_capture(&[spec]).unwrap();
         let after: String = conn.query_row(triggers, [], |r| r.get(0)).unwrap();
         assert_eq!(before, after, "the triggers were kept, not recreated");
-        assert_eq!(
-            count(
-                &conn,
-                "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger'"
-            ),
-            6
-        );
-        conn.execute("INSERT INTO parts (id, label) VALUES (2, 'b')", [])
-            .unwrap();
+        assert_eq!(count(&conn, "SELECT count(*) FROM sqlite_schema WHERE type = 'trigger'"), 6);
+        conn.execute("INSERT INTO parts (id, label) VALUES (2, 'b')", []).unwrap();
         assert_eq!(fx.changes().await.len(), 2);
-        assert_eq!(
-            count(&conn, "SELECT _ds_version FROM parts WHERE id = 2"),
-            2
-        );
+        assert_eq!(count(&conn, "SELECT _ds_version FROM parts WHERE id = 2"), 2);
         // A new company field recreates the triggers.
         fx.app
             .install_capture(&[CaptureSpec {
@@ -1690,8 +1371,7 @@ mod tests {
             .unwrap();
         let recreated: String = conn.query_row(triggers, [], |r| r.get(0)).unwrap();
         assert_ne!(after, recreated);
-        conn.execute("INSERT INTO parts (id, label) VALUES (3, 'c')", [])
-            .unwrap();
+        conn.execute("INSERT INTO parts (id, label) VALUES (3, 'c')", []).unwrap();
         assert_eq!(fx.changes().await[2].company.as_deref(), Some("c"));
         assert_eq!(fx.changes().await.len(), 3);
     }
@@ -1706,31 +1386,17 @@ mod tests {
             [],
         )
         .unwrap();
-        conn.execute("INSERT INTO parts (id, label) VALUES (42, 'p')", [])
-            .unwrap();
+        conn.execute("INSERT INTO parts (id, label) VALUES (42, 'p')", []).unwrap();
 
-        let read = fx
-            .app
-            .read(&parts(), &[key(&["7"]), key(&["42"]), key(&["042x"])])
-            .await
-            .unwrap();
+        let read = fx.app.read(&parts(), &[key(&["7"]), key(&["42"]), key(&["042x"])]).await.unwrap();
         assert_eq!(read.len(), 3);
         assert!(read[0].is_none());
-        assert_eq!(
-            read[1].as_ref().unwrap().fields,
-            fields(&[("label", "p".into())])
-        );
+        assert_eq!(read[1].as_ref().unwrap().fields, fields(&[("label", "p".into())]));
         assert!(read[2].is_none());
 
         let mut entity = items();
-        entity
-            .fields
-            .extend(["price".to_string(), "data".to_string()]);
-        let read = fx
-            .app
-            .read(&entity, &[key(&["acme", "7"]), key(&["acme", "007"])])
-            .await
-            .unwrap();
+        entity.fields.extend(["price".to_string(), "data".to_string()]);
+        let read = fx.app.read(&entity, &[key(&["acme", "7"]), key(&["acme", "007"])]).await.unwrap();
         assert!(read[0].is_none(), "a TEXT key column compares as text");
         let record = read[1].as_ref().unwrap();
         assert_eq!(record.fields["code"], Value::from("007"));
@@ -1743,72 +1409,29 @@ mod tests {
     #[tokio::test]
     async fn write_create_only_and_if_match() {
         let fx = fixture();
-        let out = fx
-            .app
-            .write(
-                &items(),
-                &[item_op("A1", "first", 1, Precondition::CreateOnly)],
-            )
-            .await
-            .unwrap();
+        let out = fx.app.write(&items(), &[item_op("A1", "first", 1, Precondition::CreateOnly)]).await.unwrap();
         let v1 = out[0].clone().unwrap();
         assert_eq!(v1, "1");
 
         // Create-only on an existing record.
-        let out = fx
-            .app
-            .write(
-                &items(),
-                &[item_op("A1", "again", 1, Precondition::CreateOnly)],
-            )
-            .await
-            .unwrap();
+        let out = fx.app.write(&items(), &[item_op("A1", "again", 1, Precondition::CreateOnly)]).await.unwrap();
         assert_eq!(out[0], Err(WriteFailure::PreconditionFailed));
 
         // If-Match at the current version.
-        let out = fx
-            .app
-            .write(
-                &items(),
-                &[item_op(
-                    "A1",
-                    "second",
-                    2,
-                    Precondition::IfMatch(v1.clone()),
-                )],
-            )
-            .await
-            .unwrap();
+        let out =
+            fx.app.write(&items(), &[item_op("A1", "second", 2, Precondition::IfMatch(v1.clone()))]).await.unwrap();
         let v2 = out[0].clone().unwrap();
         assert_eq!(v2, "2");
 
         // If-Match at a stale version: nothing changes, nothing is logged.
-        let out = fx
-            .app
-            .write(
-                &items(),
-                &[item_op("A1", "third", 3, Precondition::IfMatch(v1))],
-            )
-            .await
-            .unwrap();
+        let out = fx.app.write(&items(), &[item_op("A1", "third", 3, Precondition::IfMatch(v1))]).await.unwrap();
         assert_eq!(out[0], Err(WriteFailure::PreconditionFailed));
-        let read = fx
-            .app
-            .read(&items(), &[key(&["acme", "A1"])])
-            .await
-            .unwrap();
+        let read = fx.app.read(&items(), &[key(&["acme", "A1"])]).await.unwrap();
         let record = read[0].clone().unwrap();
         assert_eq!(record.fields["name"], Value::from("second"));
         assert_eq!(record.version, v2);
         // If-Match on a missing record.
-        let out = fx
-            .app
-            .write(
-                &items(),
-                &[item_op("B9", "x", 1, Precondition::IfMatch("2".into()))],
-            )
-            .await
-            .unwrap();
+        let out = fx.app.write(&items(), &[item_op("B9", "x", 1, Precondition::IfMatch("2".into()))]).await.unwrap();
         assert_eq!(out[0], Err(WriteFailure::PreconditionFailed));
 
         // The writes were captured (dualsync's echoes), with the versions returned.
@@ -1828,30 +1451,14 @@ mod tests {
         let out = fx.app.write(&parts(), &[op]).await.unwrap();
         assert_eq!(out[0], Ok("1".to_string()));
         let conn = fx.app_conn();
-        assert_eq!(
-            count(
-                &conn,
-                "SELECT typeof(id) = 'integer' AND id = 42 FROM parts"
-            ),
-            1
-        );
-        let out = fx
-            .app
-            .write(
-                &parts(),
-                &[part_op(42, "q".into(), Precondition::IfMatch("1".into()))],
-            )
-            .await
-            .unwrap();
+        assert_eq!(count(&conn, "SELECT typeof(id) = 'integer' AND id = 42 FROM parts"), 1);
+        let out = fx.app.write(&parts(), &[part_op(42, "q".into(), Precondition::IfMatch("1".into()))]).await.unwrap();
         assert_eq!(out[0], Ok("2".to_string()));
         // A key field that disagrees with the key.
         let mut op = part_op(43, "r".into(), Precondition::CreateOnly);
         op.key = key(&["44"]);
         let out = fx.app.write(&parts(), &[op]).await.unwrap();
-        assert!(
-            matches!(&out[0], Err(WriteFailure::Rejected(m)) if m.contains("`id`")),
-            "{out:?}"
-        );
+        assert!(matches!(&out[0], Err(WriteFailure::Rejected(m)) if m.contains("`id`")), "{out:?}");
     }
 
     #[tokio::test]
@@ -1862,22 +1469,15 @@ mod tests {
         op.fields.insert("name".into(), Value::Null);
         op.fields.insert("price".into(), secret.into());
         let out = fx.app.write(&items(), &[op]).await.unwrap();
-        let Err(WriteFailure::Rejected(message)) = &out[0] else {
-            panic!("{out:?}")
-        };
+        let Err(WriteFailure::Rejected(message)) = &out[0] else { panic!("{out:?}") };
         assert!(message.contains("items acme/A1"), "{message}");
         assert!(message.contains("NOT NULL"), "{message}");
         assert!(!message.contains(secret), "{message}");
 
         let op = item_op("A2", secret, -5, Precondition::CreateOnly);
         let out = fx.app.write(&items(), &[op]).await.unwrap();
-        let Err(WriteFailure::Rejected(message)) = &out[0] else {
-            panic!("{out:?}")
-        };
-        assert!(
-            message.contains("CHECK") && !message.contains(secret),
-            "{message}"
-        );
+        let Err(WriteFailure::Rejected(message)) = &out[0] else { panic!("{out:?}") };
+        assert!(message.contains("CHECK") && !message.contains(secret), "{message}");
         assert!(fx.changes().await.is_empty());
     }
 
@@ -1893,11 +1493,7 @@ mod tests {
         assert_eq!(out[0], Ok("1".into()));
         assert!(matches!(out[1], Err(WriteFailure::Rejected(_))));
         assert_eq!(out[2], Ok("2".into()));
-        let read = fx
-            .app
-            .read(&parts(), &[key(&["1"]), key(&["2"]), key(&["3"])])
-            .await
-            .unwrap();
+        let read = fx.app.read(&parts(), &[key(&["1"]), key(&["2"]), key(&["3"])]).await.unwrap();
         assert!(read[0].is_some() && read[1].is_none() && read[2].is_some());
     }
 
@@ -1907,40 +1503,21 @@ mod tests {
         let path = dir.path().join("app.db");
         Connection::open(&path)
             .unwrap()
-            .execute_batch(
-                "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL ON CONFLICT ROLLBACK)",
-            )
+            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL ON CONFLICT ROLLBACK)")
             .unwrap();
         let app = SqliteApp::open("local", &path).unwrap();
-        app.install_capture(&[CaptureSpec {
-            entity: "t".into(),
-            key_fields: vec!["id".into()],
-            company_field: None,
-        }])
-        .unwrap();
-        let entity = EntitySpec {
-            name: "t".into(),
-            key_fields: vec!["id".into()],
-            fields: vec!["v".into()],
-        };
+        app.install_capture(&[CaptureSpec { entity: "t".into(), key_fields: vec!["id".into()], company_field: None }])
+            .unwrap();
+        let entity = EntitySpec { name: "t".into(), key_fields: vec!["id".into()], fields: vec!["v".into()] };
         let op = |id: i64, v: Value| WriteOp {
             key: key(&[&id.to_string()]),
             fields: fields(&[("v", v)]),
             precondition: Precondition::CreateOnly,
         };
-        let out = app
-            .write(
-                &entity,
-                &[op(1, "a".into()), op(2, Value::Null), op(3, "c".into())],
-            )
-            .await
-            .unwrap();
+        let out = app.write(&entity, &[op(1, "a".into()), op(2, Value::Null), op(3, "c".into())]).await.unwrap();
         assert!(out[0].is_ok() && out[2].is_ok(), "{out:?}");
         assert!(matches!(out[1], Err(WriteFailure::Rejected(_))));
-        let read = app
-            .read(&entity, &[key(&["1"]), key(&["3"])])
-            .await
-            .unwrap();
+        let read = app.read(&entity, &[key(&["1"]), key(&["3"])]).await.unwrap();
         assert!(read.iter().all(Option::is_some));
         assert_eq!(app.changes_after(0, 100).await.unwrap().len(), 2);
     }
@@ -1949,11 +1526,9 @@ mod tests {
     async fn values_round_trip_blob_bool_real_json() {
         let fx = fixture();
         let mut op = item_op("B1", "n", 1, Precondition::CreateOnly);
-        op.fields
-            .insert("data".into(), serde_json::json!([0, 7, 255]));
+        op.fields.insert("data".into(), serde_json::json!([0, 7, 255]));
         op.fields.insert("price".into(), Value::from(9.75));
-        op.fields
-            .insert("name".into(), serde_json::json!({"nested": [1, "x"]}));
+        op.fields.insert("name".into(), serde_json::json!({"nested": [1, "x"]}));
         op.fields.insert("qty".into(), Value::Bool(true));
         let out = fx.app.write(&items(), &[op]).await.unwrap();
         assert!(out[0].is_ok(), "{out:?}");
@@ -1968,9 +1543,7 @@ mod tests {
             .unwrap();
         assert_eq!(types, "blob,real,text,integer");
         let mut entity = items();
-        entity
-            .fields
-            .extend(["price".to_string(), "data".to_string()]);
+        entity.fields.extend(["price".to_string(), "data".to_string()]);
         let read = fx.app.read(&entity, &[key(&["acme", "B1"])]).await.unwrap();
         let record = read[0].as_ref().unwrap();
         assert_eq!(record.fields["data"], serde_json::json!([0, 7, 255]));
@@ -1984,24 +1557,17 @@ mod tests {
         let fx = fixture();
         let ops = [part_op(1, "a".into(), Precondition::CreateOnly)];
         fx.app.write(&parts(), &ops).await.unwrap();
-        fx.app
-            .delete(&parts(), &[key(&["1"]), key(&["77"])])
-            .await
-            .unwrap();
+        fx.app.delete(&parts(), &[key(&["1"]), key(&["77"])]).await.unwrap();
         assert!(fx.app.read(&parts(), &[key(&["1"])]).await.unwrap()[0].is_none());
         let changes = fx.changes().await;
-        assert_eq!(
-            changes.last().map(|c| (c.op, c.key.clone())),
-            Some((Operation::Delete, key(&["1"])))
-        );
+        assert_eq!(changes.last().map(|c| (c.op, c.key.clone())), Some((Operation::Delete, key(&["1"]))));
     }
 
     #[tokio::test]
     async fn list_pages_through_every_record_once_in_key_order() {
         let fx = fixture();
-        let ops: Vec<WriteOp> = (1..=53)
-            .map(|i| part_op(i, format!("p{i}").into(), Precondition::CreateOnly))
-            .collect();
+        let ops: Vec<WriteOp> =
+            (1..=53).map(|i| part_op(i, format!("p{i}").into(), Precondition::CreateOnly)).collect();
         fx.app.write(&parts(), &ops).await.unwrap();
         let mut seen = Vec::new();
         let mut after: Option<String> = None;
@@ -2012,44 +1578,23 @@ mod tests {
             for (k, r) in &page.records {
                 assert_eq!(r.fields["label"], Value::from(format!("p{}", k.0[0])));
             }
-            seen.extend(
-                page.records
-                    .into_iter()
-                    .map(|(k, _)| k.0[0].parse::<i64>().unwrap()),
-            );
+            seen.extend(page.records.into_iter().map(|(k, _)| k.0[0].parse::<i64>().unwrap()));
             match page.next {
                 Some(next) => after = Some(next),
                 None => break,
             }
         }
         assert_eq!(pages, 6);
-        assert_eq!(
-            seen,
-            (1..=53).collect::<Vec<_>>(),
-            "numeric order, each once"
-        );
+        assert_eq!(seen, (1..=53).collect::<Vec<_>>(), "numeric order, each once");
 
         // Composite text keys.
         let conn = fx.app_conn();
         for (c, k) in [("b", "1"), ("a", "2"), ("a", "10"), ("b", "0")] {
-            conn.execute(
-                "INSERT INTO items (company, code, name) VALUES (?1, ?2, 'n')",
-                [c, k],
-            )
-            .unwrap();
+            conn.execute("INSERT INTO items (company, code, name) VALUES (?1, ?2, 'n')", [c, k]).unwrap();
         }
         let first = fx.app.list(&items(), None, 3).await.unwrap();
-        let second = fx
-            .app
-            .list(&items(), first.next.as_deref(), 3)
-            .await
-            .unwrap();
-        let keys: Vec<String> = first
-            .records
-            .iter()
-            .chain(&second.records)
-            .map(|(k, _)| k.display())
-            .collect();
+        let second = fx.app.list(&items(), first.next.as_deref(), 3).await.unwrap();
+        let keys: Vec<String> = first.records.iter().chain(&second.records).map(|(k, _)| k.display()).collect();
         assert_eq!(keys, ["a/10", "a/2", "b/0", "b/1"]);
         assert!(second.next.is_none());
         assert!(fx.app.list(&items(), Some("garbage"), 3).await.is_err());
@@ -2058,9 +1603,7 @@ mod tests {
     #[tokio::test]
     async fn changes_after_pages_and_trim() {
         let fx = fixture();
-        let ops: Vec<WriteOp> = (1..=25)
-            .map(|i| part_op(i, "x".into(), Precondition::CreateOnly))
-            .collect();
+        let ops: Vec<WriteOp> = (1..=25).map(|i| part_op(i, "x".into(), Precondition::CreateOnly)).collect();
         fx.app.write(&parts(), &ops).await.unwrap();
         let mut after = 0;
         let mut seqs = Vec::new();
@@ -2079,13 +1622,7 @@ mod tests {
         assert_eq!(rest.first().map(|c| c.seq), Some(21));
         // Seqs are not reused after a trim.
         fx.app.trim_changes(u64::MAX).unwrap();
-        fx.app
-            .write(
-                &parts(),
-                &[part_op(99, "x".into(), Precondition::CreateOnly)],
-            )
-            .await
-            .unwrap();
+        fx.app.write(&parts(), &[part_op(99, "x".into(), Precondition::CreateOnly)]).await.unwrap();
         assert_eq!(fx.app.changes_after(0, 100).await.unwrap()[0].seq, 26);
     }
 
@@ -2095,14 +1632,9 @@ mod tests {
         let mut entity = parts();
         entity.fields.push("colour".into());
         let err = fx.app.read(&entity, &[key(&["1"])]).await.unwrap_err();
-        let ConnectorError::Rejected { app, message } = &err else {
-            panic!("{err:?}")
-        };
+        let ConnectorError::Rejected { app, message } = &err else { panic!("{err:?}") };
         assert_eq!(app, "local");
-        assert!(
-            message.contains("`parts`") && message.contains("`colour`"),
-            "{message}"
-        );
+        assert!(message.contains("`parts`") && message.contains("`colour`"), "{message}");
         assert!(err.to_string().starts_with("local: "), "{err}");
 
         let op = WriteOp {
@@ -2111,16 +1643,12 @@ mod tests {
             precondition: Precondition::CreateOnly,
         };
         let err = fx.app.write(&parts(), &[op]).await.unwrap_err();
-        assert!(
-            matches!(&err, ConnectorError::Rejected { message, .. } if message.contains("`colour`"))
-        );
+        assert!(matches!(&err, ConnectorError::Rejected { message, .. } if message.contains("`colour`")));
 
         let mut entity = parts();
         entity.name = "nope".into();
         let err = fx.app.list(&entity, None, 10).await.unwrap_err();
-        assert!(
-            matches!(&err, ConnectorError::Rejected { message, .. } if message.contains("`nope`"))
-        );
+        assert!(matches!(&err, ConnectorError::Rejected { message, .. } if message.contains("`nope`")));
         let err = fx
             .app
             .install_capture(&[CaptureSpec {
@@ -2129,9 +1657,7 @@ mod tests {
                 company_field: None,
             }])
             .unwrap_err();
-        assert!(
-            matches!(&err, ConnectorError::Rejected { message, .. } if message.contains("`ident`"))
-        );
+        assert!(matches!(&err, ConnectorError::Rejected { message, .. } if message.contains("`ident`")));
     }
 
     #[test]
@@ -2140,10 +1666,7 @@ mod tests {
         assert_eq!(key_text(&ValueRef::Integer(-42)), Some("-42".into()));
         assert_eq!(key_text(&ValueRef::Real(3.0)), Some("3".into()));
         assert_eq!(key_text(&ValueRef::Real(2.5)), Some("2.5".into()));
-        assert_eq!(
-            key_text(&ValueRef::Real(0.1 + 0.2)),
-            Some("0.30000000000000004".into())
-        );
+        assert_eq!(key_text(&ValueRef::Real(0.1 + 0.2)), Some("0.30000000000000004".into()));
         assert_eq!(key_text(&ValueRef::Real(f64::INFINITY)), None);
         assert_eq!(key_text(&ValueRef::Null), None);
     }
@@ -2152,17 +1675,10 @@ mod tests {
     async fn real_keys_match_between_the_log_and_reads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("app.db");
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch("CREATE TABLE r (k REAL PRIMARY KEY, v TEXT)")
-            .unwrap();
+        Connection::open(&path).unwrap().execute_batch("CREATE TABLE r (k REAL PRIMARY KEY, v TEXT)").unwrap();
         let app = SqliteApp::open("local", &path).unwrap();
-        app.install_capture(&[CaptureSpec {
-            entity: "r".into(),
-            key_fields: vec!["k".into()],
-            company_field: None,
-        }])
-        .unwrap();
+        app.install_capture(&[CaptureSpec { entity: "r".into(), key_fields: vec!["k".into()], company_field: None }])
+            .unwrap();
         let conn = Connection::open(&path).unwrap();
         conn.execute(
             "INSERT INTO r (k, v) VALUES (?1, 'a'), (3.0, 'b'), (1e300, 'c'), (0.1, 'd'), \
@@ -2170,32 +1686,16 @@ mod tests {
             [0.1 + 0.2],
         )
         .unwrap();
-        let entity = EntitySpec {
-            name: "r".into(),
-            key_fields: vec!["k".into()],
-            fields: vec!["v".into()],
-        };
+        let entity = EntitySpec { name: "r".into(), key_fields: vec!["k".into()], fields: vec!["v".into()] };
         let changes = app.changes_after(0, 10).await.unwrap();
         let keys: Vec<Key> = changes.into_iter().map(|c| c.key).collect();
-        let listed: Vec<Key> = app
-            .list(&entity, None, 10)
-            .await
-            .unwrap()
-            .records
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        let listed: Vec<Key> = app.list(&entity, None, 10).await.unwrap().records.into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys.len(), 5, "the infinite key is not logged");
         assert_eq!(keys[0], key(&["0.30000000000000004"]));
         assert_eq!(keys[1], key(&["3"]));
         assert_eq!(keys[3], key(&["0.1"]));
         let mut sorted = keys.clone();
-        sorted.sort_by(|a, b| {
-            a.0[0]
-                .parse::<f64>()
-                .unwrap()
-                .total_cmp(&b.0[0].parse().unwrap())
-        });
+        sorted.sort_by(|a, b| a.0[0].parse::<f64>().unwrap().total_cmp(&b.0[0].parse().unwrap()));
         assert_eq!(listed, sorted, "the log's key text is key_text's");
         let read = app.read(&entity, &keys).await.unwrap();
         assert!(read.iter().all(Option::is_some), "{keys:?}");
@@ -2204,10 +1704,7 @@ mod tests {
     #[test]
     fn busy_is_transient() {
         let busy = rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_BUSY), None);
-        assert!(matches!(
-            op_failure("t", &key(&["1"]), &busy),
-            WriteFailure::Transient { .. }
-        ));
+        assert!(matches!(op_failure("t", &key(&["1"]), &busy), WriteFailure::Transient { .. }));
         let notnull = rusqlite::Error::SqliteFailure(
             ffi::Error::new(ffi::SQLITE_CONSTRAINT_NOTNULL),
             Some("NOT NULL constraint failed: t.v".into()),
@@ -2240,11 +1737,7 @@ mod tests {
             company_field: None,
         }])
         .unwrap();
-        let entity = EntitySpec {
-            name,
-            key_fields: vec!["the key".into()],
-            fields: vec!["it's".into()],
-        };
+        let entity = EntitySpec { name, key_fields: vec!["the key".into()], fields: vec!["it's".into()] };
         let op = WriteOp {
             key: key(&["k1"]),
             fields: fields(&[("it's", "v".into())]),
@@ -2253,13 +1746,7 @@ mod tests {
         assert_eq!(app.write(&entity, &[op]).await.unwrap()[0], Ok("1".into()));
         let changes = app.changes_after(0, 10).await.unwrap();
         assert_eq!(changes[0].entity, entity.name);
-        assert_eq!(
-            app.read(&entity, &[key(&["k1"])]).await.unwrap()[0]
-                .as_ref()
-                .unwrap()
-                .fields["it's"],
-            "v"
-        );
+        assert_eq!(app.read(&entity, &[key(&["k1"])]).await.unwrap()[0].as_ref().unwrap().fields["it's"], "v");
     }
 
     /// Prints the time of a 500-key read and 500-op writes (no timed assertion).
@@ -2284,11 +1771,7 @@ mod tests {
         let entity = EntitySpec {
             name: "customers".into(),
             key_fields: vec!["id".into()],
-            fields: [
-                "id", "company", "name", "email", "city", "balance", "active",
-            ]
-            .map(String::from)
-            .to_vec(),
+            fields: ["id", "company", "name", "email", "city", "balance", "active"].map(String::from).to_vec(),
         };
         let record = |i: i64, n: i64| {
             fields(&[

@@ -92,9 +92,7 @@ pub struct EmbeddedDb {
 
 impl std::fmt::Debug for EmbeddedDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedDb")
-            .field("location", &self.location)
-            .finish_non_exhaustive()
+        f.debug_struct("EmbeddedDb").field("location", &self.location).finish_non_exhaustive()
     }
 }
 
@@ -118,8 +116,7 @@ impl EmbeddedDb {
         let setup = || -> rusqlite::Result<()> {
             conn.busy_timeout(BUSY_TIMEOUT)?;
             // In memory the answer is "memory": there is no file to make durable.
-            let _mode: String =
-                conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+            let _mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
             // See the module comment: durable against a killed process.
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "temp_store", "MEMORY")?;
@@ -134,11 +131,7 @@ impl EmbeddedDb {
             Ok(())
         };
         setup().map_err(|e| open_error(&location, e))?;
-        Ok(EmbeddedDb {
-            conn: Arc::new(Mutex::new(conn)),
-            clock,
-            location: location.into(),
-        })
+        Ok(EmbeddedDb { conn: Arc::new(Mutex::new(conn)), clock, location: location.into() })
     }
 
     /// The key-value table.
@@ -184,22 +177,13 @@ mod tests {
         let path = dir.path().join("state.db");
         let clock = Arc::new(ManualClock::new(0));
         let db = EmbeddedDb::open(&path, clock.clone()).expect("first open");
-        let mode: String = db
-            .lock()
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .expect("mode");
+        let mode: String = db.lock().pragma_query_value(None, "journal_mode", |r| r.get(0)).expect("mode");
         assert_eq!(mode, "wal");
-        let sync: i64 = db
-            .lock()
-            .pragma_query_value(None, "synchronous", |r| r.get(0))
-            .expect("sync");
+        let sync: i64 = db.lock().pragma_query_value(None, "synchronous", |r| r.get(0)).expect("sync");
         assert_eq!(sync, 1, "synchronous=NORMAL");
         drop(db);
         let again = EmbeddedDb::open(&path, clock).expect("second open");
-        let version: i64 = again
-            .lock()
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .expect("version");
+        let version: i64 = again.lock().pragma_query_value(None, "user_version", |r| r.get(0)).expect("version");
         assert_eq!(version, SCHEMA_VERSION);
     }
 
@@ -208,9 +192,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("no").join("such").join("state.db");
         let err = EmbeddedDb::open(&path, Arc::new(ManualClock::new(0))).expect_err("must fail");
-        assert!(
-            matches!(err, KvError::Unavailable(ref m) if m.contains("state.db")),
-            "{err}"
-        );
+        assert!(matches!(err, KvError::Unavailable(ref m) if m.contains("state.db")), "{err}");
     }
 }

@@ -34,11 +34,7 @@ fn unavailable(e: rusqlite::Error) -> KvError {
 }
 
 fn corrupt(pk: &str, sk: &str, reason: impl std::fmt::Display) -> KvError {
-    KvError::Corrupt {
-        pk: pk.to_string(),
-        sk: sk.to_string(),
-        reason: reason.to_string(),
-    }
+    KvError::Corrupt { pk: pk.to_string(), sk: sk.to_string(), reason: reason.to_string() }
 }
 
 fn live(expires_at: Option<i64>, now: i64) -> bool {
@@ -55,38 +51,21 @@ struct RawItem {
 
 impl RawItem {
     fn into_item(self, pk: &str) -> Result<Item, KvError> {
-        let rev = u64::try_from(self.rev)
-            .map_err(|_| corrupt(pk, &self.sk, format!("negative revision {}", self.rev)))?;
-        let body: Value = serde_json::from_str(&self.body)
-            .map_err(|e| corrupt(pk, &self.sk, format!("body is not JSON: {e}")))?;
-        Ok(Item {
-            pk: pk.to_string(),
-            sk: self.sk,
-            rev,
-            body,
-            expires_at: self.expires_at,
-        })
+        let rev =
+            u64::try_from(self.rev).map_err(|_| corrupt(pk, &self.sk, format!("negative revision {}", self.rev)))?;
+        let body: Value =
+            serde_json::from_str(&self.body).map_err(|e| corrupt(pk, &self.sk, format!("body is not JSON: {e}")))?;
+        Ok(Item { pk: pk.to_string(), sk: self.sk, rev, body, expires_at: self.expires_at })
     }
 }
 
 /// The live item at `(pk, sk)`, if any.
-fn get_in(
-    conn: &rusqlite::Connection,
-    pk: &str,
-    sk: &str,
-    now: i64,
-) -> Result<Option<Item>, KvError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT rev, body, expires_at FROM kv WHERE pk = ?1 AND sk = ?2")
-        .map_err(unavailable)?;
+fn get_in(conn: &rusqlite::Connection, pk: &str, sk: &str, now: i64) -> Result<Option<Item>, KvError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT rev, body, expires_at FROM kv WHERE pk = ?1 AND sk = ?2").map_err(unavailable)?;
     let raw = stmt
         .query_row(params![pk, sk], |r| {
-            Ok(RawItem {
-                sk: sk.to_string(),
-                rev: r.get(0)?,
-                body: r.get(1)?,
-                expires_at: r.get(2)?,
-            })
+            Ok(RawItem { sk: sk.to_string(), rev: r.get(0)?, body: r.get(1)?, expires_at: r.get(2)? })
         })
         .optional()
         .map_err(unavailable)?;
@@ -97,15 +76,9 @@ fn get_in(
 }
 
 /// The stored revision of `(pk, sk)` and whether it is live: `None` if there is no row.
-fn current_rev(
-    tx: &Transaction<'_>,
-    pk: &str,
-    sk: &str,
-    now: i64,
-) -> Result<Option<(i64, bool)>, KvError> {
-    let mut stmt = tx
-        .prepare_cached("SELECT rev, expires_at FROM kv WHERE pk = ?1 AND sk = ?2")
-        .map_err(unavailable)?;
+fn current_rev(tx: &Transaction<'_>, pk: &str, sk: &str, now: i64) -> Result<Option<(i64, bool)>, KvError> {
+    let mut stmt =
+        tx.prepare_cached("SELECT rev, expires_at FROM kv WHERE pk = ?1 AND sk = ?2").map_err(unavailable)?;
     stmt.query_row(params![pk, sk], |r| {
         let expires_at: Option<i64> = r.get(1)?;
         Ok((r.get::<_, i64>(0)?, live(expires_at, now)))
@@ -127,10 +100,7 @@ fn holds(expect: Expect, current: Option<(i64, bool)>) -> bool {
 fn put_in(tx: &Transaction<'_>, put: &Put, now: i64) -> Result<Result<u64, KvError>, KvError> {
     let current = current_rev(tx, &put.pk, &put.sk, now)?;
     if !holds(put.expect, current) {
-        return Ok(Err(KvError::ConditionFailed {
-            pk: put.pk.clone(),
-            sk: put.sk.clone(),
-        }));
+        return Ok(Err(KvError::ConditionFailed { pk: put.pk.clone(), sk: put.sk.clone() }));
     }
     // The revision keeps counting across an expiry (the row is still there): a writer holding a
     // revision read before the item expired can never match the item written after.
@@ -143,8 +113,7 @@ fn put_in(tx: &Transaction<'_>, put: &Put, now: i64) -> Result<Result<u64, KvErr
                 rev = excluded.rev, body = excluded.body, expires_at = excluded.expires_at",
         )
         .map_err(unavailable)?;
-    stmt.execute(params![put.pk, put.sk, rev, body, put.expires_at])
-        .map_err(unavailable)?;
+    stmt.execute(params![put.pk, put.sk, rev, body, put.expires_at]).map_err(unavailable)?;
     // `rev` started at 1 and only grows, so it is positive.
     Ok(Ok(rev as u64))
 }
@@ -176,13 +145,8 @@ impl KvStore for EmbeddedKv {
         let now = self.db.now_ms();
         let mut conn = self.db.lock();
         // One read transaction: a consistent snapshot, and one lock for all the reads.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Deferred)
-            .map_err(unavailable)?;
-        let out = keys
-            .iter()
-            .map(|(pk, sk)| get_in(&tx, pk, sk, now))
-            .collect::<Result<Vec<_>, _>>()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(unavailable)?;
+        let out = keys.iter().map(|(pk, sk)| get_in(&tx, pk, sk, now)).collect::<Result<Vec<_>, _>>()?;
         tx.commit().map_err(unavailable)?;
         Ok(out)
     }
@@ -190,9 +154,7 @@ impl KvStore for EmbeddedKv {
     async fn put(&self, put: Put) -> Result<u64, KvError> {
         let now = self.db.now_ms();
         let mut conn = self.db.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(unavailable)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
         let rev = put_in(&tx, &put, now)?;
         tx.commit().map_err(unavailable)?;
         rev
@@ -203,13 +165,8 @@ impl KvStore for EmbeddedKv {
         let mut conn = self.db.lock();
         // One transaction (one commit) for the batch; each put still has its own condition, and
         // a failed condition only fails that put.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(unavailable)?;
-        let out = puts
-            .iter()
-            .map(|put| put_in(&tx, put, now))
-            .collect::<Result<Vec<_>, _>>()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
+        let out = puts.iter().map(|put| put_in(&tx, put, now)).collect::<Result<Vec<_>, _>>()?;
         tx.commit().map_err(unavailable)?;
         Ok(out)
     }
@@ -217,33 +174,20 @@ impl KvStore for EmbeddedKv {
     async fn delete(&self, pk: &str, sk: &str, expect: Expect) -> Result<(), KvError> {
         let now = self.db.now_ms();
         let mut conn = self.db.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(unavailable)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
         let current = current_rev(&tx, pk, sk, now)?;
         if !holds(expect, current) {
-            return Err(KvError::ConditionFailed {
-                pk: pk.to_string(),
-                sk: sk.to_string(),
-            });
+            return Err(KvError::ConditionFailed { pk: pk.to_string(), sk: sk.to_string() });
         }
         if current.is_some() {
-            let mut stmt = tx
-                .prepare_cached("DELETE FROM kv WHERE pk = ?1 AND sk = ?2")
-                .map_err(unavailable)?;
+            let mut stmt = tx.prepare_cached("DELETE FROM kv WHERE pk = ?1 AND sk = ?2").map_err(unavailable)?;
             stmt.execute(params![pk, sk]).map_err(unavailable)?;
         }
         tx.commit().map_err(unavailable)
     }
 
     /// `limit` 0 is taken as 1, so that a page always makes progress.
-    async fn query(
-        &self,
-        pk: &str,
-        range: &SkRange,
-        limit: usize,
-        after: Option<&str>,
-    ) -> Result<Page<Item>, KvError> {
+    async fn query(&self, pk: &str, range: &SkRange, limit: usize, after: Option<&str>) -> Result<Page<Item>, KvError> {
         let now = self.db.now_ms();
         let limit = limit.max(1);
         // Lower bound (inclusive): the larger of the prefix and `from`.
@@ -253,11 +197,7 @@ impl KvStore for EmbeddedKv {
         };
         // Upper bound (exclusive): the smaller of the end of the prefix and `to`.
         let upper = match (prefix_end(&range.prefix), &range.to) {
-            (Some(end), Some(to)) => Some(if to.as_str() < end.as_str() {
-                to.clone()
-            } else {
-                end
-            }),
+            (Some(end), Some(to)) => Some(if to.as_str() < end.as_str() { to.clone() } else { end }),
             (end, to) => end.or_else(|| to.clone()),
         };
         let mut sql = String::from(
@@ -293,11 +233,7 @@ impl KvStore for EmbeddedKv {
             };
             items.push(raw.into_item(pk)?);
         }
-        let next = if more {
-            items.last().map(|i: &Item| i.sk.clone())
-        } else {
-            None
-        };
+        let next = if more { items.last().map(|i: &Item| i.sk.clone()) } else { None };
         Ok(Page { items, next })
     }
 }
@@ -316,13 +252,7 @@ mod tests {
     }
 
     fn put(pk: &str, sk: &str, body: Value, expect: Expect) -> Put {
-        Put {
-            pk: pk.into(),
-            sk: sk.into(),
-            body,
-            expires_at: None,
-            expect,
-        }
+        Put { pk: pk.into(), sk: sk.into(), body, expires_at: None, expect }
     }
 
     fn is_condition_failed<T: std::fmt::Debug>(r: &Result<T, KvError>) -> bool {
@@ -332,48 +262,16 @@ mod tests {
     #[tokio::test]
     async fn conditional_puts_bump_the_revision() {
         let (kv, _) = setup();
-        assert_eq!(
-            kv.put(put("p", "s", json!(1), Expect::Absent))
-                .await
-                .expect("create"),
-            1
-        );
-        assert!(is_condition_failed(
-            &kv.put(put("p", "s", json!(2), Expect::Absent)).await
-        ));
-        assert_eq!(
-            kv.put(put("p", "s", json!(3), Expect::Rev(1)))
-                .await
-                .expect("rev 1"),
-            2
-        );
-        assert!(
-            is_condition_failed(&kv.put(put("p", "s", json!(4), Expect::Rev(1))).await),
-            "stale rev"
-        );
-        assert_eq!(
-            kv.put(put("p", "s", json!(5), Expect::Any))
-                .await
-                .expect("any"),
-            3
-        );
-        assert!(
-            is_condition_failed(&kv.put(put("p", "other", json!(6), Expect::Rev(1))).await),
-            "rev on missing"
-        );
-        assert_eq!(
-            kv.put(put("p", "new", json!(7), Expect::Any))
-                .await
-                .expect("any on missing"),
-            1
-        );
+        assert_eq!(kv.put(put("p", "s", json!(1), Expect::Absent)).await.expect("create"), 1);
+        assert!(is_condition_failed(&kv.put(put("p", "s", json!(2), Expect::Absent)).await));
+        assert_eq!(kv.put(put("p", "s", json!(3), Expect::Rev(1))).await.expect("rev 1"), 2);
+        assert!(is_condition_failed(&kv.put(put("p", "s", json!(4), Expect::Rev(1))).await), "stale rev");
+        assert_eq!(kv.put(put("p", "s", json!(5), Expect::Any)).await.expect("any"), 3);
+        assert!(is_condition_failed(&kv.put(put("p", "other", json!(6), Expect::Rev(1))).await), "rev on missing");
+        assert_eq!(kv.put(put("p", "new", json!(7), Expect::Any)).await.expect("any on missing"), 1);
 
         let item = kv.get("p", "s").await.expect("get").expect("present");
-        assert_eq!(
-            (item.rev, item.body),
-            (3, json!(5)),
-            "failed puts wrote nothing"
-        );
+        assert_eq!((item.rev, item.body), (3, json!(5)), "failed puts wrote nothing");
         assert_eq!(kv.get("p", "other").await.expect("get"), None);
     }
 
@@ -384,52 +282,20 @@ mod tests {
         let mut p = put("p", "ttl", json!({"a": 1}), Expect::Absent);
         p.expires_at = Some(now + 100);
         assert_eq!(kv.put(p).await.expect("put"), 1);
-        assert_eq!(
-            kv.get("p", "ttl").await.expect("get").map(|i| i.expires_at),
-            Some(Some(now + 100))
-        );
+        assert_eq!(kv.get("p", "ttl").await.expect("get").map(|i| i.expires_at), Some(Some(now + 100)));
 
         clock.advance(99);
-        assert!(
-            kv.get("p", "ttl").await.expect("get").is_some(),
-            "still live 1 ms before expiry"
-        );
+        assert!(kv.get("p", "ttl").await.expect("get").is_some(), "still live 1 ms before expiry");
         clock.advance(1);
-        assert_eq!(
-            kv.get("p", "ttl").await.expect("get"),
-            None,
-            "expires_at <= now reads absent"
-        );
-        assert!(
-            is_condition_failed(&kv.put(put("p", "ttl", json!(0), Expect::Rev(1))).await),
-            "expired is not live"
-        );
-        let page = kv
-            .query("p", &SkRange::default(), 10, None)
-            .await
-            .expect("query");
+        assert_eq!(kv.get("p", "ttl").await.expect("get"), None, "expires_at <= now reads absent");
+        assert!(is_condition_failed(&kv.put(put("p", "ttl", json!(0), Expect::Rev(1))).await), "expired is not live");
+        let page = kv.query("p", &SkRange::default(), 10, None).await.expect("query");
         assert!(page.items.is_empty(), "query skips expired items");
-        assert_eq!(
-            kv.get_many(&[("p".into(), "ttl".into())])
-                .await
-                .expect("get_many"),
-            vec![None]
-        );
+        assert_eq!(kv.get_many(&[("p".into(), "ttl".into())]).await.expect("get_many"), vec![None]);
 
         // Absent passes on an expired item; the revision keeps counting.
-        assert_eq!(
-            kv.put(put("p", "ttl", json!(2), Expect::Absent))
-                .await
-                .expect("recreate"),
-            2
-        );
-        assert_eq!(
-            kv.get("p", "ttl")
-                .await
-                .expect("get")
-                .map(|i| (i.rev, i.expires_at)),
-            Some((2, None))
-        );
+        assert_eq!(kv.put(put("p", "ttl", json!(2), Expect::Absent)).await.expect("recreate"), 2);
+        assert_eq!(kv.get("p", "ttl").await.expect("get").map(|i| (i.rev, i.expires_at)), Some((2, None)));
     }
 
     #[tokio::test]
@@ -444,86 +310,49 @@ mod tests {
         clock.advance(10);
         assert_eq!(kv.purge_expired().expect("purge"), 1);
         assert_eq!(kv.purge_expired().expect("purge again"), 0);
-        let sks: Vec<String> = kv
-            .query("p", &SkRange::default(), 10, None)
-            .await
-            .expect("q")
-            .items
-            .into_iter()
-            .map(|i| i.sk)
-            .collect();
+        let sks: Vec<String> =
+            kv.query("p", &SkRange::default(), 10, None).await.expect("q").items.into_iter().map(|i| i.sk).collect();
         assert_eq!(sks, ["b", "c"]);
     }
 
     #[tokio::test]
     async fn delete_honours_its_condition() {
         let (kv, clock) = setup();
-        kv.put(put("p", "s", json!(1), Expect::Absent))
-            .await
-            .expect("put");
-        assert!(is_condition_failed(
-            &kv.delete("p", "s", Expect::Rev(2)).await
-        ));
-        assert!(is_condition_failed(
-            &kv.delete("p", "s", Expect::Absent).await
-        ));
-        kv.delete("p", "s", Expect::Rev(1))
-            .await
-            .expect("delete rev 1");
+        kv.put(put("p", "s", json!(1), Expect::Absent)).await.expect("put");
+        assert!(is_condition_failed(&kv.delete("p", "s", Expect::Rev(2)).await));
+        assert!(is_condition_failed(&kv.delete("p", "s", Expect::Absent).await));
+        kv.delete("p", "s", Expect::Rev(1)).await.expect("delete rev 1");
         assert_eq!(kv.get("p", "s").await.expect("get"), None);
-        kv.delete("p", "s", Expect::Any)
-            .await
-            .expect("delete missing is fine");
-        kv.delete("p", "s", Expect::Absent)
-            .await
-            .expect("absent holds");
-        assert!(is_condition_failed(
-            &kv.delete("p", "s", Expect::Rev(1)).await
-        ));
+        kv.delete("p", "s", Expect::Any).await.expect("delete missing is fine");
+        kv.delete("p", "s", Expect::Absent).await.expect("absent holds");
+        assert!(is_condition_failed(&kv.delete("p", "s", Expect::Rev(1)).await));
 
         let mut p = put("p", "ttl", json!(1), Expect::Any);
         p.expires_at = Some(clock.now_ms());
         kv.put(p).await.expect("put expired");
-        kv.delete("p", "ttl", Expect::Absent)
-            .await
-            .expect("expired counts as absent");
-        assert_eq!(
-            kv.put(put("p", "ttl", json!(1), Expect::Absent))
-                .await
-                .expect("fresh"),
-            1,
-            "row is gone"
-        );
+        kv.delete("p", "ttl", Expect::Absent).await.expect("expired counts as absent");
+        assert_eq!(kv.put(put("p", "ttl", json!(1), Expect::Absent)).await.expect("fresh"), 1, "row is gone");
     }
 
     #[tokio::test]
     async fn get_many_answers_in_key_order() {
         let (kv, _) = setup();
-        kv.put(put("p", "b", json!("b"), Expect::Any))
-            .await
-            .expect("put");
-        kv.put(put("q", "a", json!("qa"), Expect::Any))
-            .await
-            .expect("put");
+        kv.put(put("p", "b", json!("b"), Expect::Any)).await.expect("put");
+        kv.put(put("q", "a", json!("qa"), Expect::Any)).await.expect("put");
         let keys: Vec<(String, String)> = [("q", "a"), ("p", "zz"), ("p", "b"), ("q", "a")]
             .iter()
             .map(|(p, s)| (p.to_string(), s.to_string()))
             .collect();
         let got = kv.get_many(&keys).await.expect("get_many");
         let bodies: Vec<Option<Value>> = got.into_iter().map(|i| i.map(|i| i.body)).collect();
-        assert_eq!(
-            bodies,
-            vec![Some(json!("qa")), None, Some(json!("b")), Some(json!("qa"))]
-        );
+        assert_eq!(bodies, vec![Some(json!("qa")), None, Some(json!("b")), Some(json!("qa"))]);
         assert!(kv.get_many(&[]).await.expect("empty").is_empty());
     }
 
     #[tokio::test]
     async fn put_many_checks_each_condition_on_its_own() {
         let (kv, _) = setup();
-        kv.put(put("p", "exists", json!(0), Expect::Any))
-            .await
-            .expect("put");
+        kv.put(put("p", "exists", json!(0), Expect::Any)).await.expect("put");
         let out = kv
             .put_many(vec![
                 put("p", "new", json!(1), Expect::Absent),
@@ -537,29 +366,16 @@ mod tests {
         assert_eq!(out[0].as_ref().ok(), Some(&1));
         assert!(is_condition_failed(&out[1]));
         assert_eq!(out[2].as_ref().ok(), Some(&2));
-        assert_eq!(
-            out[3].as_ref().ok(),
-            Some(&2),
-            "sees the earlier put of the same batch"
-        );
-        assert_eq!(
-            kv.get("p", "exists").await.expect("get").map(|i| i.body),
-            Some(json!(3))
-        );
-        assert_eq!(
-            kv.get("p", "new").await.expect("get").map(|i| i.body),
-            Some(json!(4))
-        );
+        assert_eq!(out[3].as_ref().ok(), Some(&2), "sees the earlier put of the same batch");
+        assert_eq!(kv.get("p", "exists").await.expect("get").map(|i| i.body), Some(json!(3)));
+        assert_eq!(kv.get("p", "new").await.expect("get").map(|i| i.body), Some(json!(4)));
     }
 
     async fn all_pages(kv: &EmbeddedKv, pk: &str, range: &SkRange, limit: usize) -> Vec<String> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         for _ in 0..1_000 {
-            let page = kv
-                .query(pk, range, limit, after.as_deref())
-                .await
-                .expect("query");
+            let page = kv.query(pk, range, limit, after.as_deref()).await.expect("query");
             assert!(page.items.len() <= limit.max(1));
             out.extend(page.items.into_iter().map(|i| i.sk));
             match page.next {
@@ -573,94 +389,43 @@ mod tests {
     #[tokio::test]
     async fn query_prefix_range_and_paging() {
         let (kv, _) = setup();
-        let sks = [
-            "",
-            "a",
-            "a/1",
-            "a/2",
-            "a/3",
-            "a/30",
-            "a/4",
-            "a0",
-            "b/1",
-            "a/\u{10FFFF}",
-        ];
+        let sks = ["", "a", "a/1", "a/2", "a/3", "a/30", "a/4", "a0", "b/1", "a/\u{10FFFF}"];
         for sk in sks {
-            kv.put(put("p", sk, json!(sk), Expect::Any))
-                .await
-                .expect("put");
+            kv.put(put("p", sk, json!(sk), Expect::Any)).await.expect("put");
         }
-        kv.put(put("other", "a/1", json!(0), Expect::Any))
-            .await
-            .expect("put");
+        kv.put(put("other", "a/1", json!(0), Expect::Any)).await.expect("put");
 
-        let prefix = SkRange {
-            prefix: "a/".into(),
-            from: None,
-            to: None,
-        };
+        let prefix = SkRange { prefix: "a/".into(), from: None, to: None };
         let want = ["a/1", "a/2", "a/3", "a/30", "a/4", "a/\u{10FFFF}"];
         for limit in [1, 2, 4, 6, 100] {
-            assert_eq!(
-                all_pages(&kv, "p", &prefix, limit).await,
-                want,
-                "limit {limit}"
-            );
+            assert_eq!(all_pages(&kv, "p", &prefix, limit).await, want, "limit {limit}");
         }
         let page = kv.query("p", &prefix, 6, None).await.expect("q");
         assert_eq!(page.next, None, "exactly `limit` left: no next page");
         let page = kv.query("p", &prefix, 2, None).await.expect("q");
         assert_eq!(page.next.as_deref(), Some("a/2"));
 
-        let bounded = SkRange {
-            prefix: "a/".into(),
-            from: Some("a/2".into()),
-            to: Some("a/4".into()),
-        };
-        assert_eq!(
-            all_pages(&kv, "p", &bounded, 1).await,
-            ["a/2", "a/3", "a/30"]
-        );
-        let from_below = SkRange {
-            prefix: "a/".into(),
-            from: Some("0".into()),
-            to: Some("zzz".into()),
-        };
+        let bounded = SkRange { prefix: "a/".into(), from: Some("a/2".into()), to: Some("a/4".into()) };
+        assert_eq!(all_pages(&kv, "p", &bounded, 1).await, ["a/2", "a/3", "a/30"]);
+        let from_below = SkRange { prefix: "a/".into(), from: Some("0".into()), to: Some("zzz".into()) };
         assert_eq!(all_pages(&kv, "p", &from_below, 3).await, want);
         let all = all_pages(&kv, "p", &SkRange::default(), 3).await;
         let mut sorted: Vec<String> = sks.iter().map(|s| s.to_string()).collect();
         sorted.sort();
-        assert_eq!(
-            all, sorted,
-            "the empty sort key is included and order is bytewise"
-        );
+        assert_eq!(all, sorted, "the empty sort key is included and order is bytewise");
         let after_mid = kv.query("p", &prefix, 10, Some("a/25")).await.expect("q");
-        assert_eq!(
-            after_mid.items.first().map(|i| i.sk.as_str()),
-            Some("a/3"),
-            "after need not exist"
-        );
+        assert_eq!(after_mid.items.first().map(|i| i.sk.as_str()), Some("a/3"), "after need not exist");
     }
 
     #[tokio::test]
     async fn paging_is_stable_while_items_are_added_before_the_cursor() {
         let (kv, _) = setup();
         for i in 0..10 {
-            kv.put(put("p", &format!("k{i:02}"), json!(i), Expect::Any))
-                .await
-                .expect("put");
+            kv.put(put("p", &format!("k{i:02}"), json!(i), Expect::Any)).await.expect("put");
         }
-        let first = kv
-            .query("p", &SkRange::default(), 5, None)
-            .await
-            .expect("q");
-        kv.put(put("p", "k00a", json!("late"), Expect::Any))
-            .await
-            .expect("put before cursor");
-        let second = kv
-            .query("p", &SkRange::default(), 5, first.next.as_deref())
-            .await
-            .expect("q");
+        let first = kv.query("p", &SkRange::default(), 5, None).await.expect("q");
+        kv.put(put("p", "k00a", json!("late"), Expect::Any)).await.expect("put before cursor");
+        let second = kv.query("p", &SkRange::default(), 5, first.next.as_deref()).await.expect("q");
         let sks: Vec<&str> = second.items.iter().map(|i| i.sk.as_str()).collect();
         assert_eq!(sks, ["k05", "k06", "k07", "k08", "k09"]);
         assert_eq!(second.next, None);
@@ -672,11 +437,7 @@ mod tests {
         assert_eq!(prefix_end("a/").as_deref(), Some("a0"));
         assert_eq!(prefix_end("a\u{10FFFF}").as_deref(), Some("b"));
         assert_eq!(prefix_end("\u{10FFFF}"), None);
-        assert_eq!(
-            prefix_end("x\u{D7FF}").as_deref(),
-            Some("x\u{E000}"),
-            "skips surrogates"
-        );
+        assert_eq!(prefix_end("x\u{D7FF}").as_deref(), Some("x\u{E000}"), "skips surrogates");
     }
 
     #[tokio::test]
@@ -688,25 +449,11 @@ mod tests {
             .execute("INSERT INTO kv (pk, sk, rev, body, expires_at) VALUES ('p', 's', 1, '{not json', NULL)", [])
             .expect("raw insert");
         let err = kv.get("p", "s").await.expect_err("corrupt");
-        assert!(
-            matches!(&err, KvError::Corrupt { pk, sk, .. } if pk == "p" && sk == "s"),
-            "{err}"
-        );
-        assert!(matches!(
-            kv.query("p", &SkRange::default(), 10, None).await,
-            Err(KvError::Corrupt { .. })
-        ));
-        assert!(matches!(
-            kv.get_many(&[("p".into(), "s".into())]).await,
-            Err(KvError::Corrupt { .. })
-        ));
+        assert!(matches!(&err, KvError::Corrupt { pk, sk, .. } if pk == "p" && sk == "s"), "{err}");
+        assert!(matches!(kv.query("p", &SkRange::default(), 10, None).await, Err(KvError::Corrupt { .. })));
+        assert!(matches!(kv.get_many(&[("p".into(), "s".into())]).await, Err(KvError::Corrupt { .. })));
         // It can still be overwritten.
-        assert_eq!(
-            kv.put(put("p", "s", json!(1), Expect::Rev(1)))
-                .await
-                .expect("overwrite"),
-            2
-        );
+        assert_eq!(kv.put(put("p", "s", json!(1), Expect::Rev(1))).await.expect("overwrite"), 2);
     }
 
     #[tokio::test]
@@ -716,12 +463,8 @@ mod tests {
         let clock = Arc::new(ManualClock::new(0));
         {
             let kv = EmbeddedDb::open(&path, clock.clone()).expect("open").kv();
-            kv.put(put("p", "s", json!({"x": [1, 2]}), Expect::Absent))
-                .await
-                .expect("put");
-            kv.put(put("p", "s", json!({"x": [3]}), Expect::Rev(1)))
-                .await
-                .expect("put");
+            kv.put(put("p", "s", json!({"x": [1, 2]}), Expect::Absent)).await.expect("put");
+            kv.put(put("p", "s", json!({"x": [3]}), Expect::Rev(1))).await.expect("put");
         }
         let kv = EmbeddedDb::open(&path, clock).expect("reopen").kv();
         let item = kv.get("p", "s").await.expect("get").expect("present");

@@ -134,11 +134,7 @@ fn parse_receipt(receipt: &str) -> Option<(i64, i64)> {
 
 impl EmbeddedQueue {
     pub(crate) fn new(db: EmbeddedDb, config: QueueConfig) -> Self {
-        EmbeddedQueue {
-            db,
-            config,
-            next_dedup_purge: AtomicI64::new(i64::MIN),
-        }
+        EmbeddedQueue { db, config, next_dedup_purge: AtomicI64::new(i64::MIN) }
     }
 
     pub fn config(&self) -> &QueueConfig {
@@ -146,43 +142,28 @@ impl EmbeddedQueue {
     }
 
     fn unavailable(&self, e: rusqlite::Error) -> QueueError {
-        QueueError::Unavailable {
-            queue: self.config.name.clone(),
-            reason: format!("state database: {e}"),
-        }
+        QueueError::Unavailable { queue: self.config.name.clone(), reason: format!("state database: {e}") }
     }
 
     /// How many messages are visible and how many invisible.
     pub fn depth(&self) -> Result<QueueDepth, QueueError> {
         let now = self.db.now_ms();
         let conn = self.db.lock();
-        let mut stmt = conn
-            .prepare_cached(SQL_DEPTH)
-            .map_err(|e| self.unavailable(e))?;
+        let mut stmt = conn.prepare_cached(SQL_DEPTH).map_err(|e| self.unavailable(e))?;
         let (fresh, back, invisible) = stmt
             .query_row(params![self.config.name, now], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             })
             .map_err(|e| self.unavailable(e))?;
-        Ok(QueueDepth {
-            visible: (fresh + back).max(0) as u64,
-            in_flight: invisible.max(0) as u64,
-        })
+        Ok(QueueDepth { visible: (fresh + back).max(0) as u64, in_flight: invisible.max(0) as u64 })
     }
 
     /// True when the queue holds no message, visible or not. Unlike [`Self::depth`], which
     /// counts, this is constant time.
     pub fn is_empty(&self) -> Result<bool, QueueError> {
         let conn = self.db.lock();
-        let mut stmt = conn
-            .prepare_cached(SQL_IS_EMPTY)
-            .map_err(|e| self.unavailable(e))?;
-        stmt.query_row([&self.config.name], |r| r.get(0))
-            .map_err(|e| self.unavailable(e))
+        let mut stmt = conn.prepare_cached(SQL_IS_EMPTY).map_err(|e| self.unavailable(e))?;
+        stmt.query_row([&self.config.name], |r| r.get(0)).map_err(|e| self.unavailable(e))
     }
 
     /// Every message of the queue in id order, visible or not, without receiving any.
@@ -206,81 +187,46 @@ impl EmbeddedQueue {
                 })
             })
             .map_err(|e| self.unavailable(e))?;
-        rows.collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.unavailable(e))
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.unavailable(e))
     }
 
     fn begin<'c>(&self, conn: &'c mut rusqlite::Connection) -> Result<Transaction<'c>, QueueError> {
-        conn.transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.unavailable(e))
+        conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.unavailable(e))
     }
 
     /// Whether `group` has an invisible message: on a FIFO queue, none of its messages may go
     /// out then. One probe of the index `queue_touched_group`.
-    fn group_blocked(
-        &self,
-        tx: &Transaction<'_>,
-        group: Option<&str>,
-        now: i64,
-    ) -> Result<bool, QueueError> {
-        let mut stmt = tx
-            .prepare_cached(SQL_GROUP_BLOCKED)
-            .map_err(|e| self.unavailable(e))?;
-        stmt.query_row(params![self.config.name, group, now], |r| r.get(0))
-            .map_err(|e| self.unavailable(e))
+    fn group_blocked(&self, tx: &Transaction<'_>, group: Option<&str>, now: i64) -> Result<bool, QueueError> {
+        let mut stmt = tx.prepare_cached(SQL_GROUP_BLOCKED).map_err(|e| self.unavailable(e))?;
+        stmt.query_row(params![self.config.name, group, now], |r| r.get(0)).map_err(|e| self.unavailable(e))
     }
 
     /// Touched rows that are visible again, in id order.
-    fn visible_again(
-        &self,
-        tx: &Transaction<'_>,
-        now: i64,
-        limit: i64,
-    ) -> Result<Vec<Candidate>, QueueError> {
-        let mut stmt = tx
-            .prepare_cached(SQL_VISIBLE_AGAIN)
-            .map_err(|e| self.unavailable(e))?;
+    fn visible_again(&self, tx: &Transaction<'_>, now: i64, limit: i64) -> Result<Vec<Candidate>, QueueError> {
+        let mut stmt = tx.prepare_cached(SQL_VISIBLE_AGAIN).map_err(|e| self.unavailable(e))?;
         let rows = stmt
             .query_map(params![self.config.name, now, limit], |r| {
-                Ok(Candidate {
-                    id: r.get(0)?,
-                    group: r.get(1)?,
-                    receive_count: r.get(2)?,
-                })
+                Ok(Candidate { id: r.get(0)?, group: r.get(1)?, receive_count: r.get(2)? })
             })
             .map_err(|e| self.unavailable(e))?;
-        rows.collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.unavailable(e))
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.unavailable(e))
     }
 
     /// Picks what to hand out and what to dead-letter, reading fresh rows lazily so that a
     /// receive stops as soon as it has `max` messages.
-    fn pick(
-        &self,
-        tx: &Transaction<'_>,
-        now: i64,
-        max: usize,
-    ) -> Result<(Vec<Candidate>, Vec<Candidate>), QueueError> {
+    fn pick(&self, tx: &Transaction<'_>, now: i64, max: usize) -> Result<(Vec<Candidate>, Vec<Candidate>), QueueError> {
         let fifo = self.config.fifo;
         // FIFO: whether each group seen so far is blocked (asked once per group and receive).
         let mut blocked: HashMap<Option<String>, bool> = HashMap::new();
         // A standard queue needs no more than `max` rows from each side; a FIFO queue may have
         // to skip rows of blocked groups, so it reads on until it has enough.
-        let limit = if fifo {
-            -1
-        } else {
-            i64::try_from(max).unwrap_or(i64::MAX)
-        };
+        let limit = if fifo { -1 } else { i64::try_from(max).unwrap_or(i64::MAX) };
         let mut again = self.visible_again(tx, now, limit)?.into_iter().peekable();
         let dead_lettering = self.config.dead_letter.is_some() && self.config.max_receive_count > 0;
         let max_count = i64::from(self.config.max_receive_count);
 
-        let mut stmt = tx
-            .prepare_cached(SQL_FRESH)
-            .map_err(|e| self.unavailable(e))?;
-        let mut fresh_rows = stmt
-            .query(params![self.config.name, limit])
-            .map_err(|e| self.unavailable(e))?;
+        let mut stmt = tx.prepare_cached(SQL_FRESH).map_err(|e| self.unavailable(e))?;
+        let mut fresh_rows = stmt.query(params![self.config.name, limit]).map_err(|e| self.unavailable(e))?;
         let mut next_fresh = || -> Result<Option<Candidate>, QueueError> {
             match fresh_rows.next().map_err(|e| self.unavailable(e))? {
                 None => Ok(None),
@@ -303,11 +249,7 @@ impl EmbeddedQueue {
                 (None, Some(_)) => false,
                 (None, None) => break,
             };
-            let candidate = if take_again {
-                again.next()
-            } else {
-                std::mem::replace(&mut fresh, next_fresh()?)
-            };
+            let candidate = if take_again { again.next() } else { std::mem::replace(&mut fresh, next_fresh()?) };
             let Some(c) = candidate else { break };
             if fifo {
                 let is_blocked = match blocked.get(&c.group) {
@@ -341,12 +283,10 @@ impl EmbeddedQueue {
                  SELECT ?1, grp, body, sent_at, NULL, 0 FROM queue_messages WHERE id = ?2",
             )
             .map_err(|e| self.unavailable(e))?;
-        let mut delete = tx
-            .prepare_cached("DELETE FROM queue_messages WHERE id = ?1")
-            .map_err(|e| self.unavailable(e))?;
+        let mut delete =
+            tx.prepare_cached("DELETE FROM queue_messages WHERE id = ?1").map_err(|e| self.unavailable(e))?;
         for c in dead {
-            copy.execute(params![dlq, c.id])
-                .map_err(|e| self.unavailable(e))?;
+            copy.execute(params![dlq, c.id]).map_err(|e| self.unavailable(e))?;
             delete.execute([c.id]).map_err(|e| self.unavailable(e))?;
             tracing::warn!(
                 queue = %self.config.name,
@@ -367,11 +307,9 @@ impl EmbeddedQueue {
         let mut stmt = tx
             .prepare_cached("DELETE FROM queue_dedup WHERE queue = ?1 AND expires_at <= ?2")
             .map_err(|e| self.unavailable(e))?;
-        stmt.execute(params![self.config.name, now])
-            .map_err(|e| self.unavailable(e))?;
+        stmt.execute(params![self.config.name, now]).map_err(|e| self.unavailable(e))?;
         let every = millis(self.config.dedup_window).clamp(1_000, 60_000);
-        self.next_dedup_purge
-            .store(now.saturating_add(every), Ordering::Relaxed);
+        self.next_dedup_purge.store(now.saturating_add(every), Ordering::Relaxed);
         Ok(())
     }
 }
@@ -387,14 +325,8 @@ impl Queue for EmbeddedQueue {
     }
 
     async fn send(&self, msgs: Vec<OutMessage>) -> Result<(), QueueError> {
-        if let Some(big) = msgs
-            .iter()
-            .find(|m| m.body.len() > self.config.max_body_bytes)
-        {
-            return Err(QueueError::TooLarge {
-                queue: self.config.name.clone(),
-                bytes: big.body.len(),
-            });
+        if let Some(big) = msgs.iter().find(|m| m.body.len() > self.config.max_body_bytes) {
+            return Err(QueueError::TooLarge { queue: self.config.name.clone(), bytes: big.body.len() });
         }
         if msgs.is_empty() {
             return Ok(());
@@ -433,9 +365,7 @@ impl Queue for EmbeddedQueue {
                         continue;
                     }
                 }
-                insert
-                    .execute(params![self.config.name, m.group, m.body, now])
-                    .map_err(|e| self.unavailable(e))?;
+                insert.execute(params![self.config.name, m.group, m.body, now]).map_err(|e| self.unavailable(e))?;
             }
             if self.config.fifo {
                 self.purge_dedup(&tx, now)?;
@@ -462,16 +392,11 @@ impl Queue for EmbeddedQueue {
                      WHERE id = ?2",
                 )
                 .map_err(|e| self.unavailable(e))?;
-            let mut read_body = tx
-                .prepare_cached("SELECT body FROM queue_messages WHERE id = ?1")
-                .map_err(|e| self.unavailable(e))?;
+            let mut read_body =
+                tx.prepare_cached("SELECT body FROM queue_messages WHERE id = ?1").map_err(|e| self.unavailable(e))?;
             for c in chosen {
-                let body: String = read_body
-                    .query_row([c.id], |r| r.get(0))
-                    .map_err(|e| self.unavailable(e))?;
-                update
-                    .execute(params![invisible_until, c.id])
-                    .map_err(|e| self.unavailable(e))?;
+                let body: String = read_body.query_row([c.id], |r| r.get(0)).map_err(|e| self.unavailable(e))?;
+                update.execute(params![invisible_until, c.id]).map_err(|e| self.unavailable(e))?;
                 let count = c.receive_count.saturating_add(1);
                 out.push(InMessage {
                     id: c.id.to_string(),
@@ -508,9 +433,7 @@ impl Queue for EmbeddedQueue {
                     );
                     continue;
                 };
-                delete
-                    .execute(params![id, self.config.name, count])
-                    .map_err(|e| self.unavailable(e))?;
+                delete.execute(params![id, self.config.name, count]).map_err(|e| self.unavailable(e))?;
             }
         }
         tx.commit().map_err(|e| self.unavailable(e))
@@ -534,8 +457,7 @@ impl Queue for EmbeddedQueue {
                  WHERE id = ?2 AND queue = ?3 AND receive_count = ?4",
             )
             .map_err(|e| self.unavailable(e))?;
-        stmt.execute(params![visible_at, id, self.config.name, count])
-            .map_err(|e| self.unavailable(e))?;
+        stmt.execute(params![visible_at, id, self.config.name, count]).map_err(|e| self.unavailable(e))?;
         Ok(())
     }
 }
@@ -550,10 +472,7 @@ mod tests {
 
     fn db() -> (EmbeddedDb, ManualClock) {
         let clock = ManualClock::new(1_000_000);
-        (
-            EmbeddedDb::open_in_memory(Arc::new(clock.clone())).expect("open"),
-            clock,
-        )
+        (EmbeddedDb::open_in_memory(Arc::new(clock.clone())).expect("open"), clock)
     }
 
     fn config(name: &str, fifo: bool) -> QueueConfig {
@@ -563,18 +482,12 @@ mod tests {
     }
 
     fn std_msgs(bodies: &[&str]) -> Vec<OutMessage> {
-        bodies
-            .iter()
-            .map(|b| OutMessage::standard(b.to_string()))
-            .collect()
+        bodies.iter().map(|b| OutMessage::standard(b.to_string())).collect()
     }
 
     /// FIFO messages "<group><n>": the group is the first letter, the dedup id the body.
     fn fifo_msgs(bodies: &[&str]) -> Vec<OutMessage> {
-        bodies
-            .iter()
-            .map(|b| OutMessage::fifo(b.to_string(), b[..1].to_string(), b.to_string()))
-            .collect()
+        bodies.iter().map(|b| OutMessage::fifo(b.to_string(), b[..1].to_string(), b.to_string())).collect()
     }
 
     fn bodies(msgs: &[InMessage]) -> Vec<&str> {
@@ -590,38 +503,17 @@ mod tests {
         let (db, clock) = db();
         let q = db.queue(config("q", false));
         q.send(std_msgs(&["m1", "m2"])).await.expect("send");
-        assert_eq!(
-            q.depth().expect("depth"),
-            QueueDepth {
-                visible: 2,
-                in_flight: 0
-            }
-        );
+        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 2, in_flight: 0 });
 
         let first = q.receive(10).await.expect("receive");
         assert_eq!(bodies(&first), ["m1", "m2"]);
         assert!(first.iter().all(|m| m.receive_count == 1));
-        assert_eq!(
-            q.depth().expect("depth"),
-            QueueDepth {
-                visible: 0,
-                in_flight: 2
-            }
-        );
-        assert!(
-            q.receive(10).await.expect("receive").is_empty(),
-            "invisible while in flight"
-        );
-        assert!(
-            !q.is_empty().expect("is_empty"),
-            "in-flight messages are held"
-        );
+        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 0, in_flight: 2 });
+        assert!(q.receive(10).await.expect("receive").is_empty(), "invisible while in flight");
+        assert!(!q.is_empty().expect("is_empty"), "in-flight messages are held");
 
         clock.advance(millis(VIS) - 1);
-        assert!(
-            q.receive(10).await.expect("receive").is_empty(),
-            "1 ms before the timeout"
-        );
+        assert!(q.receive(10).await.expect("receive").is_empty(), "1 ms before the timeout");
         clock.advance(1);
         let again = q.receive(10).await.expect("receive");
         assert_eq!(bodies(&again), ["m1", "m2"]);
@@ -633,19 +525,14 @@ mod tests {
         assert_eq!(q.depth().expect("depth"), QueueDepth::default());
         assert!(q.is_empty().expect("is_empty"));
         clock.advance(millis(VIS) * 2);
-        assert!(
-            q.receive(10).await.expect("receive").is_empty(),
-            "acked messages are gone"
-        );
+        assert!(q.receive(10).await.expect("receive").is_empty(), "acked messages are gone");
     }
 
     #[tokio::test]
     async fn receive_respects_max_and_id_order() {
         let (db, _) = db();
         let q = db.queue(config("q", false));
-        q.send(std_msgs(&["1", "2", "3", "4", "5"]))
-            .await
-            .expect("send");
+        q.send(std_msgs(&["1", "2", "3", "4", "5"])).await.expect("send");
         assert!(q.receive(0).await.expect("receive 0").is_empty());
         assert_eq!(bodies(&q.receive(2).await.expect("receive")), ["1", "2"]);
         assert_eq!(bodies(&q.receive(2).await.expect("receive")), ["3", "4"]);
@@ -658,19 +545,10 @@ mod tests {
         let q = db.queue(config("q", false));
         q.send(std_msgs(&["1", "2", "3"])).await.expect("send");
         let got = q.receive(1).await.expect("receive");
-        q.release(&got[0].receipt, Duration::ZERO)
-            .await
-            .expect("release");
+        q.release(&got[0].receipt, Duration::ZERO).await.expect("release");
         let again = q.receive(10).await.expect("receive");
-        assert_eq!(
-            bodies(&again),
-            ["1", "2", "3"],
-            "a touched row merges back in id order"
-        );
-        assert_eq!(
-            again.iter().map(|m| m.receive_count).collect::<Vec<_>>(),
-            [2, 1, 1]
-        );
+        assert_eq!(bodies(&again), ["1", "2", "3"], "a touched row merges back in id order");
+        assert_eq!(again.iter().map(|m| m.receive_count).collect::<Vec<_>>(), [2, 1, 1]);
     }
 
     #[tokio::test]
@@ -683,23 +561,10 @@ mod tests {
         let new = q.receive(1).await.expect("receive").remove(0);
         assert_eq!(new.receive_count, 2);
 
-        q.ack(std::slice::from_ref(&old.receipt))
-            .await
-            .expect("stale ack");
-        q.release(&old.receipt, Duration::ZERO)
-            .await
-            .expect("stale release");
-        q.ack(&["garbage".to_string(), "1.x".to_string()])
-            .await
-            .expect("malformed ack is ignored");
-        assert_eq!(
-            q.depth().expect("depth"),
-            QueueDepth {
-                visible: 0,
-                in_flight: 1
-            },
-            "still in flight"
-        );
+        q.ack(std::slice::from_ref(&old.receipt)).await.expect("stale ack");
+        q.release(&old.receipt, Duration::ZERO).await.expect("stale release");
+        q.ack(&["garbage".to_string(), "1.x".to_string()]).await.expect("malformed ack is ignored");
+        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 0, in_flight: 1 }, "still in flight");
         assert!(q.receive(1).await.expect("receive").is_empty());
 
         q.ack(&[new.receipt]).await.expect("ack");
@@ -713,9 +578,7 @@ mod tests {
         let b = db.queue(config("b", false));
         a.send(std_msgs(&["x"])).await.expect("send");
         let got = a.receive(1).await.expect("receive");
-        b.ack(&receipts(&got))
-            .await
-            .expect("ack on the wrong queue");
+        b.ack(&receipts(&got)).await.expect("ack on the wrong queue");
         assert_eq!(a.depth().expect("depth").in_flight, 1);
         assert_eq!(b.depth().expect("depth"), QueueDepth::default());
     }
@@ -726,54 +589,30 @@ mod tests {
         let q = db.queue(config("q", false));
         q.send(std_msgs(&["m"])).await.expect("send");
         let m = q.receive(1).await.expect("receive").remove(0);
-        q.release(&m.receipt, Duration::from_secs(5))
-            .await
-            .expect("release");
-        assert_eq!(
-            q.depth().expect("depth"),
-            QueueDepth {
-                visible: 0,
-                in_flight: 1
-            }
-        );
+        q.release(&m.receipt, Duration::from_secs(5)).await.expect("release");
+        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 0, in_flight: 1 });
         clock.advance(4_999);
         assert!(q.receive(1).await.expect("receive").is_empty());
         clock.advance(1);
         let again = q.receive(1).await.expect("receive");
-        assert_eq!(
-            again[0].receive_count, 2,
-            "count raised by the receive, not the release"
-        );
+        assert_eq!(again[0].receive_count, 2, "count raised by the receive, not the release");
     }
 
     #[tokio::test]
     async fn fifo_hands_out_groups_in_order_and_locks_them() {
         let (db, _) = db();
         let q = db.queue(config("q.fifo", true));
-        q.send(fifo_msgs(&["a1", "a2", "b1", "a3", "b2", "c1"]))
-            .await
-            .expect("send");
+        q.send(fifo_msgs(&["a1", "a2", "b1", "a3", "b2", "c1"])).await.expect("send");
 
         let a1 = q.receive(1).await.expect("receive");
         assert_eq!(bodies(&a1), ["a1"]);
         let more = q.receive(10).await.expect("receive");
-        assert_eq!(
-            bodies(&more),
-            ["b1", "b2", "c1"],
-            "group b and c flow while a is in flight"
-        );
-        assert!(
-            q.receive(10).await.expect("receive").is_empty(),
-            "every group is in flight"
-        );
+        assert_eq!(bodies(&more), ["b1", "b2", "c1"], "group b and c flow while a is in flight");
+        assert!(q.receive(10).await.expect("receive").is_empty(), "every group is in flight");
 
         q.ack(&receipts(&a1)).await.expect("ack a1");
         let rest_a = q.receive(10).await.expect("receive");
-        assert_eq!(
-            bodies(&rest_a),
-            ["a2", "a3"],
-            "several of one group in one receive, in order"
-        );
+        assert_eq!(bodies(&rest_a), ["a2", "a3"], "several of one group in one receive, in order");
         assert_eq!(rest_a[0].group.as_deref(), Some("a"));
     }
 
@@ -785,10 +624,7 @@ mod tests {
         let got = q.receive(2).await.expect("receive");
         assert_eq!(bodies(&got), ["a1", "a2"]);
         q.ack(&receipts(&got[..1])).await.expect("ack a1 only");
-        assert!(
-            q.receive(10).await.expect("receive").is_empty(),
-            "a2 in flight blocks a3"
-        );
+        assert!(q.receive(10).await.expect("receive").is_empty(), "a2 in flight blocks a3");
     }
 
     #[tokio::test]
@@ -797,14 +633,8 @@ mod tests {
         let q = db.queue(config("q.fifo", true));
         q.send(fifo_msgs(&["a1", "a2", "b1"])).await.expect("send");
         let a1 = q.receive(1).await.expect("receive").remove(0);
-        q.release(&a1.receipt, Duration::from_secs(10))
-            .await
-            .expect("release");
-        assert_eq!(
-            bodies(&q.receive(10).await.expect("receive")),
-            ["b1"],
-            "a2 must not jump ahead of a1"
-        );
+        q.release(&a1.receipt, Duration::from_secs(10)).await.expect("release");
+        assert_eq!(bodies(&q.receive(10).await.expect("receive")), ["b1"], "a2 must not jump ahead of a1");
         clock.advance(10_000);
         let a = q.receive(10).await.expect("receive");
         assert_eq!(bodies(&a), ["a1", "a2"]);
@@ -842,11 +672,7 @@ mod tests {
         let next = q.receive(1).await.expect("receive");
         assert_eq!(bodies(&next), ["a2"], "a1 in flight does not hold back a2");
         q.send(fifo_msgs(&["a1"])).await.expect("send again");
-        assert_eq!(
-            q.depth().expect("depth").visible,
-            1,
-            "no deduplication on a standard queue"
-        );
+        assert_eq!(q.depth().expect("depth").visible, 1, "no deduplication on a standard queue");
     }
 
     #[tokio::test]
@@ -856,27 +682,15 @@ mod tests {
         cfg.dedup_window = Duration::from_secs(60);
         let q = db.queue(cfg);
         q.send(fifo_msgs(&["a1", "a1"])).await.expect("send");
-        assert_eq!(
-            q.depth().expect("depth").visible,
-            1,
-            "duplicate in the same batch dropped"
-        );
+        assert_eq!(q.depth().expect("depth").visible, 1, "duplicate in the same batch dropped");
         let got = q.receive(1).await.expect("receive");
         q.ack(&receipts(&got)).await.expect("ack");
         clock.advance(59_999);
         q.send(fifo_msgs(&["a1"])).await.expect("send");
-        assert_eq!(
-            q.depth().expect("depth").visible,
-            0,
-            "still within the window, even after the ack"
-        );
+        assert_eq!(q.depth().expect("depth").visible, 0, "still within the window, even after the ack");
         clock.advance(1);
         q.send(fifo_msgs(&["a1"])).await.expect("send");
-        assert_eq!(
-            q.depth().expect("depth").visible,
-            1,
-            "the window has passed"
-        );
+        assert_eq!(q.depth().expect("depth").visible, 1, "the window has passed");
         // Another queue has its own ids.
         let other = db.queue(config("other.fifo", true));
         other.send(fifo_msgs(&["a1"])).await.expect("send");
@@ -900,29 +714,17 @@ mod tests {
             clock.advance(millis(VIS));
         }
         let got = q.receive(10).await.expect("receive");
-        assert!(
-            got.is_empty(),
-            "both went to the dead-letter queue: {got:?}"
-        );
+        assert!(got.is_empty(), "both went to the dead-letter queue: {got:?}");
         assert_eq!(q.depth().expect("depth"), QueueDepth::default());
 
         let dead = dlq.peek_all().expect("peek");
         assert_eq!(
-            dead.iter()
-                .map(|m| (m.body.as_str(), m.group.as_deref(), m.receive_count))
-                .collect::<Vec<_>>(),
+            dead.iter().map(|m| (m.body.as_str(), m.group.as_deref(), m.receive_count)).collect::<Vec<_>>(),
             [("a1", Some("a"), 0), ("a2", Some("a"), 0)]
         );
         let from_dlq = dlq.receive(10).await.expect("receive dlq");
-        assert_eq!(
-            bodies(&from_dlq),
-            ["a1", "a2"],
-            "FIFO order kept in the dead-letter queue"
-        );
-        assert!(
-            from_dlq.iter().all(|m| m.receive_count == 1),
-            "receive count starts over"
-        );
+        assert_eq!(bodies(&from_dlq), ["a1", "a2"], "FIFO order kept in the dead-letter queue");
+        assert!(from_dlq.iter().all(|m| m.receive_count == 1), "receive count starts over");
     }
 
     #[tokio::test]
@@ -937,18 +739,8 @@ mod tests {
         q.send(fifo_msgs(&["a2"])).await.expect("send");
         clock.advance(millis(VIS));
         let got = q.receive(10).await.expect("receive");
-        assert_eq!(
-            bodies(&got),
-            ["a2"],
-            "a1 dead-lettered in the same receive, a2 handed out"
-        );
-        assert_eq!(
-            db.queue(config("dlq", true))
-                .depth()
-                .expect("depth")
-                .visible,
-            1
-        );
+        assert_eq!(bodies(&got), ["a2"], "a1 dead-lettered in the same receive, a2 handed out");
+        assert_eq!(db.queue(config("dlq", true)).depth().expect("depth").visible, 1);
     }
 
     #[tokio::test]
@@ -960,10 +752,7 @@ mod tests {
         q.send(std_msgs(&["m"])).await.expect("send");
         for count in 1..=3 {
             let got = q.receive(1).await.expect("receive");
-            assert_eq!(
-                got.iter().map(|m| m.receive_count).collect::<Vec<_>>(),
-                [count]
-            );
+            assert_eq!(got.iter().map(|m| m.receive_count).collect::<Vec<_>>(), [count]);
             clock.advance(millis(VIS));
         }
     }
@@ -974,14 +763,8 @@ mod tests {
         let mut cfg = config("q", false);
         cfg.max_body_bytes = 4;
         let q = db.queue(cfg);
-        let err = q
-            .send(std_msgs(&["ok", "too long"]))
-            .await
-            .expect_err("too large");
-        assert!(
-            matches!(err, QueueError::TooLarge { bytes: 8, .. }),
-            "{err}"
-        );
+        let err = q.send(std_msgs(&["ok", "too long"])).await.expect_err("too large");
+        assert!(matches!(err, QueueError::TooLarge { bytes: 8, .. }), "{err}");
         assert_eq!(q.depth().expect("depth"), QueueDepth::default());
     }
 
@@ -999,30 +782,14 @@ mod tests {
         };
         let db = EmbeddedDb::open(&path, Arc::new(clock.clone())).expect("reopen");
         let q = db.queue(config("q.fifo", true));
-        assert_eq!(
-            q.depth().expect("depth"),
-            QueueDepth {
-                visible: 2,
-                in_flight: 1
-            }
-        );
-        assert_eq!(
-            bodies(&q.receive(10).await.expect("receive")),
-            ["b1"],
-            "group a still locked"
-        );
-        q.ack(&[receipt])
-            .await
-            .expect("ack with a receipt from before the restart");
+        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 2, in_flight: 1 });
+        assert_eq!(bodies(&q.receive(10).await.expect("receive")), ["b1"], "group a still locked");
+        q.ack(&[receipt]).await.expect("ack with a receipt from before the restart");
         let rest = q.receive(10).await.expect("receive");
         assert_eq!(bodies(&rest), ["a2"]);
         q.send(fifo_msgs(&["c1"])).await.expect("send");
         let ids: Vec<i64> = q.peek_all().expect("peek").iter().map(|m| m.id).collect();
-        assert!(
-            ids.iter()
-                .all(|&id| id > first_id.parse::<i64>().expect("numeric id")),
-            "ids never reused"
-        );
+        assert!(ids.iter().all(|&id| id > first_id.parse::<i64>().expect("numeric id")), "ids never reused");
     }
 
     /// The receive, send and ack queries run off the indexes, not table scans.
@@ -1031,33 +798,19 @@ mod tests {
         let (db, _) = db();
         let conn = db.lock();
         let plan = |sql: &str| -> String {
-            let mut stmt = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .expect("prepare");
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).expect("prepare");
             // Unbound parameters read as NULL, which is fine for a plan.
             let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
-            let rows = stmt
-                .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
-                .expect("plan");
-            rows.collect::<Result<Vec<_>, _>>()
-                .expect("rows")
-                .join(" | ")
+            let rows = stmt.query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3)).expect("plan");
+            rows.collect::<Result<Vec<_>, _>>().expect("rows").join(" | ")
         };
         let fresh = plan(SQL_FRESH);
-        assert!(
-            fresh.contains("USING COVERING INDEX queue_fresh") && !fresh.contains("TEMP B-TREE"),
-            "{fresh}"
-        );
+        assert!(fresh.contains("USING COVERING INDEX queue_fresh") && !fresh.contains("TEMP B-TREE"), "{fresh}");
         let again = plan(SQL_VISIBLE_AGAIN);
-        assert!(
-            again.contains("USING INDEX queue_touched (queue=? AND visible_at"),
-            "{again}"
-        );
+        assert!(again.contains("USING INDEX queue_touched (queue=? AND visible_at"), "{again}");
         let blocked = plan(SQL_GROUP_BLOCKED);
         assert!(
-            blocked.contains(
-                "USING COVERING INDEX queue_touched_group (queue=? AND grp=? AND visible_at>?)"
-            ),
+            blocked.contains("USING COVERING INDEX queue_touched_group (queue=? AND grp=? AND visible_at>?)"),
             "{blocked}"
         );
         for sql in [SQL_DEPTH, SQL_IS_EMPTY] {
@@ -1073,11 +826,8 @@ mod tests {
     async fn timings() {
         use std::time::Instant;
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = EmbeddedDb::open(
-            &dir.path().join("state.db"),
-            Arc::new(crate::ports::clock::SystemClock),
-        )
-        .expect("open");
+        let db =
+            EmbeddedDb::open(&dir.path().join("state.db"), Arc::new(crate::ports::clock::SystemClock)).expect("open");
         for fifo in [false, true] {
             let name = if fifo { "bench.fifo" } else { "bench" };
             let q = db.queue(QueueConfig::new(name, fifo));
@@ -1085,8 +835,7 @@ mod tests {
                 (start..start + 500)
                     .map(|i| {
                         // ~10 messages per group, as a record key would give.
-                        let body =
-                            format!("{{\"job\":\"j\",\"map\":\"m\",\"key\":\"k{i}\",\"seq\":{i}}}");
+                        let body = format!("{{\"job\":\"j\",\"map\":\"m\",\"key\":\"k{i}\",\"seq\":{i}}}");
                         if fifo {
                             OutMessage::fifo(body, format!("g{}", i / 10), format!("d{i}"))
                         } else {
@@ -1139,64 +888,37 @@ mod tests {
         // a receive skips its rows one by one.
         let hot = db.queue(QueueConfig::new("hot.fifo", true));
         for n in 0..200 {
-            let msgs = (0..500)
-                .map(|i| OutMessage::fifo(format!("h{n}.{i}"), "hot".into(), format!("h{n}.{i}")))
-                .collect();
+            let msgs =
+                (0..500).map(|i| OutMessage::fifo(format!("h{n}.{i}"), "hot".into(), format!("h{n}.{i}"))).collect();
             hot.send(msgs).await.expect("fill hot");
         }
-        hot.send(
-            (0..500)
-                .map(|i| OutMessage::fifo(format!("c{i}"), format!("c{i}"), format!("c{i}")))
-                .collect(),
-        )
-        .await
-        .expect("send cold");
+        hot.send((0..500).map(|i| OutMessage::fifo(format!("c{i}"), format!("c{i}"), format!("c{i}"))).collect())
+            .await
+            .expect("send cold");
         assert_eq!(hot.receive(1).await.expect("head").len(), 1);
         let t = Instant::now();
         let got = hot.receive(500).await.expect("receive past the hot group");
-        println!(
-            "[hot.fifo] receive 500 behind 100,000 rows of a locked group: {:?}",
-            t.elapsed()
-        );
+        println!("[hot.fifo] receive 500 behind 100,000 rows of a locked group: {:?}", t.elapsed());
         assert_eq!(got.len(), 500);
 
         // 50,000 messages of distinct groups released with a delay: the blocked-group set is big.
         let delayed = db.queue(QueueConfig::new("delayed.fifo", true));
         for n in 0..100 {
             let msgs = (0..500)
-                .map(|i| {
-                    OutMessage::fifo(
-                        format!("d{n}.{i}"),
-                        format!("d{n}.{i}"),
-                        format!("d{n}.{i}"),
-                    )
-                })
+                .map(|i| OutMessage::fifo(format!("d{n}.{i}"), format!("d{n}.{i}"), format!("d{n}.{i}")))
                 .collect();
             delayed.send(msgs).await.expect("fill delayed");
             for m in delayed.receive(500).await.expect("receive") {
-                delayed
-                    .release(&m.receipt, Duration::from_secs(3_600))
-                    .await
-                    .expect("release");
+                delayed.release(&m.receipt, Duration::from_secs(3_600)).await.expect("release");
             }
         }
         delayed
-            .send(
-                (0..500)
-                    .map(|i| OutMessage::fifo(format!("f{i}"), format!("f{i}"), format!("f{i}")))
-                    .collect(),
-            )
+            .send((0..500).map(|i| OutMessage::fifo(format!("f{i}"), format!("f{i}"), format!("f{i}"))).collect())
             .await
             .expect("send fresh");
         let t = Instant::now();
-        let got = delayed
-            .receive(500)
-            .await
-            .expect("receive with many delayed");
-        println!(
-            "[delayed.fifo] receive 500 with 50,000 delayed messages: {:?}",
-            t.elapsed()
-        );
+        let got = delayed.receive(500).await.expect("receive with many delayed");
+        println!("[delayed.fifo] receive 500 with 50,000 delayed messages: {:?}", t.elapsed());
         assert_eq!(got.len(), 500);
         let t = Instant::now();
         let empty = delayed.is_empty().expect("is_empty");
