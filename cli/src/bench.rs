@@ -98,7 +98,8 @@ pub async fn run(data_dir: &Path, args: BenchArgs) -> Result<()> {
         let mut conn = open(&src)?;
         for start in (0..n).step_by(tx_size) {
             in_transaction(&mut conn, &format!("bench-{start}"), |tx| {
-                let mut ins = tx.prepare_cached("INSERT INTO items VALUES (?1, ?2, ?3, ?4, ?5)")?;
+                let mut ins =
+                    tx.prepare_cached("INSERT INTO items (id, name, qty, price, note) VALUES (?1, ?2, ?3, ?4, ?5)")?;
                 for i in start..(start + tx_size).min(n) {
                     ins.execute(params![
                         i as i64,

@@ -102,8 +102,8 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     })?;
     let (orphan_customer, orphan_order) = (account(900_001), order_number(900_001));
     apps::in_transaction(&mut dv, "dv-orphan-order", |tx| {
-        tx.execute("INSERT INTO salesorders VALUES ('USMF', ?1, ?2, 1)", params![orphan_order, orphan_customer])?;
-        tx.execute("INSERT INTO salesorderdetails VALUES ('USMF', ?1, 1, 'ITEM-0001', 2, 9.5)", params![orphan_order])
+        tx.execute("INSERT INTO salesorders (msdyn_company, ordernumber, msdyn_customeraccount, statuscode) VALUES ('USMF', ?1, ?2, 1)", params![orphan_order, orphan_customer])?;
+        tx.execute("INSERT INTO salesorderdetails (msdyn_company, msdyn_salesordernumber, msdyn_linenumber, msdyn_itemnumber, quantity, priceperunit) VALUES ('USMF', ?1, 1, 'ITEM-0001', 2, 9.5)", params![orphan_order])
             .map(|_| ())
     })?;
     let deleted = n + 7; // a Dataverse-born account with no orders
@@ -137,7 +137,7 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     // 6. Mend the missing references: create the customer, then retry the failed records.
     apps::in_transaction(&mut dv, "dv-mend", |tx| {
         tx.execute(
-            "INSERT INTO accounts VALUES ('USMF', ?1, 'Late customer', 'G01', 1000, 2)",
+            "INSERT INTO accounts (msdyn_company, accountnumber, name, msdyn_customergroupid, creditlimit, customertypecode) VALUES ('USMF', ?1, 'Late customer', 'G01', 1000, 2)",
             params![orphan_customer],
         )
         .map(|_| ())
@@ -275,12 +275,12 @@ fn edit_fno(path: &Path, n: usize, orders: usize) -> Result<()> {
     for o in orders..orders + 200 {
         apps::in_transaction(&mut conn, &format!("fno-order-{o}"), |tx| {
             tx.execute(
-                "INSERT INTO SalesOrderHeadersV2 VALUES (?1, ?2, ?3, 'Backorder')",
+                "INSERT INTO SalesOrderHeadersV2 (dataAreaId, SalesOrderNumber, OrderingCustomerAccountNumber, OrderStatus) VALUES (?1, ?2, ?3, 'Backorder')",
                 params![company(o), order_number(o), account((o * 7) % (n / 2) * 2 + o % 2)],
             )?;
             for l in 1..=5i64 {
                 tx.execute(
-                    "INSERT INTO SalesOrderLines VALUES (?1, ?2, ?3, 'ITEM-0042', ?4, 12.5)",
+                    "INSERT INTO SalesOrderLines (dataAreaId, SalesOrderNumber, LineNumber, ItemNumber, OrderedSalesQuantity, SalesPrice) VALUES (?1, ?2, ?3, 'ITEM-0042', ?4, 12.5)",
                     params![company(o), order_number(o), l, l as f64],
                 )?;
             }
@@ -305,7 +305,7 @@ fn edit_dataverse(path: &Path, n: usize, dv_only: usize) -> Result<()> {
     for i in n + dv_only..n + dv_only + 100 {
         apps::in_transaction(&mut conn, &format!("dv-new-{i}"), |tx| {
             tx.execute(
-                "INSERT INTO accounts VALUES (?1, ?2, ?3, 'G02', 2500, 1)",
+                "INSERT INTO accounts (msdyn_company, accountnumber, name, msdyn_customergroupid, creditlimit, customertypecode) VALUES (?1, ?2, ?3, 'G02', 2500, 1)",
                 params![company(i), account(i), format!("New account {i}")],
             )
             .map(|_| ())

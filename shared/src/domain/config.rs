@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use thiserror::Error;
 
-use super::job::{Job, Mode};
+use super::canon::normalize;
+use super::job::{App, ConnectorSpec, FieldMap, Job, Lookup, Mode, Side, TableMap, ValueMap};
 
 /// The file form of an integration job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,10 +128,286 @@ pub fn load_job_file(path: &Path) -> Result<(JobDef, Job), ConfigErrors> {
 
 /// Parses YAML text into a [`JobDef`]; a syntax or shape error names the path inside the file.
 pub fn parse_job(file: &str, text: &str) -> Result<JobDef, ConfigErrors> {
-    todo!("parse {file} {text}")
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = match e.path().to_string() {
+            p if p == "." || p.is_empty() => "(document)".to_string(),
+            p => p,
+        };
+        ConfigErrors { file: file.to_string(), problems: vec![Problem { path, message: e.into_inner().to_string() }] }
+    })
 }
 
 /// Validates a [`JobDef`] into a [`Job`], collecting every problem.
 pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
-    todo!("compile {file} {def:?}")
+    let mut v = Validator { problems: Vec::new() };
+    v.name("job", &def.job);
+    let apps: Vec<&str> = def.apps.iter().map(|a| a.name.as_str()).collect();
+    if def.apps.len() != 2 {
+        v.push("apps", format!("a job pairs exactly two apps, found {}", def.apps.len()));
+    }
+    for (i, app) in def.apps.iter().enumerate() {
+        let at = format!("apps[{i}]");
+        v.name(&format!("{at}.name"), &app.name);
+        if apps[..i].contains(&app.name.as_str()) {
+            v.push(&format!("{at}.name"), format!("app '{}' is named twice", app.name));
+        }
+        match (app.connector.as_str(), &app.path, &app.url) {
+            ("sqlite", Some(p), None) if !p.is_empty() => {}
+            ("sqlite", _, Some(_)) => v.push(&format!("{at}.url"), "a sqlite app takes a path, not a url".into()),
+            ("sqlite", _, _) => v.push(&format!("{at}.path"), "a sqlite app needs a path to its database file".into()),
+            ("odata", None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {}
+            ("odata", Some(_), _) => v.push(&format!("{at}.path"), "an odata app takes a url, not a path".into()),
+            ("odata", _, _) => v.push(&format!("{at}.url"), "an odata app needs an http(s) url".into()),
+            (other, _, _) => v.push(
+                &format!("{at}.connector"),
+                format!("unknown connector '{other}' (connectors are: sqlite, odata)"),
+            ),
+        }
+    }
+    let app_list = apps.join(", ");
+    let primary = apps.iter().position(|a| *a == def.primary);
+    if primary.is_none() {
+        v.push("primary", format!("primary '{}' is not one of the apps: {app_list}", def.primary));
+    }
+    for (i, c) in def.companies.iter().enumerate() {
+        if c.is_empty() {
+            v.push(&format!("companies[{i}]"), "empty company".into());
+        } else if def.companies[..i].contains(c) {
+            v.push(&format!("companies[{i}]"), format!("company '{c}' is listed twice"));
+        }
+    }
+    if def.table_groups.is_empty() {
+        v.push("table_groups", "a job needs at least one table group".into());
+    }
+
+    // Map names first, so lookups can point at maps defined later in the file.
+    let mut order: Vec<(usize, usize)> = Vec::new(); // (group, map) in delivery order
+    for (g, group) in def.table_groups.iter().enumerate() {
+        let at = format!("table_groups[{g}]");
+        if group.name.is_empty() {
+            v.push(&format!("{at}.name"), "empty table group name".into());
+        } else if def.table_groups[..g].iter().any(|x| x.name == group.name) {
+            v.push(&format!("{at}.name"), format!("table group '{}' is named twice", group.name));
+        }
+        if group.maps.is_empty() {
+            v.push(&format!("{at}.maps"), "a table group needs at least one table map".into());
+        }
+        let mut idx: Vec<usize> = (0..group.maps.len()).collect();
+        idx.sort_by_key(|&m| group.maps[m].sequence);
+        for (n, &m) in idx.iter().enumerate() {
+            let map = &group.maps[m];
+            if n > 0 && group.maps[idx[n - 1]].sequence == map.sequence {
+                v.push(
+                    &format!("{at}.maps[{m}].sequence"),
+                    format!(
+                        "sequence {} is used twice in table group '{}': maps '{}' and '{}'",
+                        map.sequence,
+                        group.name,
+                        group.maps[idx[n - 1]].name,
+                        map.name
+                    ),
+                );
+            }
+            order.push((g, m));
+        }
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for &(g, m) in &order {
+        let map = &def.table_groups[g].maps[m];
+        let at = format!("table_groups[{g}].maps[{m}].name");
+        v.name(&at, &map.name);
+        if names.contains(&map.name.as_str()) {
+            v.push(&at, format!("table map '{}' is named twice", map.name));
+        }
+        names.push(&map.name);
+    }
+
+    let mut maps = Vec::new();
+    for (pos, &(g, m)) in order.iter().enumerate() {
+        let (group, map) = (&def.table_groups[g], &def.table_groups[g].maps[m]);
+        let at = format!("table_groups[{g}].maps[{m}]");
+        let entity = v.pair(&format!("{at}.entities"), &map.entities, &apps, "entity");
+        if map.keys.is_empty() {
+            v.push(&format!("{at}.keys"), "a table map needs at least one integration key field pair".into());
+        }
+        let keys: Vec<[String; 2]> = map
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(k, p)| v.pair(&format!("{at}.keys[{k}]"), p, &apps, "key field"))
+            .collect();
+        let mut fields = Vec::new();
+        for (f, fm) in map.fields.iter().enumerate() {
+            let fat = format!("{at}.fields[{f}]");
+            let names = v.pair(&fat, &fm.names, &apps, "field");
+            let values = fm.values.as_ref().map(|vals| v.value_map(&fat, vals, &apps));
+            fields.push(FieldMap { names, values });
+        }
+        for side in 0..2 {
+            let mut seen: Vec<&str> = Vec::new();
+            let all = keys.iter().map(|k| ("keys", &k[side])).chain(fields.iter().map(|f| ("fields", &f.names[side])));
+            for (what, name) in all {
+                if !name.is_empty() && seen.contains(&name.as_str()) {
+                    let app = apps.get(side).copied().unwrap_or("?");
+                    v.push(&format!("{at}.{what}"), format!("field '{name}' of app '{app}' is mapped twice"));
+                }
+                seen.push(name);
+            }
+        }
+        let company = map.company.as_ref().map(|c| v.pair(&format!("{at}.company"), c, &apps, "company field"));
+        let mut lookups = Vec::new();
+        for (l, lk) in map.lookups.iter().enumerate() {
+            let lat = format!("{at}.lookups[{l}]");
+            let target = order.iter().position(|&(g2, m2)| def.table_groups[g2].maps[m2].name == lk.map);
+            let lfields: Vec<[String; 2]> = lk
+                .fields
+                .iter()
+                .enumerate()
+                .map(|(k, p)| v.pair(&format!("{lat}.fields[{k}]"), p, &apps, "lookup field"))
+                .collect();
+            for (k, lf) in lfields.iter().enumerate() {
+                for side in 0..2 {
+                    let known =
+                        keys.iter().any(|x| x[side] == lf[side]) || fields.iter().any(|x| x.names[side] == lf[side]);
+                    if !lf[side].is_empty() && !known {
+                        v.push(
+                            &format!("{lat}.fields[{k}]"),
+                            format!(
+                                "lookup field '{}' of app '{}' is not a key or mapped field of this map",
+                                lf[side],
+                                apps.get(side).copied().unwrap_or("?")
+                            ),
+                        );
+                    }
+                }
+            }
+            match target {
+                None => v.push(&format!("{lat}.map"), format!("lookup to unknown map '{}'", lk.map)),
+                Some(t) if t == pos => v.push(&format!("{lat}.map"), "a map cannot look up itself".into()),
+                Some(t) if t > pos => {
+                    let (g2, m2) = order[t];
+                    let other = &def.table_groups[g2];
+                    v.push(
+                        &format!("{lat}.map"),
+                        format!(
+                            "lookup to map '{}' which is delivered after this map (group '{}', sequence {}): parents must come first",
+                            lk.map, other.name, other.maps[m2].sequence
+                        ),
+                    );
+                }
+                Some(t) => {
+                    let (g2, m2) = order[t];
+                    let key_len = def.table_groups[g2].maps[m2].keys.len();
+                    if lfields.len() != key_len {
+                        v.push(
+                            &format!("{lat}.fields"),
+                            format!("map '{}' has {key_len} key field(s); the lookup gives {}", lk.map, lfields.len()),
+                        );
+                    }
+                    lookups.push(Lookup { map: t, fields: lfields });
+                }
+            }
+        }
+        maps.push(TableMap {
+            name: map.name.clone(),
+            group: group.name.clone(),
+            group_index: g,
+            sequence: map.sequence,
+            entity,
+            keys,
+            fields,
+            lookups,
+            company,
+            mode: map.mode.unwrap_or(def.mode),
+        });
+    }
+
+    if !v.problems.is_empty() {
+        return Err(ConfigErrors { file: file.to_string(), problems: v.problems });
+    }
+    let app = |i: usize| {
+        let a = &def.apps[i];
+        let connector = match a.connector.as_str() {
+            "odata" => ConnectorSpec::Odata { url: a.url.clone().unwrap_or_default() },
+            _ => ConnectorSpec::Sqlite { path: a.path.clone().unwrap_or_default() },
+        };
+        App { name: a.name.clone(), connector }
+    };
+    Ok(Job {
+        name: def.job.clone(),
+        apps: [app(0), app(1)],
+        primary: if primary == Some(0) { Side::A } else { Side::B },
+        companies: def.companies.clone(),
+        maps,
+    })
+}
+
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn push(&mut self, path: &str, message: String) {
+        self.problems.push(Problem { path: path.to_string(), message });
+    }
+
+    fn name(&mut self, path: &str, name: &str) {
+        if name.is_empty() {
+            self.push(path, "empty name".into());
+        } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            self.push(path, format!("'{name}' may hold only letters, digits, '-' and '_'"));
+        }
+    }
+
+    /// A pair must name both apps and no other; returns [A name, B name] (empty where missing).
+    fn pair(&mut self, path: &str, pair: &PairDef, apps: &[&str], what: &str) -> [String; 2] {
+        for k in pair.keys() {
+            if !apps.contains(&k.as_str()) {
+                self.push(path, format!("unknown app '{k}' (apps are: {})", apps.join(", ")));
+            }
+        }
+        let mut out = [String::new(), String::new()];
+        for (i, app) in apps.iter().take(2).enumerate() {
+            match pair.get(*app) {
+                Some(n) if !n.is_empty() => out[i] = n.clone(),
+                Some(_) => self.push(path, format!("empty {what} name on side '{app}'")),
+                None => self.push(path, format!("{what} missing on side '{app}'")),
+            }
+        }
+        out
+    }
+
+    fn value_map(&mut self, path: &str, values: &[BTreeMap<String, Value>], apps: &[&str]) -> ValueMap {
+        let mut pairs: Vec<(Value, Value)> = Vec::new();
+        for (i, entry) in values.iter().enumerate() {
+            let at = format!("{path}.values[{i}]");
+            for k in entry.keys() {
+                if !apps.contains(&k.as_str()) {
+                    self.push(&at, format!("unknown app '{k}' (apps are: {})", apps.join(", ")));
+                }
+            }
+            let side = |s: usize| apps.get(s).and_then(|a| entry.get(*a)).map(normalize);
+            let (Some(a), Some(b)) = (side(0), side(1)) else {
+                self.push(&at, "a value pair needs a value for both apps".into());
+                continue;
+            };
+            if !(a.is_string() || a.is_number() || a.is_boolean())
+                || !(b.is_string() || b.is_number() || b.is_boolean())
+            {
+                self.push(&at, "values must be strings, numbers or booleans".into());
+                continue;
+            }
+            for (s, val) in [(0, &a), (1, &b)] {
+                if pairs.iter().any(|p| if s == 0 { &p.0 == val } else { &p.1 == val }) {
+                    self.push(
+                        &at,
+                        format!("value {val} of app '{}' appears twice: the map must work both ways", apps[s]),
+                    );
+                }
+            }
+            pairs.push((a, b));
+        }
+        ValueMap { pairs }
+    }
 }
