@@ -232,9 +232,10 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     if m(&metrics.echoes_suppressed) + m(&metrics.in_step) == 0 {
         failed.push("no echo of a delivered write was suppressed".into());
     }
-    let open = rows.iter().filter(|(_, r)| r.status == ErrorStatus::Open).count();
+    // Concurrency skips are informational (not retriable); anything retriable must be mended.
+    let open = rows.iter().filter(|(_, r)| r.retriable && r.status == ErrorStatus::Open).count();
     if open > 0 {
-        failed.push(format!("{open} error(s) still open"));
+        failed.push(format!("{open} retriable error(s) still open"));
     }
     if !failed.is_empty() {
         bail!("demo checks failed:\n  {}", failed.join("\n  "));
@@ -263,10 +264,11 @@ async fn wait_idle(rt: &LocalRuntime, pb: &ProgressBar, m: &Metrics) -> Result<(
 /// fno: credit limits of 1,000 customers (transactions of 50) and 200 new orders of 5 lines.
 fn edit_fno(path: &Path, n: usize, orders: usize) -> Result<()> {
     let mut conn = apps::open(path)?;
-    for chunk in 0..20 {
+    // Customers 10.. (clear of the conflict customer), below the half that Dataverse edits.
+    let edited: Vec<usize> = (10..(10 + 1000).min(n / 2)).collect();
+    for (chunk, ids) in edited.chunks(50).enumerate() {
         apps::in_transaction(&mut conn, &format!("fno-credit-{chunk}"), |tx| {
-            for i in chunk * 50..(chunk + 1) * 50 {
-                let i = 10 + i; // clear of the conflict customer
+            for &i in ids {
                 tx.execute("UPDATE CustomersV3 SET CreditLimit = CreditLimit + 100 WHERE dataAreaId = ?1 AND CustomerAccount = ?2", params![company(i), account(i)])?;
             }
             Ok(())
@@ -293,7 +295,7 @@ fn edit_fno(path: &Path, n: usize, orders: usize) -> Result<()> {
 /// Dataverse: names of 1,000 other customers (one transaction each) and 100 new accounts.
 fn edit_dataverse(path: &Path, n: usize, dv_only: usize) -> Result<()> {
     let mut conn = apps::open(path)?;
-    for i in n / 2..n / 2 + 1000.min(n / 2) {
+    for i in n / 2..(n / 2 + 1000).min(n) {
         apps::in_transaction(&mut conn, &format!("dv-name-{i}"), |tx| {
             tx.execute(
                 "UPDATE accounts SET name = name || ' (renamed)' WHERE msdyn_company = ?1 AND accountnumber = ?2",

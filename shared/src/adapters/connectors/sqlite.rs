@@ -780,6 +780,13 @@ impl SqliteApp {
         loop {
             let tx =
                 conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.error(&what(), &e))?;
+            // One batch is one app transaction: its echoes reach capture as one notification,
+            // not one per record. Without capture installed there is no marker table: no-op.
+            let batch_txid = format!("dualsync-{}", uuid::Uuid::new_v4().simple());
+            let marked = tx
+                .prepare_cached("INSERT INTO \"_dualsync_tx\" (txid) VALUES (?1)")
+                .and_then(|mut st| st.execute([&batch_txid]))
+                .is_ok();
             let mut results = Vec::with_capacity(ops.len());
             let mut rolled_back = false;
             for (i, op) in ops.iter().enumerate() {
@@ -800,6 +807,11 @@ impl SqliteApp {
                 // Dropping the transaction is a no-op: SQLite already ended it.
                 drop(tx);
                 continue;
+            }
+            if marked {
+                tx.prepare_cached("DELETE FROM \"_dualsync_tx\"")
+                    .and_then(|mut st| st.execute([]))
+                    .map_err(|e| self.error(&what(), &e))?;
             }
             tx.commit().map_err(|e| self.error(&what(), &e))?;
             return Ok(results);

@@ -1,0 +1,137 @@
+//! The `dualsync` binary end to end: the demo at a small scale, the long-running runner with a
+//! clean Ctrl-C, and a bad job file.
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn dualsync(data_dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dualsync"));
+    cmd.arg("--data-dir").arg(data_dir).env("RUST_BACKTRACE", "0");
+    cmd
+}
+
+#[test]
+fn demo_converges_and_sees_every_expected_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dualsync(dir.path()).args(["demo", "--customers", "300", "--orders", "40"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert!(stdout.contains("conflict: customers DEMF/C000003 changed on both sides; fno (primary) won"), "{stdout}");
+    // The sample apps are in step map by map: 300 + 500 from dataverse + 100 new - 1 deleted.
+    assert!(
+        stdout.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["customers", "900", "900", "900"]),
+        "{stdout}"
+    );
+}
+
+fn sqlite(path: &std::path::Path, sql: &str) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+fn count(path: &std::path::Path, sql: &str) -> i64 {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn run_syncs_the_users_apps_and_stops_cleanly_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    sqlite(&a, "CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT)");
+    sqlite(&b, "CREATE TABLE contacts (contact_id TEXT PRIMARY KEY, fullname TEXT)");
+    let job = dir.path().join("job.yaml");
+    std::fs::File::create(&job)
+        .unwrap()
+        .write_all(
+            b"job: people
+apps:
+  - { name: a, connector: sqlite, path: a.db }
+  - { name: b, connector: sqlite, path: b.db }
+primary: a
+table_groups:
+  - name: all
+    maps:
+      - name: people
+        sequence: 1
+        entities: { a: people, b: contacts }
+        keys: [{ a: id, b: contact_id }]
+        fields: [{ a: name, b: fullname }]
+",
+        )
+        .unwrap();
+    let mut child = dualsync(&dir.path().join("state"))
+        .args(["run", "--config"])
+        .arg(&job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the job is active the capture triggers exist; then a write on each side syncs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&a, "SELECT count(*) FROM sqlite_master WHERE name = '_dualsync_changes'") == 0 {
+        assert!(Instant::now() < deadline, "the runner never installed capture");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sqlite(&a, "INSERT INTO people (id, name) VALUES ('p1', 'Ada')");
+    sqlite(&b, "INSERT INTO contacts (contact_id, fullname) VALUES ('p2', 'Grace')");
+    while count(&b, "SELECT count(*) FROM contacts WHERE contact_id = 'p1' AND fullname = 'Ada'") == 0
+        || count(&a, "SELECT count(*) FROM people WHERE id = 'p2' AND name = 'Grace'") == 0
+    {
+        assert!(Instant::now() < deadline, "records did not sync");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+
+    // Nothing is lost while it is down: a change made now syncs on the next run.
+    sqlite(&a, "UPDATE people SET name = 'Ada L.' WHERE id = 'p1'");
+    let mut child =
+        dualsync(&dir.path().join("state")).args(["run", "--config"]).arg(&job).stderr(Stdio::piped()).spawn().unwrap();
+    while count(&b, "SELECT count(*) FROM contacts WHERE fullname = 'Ada L.'") == 0 {
+        assert!(Instant::now() < deadline + Duration::from_secs(30), "change made while stopped was lost");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn a_bad_job_file_is_refused_with_every_problem_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("bad.yaml");
+    std::fs::write(
+        &job,
+        "job: bad
+apps:
+  - { name: a, connector: sqlite, path: a.db }
+  - { name: b, connector: ftp }
+primary: c
+table_groups:
+  - name: g
+    maps:
+      - name: m
+        sequence: 1
+        entities: { a: t, b: u }
+        keys: [{ a: id }]
+",
+    )
+    .unwrap();
+    let out = dualsync(dir.path()).args(["job", "apply"]).arg(&job).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "bad.yaml: apps[1].connector: unknown connector 'ftp'",
+        "bad.yaml: primary: primary 'c' is not one of the apps: a, b",
+        "bad.yaml: table_groups[0].maps[0].keys[0]: key field missing on side 'b'",
+    ] {
+        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
+    }
+}
