@@ -50,6 +50,18 @@ impl SqliteRegistry {
     }
 }
 
+/// The apps of the local runner: connectors, plus the local sqlite app behind each side for
+/// installing change capture and reading its change log.
+pub trait AppRegistry: ConnectorRegistry {
+    fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError>;
+}
+
+impl AppRegistry for SqliteRegistry {
+    fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
+        self.side(job, side)
+    }
+}
+
 impl ConnectorRegistry for SqliteRegistry {
     fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
         Ok([self.side(job, Side::A)? as Arc<dyn Connector>, self.side(job, Side::B)? as Arc<dyn Connector>])
@@ -71,7 +83,7 @@ pub enum RuntimeError {
 pub struct LocalRuntime {
     pub state: State,
     pub steps: Arc<Steps>,
-    pub apps: Arc<SqliteRegistry>,
+    pub apps: Arc<dyn AppRegistry>,
     pub capture: Arc<EmbeddedQueue>,
     pub sequence: Arc<EmbeddedQueue>,
     pub deliver: Arc<EmbeddedQueue>,
@@ -92,6 +104,16 @@ impl LocalRuntime {
 
     /// A runtime over a given database and clock, with failpoints: for tests.
     pub fn with_db(db: EmbeddedDb, clock: Arc<dyn Clock>, failpoints: Failpoints) -> Self {
+        Self::with_registry(db, clock, failpoints, Arc::new(SqliteRegistry::default()))
+    }
+
+    /// As [`Self::with_db`], with the apps opened through `apps` (tests wrap them to inject faults).
+    pub fn with_registry(
+        db: EmbeddedDb,
+        clock: Arc<dyn Clock>,
+        failpoints: Failpoints,
+        apps: Arc<dyn AppRegistry>,
+    ) -> Self {
         let queue = |name: &str, fifo: bool| {
             let dlq = Arc::new(db.queue(QueueConfig::new(&format!("{name}-dlq"), fifo)));
             let mut cfg = QueueConfig::new(name, fifo);
@@ -104,9 +126,9 @@ impl LocalRuntime {
         let (sequence, sequence_dlq) = queue("sequence", false);
         let (deliver, deliver_dlq) = queue("deliver.fifo", true);
         let state = State::new(Arc::new(db.kv()), clock);
-        let apps = Arc::new(SqliteRegistry::default());
         let steps =
-            Steps::new(state.clone(), apps.clone(), sequence.clone(), deliver.clone()).with_failpoints(failpoints);
+            Steps::new(state.clone(), apps.clone() as Arc<dyn ConnectorRegistry>, sequence.clone(), deliver.clone())
+                .with_failpoints(failpoints);
         LocalRuntime {
             state,
             steps: Arc::new(steps),
@@ -150,7 +172,7 @@ impl LocalRuntime {
                     company_field: m.company.as_ref().map(|c| c[side.index()].clone()),
                 })
                 .collect();
-            self.apps.side(&compiled, side)?.install_capture(&specs)?;
+            self.apps.sqlite_app(&compiled, side)?.install_capture(&specs)?;
         }
         Ok(())
     }
@@ -178,7 +200,7 @@ impl LocalRuntime {
         let mut n = 0;
         for job in self.active_jobs().await? {
             for side in Side::BOTH {
-                let app = self.apps.side(&job, side)?;
+                let app = self.apps.sqlite_app(&job, side)?;
                 n += pump_feed(&self.state, &job.name, job.app_name(side), app.as_ref(), self.capture.as_ref(), limit)
                     .await?;
             }
@@ -217,7 +239,7 @@ impl LocalRuntime {
         }
         for job in self.active_jobs().await? {
             for side in Side::BOTH {
-                let app = self.apps.side(&job, side)?;
+                let app = self.apps.sqlite_app(&job, side)?;
                 let pos = self.state.feed_position(&job.name, job.app_name(side)).await.map_err(StepError::from)?;
                 if !crate::ports::ChangeFeed::changes_after(app.as_ref(), pos, 1).await?.is_empty() {
                     return Ok(false);

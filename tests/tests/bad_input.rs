@@ -1,0 +1,417 @@
+//! Every bad-input rule of capture and delivery: what category it lands in, what the message
+//! says, and that nothing is dropped silently (an error row or the dead-letter queue).
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use dualsync::adapters::connectors::sqlite::{transaction, SqliteApp};
+use dualsync::adapters::embedded::EmbeddedDb;
+use dualsync::domain::change::Key;
+use dualsync::domain::config::parse_job;
+use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
+use dualsync::domain::job::{Job, Side};
+use dualsync::ports::{
+    Connector, ConnectorError, EntitySpec, ListPage, ManualClock, OutMessage, Queue, Record, WriteFailure, WriteOp,
+};
+use dualsync::runtime::local::{AppRegistry, LocalRuntime, SqliteRegistry};
+use dualsync::runtime::worker::run_once;
+use dualsync::state::ErrorFilter;
+use dualsync::steps::{ConnectorRegistry, Failpoints};
+
+const JOB: &str = "job: j
+apps:
+  - { name: a, connector: sqlite, path: A }
+  - { name: b, connector: sqlite, path: B }
+primary: a
+companies: [X]
+table_groups:
+  - name: g
+    maps:
+      - name: parents
+        sequence: 1
+        entities: { a: parents, b: owners }
+        company: { a: co, b: company }
+        keys: [{ a: pid, b: owner_id }]
+        fields:
+          - { a: name, b: title }
+          - { a: co, b: company }
+          - a: kind
+            b: kind_code
+            values: [{ a: small, b: 1 }, { a: large, b: 2 }]
+      - name: children
+        sequence: 2
+        entities: { a: children, b: items }
+        keys: [{ a: pid, b: owner_id }, { a: cno, b: item_no }]
+        fields: [{ a: label, b: caption }]
+        lookups:
+          - map: parents
+            fields: [{ a: pid, b: owner_id }]
+      - name: notes
+        sequence: 3
+        mode: live
+        entities: { a: notes, b: memos }
+        keys: [{ a: nid, b: memo_id }]
+        fields: [{ a: text, b: body }]
+";
+
+/// Wraps the sqlite apps so that a test can make side B's writes fail like a 503.
+struct Flaky {
+    inner: SqliteRegistry,
+    fail_b_writes: Arc<AtomicBool>,
+}
+
+struct FlakyConnector {
+    inner: Arc<dyn Connector>,
+    fail: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Connector for FlakyConnector {
+    fn app(&self) -> &str {
+        self.inner.app()
+    }
+    async fn read(&self, e: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
+        self.inner.read(e, keys).await
+    }
+    async fn write(
+        &self,
+        e: &EntitySpec,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError> {
+        if self.fail.load(Ordering::SeqCst) {
+            let failure = WriteFailure::Transient { message: "503 service unavailable".into(), retry_after: None };
+            return Ok(ops.iter().map(|_| Err(failure.clone())).collect());
+        }
+        self.inner.write(e, ops).await
+    }
+    async fn delete(&self, e: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError> {
+        self.inner.delete(e, keys).await
+    }
+    async fn list(&self, e: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
+        self.inner.list(e, after, limit).await
+    }
+}
+
+impl AppRegistry for Flaky {
+    fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
+        self.inner.sqlite_app(job, side)
+    }
+}
+
+impl ConnectorRegistry for Flaky {
+    fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
+        let [a, b] = self.inner.connectors(job)?;
+        Ok([a, Arc::new(FlakyConnector { inner: b, fail: self.fail_b_writes.clone() })])
+    }
+}
+
+struct H {
+    _dir: tempfile::TempDir,
+    rt: LocalRuntime,
+    a: PathBuf,
+    b: PathBuf,
+    clock: ManualClock,
+    fail_b_writes: Arc<AtomicBool>,
+}
+
+async fn harness() -> H {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let schema = |p: &PathBuf, sql: &str| rusqlite::Connection::open(p).unwrap().execute_batch(sql).unwrap();
+    schema(
+        &a,
+        "CREATE TABLE parents (pid TEXT PRIMARY KEY, name TEXT, co TEXT, kind TEXT);
+                CREATE TABLE children (pid TEXT, cno INTEGER, label TEXT, PRIMARY KEY (pid, cno));
+                CREATE TABLE notes (nid TEXT PRIMARY KEY, text TEXT);",
+    );
+    schema(
+        &b,
+        "CREATE TABLE owners (owner_id TEXT PRIMARY KEY, title TEXT NOT NULL, company TEXT, kind_code INTEGER);
+                CREATE TABLE items (owner_id TEXT, item_no INTEGER, caption TEXT, PRIMARY KEY (owner_id, item_no));
+                CREATE TABLE memos (memo_id TEXT PRIMARY KEY, body TEXT);",
+    );
+    let mut def = parse_job("job.yaml", JOB).unwrap();
+    def.apps[0].path = Some(a.display().to_string());
+    def.apps[1].path = Some(b.display().to_string());
+    let clock = ManualClock::new(1_700_000_000_000);
+    let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
+    let fail_b_writes = Arc::new(AtomicBool::new(false));
+    let registry = Arc::new(Flaky { inner: SqliteRegistry::default(), fail_b_writes: fail_b_writes.clone() });
+    let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), Failpoints::default(), registry);
+    rt.apply(def).await.unwrap();
+    rt.start("j").await.unwrap();
+    H { _dir: dir, rt, a, b, clock, fail_b_writes }
+}
+
+impl H {
+    /// One app transaction (its own transaction id).
+    fn exec(&self, side: Side, sql: &str) {
+        static TX: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let path = if side == Side::A { &self.a } else { &self.b };
+        let mut conn = rusqlite::Connection::open(path).unwrap();
+        let txid = format!("t{}", TX.fetch_add(1, Ordering::SeqCst));
+        transaction(&mut conn, &txid, |tx| tx.execute_batch(sql)).unwrap();
+    }
+
+    fn query(&self, side: Side, sql: &str) -> i64 {
+        let path = if side == Side::A { &self.a } else { &self.b };
+        rusqlite::Connection::open(path).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// Runs every step until nothing moves, letting retried messages come back.
+    async fn drain(&self) {
+        for _ in 0..100 {
+            while self.rt.pump().await.unwrap() > 0 {}
+            if self.rt.is_idle().await.unwrap() {
+                return;
+            }
+            self.clock.advance(301_000);
+        }
+        panic!("pipeline did not drain");
+    }
+
+    async fn errors(&self) -> Vec<SyncError> {
+        self.rt.state.error_rows("j", &ErrorFilter::default()).await.unwrap().into_iter().map(|(_, e)| e).collect()
+    }
+
+    async fn only_error(&self) -> SyncError {
+        let errors = self.errors().await;
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        errors.into_iter().next().unwrap()
+    }
+
+    async fn send_capture(&self, body: &str) {
+        self.rt.capture.send(vec![OutMessage::standard(body.to_string())]).await.unwrap();
+    }
+
+    /// Runs capture until its queue is empty (poison goes to the dead-letter queue after 5 tries).
+    async fn run_capture(&self) {
+        let steps = &self.rt.steps;
+        for _ in 0..10 {
+            run_once(self.rt.capture.as_ref(), 10, &|m| async move {
+                let r = steps.capture(&m).await;
+                (m, r)
+            })
+            .await
+            .unwrap();
+        }
+    }
+}
+
+fn notification(job: &str, app: &str, entity: &str, key: &[&str], company: Option<&str>) -> String {
+    serde_json::json!({
+        "job": job, "app": app, "txid": "tx1",
+        "changes": [{ "app": app, "entity": entity, "key": key, "op": "upsert", "seq": 1, "at_ms": 0, "company": company }]
+    })
+    .to_string()
+}
+
+async fn assert_dead_lettered(h: &H, reason_hint: &str) {
+    h.run_capture().await;
+    assert!(h.rt.capture.is_empty().unwrap(), "{reason_hint}: still on the capture queue");
+    let dlq = h.rt.dead_letters[0].peek_all().unwrap();
+    assert_eq!(dlq.len(), 1, "{reason_hint}: not dead-lettered");
+    assert!(h.errors().await.is_empty());
+}
+
+#[tokio::test]
+async fn malformed_notification_goes_to_the_dead_letter_queue() {
+    let h = harness().await;
+    h.send_capture("{not json").await;
+    assert_dead_lettered(&h, "malformed json").await;
+}
+
+#[tokio::test]
+async fn unknown_job_goes_to_the_dead_letter_queue() {
+    let h = harness().await;
+    h.send_capture(&notification("nope", "a", "parents", &["p1"], Some("X"))).await;
+    assert_dead_lettered(&h, "unknown job").await;
+}
+
+#[tokio::test]
+async fn unknown_app_goes_to_the_dead_letter_queue() {
+    let h = harness().await;
+    h.send_capture(&notification("j", "crm", "parents", &["p1"], Some("X"))).await;
+    assert_dead_lettered(&h, "unknown app").await;
+}
+
+#[tokio::test]
+async fn unmapped_entity_is_an_application_error() {
+    let h = harness().await;
+    h.send_capture(&notification("j", "a", "invoices", &["i1"], Some("X"))).await;
+    h.run_capture().await;
+    let e = h.only_error().await;
+    assert_eq!(e.category, ErrorCategory::Application);
+    assert_eq!(e.message, "entity 'invoices' of app 'a' is not mapped in job 'j'");
+}
+
+#[tokio::test]
+async fn malformed_keys_are_application_errors() {
+    let h = harness().await;
+    h.send_capture(&notification("j", "a", "parents", &["p1", "extra"], Some("X"))).await;
+    h.run_capture().await;
+    let e = h.only_error().await;
+    assert_eq!(e.category, ErrorCategory::Application);
+    assert_eq!(e.message, "malformed key for parents: 2 value(s), expected 1 (pid)");
+
+    let h = harness().await;
+    h.send_capture(&notification("j", "a", "children", &["p1", ""], Some("X"))).await;
+    h.run_capture().await;
+    assert_eq!(h.only_error().await.message, "malformed key for children: key field cno is empty");
+}
+
+#[tokio::test]
+async fn a_company_out_of_scope_is_skipped_not_synced() {
+    let h = harness().await;
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n', 'Y', 'small')");
+    h.drain().await;
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners"), 0);
+    assert!(h.errors().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_transaction_mixing_async_and_live_maps_is_rejected_whole() {
+    let h = harness().await;
+    h.exec(
+        Side::A,
+        "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n', 'X', 'small');
+                     INSERT INTO notes (nid, text) VALUES ('n1', 'hello');",
+    );
+    h.drain().await;
+    let errors = h.errors().await;
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    for e in &errors {
+        assert_eq!(e.category, ErrorCategory::Application);
+        assert!(
+            e.message.contains("mixes async and live maps")
+                && e.message.contains("async: parents (parents)")
+                && e.message.contains("live: notes (notes)"),
+            "{}",
+            e.message
+        );
+    }
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners") + h.query(Side::B, "SELECT count(*) FROM memos"), 0);
+}
+
+#[tokio::test]
+async fn live_maps_and_deletes_go_through_the_live_path() {
+    let h = harness().await;
+    h.exec(Side::A, "INSERT INTO notes (nid, text) VALUES ('n1', 'hello')");
+    h.rt.pump_feeds(100).await.unwrap();
+    h.run_capture().await;
+    // Delivered during capture: nothing was queued for sequence.
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM memos WHERE body = 'hello'"), 1);
+    assert!(h.rt.sequence.is_empty().unwrap());
+    h.drain().await;
+    h.exec(Side::B, "DELETE FROM memos WHERE memo_id = 'n1'");
+    h.rt.pump_feeds(100).await.unwrap();
+    h.run_capture().await;
+    assert_eq!(h.query(Side::A, "SELECT count(*) FROM notes"), 0);
+    assert!(h.rt.sequence.is_empty().unwrap());
+}
+
+#[tokio::test]
+async fn a_change_while_the_job_is_stopped_is_recorded_not_lost() {
+    let h = harness().await;
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n', 'X', 'small')");
+    h.rt.pump_feeds(100).await.unwrap();
+    h.rt.stop("j").await.unwrap();
+    h.run_capture().await;
+    let e = h.only_error().await;
+    assert_eq!(e.category, ErrorCategory::Application);
+    assert_eq!(e.message, "job 'j' is stopped: change not synced; retry it once the job is active");
+    assert!(e.retriable);
+}
+
+#[tokio::test]
+async fn a_missing_parent_is_a_missing_reference_mended_by_a_retry() {
+    let h = harness().await;
+    // The child exists in A, its parent in neither app.
+    h.exec(Side::A, "INSERT INTO children (pid, cno, label) VALUES ('p9', 1, 'c')");
+    h.drain().await;
+    let e = h.only_error().await;
+    assert_eq!(e.category, ErrorCategory::Application);
+    assert_eq!(e.message, "missing reference: parents/p9");
+    assert!(e.retriable);
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p9', 'n', 'X', 'large')");
+    h.drain().await;
+    let report =
+        h.rt.steps
+            .reconcile("j", dualsync::steps::reconcile::ReconcileAction::Retry, &ErrorFilter::default())
+            .await
+            .unwrap();
+    assert_eq!(report.queued, 1);
+    h.drain().await;
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p9'"), 1);
+    assert_eq!(h.only_error().await.status, ErrorStatus::Resolved);
+}
+
+#[tokio::test]
+async fn a_value_outside_the_value_map_is_an_application_error_that_hides_the_value() {
+    let h = harness().await;
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n', 'X', 'secret-kind')");
+    h.drain().await;
+    let e = h.only_error().await;
+    assert_eq!(e.category, ErrorCategory::Application);
+    assert_eq!(e.message, "parents/p1: value of field 'kind' has no entry in its value map");
+    assert!(!e.message.contains("secret-kind"));
+}
+
+#[tokio::test]
+async fn a_write_the_target_refuses_is_an_application_error_without_field_values() {
+    let h = harness().await;
+    // owners.title is NOT NULL in B.
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', NULL, 'X', 'small')");
+    h.drain().await;
+    let e = h.only_error().await;
+    assert_eq!(e.category, ErrorCategory::Application);
+    assert!(e.message.starts_with("b refused parents/p1:"), "{}", e.message);
+    assert!(e.message.contains("NOT NULL"), "{}", e.message);
+    assert!(!e.message.contains("small"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn a_stale_change_is_a_concurrency_skip() {
+    let h = harness().await;
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'v1', 'X', 'small')");
+    h.exec(Side::A, "UPDATE parents SET name = 'v2' WHERE pid = 'p1'");
+    // Two transactions, so two deliveries; the first one is stale once both are captured.
+    h.rt.pump_feeds(100).await.unwrap();
+    h.run_capture().await;
+    h.drain().await;
+    let errors = h.errors().await;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].category, ErrorCategory::Concurrency);
+    assert!(!errors[0].retriable);
+    assert!(errors[0].message.starts_with("skipped: a newer change (seq"), "{}", errors[0].message);
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners WHERE title = 'v2'"), 1);
+}
+
+#[tokio::test]
+async fn system_failures_are_retried_with_backoff_then_recorded_and_retriable() {
+    let h = harness().await;
+    h.fail_b_writes.store(true, Ordering::SeqCst);
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n', 'X', 'small')");
+    // First delivery fails and the message comes back later, not at once.
+    while h.rt.pump().await.unwrap() > 0 {}
+    assert!(h.errors().await.is_empty());
+    assert!(!h.rt.deliver.is_empty().unwrap());
+    let steps_metrics = h.rt.steps.metrics.clone();
+    assert_eq!(dualsync::steps::Metrics::get(&steps_metrics.system_retries), 1);
+    h.drain().await;
+    let e = h.only_error().await;
+    assert_eq!(e.category, ErrorCategory::System);
+    assert!(e.retriable);
+    assert_eq!(e.message, "503 service unavailable");
+    assert!(h.rt.dead_letters[2].is_empty().unwrap());
+    // The app recovers: a retry syncs the record.
+    h.fail_b_writes.store(false, Ordering::SeqCst);
+    h.rt.steps
+        .reconcile("j", dualsync::steps::reconcile::ReconcileAction::Retry, &ErrorFilter::default())
+        .await
+        .unwrap();
+    h.drain().await;
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners"), 1);
+    assert_eq!(h.only_error().await.status, ErrorStatus::Resolved);
+}
