@@ -411,3 +411,217 @@ impl Validator {
         ValueMap { pairs }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::job::Side;
+
+    const GOOD: &str = "job: j
+apps:
+  - { name: a, connector: sqlite, path: a.db }
+  - { name: b, connector: sqlite, path: b.db }
+primary: b
+table_groups:
+  - name: g1
+    maps:
+      - name: children
+        sequence: 2
+        entities: { a: c, b: d }
+        keys: [{ a: pid, b: p }, { a: n, b: m }]
+        fields: [{ a: label, b: caption }]
+        lookups: [{ map: parents, fields: [{ a: pid, b: p }] }]
+      - name: parents
+        sequence: 1
+        entities: { a: p, b: o }
+        keys: [{ a: id, b: oid }]
+        fields:
+          - a: kind
+            b: code
+            values: [{ a: small, b: 1 }, { a: large, b: 2.0 }]
+";
+
+    /// The problems of `GOOD` with `from` replaced by `to`.
+    fn problems(from: &str, to: &str) -> Vec<Problem> {
+        assert!(GOOD.contains(from), "{from}");
+        let text = GOOD.replacen(from, to, 1);
+        let def = match parse_job("f.yaml", &text) {
+            Ok(def) => def,
+            Err(e) => return e.problems,
+        };
+        compile("f.yaml", &def).err().map(|e| e.problems).unwrap_or_default()
+    }
+
+    fn assert_problem(from: &str, to: &str, path: &str, message: &str) {
+        let ps = problems(from, to);
+        assert!(
+            ps.iter().any(|p| p.path == path && p.message.contains(message)),
+            "wanted {path}: {message}; got {ps:#?}"
+        );
+    }
+
+    #[test]
+    fn a_good_file_compiles_in_delivery_order() {
+        let job = compile("f.yaml", &parse_job("f.yaml", GOOD).unwrap()).unwrap();
+        assert_eq!(job.primary, Side::B);
+        let names: Vec<&str> = job.maps.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["parents", "children"]);
+        assert_eq!(job.maps[1].lookups[0].map, 0);
+        let vm = job.maps[0].fields[0].values.as_ref().unwrap();
+        assert_eq!(vm.pairs[1], (serde_json::json!("large"), serde_json::json!(2)));
+    }
+
+    #[test]
+    fn the_example_job_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sales.yaml");
+        let (_, job) = load_job_file(&path).unwrap();
+        assert_eq!(job.maps.len(), 4);
+        assert_eq!(job.maps[3].lookups[0].map, 2);
+        assert_eq!(job.companies, ["USMF", "DEMF"]);
+    }
+
+    #[test]
+    fn shape_errors_name_the_path() {
+        assert_problem("sequence: 2", "sequence: two", "table_groups[0].maps[0].sequence", "invalid");
+        assert_problem("primary: b", "primary: b\nextra: 1", "extra", "unknown field `extra`");
+        let ps = problems("job: j", "job: [");
+        assert_eq!(ps.len(), 1, "{ps:?}");
+    }
+
+    #[test]
+    fn names_apps_and_connectors() {
+        assert_problem("job: j", "job: 'j k'", "job", "only letters, digits");
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: a, connector: sqlite, path: b.db }",
+            "apps[1].name",
+            "named twice",
+        );
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: b, connector: ftp }",
+            "apps[1].connector",
+            "unknown connector 'ftp' (connectors are: sqlite, odata)",
+        );
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: b, connector: sqlite }",
+            "apps[1].path",
+            "needs a path",
+        );
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: b, connector: odata, url: ftp://x }",
+            "apps[1].url",
+            "http(s) url",
+        );
+        assert_problem("  - { name: b, connector: sqlite, path: b.db }\n", "", "apps", "exactly two apps, found 1");
+    }
+
+    #[test]
+    fn primary_must_be_an_app() {
+        assert_problem("primary: b", "primary: crm", "primary", "primary 'crm' is not one of the apps: a, b");
+    }
+
+    #[test]
+    fn pairs_name_both_apps_and_no_other() {
+        assert_problem(
+            "keys: [{ a: id, b: oid }]",
+            "keys: [{ a: id }]",
+            "table_groups[0].maps[1].keys[0]",
+            "key field missing on side 'b'",
+        );
+        assert_problem(
+            "entities: { a: p, b: o }",
+            "entities: { a: p, b: o, crm: x }",
+            "table_groups[0].maps[1].entities",
+            "unknown app 'crm' (apps are: a, b)",
+        );
+        assert_problem(
+            "keys: [{ a: id, b: oid }]",
+            "keys: []",
+            "table_groups[0].maps[1].keys",
+            "at least one integration key",
+        );
+        assert_problem(
+            "fields: [{ a: label, b: caption }]",
+            "fields: [{ a: n, b: caption }]",
+            "table_groups[0].maps[0].fields",
+            "field 'n' of app 'a' is mapped twice",
+        );
+    }
+
+    #[test]
+    fn sequences_are_unique_within_a_group() {
+        assert_problem(
+            "sequence: 2",
+            "sequence: 1",
+            "table_groups[0].maps[1].sequence",
+            "sequence 1 is used twice in table group 'g1'",
+        );
+    }
+
+    #[test]
+    fn value_maps_work_both_ways() {
+        assert_problem(
+            "{ a: large, b: 2.0 }",
+            "{ a: large, b: 1 }",
+            "table_groups[0].maps[1].fields[0].values[1]",
+            "value 1 of app 'b' appears twice",
+        );
+        assert_problem(
+            "{ a: large, b: 2.0 }",
+            "{ a: large }",
+            "table_groups[0].maps[1].fields[0].values[1]",
+            "needs a value for both apps",
+        );
+    }
+
+    #[test]
+    fn lookups_point_to_earlier_maps_with_matching_keys() {
+        assert_problem(
+            "map: parents",
+            "map: nowhere",
+            "table_groups[0].maps[0].lookups[0].map",
+            "lookup to unknown map 'nowhere'",
+        );
+        assert_problem(
+            "map: parents",
+            "map: children",
+            "table_groups[0].maps[0].lookups[0].map",
+            "cannot look up itself",
+        );
+        assert_problem(
+            "sequence: 2",
+            "sequence: 0",
+            "table_groups[0].maps[0].lookups[0].map",
+            "delivered after this map",
+        );
+        assert_problem(
+            "fields: [{ a: pid, b: p }] }",
+            "fields: [{ a: pid, b: p }, { a: n, b: m }] }",
+            "table_groups[0].maps[0].lookups[0].fields",
+            "map 'parents' has 1 key field(s); the lookup gives 2",
+        );
+        assert_problem(
+            "fields: [{ a: pid, b: p }] }",
+            "fields: [{ a: zz, b: p }] }",
+            "table_groups[0].maps[0].lookups[0].fields[0]",
+            "lookup field 'zz' of app 'a' is not a key or mapped field",
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_file_and_path() {
+        let text = GOOD
+            .replace("primary: b", "primary: crm")
+            .replace("connector: sqlite, path: b.db", "connector: ftp")
+            .replace("map: parents", "map: nowhere");
+        let err = compile("f.yaml", &parse_job("f.yaml", &text).unwrap()).unwrap_err();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["apps[1].connector", "primary", "table_groups[0].maps[0].lookups[0].map"]);
+        let shown = err.to_string();
+        assert!(shown.starts_with("3 problem(s) in f.yaml:"), "{shown}");
+        assert!(shown.contains("\n  f.yaml: primary: primary 'crm' is not one of the apps: a, b"), "{shown}");
+    }
+}
