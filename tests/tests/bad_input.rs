@@ -374,7 +374,9 @@ async fn a_write_the_target_refuses_is_an_application_error_without_field_values
 #[tokio::test]
 async fn a_stale_change_is_a_concurrency_skip() {
     let h = harness().await;
-    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'v1', 'X', 'small')");
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'v0', 'X', 'small')");
+    h.drain().await;
+    h.exec(Side::A, "UPDATE parents SET name = 'v1' WHERE pid = 'p1'");
     h.exec(Side::A, "UPDATE parents SET name = 'v2' WHERE pid = 'p1'");
     // Two transactions, so two deliveries; the first one is stale once both are captured.
     h.rt.pump_feeds(100).await.unwrap();
@@ -385,6 +387,21 @@ async fn a_stale_change_is_a_concurrency_skip() {
     assert_eq!(errors[0].category, ErrorCategory::Concurrency);
     assert!(!errors[0].retriable);
     assert!(errors[0].message.starts_with("skipped: a newer change (seq"), "{}", errors[0].message);
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners WHERE title = 'v2'"), 1);
+}
+
+#[tokio::test]
+async fn a_stale_change_of_a_record_the_other_side_lacks_is_delivered_not_skipped() {
+    // Its children may queue behind it: skipping it would leave them a missing reference.
+    let h = harness().await;
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'v1', 'X', 'small')");
+    h.exec(Side::A, "INSERT INTO children (pid, cno, label) VALUES ('p1', 1, 'c')");
+    h.exec(Side::A, "UPDATE parents SET name = 'v2' WHERE pid = 'p1'");
+    h.rt.pump_feeds(100).await.unwrap();
+    h.run_capture().await;
+    h.drain().await;
+    assert!(h.errors().await.is_empty(), "{:#?}", h.errors().await);
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p1'"), 1);
     assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners WHERE title = 'v2'"), 1);
 }
 

@@ -77,11 +77,20 @@ pub struct CapturedTransaction {
     pub changes: Vec<ChangeRef>,
 }
 
-/// A deliver-queue message: the changes of one transaction that share a delivery group, in
-/// delivery order. Packing them in one message keeps parent before child and saves requests.
+/// The changes of one dependency root, in delivery order (parent before child).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lane {
+    /// The root's id: every change under one root is delivered in order, across messages too.
+    pub root: String,
+    pub changes: Vec<ChangeRef>,
+}
+
+/// A deliver-queue message: the lanes of one transaction that share a FIFO message group (a
+/// stable bucket of their roots). Packing them in one message saves queue requests; the bucket
+/// keeps each root in one group, so its changes stay in order across transactions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryBatch {
     pub job: String,
     pub group: String,
-    pub changes: Vec<ChangeRef>,
+    pub lanes: Vec<Lane>,
 }

@@ -32,7 +32,10 @@ pub fn decide(
     if h_source == h_other {
         return Decision::InStep;
     }
-    let last = link.and_then(|l| l.hash.as_deref());
+    let mut hashes = [None, None];
+    hashes[source.index()] = Some(h_source);
+    hashes[source.other().index()] = Some(h_other);
+    let last = link.and_then(|l| l.last_synced(hashes));
     match last {
         // The other side is as we left it: an ordinary change of the source.
         Some(last) if last == h_other => Decision::Write { conflict: false },
@@ -66,5 +69,17 @@ mod tests {
         assert_eq!(decide(None, a, a, "h1", Some("h2")), Decision::Write { conflict: true });
         assert_eq!(decide(None, b, a, "h1", Some("h2")), Decision::ConflictLost);
         assert_eq!(decide(Some(&LinkState::default()), b, a, "h1", Some("h2")), Decision::ConflictLost);
+    }
+
+    #[test]
+    fn a_write_that_landed_before_a_crash_counts_as_the_last_sync() {
+        // B's content h1 was being written to A when the process died; B then changed to h2.
+        let mut l = link("h0");
+        l.pending = Some((Side::A, "h1".into()));
+        assert_eq!(decide(Some(&l), Side::B, Side::A, "h2", Some("h1")), Decision::Write { conflict: false });
+        // The write did not land: A still holds h0, the last real sync.
+        assert_eq!(decide(Some(&l), Side::B, Side::A, "h2", Some("h0")), Decision::Write { conflict: false });
+        // A changed on its own meanwhile: a real conflict.
+        assert_eq!(decide(Some(&l), Side::B, Side::A, "h2", Some("h3")), Decision::ConflictLost);
     }
 }

@@ -17,6 +17,11 @@ pub struct LinkState {
     /// Seq of the change last synced per side.
     #[serde(default)]
     pub synced: [u64; 2],
+    /// A write under way: (target side, hash being written). Set before writing to the other
+    /// app, cleared by the commit; if the target holds exactly this content, the write landed
+    /// and that content is the last sync, even though a crash kept the commit from happening.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<(Side, String)>,
     /// Sort keys of this link's open, retriable error rows: resolved when the link next syncs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub open_errors: Vec<String>,
@@ -25,6 +30,13 @@ pub struct LinkState {
 impl LinkState {
     pub fn is_synced(&self) -> bool {
         self.hash.is_some()
+    }
+    /// The content of the last sync, given each side's current hash (`None`: absent).
+    pub fn last_synced(&self, hashes: [Option<&str>; 2]) -> Option<&str> {
+        match &self.pending {
+            Some((side, h)) if hashes[side.index()] == Some(h.as_str()) => Some(h),
+            _ => self.hash.as_deref(),
+        }
     }
     pub fn version(&self, side: Side) -> Option<&str> {
         self.version[side.index()].as_deref()

@@ -1,13 +1,19 @@
 //! Sequencing (DESIGN §2.2): order a transaction's changes parent-before-child and give each a
-//! delivery group, the link of its dependency root, so that a parent and its children stay in
-//! order while unrelated records are delivered in parallel.
+//! delivery lane, the link of its dependency root, so that a parent and its children stay in
+//! order while unrelated records are delivered in parallel. Lanes travel in FIFO message groups
+//! that are a stable bucket of the root: one root always maps to one group.
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-use super::change::{CapturedTransaction, ChangeRef, DeliveryBatch, Key};
+use super::change::{CapturedTransaction, ChangeRef, DeliveryBatch, Key, Lane};
 use super::job::{Job, TableMap};
 
-/// Orders the transaction's changes and packs them into one delivery batch per group.
+/// FIFO message groups per job: enough for parallel delivery, few enough to pack messages.
+pub const GROUPS: u64 = 16;
+/// Changes per deliver message at most (a lane is never split), well under the 256 KB limit.
+pub const MAX_CHANGES_PER_MESSAGE: usize = 400;
+
+/// Orders the transaction's changes into lanes and packs them into delivery batches.
 ///
 /// Order: table group, then sequence (the job's map order); lookups always point to an earlier
 /// map (validated), so this is also a topological order. Of several changes to one record only
@@ -57,18 +63,36 @@ pub fn plan(job: &Job, tx: &CapturedTransaction) -> Vec<DeliveryBatch> {
         }
     }
 
-    let mut batches: BTreeMap<usize, DeliveryBatch> = BTreeMap::new();
+    let mut lanes: BTreeMap<usize, Lane> = BTreeMap::new();
     for (pos, (_, c)) in changes.iter().enumerate() {
         let rep = find(&mut parent, pos);
         let (root_map, root_key) = &roots[rep];
-        let batch = batches.entry(rep).or_insert_with(|| DeliveryBatch {
-            job: tx.job.clone(),
-            group: group_id(&job.maps[*root_map].name, root_key),
-            changes: Vec::new(),
-        });
-        batch.changes.push((*c).clone());
+        let lane = lanes
+            .entry(rep)
+            .or_insert_with(|| Lane { root: group_id(&job.maps[*root_map].name, root_key), changes: Vec::new() });
+        lane.changes.push((*c).clone());
     }
-    batches.into_values().collect()
+    let mut batches: BTreeMap<String, Vec<DeliveryBatch>> = BTreeMap::new();
+    for lane in lanes.into_values() {
+        let group = bucket(&lane.root);
+        let list = batches.entry(group.clone()).or_default();
+        match list.last_mut() {
+            Some(b)
+                if b.lanes.iter().map(|l| l.changes.len()).sum::<usize>() + lane.changes.len()
+                    <= MAX_CHANGES_PER_MESSAGE =>
+            {
+                b.lanes.push(lane)
+            }
+            _ => list.push(DeliveryBatch { job: tx.job.clone(), group, lanes: vec![lane] }),
+        }
+    }
+    batches.into_values().flatten().collect()
+}
+
+/// The FIFO message group of a root: a stable bucket of its id.
+pub fn bucket(root: &str) -> String {
+    let n = u64::from_str_radix(root.get(2..18).unwrap_or("0"), 16).unwrap_or(0);
+    format!("b{:02}", n % GROUPS)
 }
 
 /// The dependency root of a record, following lookups whose fields are all part of the
@@ -103,7 +127,7 @@ pub fn group_id(map: &str, key: &Key) -> String {
 /// A deduplication id for a delivery batch: same changes, same id.
 pub fn dedup_id(batch: &DeliveryBatch) -> String {
     let mut parts: Vec<Vec<u8>> = vec![batch.job.as_bytes().to_vec()];
-    for c in &batch.changes {
+    for c in batch.lanes.iter().flat_map(|l| &l.changes) {
         parts.push(
             format!("{}|{:?}|{}|{}", c.map, c.source, serde_json::to_string(&c.key.0).unwrap_or_default(), c.seq)
                 .into_bytes(),
@@ -184,19 +208,20 @@ mod tests {
             change("lines", &["O1", "1"], 4),
             change("headers", &["O2"], 7),
         ]);
-        let batches = plan(&job(), &t);
-        assert_eq!(batches.len(), 2, "{batches:?}");
-        for b in &batches {
-            assert_eq!(b.changes[0].map, "headers");
-            assert!(b.changes[1..].iter().all(|c| c.map == "lines" && c.key.0[0] == b.changes[0].key.0[0]));
+        let lanes = lanes(plan(&job(), &t));
+        assert_eq!(lanes.len(), 2, "{lanes:?}");
+        for l in &lanes {
+            assert_eq!(l.changes[0].map, "headers");
+            assert!(l.changes[1..].iter().all(|c| c.map == "lines" && c.key.0[0] == l.changes[0].key.0[0]));
         }
-        assert_ne!(batches[0].group, batches[1].group);
+        assert_ne!(lanes[0].root, lanes[1].root);
     }
 
     #[test]
     fn a_line_alone_queues_behind_its_header_across_transactions() {
         let alone = plan(&job(), &tx(vec![change("lines", &["O1", "3"], 9)]));
         let header = plan(&job(), &tx(vec![change("headers", &["O1"], 1)]));
+        assert_eq!(alone[0].lanes[0].root, header[0].lanes[0].root);
         assert_eq!(alone[0].group, header[0].group);
     }
 
@@ -204,18 +229,33 @@ mod tests {
     fn non_key_lookups_within_a_transaction_share_a_group() {
         let t =
             tx(vec![change("headers", &["O1"], 2), change("customers", &["C1"], 1), change("customers", &["C2"], 3)]);
-        let batches = plan(&job(), &t);
-        assert_eq!(batches.len(), 1);
-        let maps: Vec<&str> = batches[0].changes.iter().map(|c| c.map.as_str()).collect();
+        let lanes = lanes(plan(&job(), &t));
+        assert_eq!(lanes.len(), 1);
+        let maps: Vec<&str> = lanes[0].changes.iter().map(|c| c.map.as_str()).collect();
         assert_eq!(maps, ["customers", "customers", "headers"]);
     }
 
     #[test]
     fn only_the_latest_change_of_a_record_is_kept() {
-        let batches = plan(&job(), &tx(vec![change("customers", &["C1"], 1), change("customers", &["C1"], 4)]));
-        assert_eq!(batches.len(), 1);
-        assert_eq!(batches[0].changes.len(), 1);
-        assert_eq!(batches[0].changes[0].seq, 4);
+        let lanes = lanes(plan(&job(), &tx(vec![change("customers", &["C1"], 1), change("customers", &["C1"], 4)])));
+        assert_eq!(lanes.len(), 1);
+        assert_eq!(lanes[0].changes.len(), 1);
+        assert_eq!(lanes[0].changes[0].seq, 4);
+    }
+
+    #[test]
+    fn unrelated_roots_share_few_messages_and_each_root_one_group() {
+        let changes: Vec<ChangeRef> = (0..200).map(|i| change("customers", &[&format!("C{i}")], i)).collect();
+        let batches = plan(&job(), &tx(changes));
+        assert!(batches.len() <= GROUPS as usize, "{}", batches.len());
+        assert_eq!(batches.iter().map(|b| b.lanes.len()).sum::<usize>(), 200);
+        for b in &batches {
+            assert!(b.lanes.iter().all(|l| bucket(&l.root) == b.group));
+        }
+    }
+
+    fn lanes(batches: Vec<DeliveryBatch>) -> Vec<Lane> {
+        batches.into_iter().flat_map(|b| b.lanes).collect()
     }
 
     #[test]

@@ -201,8 +201,16 @@ impl LocalRuntime {
         for job in self.active_jobs().await? {
             for side in Side::BOTH {
                 let app = self.apps.sqlite_app(&job, side)?;
-                n += pump_feed(&self.state, &job.name, job.app_name(side), app.as_ref(), self.capture.as_ref(), limit)
-                    .await?;
+                n += pump_feed(
+                    &self.state,
+                    &job.name,
+                    job.app_name(side),
+                    app.as_ref(),
+                    self.capture.as_ref(),
+                    limit,
+                    &self.steps.metrics.echoes_suppressed,
+                )
+                .await?;
             }
         }
         Ok(n)

@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 
 use super::{LoadedJob, Metrics, Outcome, StepError, Steps};
 use crate::domain::canon::{self, Canon};
-use crate::domain::change::{ChangeRef, DeliveryBatch, Key};
+use crate::domain::change::{ChangeRef, DeliveryBatch, Key, Lane};
 use crate::domain::decide::{decide, Decision};
 use crate::domain::errors::{ConflictRecord, ErrorCategory};
 use crate::domain::job::{JobStatus, Side};
@@ -37,7 +37,8 @@ impl Steps {
     /// The deliver step over a batch of deliver-queue messages.
     pub async fn deliver(&self, msgs: &[InMessage]) -> Result<Vec<Outcome>, StepError> {
         let mut outcomes = vec![Outcome::Done; msgs.len()];
-        // Lanes per job, in order of first appearance.
+        // Lanes per job, by root, in order of first appearance: messages of one group arrive in
+        // order, so each root's changes line up in order across messages.
         let mut jobs: BTreeMap<String, Vec<(String, Vec<(usize, ChangeRef)>)>> = BTreeMap::new();
         for (i, m) in msgs.iter().enumerate() {
             let batch: DeliveryBatch = match serde_json::from_str(&m.body) {
@@ -47,16 +48,17 @@ impl Steps {
                     continue;
                 }
             };
-            let group = m.group.clone().unwrap_or_else(|| batch.group.clone());
             let lanes = jobs.entry(batch.job.clone()).or_default();
-            let lane = match lanes.iter_mut().position(|(g, _)| *g == group) {
-                Some(p) => &mut lanes[p].1,
-                None => {
-                    lanes.push((group, Vec::new()));
-                    &mut lanes.last_mut().expect("just pushed").1
-                }
-            };
-            lane.extend(batch.changes.into_iter().map(|c| (i, c)));
+            for Lane { root, changes } in batch.lanes {
+                let lane = match lanes.iter().position(|(r, _)| *r == root) {
+                    Some(p) => &mut lanes[p].1,
+                    None => {
+                        lanes.push((root, Vec::new()));
+                        &mut lanes.last_mut().expect("just pushed").1
+                    }
+                };
+                lane.extend(changes.into_iter().map(|c| (i, c)));
+            }
         }
 
         for (job_name, lanes) in jobs {
@@ -96,18 +98,22 @@ impl Steps {
             }
             for (l, (_, lane)) in lanes.iter().enumerate() {
                 let Some((message, retry_after)) = &blocked[l] else { continue };
-                let failed_at = heads[l];
-                for (pos, (i, change)) in lane.iter().enumerate().skip(failed_at) {
+                let failed = &lane[heads[l]].1;
+                for (pos, (i, change)) in lane.iter().enumerate().skip(heads[l]) {
                     let m = &msgs[*i];
                     if m.receive_count >= self.deliver_queue.max_receive_count() {
-                        // Retries are spent: record the failure (retriable) and let the group go on.
-                        if pos == failed_at {
-                            self.record(&lj, change, ErrorCategory::System, message.clone()).await?;
-                            Metrics::add(&self.metrics.system_recorded, 1);
-                        }
+                        // Retries are spent: record the failure and what waited behind it in this
+                        // message (all retriable), and let the group go on.
+                        let why = if pos == heads[l] {
+                            message.clone()
+                        } else {
+                            format!("not delivered: it waits behind {}/{}, which failed", failed.map, failed.key)
+                        };
+                        self.record(&lj, change, ErrorCategory::System, why).await?;
+                        Metrics::add(&self.metrics.system_recorded, 1);
                         outcomes[*i] = Outcome::Done;
                     } else {
-                        Metrics::add(&self.metrics.system_retries, u64::from(pos == failed_at));
+                        Metrics::add(&self.metrics.system_retries, u64::from(pos == heads[l]));
                         outcomes[*i] = Outcome::Retry { delay: self.backoff.delay(m.receive_count, *retry_after) };
                     }
                 }
@@ -164,12 +170,14 @@ impl Steps {
             let refs: Vec<(&str, &Key)> = pending.iter().map(|&i| (changes[i].map.as_str(), &changes[i].key)).collect();
             let links = self.state.links(&job.name, &refs).await?;
 
-            // Step 1: a newer change of this record exists.
+            // Step 1: a newer change of this record exists. Skipped only once the link has
+            // synced: a record the other side does not have yet is delivered (read fresh, so
+            // with its latest content), since children queued behind it need it there.
             let mut live: Vec<(usize, Option<crate::state::VersionedLink>)> = Vec::new();
             for (&i, link) in pending.iter().zip(links) {
                 let c = changes[i];
                 match &link {
-                    Some(l) if c.seq < l.state.seen(c.source) => {
+                    Some(l) if c.seq < l.state.seen(c.source) && l.state.is_synced() => {
                         let msg = format!(
                             "skipped: a newer change (seq {}) of {}/{} exists",
                             l.state.seen(c.source),
@@ -314,18 +322,51 @@ impl Steps {
             }
             let writes: Vec<Plan> = writes.into_iter().zip(blocked).filter(|(_, b)| !b).map(|(p, _)| p).collect();
 
+            // A conflict the source wins is logged before anything is written: a crash after the
+            // write would otherwise leave the other side overwritten and no trace of why.
+            for plan in writes.iter().filter(|p| p.conflict) {
+                let (c, map) = (changes[plan.i], &job.maps[map_idx[plan.i].unwrap_or(0)]);
+                let side = c.source.other();
+                let h_o =
+                    plan.other.as_ref().and_then(|r| canon::canon(map, side, &r.fields).ok()).map(|c| canon::hash(&c));
+                Metrics::add(&self.metrics.conflicts, 1);
+                self.state
+                    .record_conflict(self.conflict(job, c, &plan.hash, h_o.as_deref().unwrap_or_default()))
+                    .await?;
+            }
+
+            // Mark each write as under way on its link (see `LinkState::pending`), so that a crash
+            // between the write and the commit cannot make the write look like the other side's edit.
+            let mut retry: Vec<usize> = Vec::new();
+            let marks = writes
+                .iter()
+                .map(|plan| {
+                    let c = changes[plan.i];
+                    let mut state = plan.link.as_ref().map(|l| l.state.clone()).unwrap_or_default();
+                    state.pending = Some((c.source.other(), plan.hash.clone()));
+                    State::link_put(&job.name, &c.map, &c.key, &state, plan.link.as_ref().map(|l| l.rev))
+                })
+                .collect();
+            let mut marked: Vec<(Plan, u64)> = Vec::with_capacity(writes.len());
+            for (plan, answer) in writes.into_iter().zip(self.state.put_links(marks).await?) {
+                match answer {
+                    Ok(rev) => marked.push((plan, rev)),
+                    Err(KvError::ConditionFailed { .. }) => retry.push(plan.i),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+
             // Step 6: write to the other app, conditional on the version read.
             let mut by_target: BTreeMap<(usize, Side), Vec<usize>> = BTreeMap::new();
-            for (p, plan) in writes.iter().enumerate() {
+            for (p, (plan, _)) in marked.iter().enumerate() {
                 by_target.entry((map_idx[plan.i].unwrap_or(0), changes[plan.i].source.other())).or_default().push(p);
             }
-            let mut retry: Vec<usize> = Vec::new();
             for ((m, side), ps) in by_target {
                 let map = &job.maps[m];
                 let ops: Vec<WriteOp> = ps
                     .iter()
                     .map(|&p| {
-                        let plan = &writes[p];
+                        let plan = &marked[p].0;
                         WriteOp {
                             key: changes[plan.i].key.clone(),
                             fields: canon::to_side(map, side, &plan.canon),
@@ -338,7 +379,7 @@ impl Steps {
                     .collect();
                 let answer = lj.connector(side).write(lj.spec(m, side), &ops).await;
                 for (k, &p) in ps.iter().enumerate() {
-                    let plan = &writes[p];
+                    let (plan, marked_rev) = (&marked[p].0, marked[p].1);
                     let (i, c) = (plan.i, changes[plan.i]);
                     let r = match &answer {
                         Ok(rs) => rs.get(k).cloned().unwrap_or(Err(WriteFailure::Transient {
@@ -354,15 +395,7 @@ impl Steps {
                         Ok(version) => {
                             let mut next = next_link(plan.link.as_ref(), c, &plan.hash, &plan.source.version);
                             next.version[side.index()] = Some(version);
-                            commits.push((i, next, plan.link.as_ref().map(|l| l.rev), open_errors(plan.link.as_ref())));
-                            if plan.conflict {
-                                let h_o = plan
-                                    .other
-                                    .as_ref()
-                                    .and_then(|r| canon::canon(map, side, &r.fields).ok())
-                                    .map(|c| canon::hash(&c));
-                                conflicts.push(self.conflict(job, c, &plan.hash, h_o.as_deref().unwrap_or_default()));
-                            }
+                            commits.push((i, next, Some(marked_rev), open_errors(plan.link.as_ref())));
                             Metrics::add(&self.metrics.written, 1);
                             self.metrics.record_latency(self.state.now_ms() - c.at_ms);
                         }
@@ -524,6 +557,7 @@ fn next_link(link: Option<&crate::state::VersionedLink>, c: &ChangeRef, hash: &s
     let synced = &mut next.synced[c.source.index()];
     *synced = (*synced).max(c.seq);
     next.open_errors.clear();
+    next.pending = None;
     next
 }
 

@@ -7,10 +7,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::{StepError, Steps};
-use crate::domain::change::{ChangeRef, DeliveryBatch};
+use crate::domain::change::{ChangeRef, DeliveryBatch, Lane};
 use crate::domain::errors::{ErrorCategory, ErrorStatus};
 use crate::domain::job::JobStatus;
-use crate::domain::sequence::{group_id, root_of};
+use crate::domain::sequence::{bucket, group_id, root_of};
 use crate::ports::OutMessage;
 use crate::state::{ErrorFilter, StateError};
 
@@ -86,11 +86,9 @@ impl Steps {
                         txid: row.txid.clone(),
                         at_ms: now,
                     };
-                    let batch = DeliveryBatch {
-                        job: job.to_string(),
-                        group: group_id(&compiled.maps[root_map].name, &root_key),
-                        changes: vec![change],
-                    };
+                    let root = group_id(&compiled.maps[root_map].name, &root_key);
+                    let lanes = vec![Lane { root: root.clone(), changes: vec![change] }];
+                    let batch = DeliveryBatch { job: job.to_string(), group: bucket(&root), lanes };
                     // A retry must not be taken for a duplicate of the original delivery.
                     let dedup = format!("retry-{}-{}", row.id, row.attempts);
                     out.push(OutMessage::fifo(

@@ -50,6 +50,8 @@ use crate::ports::connector::{
 pub const CHANGES_TABLE: &str = "_dualsync_changes";
 /// The table an app's transaction puts its txid in (see [`transaction`]).
 pub const TX_TABLE: &str = "_dualsync_tx";
+/// The transaction id prefix of dualsync's own writes: their change-log rows are echoes.
+pub const OWN_WRITE_TXID_PREFIX: &str = "dualsync-write-";
 /// The version column added to each captured table.
 pub const VERSION_COLUMN: &str = "_ds_version";
 
@@ -782,7 +784,7 @@ impl SqliteApp {
                 conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.error(&what(), &e))?;
             // One batch is one app transaction: its echoes reach capture as one notification,
             // not one per record. Without capture installed there is no marker table: no-op.
-            let batch_txid = format!("dualsync-{}", uuid::Uuid::new_v4().simple());
+            let batch_txid = format!("{OWN_WRITE_TXID_PREFIX}{}", uuid::Uuid::new_v4().simple());
             let marked = tx
                 .prepare_cached("INSERT INTO \"_dualsync_tx\" (txid) VALUES (?1)")
                 .and_then(|mut st| st.execute([&batch_txid]))
