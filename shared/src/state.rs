@@ -83,6 +83,8 @@ pub enum StateError {
     Config(#[from] ConfigErrors),
     #[error(transparent)]
     Transition(#[from] crate::domain::job::IllegalTransition),
+    #[error("job '{job}' is {status}: stop it before changing its definition")]
+    Running { job: String, status: &'static str },
 }
 
 #[derive(Clone)]
@@ -125,12 +127,7 @@ impl State {
             Some(item) => {
                 let old: JobRecord = decode(&item)?;
                 if old.status != JobStatus::Stopped && old.def != def {
-                    return Err(StateError::Transition(crate::domain::job::IllegalTransition {
-                        job: def.job.clone(),
-                        from: old.status,
-                        action: crate::domain::job::JobAction::Stop,
-                        allowed: "stopped (stop the job before changing its definition)",
-                    }));
+                    return Err(StateError::Running { job: def.job.clone(), status: old.status.as_str() });
                 }
                 let revision = if old.def == def { old.revision } else { old.revision + 1 };
                 (JobRecord { def, status: old.status, revision }, Expect::Rev(item.rev))
@@ -226,8 +223,7 @@ impl State {
         self.kv.delete(&keys::link_pk(job, map, key), keys::STATE, Expect::Any).await
     }
 
-    /// Every link of a job's map (`LINK#` items share no partition, so this is for tests and
-    /// local tools: the embedded table can scan, DynamoDB would need an index).
+    /// Writes link items, each under its own condition.
     pub async fn put_links(&self, puts: Vec<Put>) -> Result<Vec<Result<u64, KvError>>, KvError> {
         self.kv.put_many(puts).await
     }
@@ -466,7 +462,12 @@ impl State {
     pub async fn record_conflict(&self, c: ConflictRecord) -> Result<bool, KvError> {
         let mut pair = c.hashes.clone();
         pair.sort();
-        let id = crate::domain::sequence::group_id(&format!("{}|{}|{}", c.map, pair[0], pair[1]), &c.key);
+        let id = crate::domain::sequence::short_hash(&[
+            c.map.as_bytes(),
+            pair[0].as_bytes(),
+            pair[1].as_bytes(),
+            c.key.display().as_bytes(),
+        ]);
         let marker = Put {
             pk: format!("{}#SEEN", keys::conflicts_pk(&c.job)),
             sk: id.clone(),

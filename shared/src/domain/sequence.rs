@@ -136,7 +136,8 @@ pub fn dedup_id(batch: &DeliveryBatch) -> String {
     short_hash(&parts.iter().map(|p| p.as_slice()).collect::<Vec<_>>())
 }
 
-fn short_hash(parts: &[&[u8]]) -> String {
+/// Hex of the first 16 bytes of SHA-256 over length-prefixed parts (so parts cannot run together).
+pub fn short_hash(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update((p.len() as u64).to_le_bytes());

@@ -16,7 +16,7 @@ use crate::domain::config::JobDef;
 use crate::domain::job::{ConnectorSpec, Job, JobAction, JobStatus, Side};
 use crate::ports::{Clock, Connector, ConnectorError, Queue, SystemClock};
 use crate::state::{JobRecord, State, StateError};
-use crate::steps::{ConnectorRegistry, Failpoints, StepError, Steps};
+use crate::steps::{ConnectorRegistry, Failpoints, StepError, StepKind, Steps};
 
 /// Messages a worker takes per receive.
 pub const BATCH: usize = 500;
@@ -216,25 +216,31 @@ impl LocalRuntime {
         Ok(n)
     }
 
+    /// The queue a step reads.
+    pub fn queue(&self, step: StepKind) -> &Arc<EmbeddedQueue> {
+        match step {
+            StepKind::Capture => &self.capture,
+            StepKind::Sequence => &self.sequence,
+            StepKind::Deliver => &self.deliver,
+        }
+    }
+
+    /// Runs one batch of one step in this task; returns the messages handled.
+    pub async fn step_once(&self, step: StepKind) -> Result<usize, StepError> {
+        let steps = &self.steps;
+        run_once(self.queue(step).as_ref(), BATCH, &|m| async move {
+            let r = steps.run(step, &m).await;
+            (m, r)
+        })
+        .await
+    }
+
     /// One round of every step, in this task: what tests and `drain` use.
     pub async fn pump(&self) -> Result<usize, RuntimeError> {
         let mut n = self.pump_feeds(BATCH * 4).await?;
-        let steps = &self.steps;
-        n += run_once(self.capture.as_ref(), BATCH, &|m| async move {
-            let r = steps.capture(&m).await;
-            (m, r)
-        })
-        .await?;
-        n += run_once(self.sequence.as_ref(), BATCH, &|m| async move {
-            let r = steps.sequence(&m).await;
-            (m, r)
-        })
-        .await?;
-        n += run_once(self.deliver.as_ref(), BATCH, &|m| async move {
-            let r = steps.deliver(&m).await;
-            (m, r)
-        })
-        .await?;
+        for step in [StepKind::Capture, StepKind::Sequence, StepKind::Deliver] {
+            n += self.step_once(step).await?;
+        }
         Ok(n)
     }
 
@@ -280,41 +286,18 @@ impl LocalRuntime {
                 }
             }
         }));
-        let steps = self.steps.clone();
-        tasks.push(tokio::spawn(run_loop(
-            self.capture.clone() as Arc<dyn Queue>,
-            BATCH,
-            move |m| {
-                let s = steps.clone();
-                async move {
-                    let r = s.capture(&m).await;
-                    (m, r)
-                }
-            },
-            shutdown.clone(),
-        )));
-        let steps = self.steps.clone();
-        tasks.push(tokio::spawn(run_loop(
-            self.sequence.clone() as Arc<dyn Queue>,
-            BATCH,
-            move |m| {
-                let s = steps.clone();
-                async move {
-                    let r = s.sequence(&m).await;
-                    (m, r)
-                }
-            },
-            shutdown.clone(),
-        )));
-        for _ in 0..self.deliver_workers {
-            let steps = self.steps.clone();
+        let mut steps = vec![StepKind::Capture, StepKind::Sequence];
+        steps.extend(std::iter::repeat_n(StepKind::Deliver, self.deliver_workers));
+        for step in steps {
+            let handler = self.steps.clone();
+            let queue = self.queue(step).clone() as Arc<dyn Queue>;
             tasks.push(tokio::spawn(run_loop(
-                self.deliver.clone() as Arc<dyn Queue>,
+                queue,
                 BATCH,
                 move |m| {
-                    let s = steps.clone();
+                    let s = handler.clone();
                     async move {
-                        let r = s.deliver(&m).await;
+                        let r = s.run(step, &m).await;
                         (m, r)
                     }
                 },

@@ -28,6 +28,25 @@ pub enum Outcome {
     Poison { reason: String },
 }
 
+/// The queue-driven steps, for handlers that dispatch on which queue a batch came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    Capture,
+    Sequence,
+    Deliver,
+}
+
+impl Steps {
+    /// Runs one step over a batch of its queue's messages.
+    pub async fn run(&self, step: StepKind, msgs: &[crate::ports::InMessage]) -> Result<Vec<Outcome>, StepError> {
+        match step {
+            StepKind::Capture => self.capture(msgs).await,
+            StepKind::Sequence => self.sequence(msgs).await,
+            StepKind::Deliver => self.deliver(msgs).await,
+        }
+    }
+}
+
 /// Crash injection for tests: a named point returns `true` to make the step stop there, as if
 /// the process died (nothing after it happens, nothing is acknowledged).
 #[derive(Clone, Default)]

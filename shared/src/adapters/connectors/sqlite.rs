@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::{ToSql, ToSqlOutput, Value as SqlValue, ValueRef};
+use rusqlite::OpenFlags;
 use rusqlite::{ffi, params_from_iter, Connection, ErrorCode, OptionalExtension, Transaction};
 use rusqlite::{Row, TransactionBehavior};
 use serde_json::Value;
@@ -78,6 +79,9 @@ pub struct SqliteApp {
     // the async worker for that long is cheaper than a spawn_blocking hop per call, and the
     // guard is never held across an `.await`.
     conn: Arc<Mutex<Connection>>,
+    /// A read-only connection for reads, lists and the change log: in WAL mode they never wait
+    /// for the writer, so delivery's reads and local ingress run beside delivery's writes.
+    reader: Mutex<Connection>,
     /// Column information per table (lower-cased name), loaded on first use; refreshed when a
     /// field is not found and after `install_capture`.
     tables: Mutex<HashMap<String, Arc<TableInfo>>>,
@@ -544,10 +548,16 @@ impl SqliteApp {
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(fail)?;
         conn.pragma_update(None, "foreign_keys", true).map_err(fail)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let reader =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(fail)?;
+        reader.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
+        reader.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(SqliteApp {
             app: app_name.to_string(),
             path: path.to_path_buf(),
             conn: Arc::new(Mutex::new(conn)),
+            reader: Mutex::new(reader),
             tables: Mutex::new(HashMap::new()),
         })
     }
@@ -670,6 +680,10 @@ impl SqliteApp {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn read_lock(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn rejected(&self, message: String) -> ConnectorError {
         ConnectorError::Rejected { app: self.app.clone(), message }
     }
@@ -722,7 +736,7 @@ impl SqliteApp {
     }
 
     fn read_sync(&self, entity: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
-        let conn = self.lock();
+        let conn = self.read_lock();
         let fields = entity.key_fields.iter().chain(&entity.fields).map(String::as_str);
         let info = self.table(&conn, &entity.name, fields)?;
         let mut select: Vec<String> = entity.fields.iter().map(|f| ident(f)).collect();
@@ -846,7 +860,7 @@ impl SqliteApp {
     /// One page in key order. The cursor is the JSON array of the page's last key values as
     /// stored (typed, so `(k1, k2) > (?, ?)` compares as the ORDER BY does).
     fn list_sync(&self, entity: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
-        let conn = self.lock();
+        let conn = self.read_lock();
         let fields = entity.key_fields.iter().chain(&entity.fields).map(String::as_str);
         let info = self.table(&conn, &entity.name, fields)?;
         let nk = entity.key_fields.len();
@@ -913,7 +927,7 @@ impl SqliteApp {
     }
 
     fn changes_sync(&self, after: u64, limit: usize) -> Result<Vec<RawChange>, ConnectorError> {
-        let conn = self.lock();
+        let conn = self.read_lock();
         let what = "read change log";
         let mut stmt = conn
             .prepare_cached(

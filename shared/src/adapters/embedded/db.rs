@@ -8,6 +8,7 @@
 //! `NORMAL` gives up (compared to `FULL`) is only the fsync on each commit: after a power loss or
 //! an OS crash the last few commits may be rolled back, but the file is never corrupted. A killed
 //! process losing nothing is our requirement, so `NORMAL` meets it and keeps commits cheap.
+use rusqlite::OpenFlags;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -86,6 +87,9 @@ CREATE INDEX IF NOT EXISTS queue_dedup_expiry ON queue_dedup (queue, expires_at)
 #[derive(Clone)]
 pub struct EmbeddedDb {
     conn: Arc<Mutex<Connection>>,
+    /// A second connection for key-value reads of a file database: in WAL mode readers never
+    /// wait for the writer, so steps reading links do not queue behind steps writing them.
+    reader: Option<Arc<Mutex<Connection>>>,
     clock: Arc<dyn Clock>,
     location: Arc<str>,
 }
@@ -102,7 +106,18 @@ impl EmbeddedDb {
     pub fn open(path: &Path, clock: Arc<dyn Clock>) -> Result<Self, KvError> {
         let location = path.display().to_string();
         let conn = Connection::open(path).map_err(|e| open_error(&location, e))?;
-        Self::init(conn, clock, location)
+        let mut db = Self::init(conn, clock, location)?;
+        let reader =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .and_then(|r| {
+                    r.busy_timeout(BUSY_TIMEOUT)?;
+                    r.pragma_update(None, "cache_size", -32_768)?;
+                    r.set_prepared_statement_cache_capacity(64);
+                    Ok(r)
+                })
+                .map_err(|e| open_error(&db.location, e))?;
+        db.reader = Some(Arc::new(Mutex::new(reader)));
+        Ok(db)
     }
 
     /// A private database in memory: for tests.
@@ -131,7 +146,7 @@ impl EmbeddedDb {
             Ok(())
         };
         setup().map_err(|e| open_error(&location, e))?;
-        Ok(EmbeddedDb { conn: Arc::new(Mutex::new(conn)), clock, location: location.into() })
+        Ok(EmbeddedDb { conn: Arc::new(Mutex::new(conn)), reader: None, clock, location: location.into() })
     }
 
     /// The key-value table.
@@ -159,6 +174,11 @@ impl EmbeddedDb {
     /// poison is ignored rather than turned into a panic of every later call.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection for reads: the reader of a file database, else the one connection.
+    pub(crate) fn read_lock(&self) -> MutexGuard<'_, Connection> {
+        self.reader.as_ref().unwrap_or(&self.conn).lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -137,13 +137,13 @@ fn prefix_end(prefix: &str) -> Option<String> {
 impl KvStore for EmbeddedKv {
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, KvError> {
         let now = self.db.now_ms();
-        let conn = self.db.lock();
+        let conn = self.db.read_lock();
         get_in(&conn, pk, sk, now)
     }
 
     async fn get_many(&self, keys: &[(String, String)]) -> Result<Vec<Option<Item>>, KvError> {
         let now = self.db.now_ms();
-        let mut conn = self.db.lock();
+        let mut conn = self.db.read_lock();
         // One read transaction: a consistent snapshot, and one lock for all the reads.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(unavailable)?;
         let out = keys.iter().map(|(pk, sk)| get_in(&tx, pk, sk, now)).collect::<Result<Vec<_>, _>>()?;
@@ -212,7 +212,7 @@ impl KvStore for EmbeddedKv {
         }
         // `?6` is always there, so the statement always takes six parameters.
         sql.push_str(" ORDER BY sk LIMIT ?6");
-        let conn = self.db.lock();
+        let conn = self.db.read_lock();
         let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
         // One more than asked: tells whether another page follows.
         let fetch = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
