@@ -21,6 +21,10 @@ pub struct EntitySpec {
 pub struct Record {
     pub fields: BTreeMap<String, Value>,
     pub version: String,
+    /// The seq of the record's latest change, where the app gives one (a change-log id,
+    /// Dataverse's RowVersion): delivery compares it with a change's seq to tell a stale change
+    /// without capture having to note every seq it sees.
+    pub seq: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +78,11 @@ pub struct ListPage {
 pub trait Connector: Send + Sync {
     /// The app's name, for messages.
     fn app(&self) -> &str;
+    /// True when [`Record::seq`] is always set: the record's latest change seq, comparable with
+    /// the seqs of its change notifications.
+    fn reads_change_seq(&self) -> bool {
+        false
+    }
     /// Reads records by integration key; the answer is in the order of `keys`.
     async fn read(&self, entity: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError>;
     /// Upserts by integration key, each under its precondition; returns each new version.

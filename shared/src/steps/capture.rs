@@ -188,13 +188,15 @@ impl Steps {
         }
     }
 
-    /// Drops echoes of dualsync's own writes and raises each remaining link's seen seq.
+    /// Drops echoes of dualsync's own writes and raises each remaining link's seen seq (unless
+    /// the source's reads give each record's latest change seq, see [`crate::ports::Connector::reads_change_seq`]).
     async fn raise_seen(
         &self,
         lj: &LoadedJob,
         changes: Vec<(ChangeRef, Mode, Option<String>)>,
     ) -> Result<Vec<ChangeRef>, StepError> {
         let job = &lj.job.name;
+        let reads_seq = changes.first().is_some_and(|(c, _, _)| lj.connector(c.source).reads_change_seq());
         let mut keep: Vec<ChangeRef> = Vec::with_capacity(changes.len());
         let mut pending: Vec<(ChangeRef, Option<String>)> = changes.into_iter().map(|(c, _, v)| (c, v)).collect();
         for _ in 0..MAX_RACES {
@@ -216,7 +218,9 @@ impl Steps {
                     Some(l) => (l.state, Some(l.rev)),
                     None => (LinkState::default(), None),
                 };
-                if state.raise_seen(c.source, c.seq) {
+                // Where reads tell the record's latest seq, delivery checks staleness with it:
+                // no link write here.
+                if !reads_seq && state.raise_seen(c.source, c.seq) {
                     puts.push(State::link_put(job, &c.map, &c.key, &state, rev));
                     raised.push(n);
                 } else {

@@ -242,6 +242,15 @@ impl Steps {
                     results[i] = Some(ChangeResult::Done);
                     continue;
                 };
+                // Step 1 again, where the app tells each record's latest change seq.
+                if let (Some(latest), Some(l)) = (rs.seq, &link) {
+                    if c.seq < latest && l.state.is_synced() {
+                        let msg = format!("skipped: a newer change (seq {latest}) of {}/{} exists", c.map, c.key);
+                        failures.push((i, ErrorCategory::Concurrency, msg));
+                        results[i] = Some(ChangeResult::Done);
+                        continue;
+                    }
+                }
                 let canon_s = canon::canon(map, c.source, &rs.fields);
                 let canon_o = ro.as_ref().map(|r| canon::canon(map, c.source.other(), &r.fields)).transpose();
                 let (canon_s, canon_o) = match (canon_s, canon_o) {

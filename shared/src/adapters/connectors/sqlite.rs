@@ -760,7 +760,8 @@ impl SqliteApp {
                         fields.insert(f.clone(), value_to_json(row.get_ref(i)?));
                     }
                     let version: i64 = row.get(n)?;
-                    Ok(Record { fields, version: version.to_string() })
+                    // The version is the seq of the record's latest change-log row.
+                    Ok(Record { fields, version: version.to_string(), seq: u64::try_from(version).ok() })
                 })
                 .optional()
                 .map_err(|e| self.error(&what(), &e))?;
@@ -1124,7 +1125,8 @@ fn list_row(row: &Row<'_>, entity: &EntitySpec, nk: usize) -> rusqlite::Result<L
         fields.insert(f.clone(), value_to_json(row.get_ref(nk + i)?));
     }
     let version: i64 = row.get(nk + entity.fields.len())?;
-    Ok(ListEntry { cursor, item: Some((Key(key), Record { fields, version: version.to_string() })) })
+    let record = Record { fields, version: version.to_string(), seq: u64::try_from(version).ok() };
+    Ok(ListEntry { cursor, item: Some((Key(key), record)) })
 }
 
 // The async methods run their SQLite work inline: see the note on `SqliteApp::conn`.
@@ -1132,6 +1134,10 @@ fn list_row(row: &Row<'_>, entity: &EntitySpec, nk: usize) -> rusqlite::Result<L
 impl Connector for SqliteApp {
     fn app(&self) -> &str {
         &self.app
+    }
+
+    fn reads_change_seq(&self) -> bool {
+        true
     }
 
     async fn read(&self, entity: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
