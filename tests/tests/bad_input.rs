@@ -1,5 +1,6 @@
 //! Every bad-input rule of capture and delivery: what category it lands in, what the message
-//! says, and that nothing is dropped silently (an error row or the dead-letter queue).
+//! says, and that nothing is dropped silently (an error row or the dead-letter queue); and the
+//! runner's housekeeping, which must never trim what is not yet read.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -431,4 +432,19 @@ async fn system_failures_are_retried_with_backoff_then_recorded_and_retriable() 
     h.drain().await;
     assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners"), 1);
     assert_eq!(h.only_error().await.status, ErrorStatus::Resolved);
+}
+
+#[tokio::test]
+async fn housekeeping_trims_only_consumed_change_log_rows() {
+    let h = harness().await;
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n', 'X', 'small')");
+    h.drain().await;
+    // Not read yet: must survive the trim.
+    h.exec(Side::A, "UPDATE parents SET name = 'n2' WHERE pid = 'p1'");
+    h.rt.housekeeping().await.unwrap();
+    assert_eq!(h.query(Side::A, "SELECT count(*) FROM _dualsync_changes"), 1);
+    h.drain().await;
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners WHERE title = 'n2'"), 1);
+    h.rt.housekeeping().await.unwrap();
+    assert_eq!(h.query(Side::A, "SELECT count(*) FROM _dualsync_changes"), 0);
 }

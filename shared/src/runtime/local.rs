@@ -11,12 +11,15 @@ use tokio::task::JoinHandle;
 use super::ingress::pump_feed;
 use super::worker::{run_loop, run_once};
 use crate::adapters::connectors::sqlite::{CaptureSpec, SqliteApp};
-use crate::adapters::embedded::{EmbeddedDb, EmbeddedQueue, QueueConfig};
+use crate::adapters::embedded::{EmbeddedDb, EmbeddedKv, EmbeddedQueue, QueueConfig};
 use crate::domain::config::JobDef;
 use crate::domain::job::{ConnectorSpec, Job, JobAction, JobStatus, Side};
 use crate::ports::{Clock, Connector, ConnectorError, Queue, SystemClock};
 use crate::state::{JobRecord, State, StateError};
 use crate::steps::{ConnectorRegistry, Failpoints, StepError, StepKind, Steps};
+
+/// How often a running runner trims change logs and purges expired items.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 
 /// Messages a worker takes per receive.
 pub const BATCH: usize = 500;
@@ -82,6 +85,7 @@ pub enum RuntimeError {
 
 pub struct LocalRuntime {
     pub state: State,
+    kv: EmbeddedKv,
     pub steps: Arc<Steps>,
     pub apps: Arc<dyn AppRegistry>,
     pub capture: Arc<EmbeddedQueue>,
@@ -125,12 +129,14 @@ impl LocalRuntime {
         let (capture, capture_dlq) = queue("capture", false);
         let (sequence, sequence_dlq) = queue("sequence", false);
         let (deliver, deliver_dlq) = queue("deliver.fifo", true);
-        let state = State::new(Arc::new(db.kv()), clock);
+        let kv = db.kv();
+        let state = State::new(Arc::new(kv.clone()), clock);
         let steps =
             Steps::new(state.clone(), apps.clone() as Arc<dyn ConnectorRegistry>, sequence.clone(), deliver.clone())
                 .with_failpoints(failpoints);
         LocalRuntime {
             state,
+            kv,
             steps: Arc::new(steps),
             apps,
             capture,
@@ -244,6 +250,26 @@ impl LocalRuntime {
         Ok(n)
     }
 
+    /// Housekeeping for a long run: trims the change-log rows every job has consumed and purges
+    /// expired items (capture dedupe) from the state table.
+    pub async fn housekeeping(&self) -> Result<(), RuntimeError> {
+        let mut consumed: HashMap<PathBuf, (u64, Arc<SqliteApp>)> = HashMap::new();
+        for job in self.active_jobs().await? {
+            for side in Side::BOTH {
+                let app = self.apps.sqlite_app(&job, side)?;
+                let pos = self.state.feed_position(&job.name, job.app_name(side)).await.map_err(StepError::from)?;
+                // An app shared by several jobs keeps what the slowest of them has not read.
+                let entry = consumed.entry(app.path().to_path_buf()).or_insert((pos, app));
+                entry.0 = entry.0.min(pos);
+            }
+        }
+        for (upto, app) in consumed.into_values() {
+            app.trim_changes(upto)?;
+        }
+        self.kv.purge_expired().map_err(StepError::from)?;
+        Ok(())
+    }
+
     /// True when no change log has unread rows and no queue holds a message (visible or not).
     pub async fn is_idle(&self) -> Result<bool, RuntimeError> {
         for q in [&self.capture, &self.sequence, &self.deliver] {
@@ -270,7 +296,14 @@ impl LocalRuntime {
         let rt = self.clone();
         let mut stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
+            let mut last_housekeeping = std::time::Instant::now();
             while !*stop.borrow() {
+                if last_housekeeping.elapsed() > HOUSEKEEPING_EVERY {
+                    if let Err(e) = rt.housekeeping().await {
+                        tracing::error!(error = %e, "housekeeping");
+                    }
+                    last_housekeeping = std::time::Instant::now();
+                }
                 let moved = match rt.pump_feeds(BATCH * 4).await {
                     Ok(n) => n,
                     Err(e) => {
@@ -305,15 +338,5 @@ impl LocalRuntime {
             )));
         }
         tasks
-    }
-
-    /// Waits until the pipeline is idle (see [`Self::is_idle`]), checking every `poll`.
-    pub async fn wait_idle(&self, poll: Duration) -> Result<(), RuntimeError> {
-        loop {
-            if self.is_idle().await? {
-                return Ok(());
-            }
-            tokio::time::sleep(poll).await;
-        }
     }
 }
