@@ -182,7 +182,7 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     println!("retry: {} selected, {} queued", retried.selected, retried.queued);
     let synced = m(&metrics.written);
     println!(
-        "written {synced}, loopback: {} echoes dropped at capture + {} found in step at delivery, live deletes {}",
+        "written {synced}, loopback: {} echoes dropped before delivery + {} found in step at delivery, live deletes {}",
         m(&metrics.echoes_suppressed),
         m(&metrics.in_step),
         m(&metrics.live_deletes)
