@@ -161,7 +161,6 @@ impl Steps {
         }
         let mut conflicts: Vec<ConflictRecord> = Vec::new();
         let mut failures: Vec<(usize, ErrorCategory, String)> = Vec::new();
-        let mut resolve: Vec<String> = Vec::new();
 
         for _race in 0..MAX_RACES {
             if pending.is_empty() {
@@ -425,18 +424,22 @@ impl Steps {
             }
             self.failpoints.check("deliver.after_write")?;
 
-            // Step 7: commit the links, each conditional on the revision read.
+            // Step 7: commit the links, each conditional on the revision read. A commit drops its
+            // link's open errors, so their rows are resolved first: after the commit, a crash in
+            // between would leave them open for good. (A commit that loses its race goes back to
+            // step 1, where a failure opens its row again.)
+            let resolve: Vec<String> = commits.iter().flat_map(|(_, _, _, errors)| errors.iter().cloned()).collect();
+            if !resolve.is_empty() {
+                self.state.resolve_errors(&job.name, &resolve).await?;
+            }
             let puts = commits
                 .iter()
                 .map(|(i, next, rev, _)| State::link_put(&job.name, &changes[*i].map, &changes[*i].key, next, *rev))
                 .collect();
             let answers = self.state.put_links(puts).await?;
-            for ((i, _, _, errors), a) in commits.iter().zip(answers) {
+            for ((i, _, _, _), a) in commits.iter().zip(answers) {
                 match a {
-                    Ok(_) => {
-                        results[*i] = Some(ChangeResult::Done);
-                        resolve.extend(errors.iter().cloned());
-                    }
+                    Ok(_) => results[*i] = Some(ChangeResult::Done),
                     Err(KvError::ConditionFailed { .. }) => retry.push(*i),
                     Err(e) => return Err(e.into()),
                 }
@@ -459,9 +462,6 @@ impl Steps {
         for c in conflicts {
             Metrics::add(&self.metrics.conflicts, 1);
             self.state.record_conflict(c).await?;
-        }
-        if !resolve.is_empty() {
-            self.state.resolve_errors(&job.name, &resolve).await?;
         }
         Ok(results.into_iter().map(|r| r.unwrap_or(ChangeResult::Done)).collect())
     }
