@@ -18,7 +18,7 @@ use dualsync::ports::{
 use dualsync::runtime::local::{AppRegistry, LocalRuntime, SqliteRegistry};
 use dualsync::runtime::worker::run_once;
 use dualsync::state::ErrorFilter;
-use dualsync::steps::{ConnectorRegistry, Failpoints};
+use dualsync::steps::{ConnectorRegistry, Failpoints, StepKind};
 
 const JOB: &str = "job: j
 apps:
@@ -190,8 +190,9 @@ impl H {
     async fn run_capture(&self) {
         let steps = &self.rt.steps;
         for _ in 0..10 {
-            run_once(self.rt.capture.as_ref(), 10, &|m| async move {
-                let r = steps.capture(&m).await;
+            let queue = self.rt.capture.as_ref();
+            run_once(queue, 10, &|m| async move {
+                let r = steps.handle(StepKind::Capture, queue, &m).await;
                 (m, r)
             })
             .await
@@ -208,11 +209,17 @@ fn notification(job: &str, app: &str, entity: &str, key: &[&str], company: Optio
     .to_string()
 }
 
-async fn assert_dead_lettered(h: &H, reason_hint: &str) {
+/// The message is in the dead-letter queue, and a dead-letter row says why.
+async fn assert_dead_lettered(h: &H, reason: &str) {
     h.run_capture().await;
-    assert!(h.rt.capture.is_empty().unwrap(), "{reason_hint}: still on the capture queue");
+    assert!(h.rt.capture.is_empty().unwrap(), "{reason}: still on the capture queue");
     let dlq = h.rt.dead_letters[0].peek_all().unwrap();
-    assert_eq!(dlq.len(), 1, "{reason_hint}: not dead-lettered");
+    assert_eq!(dlq.len(), 1, "{reason}: not dead-lettered");
+    let rows = h.rt.state.dead_letters("capture").await.unwrap();
+    assert_eq!(rows.len(), 1, "{reason}: one dead-letter row");
+    assert!(rows[0].reason.contains(reason), "{reason}: row says {:?}", rows[0].reason);
+    assert_eq!(rows[0].body, dlq[0].body);
+    assert_eq!(rows[0].receive_count, 5);
     assert!(h.errors().await.is_empty());
 }
 
@@ -220,21 +227,21 @@ async fn assert_dead_lettered(h: &H, reason_hint: &str) {
 async fn malformed_notification_goes_to_the_dead_letter_queue() {
     let h = harness().await;
     h.send_capture("{not json").await;
-    assert_dead_lettered(&h, "malformed json").await;
+    assert_dead_lettered(&h, "malformed change notification").await;
 }
 
 #[tokio::test]
 async fn unknown_job_goes_to_the_dead_letter_queue() {
     let h = harness().await;
     h.send_capture(&notification("nope", "a", "parents", &["p1"], Some("X"))).await;
-    assert_dead_lettered(&h, "unknown job").await;
+    assert_dead_lettered(&h, "unknown job 'nope'").await;
 }
 
 #[tokio::test]
 async fn unknown_app_goes_to_the_dead_letter_queue() {
     let h = harness().await;
     h.send_capture(&notification("j", "crm", "parents", &["p1"], Some("X"))).await;
-    assert_dead_lettered(&h, "unknown app").await;
+    assert_dead_lettered(&h, "app 'crm' is not an app of job 'j'").await;
 }
 
 #[tokio::test]

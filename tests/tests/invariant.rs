@@ -490,8 +490,9 @@ impl Harness {
             log.extend(queue.peek_all().expect("peek").into_iter().map(|m| (i, m.group, m.body)));
         }
         let steps = &self.rt.steps;
-        run_once(queue.as_ref(), batch, &|m| async move {
-            let r = steps.run(step, &m).await;
+        let input = queue.as_ref();
+        run_once(input, batch, &|m| async move {
+            let r = steps.handle(step, input, &m).await;
             (m, r)
         })
         .await

@@ -97,3 +97,17 @@ pub struct ConflictRecord {
     pub hashes: [String; 2],
     pub at_ms: i64,
 }
+
+/// A message that a step could not handle within its queue's receive limit: it is on its way to
+/// the dead-letter queue. Bodies are references (keys, ids), never record data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub queue: String,
+    pub message_id: String,
+    /// The job the message names, when it names one.
+    pub job: Option<String>,
+    pub receive_count: u32,
+    pub reason: String,
+    pub body: String,
+    pub at_ms: i64,
+}

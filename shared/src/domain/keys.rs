@@ -63,6 +63,11 @@ pub fn feed_pk(job: &str, app: &str) -> String {
     format!("FEED#{}#{}", escape(job), escape(app))
 }
 
+/// Dead-letter rows of one queue, one per message (sort key: the message id).
+pub fn dead_letters_pk(queue: &str) -> String {
+    format!("DEAD#{}", escape(queue))
+}
+
 pub fn init_pk(job: &str, map: &str) -> String {
     format!("INIT#{}#{}", escape(job), escape(map))
 }

@@ -91,7 +91,8 @@ pub struct LocalRuntime {
     pub capture: Arc<EmbeddedQueue>,
     pub sequence: Arc<EmbeddedQueue>,
     pub deliver: Arc<EmbeddedQueue>,
-    pub dead_letters: [Arc<EmbeddedQueue>; 3],
+    pub reconcile: Arc<EmbeddedQueue>,
+    pub dead_letters: [Arc<EmbeddedQueue>; 4],
     /// Deliver workers run side by side; FIFO groups keep each group in order.
     pub deliver_workers: usize,
 }
@@ -129,6 +130,7 @@ impl LocalRuntime {
         let (capture, capture_dlq) = queue("capture", false);
         let (sequence, sequence_dlq) = queue("sequence", false);
         let (deliver, deliver_dlq) = queue("deliver.fifo", true);
+        let (reconcile, reconcile_dlq) = queue("reconcile.fifo", true);
         let kv = db.kv();
         let state = State::new(Arc::new(kv.clone()), clock);
         let steps =
@@ -142,7 +144,8 @@ impl LocalRuntime {
             capture,
             sequence,
             deliver,
-            dead_letters: [capture_dlq, sequence_dlq, deliver_dlq],
+            reconcile,
+            dead_letters: [capture_dlq, sequence_dlq, deliver_dlq, reconcile_dlq],
             deliver_workers: 2,
         }
     }
@@ -228,14 +231,16 @@ impl LocalRuntime {
             StepKind::Capture => &self.capture,
             StepKind::Sequence => &self.sequence,
             StepKind::Deliver => &self.deliver,
+            StepKind::Reconcile => &self.reconcile,
         }
     }
 
     /// Runs one batch of one step in this task; returns the messages handled.
     pub async fn step_once(&self, step: StepKind) -> Result<usize, StepError> {
         let steps = &self.steps;
-        run_once(self.queue(step).as_ref(), BATCH, &|m| async move {
-            let r = steps.run(step, &m).await;
+        let queue = self.queue(step).as_ref();
+        run_once(queue, BATCH, &|m| async move {
+            let r = steps.handle(step, queue, &m).await;
             (m, r)
         })
         .await
@@ -244,7 +249,7 @@ impl LocalRuntime {
     /// One round of every step, in this task: what tests and `drain` use.
     pub async fn pump(&self) -> Result<usize, RuntimeError> {
         let mut n = self.pump_feeds(BATCH * 4).await?;
-        for step in [StepKind::Capture, StepKind::Sequence, StepKind::Deliver] {
+        for step in [StepKind::Capture, StepKind::Sequence, StepKind::Deliver, StepKind::Reconcile] {
             n += self.step_once(step).await?;
         }
         Ok(n)
@@ -272,7 +277,7 @@ impl LocalRuntime {
 
     /// True when no change log has unread rows and no queue holds a message (visible or not).
     pub async fn is_idle(&self) -> Result<bool, RuntimeError> {
-        for q in [&self.capture, &self.sequence, &self.deliver] {
+        for q in [&self.capture, &self.sequence, &self.deliver, &self.reconcile] {
             if !q.is_empty().map_err(StepError::from)? {
                 return Ok(false);
             }
@@ -319,18 +324,20 @@ impl LocalRuntime {
                 }
             }
         }));
-        let mut steps = vec![StepKind::Capture, StepKind::Sequence];
+        let mut steps = vec![StepKind::Capture, StepKind::Sequence, StepKind::Reconcile];
         steps.extend(std::iter::repeat_n(StepKind::Deliver, self.deliver_workers));
         for step in steps {
             let handler = self.steps.clone();
             let queue = self.queue(step).clone() as Arc<dyn Queue>;
+            let input = queue.clone();
             tasks.push(tokio::spawn(run_loop(
                 queue,
                 BATCH,
                 move |m| {
                     let s = handler.clone();
+                    let input = input.clone();
                     async move {
-                        let r = s.run(step, &m).await;
+                        let r = s.handle(step, input.as_ref(), &m).await;
                         (m, r)
                     }
                 },

@@ -10,18 +10,15 @@ use tracing::{error, warn};
 use crate::ports::{InMessage, Queue, QueueError};
 use crate::steps::{Outcome, StepError};
 
-/// Applies outcomes to the queue: acks in one call, releases one by one.
+/// Applies outcomes to the queue (see [`crate::steps::Steps::handle`]): acks in one call,
+/// releases one by one; a poison message comes back at once, to reach its dead-letter queue.
 pub async fn settle(queue: &dyn Queue, msgs: &[InMessage], outcomes: &[Outcome]) -> Result<(), QueueError> {
     let mut acks = Vec::new();
     for (m, o) in msgs.iter().zip(outcomes) {
         match o {
             Outcome::Done => acks.push(m.receipt.clone()),
-            Outcome::Retry { delay } => queue.release(&m.receipt, *delay).await?,
-            Outcome::Poison { reason } => {
-                // Field values never reach this reason: steps name keys at most.
-                warn!(queue = queue.name(), message = %m.id, receive_count = m.receive_count, %reason, "poison message; it goes to the dead-letter queue after its last receive");
-                queue.release(&m.receipt, Duration::ZERO).await?;
-            }
+            Outcome::Retry { delay, .. } => queue.release(&m.receipt, *delay).await?,
+            Outcome::Poison { .. } => queue.release(&m.receipt, Duration::ZERO).await?,
         }
     }
     if !acks.is_empty() {

@@ -49,7 +49,10 @@ impl Steps {
             return Ok(Outcome::Done);
         }
         if lj.status == JobStatus::Starting {
-            return Ok(Outcome::Retry { delay: self.backoff.delay(m.receive_count, None) });
+            return Ok(Outcome::Retry {
+                delay: self.backoff.delay(m.receive_count, None),
+                reason: format!("job '{}' is still starting", job.name),
+            });
         }
 
         // Validate and resolve every change against the job.
@@ -127,8 +130,8 @@ impl Steps {
         let (live, queued): (Vec<_>, Vec<_>) = upserts.into_iter().partition(|u| u.1 == Mode::Live);
         let live: Vec<ChangeRef> = live.into_iter().map(|u| u.0).collect();
         for r in self.deliver_now(&lj, &live).await? {
-            if let ChangeResult::System { retry_after, .. } = r {
-                return Ok(Outcome::Retry { delay: self.backoff.delay(m.receive_count, retry_after) });
+            if let ChangeResult::System { retry_after, message } = r {
+                return Ok(Outcome::Retry { delay: self.backoff.delay(m.receive_count, retry_after), reason: message });
             }
         }
 
@@ -177,8 +180,9 @@ impl Steps {
                 Ok(None)
             }
             Err(ConnectorError::Transient { retry_after, message, .. }) => {
-                warn!(job = %job.name, map = %c.map, key = %c.key, %message, "live delete failed; will retry");
-                Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, retry_after) }))
+                warn!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, %message, "live delete failed; will retry");
+                let reason = format!("live delete of {}/{}: {message}", c.map, c.key);
+                Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, retry_after), reason }))
             }
             Err(ConnectorError::Rejected { message, .. }) => {
                 let msg = format!("{} refused the delete of {}/{}: {message}", job.app_name(target), c.map, c.key);

@@ -74,7 +74,10 @@ impl Steps {
                 // Only an active job moves data: keep the messages until it runs again.
                 for (_, lane) in &lanes {
                     for (i, _) in lane {
-                        outcomes[*i] = Outcome::Retry { delay: self.backoff.cap.min(Duration::from_secs(30)) };
+                        outcomes[*i] = Outcome::Retry {
+                            delay: self.backoff.cap.min(Duration::from_secs(30)),
+                            reason: format!("job '{job_name}' is {}", lj.status.as_str()),
+                        };
                     }
                 }
                 continue;
@@ -114,7 +117,14 @@ impl Steps {
                         outcomes[*i] = Outcome::Done;
                     } else {
                         Metrics::add(&self.metrics.system_retries, u64::from(pos == heads[l]));
-                        outcomes[*i] = Outcome::Retry { delay: self.backoff.delay(m.receive_count, *retry_after) };
+                        outcomes[*i] = Outcome::Retry {
+                            delay: self.backoff.delay(m.receive_count, *retry_after),
+                            reason: if pos == heads[l] {
+                                message.clone()
+                            } else {
+                                format!("waits behind {}/{}, which failed", failed.map, failed.key)
+                            },
+                        };
                     }
                 }
             }

@@ -3,6 +3,7 @@
 //! which a handler maps to acks and releases (locally) or to an `SqsBatchResponse` (Lambda).
 pub mod capture;
 pub mod deliver;
+pub mod handle;
 pub mod initial_sync;
 pub mod reconcile;
 pub mod sequence;
@@ -22,7 +23,7 @@ pub enum Outcome {
     /// Handled (delivered, skipped, or recorded as an error row): acknowledge.
     Done,
     /// A system failure: give the message back, visible again after `delay`.
-    Retry { delay: Duration },
+    Retry { delay: Duration, reason: String },
     /// The message cannot be handled at all (malformed, unknown job): give it back so that it
     /// reaches the dead-letter queue; the reason is logged.
     Poison { reason: String },
@@ -34,6 +35,7 @@ pub enum StepKind {
     Capture,
     Sequence,
     Deliver,
+    Reconcile,
 }
 
 impl Steps {
@@ -43,6 +45,7 @@ impl Steps {
             StepKind::Capture => self.capture(msgs).await,
             StepKind::Sequence => self.sequence(msgs).await,
             StepKind::Deliver => self.deliver(msgs).await,
+            StepKind::Reconcile => self.reconcile_messages(msgs).await,
         }
     }
 }

@@ -6,12 +6,12 @@
 //! active. (Request queueing and its limits come with the error-management work.)
 use serde::{Deserialize, Serialize};
 
-use super::{StepError, Steps};
+use super::{Outcome, StepError, Steps};
 use crate::domain::change::{ChangeRef, DeliveryBatch, Lane};
 use crate::domain::errors::{ErrorCategory, ErrorStatus};
 use crate::domain::job::JobStatus;
 use crate::domain::sequence::{bucket, group_id, root_of};
-use crate::ports::OutMessage;
+use crate::ports::{InMessage, OutMessage};
 use crate::state::{ErrorFilter, StateError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +20,38 @@ pub enum ReconcileAction {
     Retry,
     Dismiss,
 }
+
+/// A message on the reconcile queue (FIFO, group = job, so a job's requests run in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ReconcileMessage {
+    Retry {
+        job: String,
+        #[serde(default)]
+        filter: ErrorFilter,
+    },
+    Dismiss {
+        job: String,
+        #[serde(default)]
+        filter: ErrorFilter,
+    },
+    /// Copies what exists in app `from` to the other app (DESIGN §5). Checkpointed per page: a
+    /// run cut short (a Lambda timeout) resumes where it stopped when the message comes again.
+    InitialSync { job: String, from: String },
+}
+
+impl ReconcileMessage {
+    pub fn job(&self) -> &str {
+        match self {
+            ReconcileMessage::Retry { job, .. }
+            | ReconcileMessage::Dismiss { job, .. }
+            | ReconcileMessage::InitialSync { job, .. } => job,
+        }
+    }
+}
+
+/// Pages of an initial sync run from the reconcile queue.
+const INITIAL_SYNC_PAGE: usize = 500;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
@@ -34,6 +66,8 @@ pub struct ReconcileReport {
 pub enum ReconcileError {
     #[error("job '{job}' is {status}: retry and dismiss work only while it is active")]
     NotActive { job: String, status: &'static str },
+    #[error("app '{app}' is not an app of job '{job}'")]
+    UnknownApp { job: String, app: String },
     #[error(transparent)]
     Step(#[from] StepError),
 }
@@ -45,6 +79,61 @@ impl From<StateError> for ReconcileError {
 }
 
 impl Steps {
+    /// The reconcile step over a batch of reconcile-queue messages, in order.
+    pub async fn reconcile_messages(&self, msgs: &[InMessage]) -> Result<Vec<Outcome>, StepError> {
+        let mut outcomes = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let request: ReconcileMessage = match serde_json::from_str(&m.body) {
+                Ok(r) => r,
+                Err(e) => {
+                    outcomes.push(Outcome::Poison { reason: format!("malformed reconcile request: {e}") });
+                    continue;
+                }
+            };
+            let job = request.job().to_string();
+            let result = match request {
+                ReconcileMessage::Retry { filter, .. } => {
+                    self.reconcile(&job, ReconcileAction::Retry, &filter).await.map(|r| format!("{r:?}"))
+                }
+                ReconcileMessage::Dismiss { filter, .. } => {
+                    self.reconcile(&job, ReconcileAction::Dismiss, &filter).await.map(|r| format!("{r:?}"))
+                }
+                ReconcileMessage::InitialSync { from, .. } => self.initial_sync_from(&job, &from).await,
+            };
+            outcomes.push(match result {
+                Ok(report) => {
+                    tracing::info!(job = %job, %report, "reconcile request done");
+                    Outcome::Done
+                }
+                // Refusals (unknown job, job not active, unknown app) are the request's fault:
+                // it goes to the dead-letter queue with the reason on record.
+                Err(ReconcileError::NotActive { job, status }) => {
+                    Outcome::Poison { reason: format!("job '{job}' is {status}: retry and dismiss need it active") }
+                }
+                Err(ReconcileError::Step(StepError::State(e @ StateError::UnknownJob(_)))) => {
+                    Outcome::Poison { reason: e.to_string() }
+                }
+                Err(ReconcileError::Step(StepError::NotActive { job, status })) => {
+                    Outcome::Poison { reason: format!("job '{job}' is {status}: initial sync needs it active") }
+                }
+                Err(ReconcileError::UnknownApp { job, app }) => {
+                    Outcome::Poison { reason: format!("app '{app}' is not an app of job '{job}'") }
+                }
+                Err(ReconcileError::Step(e)) => return Err(e),
+            });
+        }
+        Ok(outcomes)
+    }
+
+    async fn initial_sync_from(&self, job: &str, from: &str) -> Result<String, ReconcileError> {
+        let (compiled, _) = self.state.job(job).await?;
+        let side = compiled
+            .side_of(from)
+            .ok_or_else(|| ReconcileError::UnknownApp { job: job.to_string(), app: from.to_string() })?;
+        let report = self.initial_sync(job, side, INITIAL_SYNC_PAGE, |_, _| {}).await?;
+        Ok(format!("{report:?}"))
+    }
+
     /// Retries or dismisses the open error rows of `job` that match `filter`.
     pub async fn reconcile(
         &self,
