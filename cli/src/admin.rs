@@ -231,7 +231,7 @@ pub async fn initial_sync(data_dir: &Path, args: InitialSyncArgs) -> Result<()> 
         );
     };
     if args.restart {
-        rt.steps.reset_initial_sync(&args.job, &args.from).await?;
+        dualsync::steps::initial_sync::reset_checkpoints(&rt.state, &args.job, &args.from).await?;
     }
     let report = rt.steps.initial_sync(&args.job, side, 500, |map, n| eprintln!("{map}: {n} records")).await?;
     println!(

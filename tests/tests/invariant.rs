@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use dualsync::adapters::connectors::sqlite::transaction;
 use dualsync::adapters::embedded::EmbeddedDb;
 use dualsync::domain::canon;
-use dualsync::domain::change::{DeliveryBatch, Key};
+use dualsync::domain::change::Key;
 use dualsync::domain::config::parse_job;
 use dualsync::domain::errors::{ConflictRecord, ErrorStatus, SyncError};
 use dualsync::domain::job::Side;
@@ -72,15 +72,6 @@ const PAST_VISIBILITY_MS: i64 = 31_000;
 const MAX_CRASHES: usize = 4;
 
 const DRAIN_ROUNDS: usize = 200;
-
-/// Known hole, not fixed: a deliver batch crashes after its write to app O and before its link
-/// commit; O's user then edits the record (on top of what dualsync wrote) before the batch is
-/// redelivered. The redelivery sees neither the last synced content nor the content it wrote in
-/// O, takes O's edit for a concurrent one, and when the source is primary overwrites it: a lost
-/// update (`found_an_edit_on_top_of_a_write_that_crashed_before_its_commit_is_kept`, ignored).
-/// While this is `true`, such an edit first lets the crashed batch be redelivered; edits of the
-/// source side in that window stay unguarded.
-const GUARD_EDIT_ON_TOP_OF_A_CRASHED_WRITE: bool = true;
 
 const STEPS: [StepKind; 3] = [StepKind::Capture, StepKind::Sequence, StepKind::Deliver];
 
@@ -343,10 +334,6 @@ struct Harness {
     /// Whether a child may be created where its parent does not exist (the delivery then fails
     /// with a missing reference, an application error).
     orphans: bool,
-    /// See [`GUARD_EDIT_ON_TOP_OF_A_CRASHED_WRITE`]: whether it applies, and the records a deliver
-    /// batch wrote before it crashed, with the side written, until the batch is redelivered.
-    guard: bool,
-    crashed_writes: HashSet<(String, Key, Side)>,
 }
 
 impl Harness {
@@ -403,8 +390,6 @@ impl Harness {
             replaced: HashMap::new(),
             log: None,
             orphans: false,
-            guard: GUARD_EDIT_ON_TOP_OF_A_CRASHED_WRITE,
-            crashed_writes: HashSet::new(),
         }
     }
 
@@ -514,9 +499,6 @@ impl Harness {
     async fn act(&mut self, a: &Action) -> Vec<(Side, Rec, u64)> {
         match a {
             Action::Edit { side, recs } => {
-                if recs.iter().any(|r| self.crashed_writes.contains(&(r.map().to_string(), r.key(), *side))) {
-                    self.redeliver_crashed().await;
-                }
                 return self.edit(*side, recs).into_iter().map(|(r, v)| (*side, r, v)).collect();
             }
             Action::Feeds { limit } => {
@@ -530,26 +512,10 @@ impl Harness {
                 if self.crashes < MAX_CRASHES {
                     *self.armed.lock().unwrap() = Some(name.to_string());
                 }
-                let received = |h: &Self| -> HashMap<i64, u32> {
-                    let msgs = h.rt.queue(step).peek_all().expect("peek");
-                    msgs.into_iter().map(|m| (m.id, m.receive_count)).collect()
-                };
-                let before = received(self);
                 self.step(step, *batch).await;
                 // Still armed: the step did not get there (nothing to do, or not that far).
                 if self.armed.lock().unwrap().take().is_none() && self.crashes < MAX_CRASHES {
                     self.crashes += 1;
-                    if self.guard && name == "deliver.after_write" {
-                        for m in self.rt.deliver.peek_all().expect("peek") {
-                            if before.get(&m.id) == Some(&m.receive_count) {
-                                continue;
-                            }
-                            let batch: DeliveryBatch = serde_json::from_str(&m.body).expect("delivery batch");
-                            for c in batch.lanes.into_iter().flat_map(|l| l.changes) {
-                                self.crashed_writes.insert((c.map, c.key, c.source.other()));
-                            }
-                        }
-                    }
                     self.clock.advance(PAST_VISIBILITY_MS);
                 }
             }
@@ -563,19 +529,6 @@ impl Harness {
             Action::Advance { ms } => self.clock.advance(*ms),
         }
         Vec::new()
-    }
-
-    /// Runs deliver until no batch that crashed is waiting to come back (see
-    /// [`GUARD_EDIT_ON_TOP_OF_A_CRASHED_WRITE`]).
-    async fn redeliver_crashed(&mut self) {
-        for _ in 0..100 {
-            if !self.rt.deliver.peek_all().expect("peek").iter().any(|m| m.receive_count > 0) {
-                self.crashed_writes.clear();
-                return;
-            }
-            self.step(StepKind::Deliver, 8).await;
-        }
-        panic!("a deliver batch that crashed did not come back");
     }
 
     /// Runs every step until the pipeline is idle, moving the clock past the visibility timeout
@@ -593,7 +546,6 @@ impl Harness {
             }
             if self.rt.is_idle().await.expect("idle") {
                 self.crashes = 0;
-                self.crashed_writes.clear();
                 return Ok(());
             }
             self.clock.advance(PAST_VISIBILITY_MS);
@@ -697,16 +649,11 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// Property 1: convergence under chaos.
 async fn convergence(primary: Side, actions: &[Action]) -> Result<(), TestCaseError> {
-    convergence_guarded(primary, actions, GUARD_EDIT_ON_TOP_OF_A_CRASHED_WRITE).await
+    convergence_with(primary, actions, false).await
 }
 
-async fn convergence_guarded(primary: Side, actions: &[Action], guard: bool) -> Result<(), TestCaseError> {
-    convergence_with(primary, actions, guard, false).await
-}
-
-async fn convergence_with(primary: Side, actions: &[Action], guard: bool, orphans: bool) -> Result<(), TestCaseError> {
+async fn convergence_with(primary: Side, actions: &[Action], orphans: bool) -> Result<(), TestCaseError> {
     let mut h = Harness::new(primary).await;
-    h.guard = guard;
     h.orphans = orphans;
     for a in actions {
         h.act(a).await;
@@ -823,7 +770,7 @@ proptest! {
     /// references, errors that stay open until the child syncs, and must be resolved when it does.
     #[test]
     fn converges_with_missing_references(primary in side(), actions in prop::collection::vec(chaos_action(), 1..60)) {
-        block_on(convergence_with(primary, &actions, GUARD_EDIT_ON_TOP_OF_A_CRASHED_WRITE, true))?;
+        block_on(convergence_with(primary, &actions, true))?;
     }
 }
 
@@ -923,13 +870,13 @@ fn found_a_crash_between_write_and_link_commit_is_not_taken_for_an_edit() {
     run(block_on(convergence(Side::B, &actions)));
 }
 
-/// See [`GUARD_EDIT_ON_TOP_OF_A_CRASHED_WRITE`]: A's change is written to B, and the process dies
-/// before the link commit; B's user then edits the record, on top of what dualsync wrote. That
-/// edit is the newest; but the redelivery of A's change sees B hold neither the last synced
-/// content (there is none yet) nor the content it was writing, takes B's edit for a concurrent
-/// one, and A being primary, writes A's older content over it.
+/// A's change is written to B and the process dies before the batch is acknowledged; B's user
+/// then edits the record, on top of what dualsync wrote. That edit is the newest. With a link
+/// commit after the write, the redelivery saw B hold neither the last synced content nor the
+/// content it wrote, took B's edit for a concurrent one, and A being primary, wrote A's older
+/// content over it. The pending write on the link, with the version it replaced, tells them
+/// apart (`PendingWrite::landed`).
 #[test]
-#[ignore = "known hole: a crash between the write and the link commit, then an edit on top of the write"]
 fn found_an_edit_on_top_of_a_write_that_crashed_before_its_commit_is_kept() {
     use Action::*;
     let actions = [
@@ -940,20 +887,7 @@ fn found_an_edit_on_top_of_a_write_that_crashed_before_its_commit_is_kept() {
         Crash { point: 3, batch: 1 },
         Edit { side: Side::B, recs: vec![Rec::Parent(2)] },
     ];
-    run(block_on(convergence_guarded(Side::A, &actions, false)));
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(CASES_CONVERGENCE), ..ProptestConfig::default() })]
-    /// Property 1 without [`GUARD_EDIT_ON_TOP_OF_A_CRASHED_WRITE`].
-    #[test]
-    #[ignore = "known hole: a crash between the write and the link commit, then an edit on top of the write"]
-    fn converges_under_chaos_with_edits_on_top_of_crashed_writes(
-        primary in side(),
-        actions in prop::collection::vec(chaos_action(), 1..60),
-    ) {
-        block_on(convergence_guarded(primary, &actions, false))?;
-    }
+    run(block_on(convergence(Side::A, &actions)));
 }
 
 /// A child synced after its missing reference was mended, and the process died right after the
@@ -978,5 +912,5 @@ fn found_an_error_is_resolved_even_if_the_process_dies_after_the_commit() {
     actions.push(Edit { side: Side::A, recs: vec![Rec::Child(0, 1)] });
     actions.extend(pipeline());
     actions.push(Crash { point: 4, batch: 4 });
-    run(block_on(convergence_with(Side::A, &actions, true, true)));
+    run(block_on(convergence_with(Side::A, &actions, true)));
 }

@@ -1,7 +1,7 @@
 //! The pure part of delivery (DESIGN §3, steps 3 and 4): given the hashes of the two records and
 //! the link state, what to do.
 use super::job::Side;
-use super::link::LinkState;
+use super::link::{LinkState, Observed};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -17,25 +17,26 @@ pub enum Decision {
     Write { conflict: bool },
 }
 
-/// `h_source`: hash of the source record (read fresh); `h_other`: hash of the other side's
-/// record, `None` when it does not exist.
+/// `src`: the source record (read fresh); `other`: the other side's record, `None` when it
+/// does not exist.
 pub fn decide(
     link: Option<&LinkState>,
     source: Side,
     primary: Side,
-    h_source: &str,
-    h_other: Option<&str>,
+    src: Observed<'_>,
+    other: Option<Observed<'_>>,
 ) -> Decision {
-    let Some(h_other) = h_other else {
+    let Some(o) = other else {
         return Decision::Write { conflict: false };
     };
+    let (h_source, h_other) = (src.hash, o.hash);
     if h_source == h_other {
         return Decision::InStep;
     }
-    let mut hashes = [None, None];
-    hashes[source.index()] = Some(h_source);
-    hashes[source.other().index()] = Some(h_other);
-    let last = link.and_then(|l| l.last_synced(hashes));
+    let mut records = [None, None];
+    records[source.index()] = Some(src);
+    records[source.other().index()] = other;
+    let last = link.and_then(|l| l.last_synced(records));
     match last {
         // The other side is as we left it: an ordinary change of the source.
         Some(last) if last == h_other => Decision::Write { conflict: false },
@@ -50,36 +51,71 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::link::PendingWrite;
 
     fn link(hash: &str) -> LinkState {
         LinkState { hash: Some(hash.into()), ..Default::default() }
+    }
+
+    /// A record with content `hash` at a version named after it.
+    fn rec(hash: &str) -> Option<Observed<'_>> {
+        Some(Observed { hash, version: hash })
+    }
+
+    fn d(l: Option<&LinkState>, source: Side, primary: Side, src: &str, other: Option<&str>) -> Decision {
+        decide(l, source, primary, rec(src).expect("source"), other.and_then(rec))
     }
 
     #[test]
     fn every_branch_of_step_3_and_4() {
         let l = link("h0");
         let (a, b) = (Side::A, Side::B);
-        assert_eq!(decide(Some(&l), a, a, "h1", None), Decision::Write { conflict: false });
-        assert_eq!(decide(Some(&l), a, a, "h1", Some("h1")), Decision::InStep);
-        assert_eq!(decide(Some(&l), a, a, "h1", Some("h0")), Decision::Write { conflict: false });
-        assert_eq!(decide(Some(&l), b, a, "h0", Some("h1")), Decision::OtherSideChanged);
-        assert_eq!(decide(Some(&l), a, a, "h1", Some("h2")), Decision::Write { conflict: true });
-        assert_eq!(decide(Some(&l), b, a, "h2", Some("h1")), Decision::ConflictLost);
+        assert_eq!(d(Some(&l), a, a, "h1", None), Decision::Write { conflict: false });
+        assert_eq!(d(Some(&l), a, a, "h1", Some("h1")), Decision::InStep);
+        assert_eq!(d(Some(&l), a, a, "h1", Some("h0")), Decision::Write { conflict: false });
+        assert_eq!(d(Some(&l), b, a, "h0", Some("h1")), Decision::OtherSideChanged);
+        assert_eq!(d(Some(&l), a, a, "h1", Some("h2")), Decision::Write { conflict: true });
+        assert_eq!(d(Some(&l), b, a, "h2", Some("h1")), Decision::ConflictLost);
         // No link yet, both exist and differ: a conflict too.
-        assert_eq!(decide(None, a, a, "h1", Some("h2")), Decision::Write { conflict: true });
-        assert_eq!(decide(None, b, a, "h1", Some("h2")), Decision::ConflictLost);
-        assert_eq!(decide(Some(&LinkState::default()), b, a, "h1", Some("h2")), Decision::ConflictLost);
+        assert_eq!(d(None, a, a, "h1", Some("h2")), Decision::Write { conflict: true });
+        assert_eq!(d(None, b, a, "h1", Some("h2")), Decision::ConflictLost);
+        assert_eq!(d(Some(&LinkState::default()), b, a, "h1", Some("h2")), Decision::ConflictLost);
+    }
+
+    /// B's content h1 was being written to A (at version h0) when the process died.
+    fn pending_b_to_a() -> LinkState {
+        let mut l = link("h0");
+        l.pending = Some(PendingWrite { side: Side::A, hash: "h1".into(), from_version: Some("h0".into()) });
+        l
     }
 
     #[test]
-    fn a_write_that_landed_before_a_crash_counts_as_the_last_sync() {
-        // B's content h1 was being written to A when the process died; B then changed to h2.
-        let mut l = link("h0");
-        l.pending = Some((Side::A, "h1".into()));
-        assert_eq!(decide(Some(&l), Side::B, Side::A, "h2", Some("h1")), Decision::Write { conflict: false });
-        // The write did not land: A still holds h0, the last real sync.
-        assert_eq!(decide(Some(&l), Side::B, Side::A, "h2", Some("h0")), Decision::Write { conflict: false });
-        // A changed on its own meanwhile: a real conflict.
-        assert_eq!(decide(Some(&l), Side::B, Side::A, "h2", Some("h3")), Decision::ConflictLost);
+    fn a_write_that_landed_counts_as_the_last_sync() {
+        let l = pending_b_to_a();
+        // It landed; B then changed to h2: an ordinary change of B.
+        assert_eq!(d(Some(&l), Side::B, Side::A, "h2", Some("h1")), Decision::Write { conflict: false });
+        // It landed and B did not change again: the echo is in step.
+        assert_eq!(d(Some(&l), Side::B, Side::A, "h1", Some("h1")), Decision::InStep);
+    }
+
+    #[test]
+    fn a_write_that_did_not_land_leaves_the_last_sync_as_it_was() {
+        let l = pending_b_to_a();
+        // A is still at the version the write was conditional on: B's change is still to send.
+        assert_eq!(d(Some(&l), Side::B, Side::A, "h1", Some("h0")), Decision::Write { conflict: false });
+        assert_eq!(d(Some(&l), Side::B, Side::A, "h2", Some("h0")), Decision::Write { conflict: false });
+    }
+
+    #[test]
+    fn an_edit_on_top_of_a_landed_write_is_the_other_sides_change() {
+        // The write landed, then a user edited A to h3 (a new version). A is primary, B the
+        // source: B's content is what was synced, so A's edit flows to B; it is not a conflict
+        // that would overwrite the edit.
+        let l = pending_b_to_a();
+        assert_eq!(d(Some(&l), Side::B, Side::B, "h1", Some("h3")), Decision::OtherSideChanged);
+        // And A's own change, delivered from A, is an ordinary change.
+        assert_eq!(d(Some(&l), Side::A, Side::B, "h3", Some("h1")), Decision::Write { conflict: false });
+        // If B changed too, it is a real conflict.
+        assert_eq!(d(Some(&l), Side::B, Side::A, "h2", Some("h3")), Decision::ConflictLost);
     }
 }

@@ -71,6 +71,24 @@ impl ConnectorRegistry for SqliteRegistry {
     }
 }
 
+/// Installs change capture (triggers and change log) for every mapped entity in both of a
+/// job's sqlite apps.
+pub fn install_capture(apps: &dyn AppRegistry, job: &Job) -> Result<(), ConnectorError> {
+    for side in Side::BOTH {
+        let specs: Vec<CaptureSpec> = job
+            .maps
+            .iter()
+            .map(|m| CaptureSpec {
+                entity: m.entity(side).to_string(),
+                key_fields: m.key_fields(side),
+                company_field: m.company.as_ref().map(|c| c[side.index()].clone()),
+            })
+            .collect();
+        apps.sqlite_app(job, side)?.install_capture(&specs)?;
+    }
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(transparent)]
@@ -171,19 +189,7 @@ impl LocalRuntime {
 
     async fn install_capture(&self, job: &str) -> Result<(), RuntimeError> {
         let (compiled, _) = self.state.job(job).await?;
-        for side in Side::BOTH {
-            let specs: Vec<CaptureSpec> = compiled
-                .maps
-                .iter()
-                .map(|m| CaptureSpec {
-                    entity: m.entity(side).to_string(),
-                    key_fields: m.key_fields(side),
-                    company_field: m.company.as_ref().map(|c| c[side.index()].clone()),
-                })
-                .collect();
-            self.apps.sqlite_app(&compiled, side)?.install_capture(&specs)?;
-        }
-        Ok(())
+        Ok(install_capture(self.apps.as_ref(), &compiled)?)
     }
 
     /// Stops a job: it moves no data until started again; captured changes stay queued.

@@ -16,8 +16,8 @@ use crate::domain::change::{ChangeRef, DeliveryBatch, Key, Lane};
 use crate::domain::decide::{decide, Decision};
 use crate::domain::errors::{ConflictRecord, ErrorCategory};
 use crate::domain::job::{JobStatus, Side};
-use crate::domain::link::LinkState;
-use crate::ports::{ConnectorError, InMessage, KvError, Precondition, Record, WriteFailure, WriteOp};
+use crate::domain::link::{LinkState, Observed, PendingWrite};
+use crate::ports::{ConnectorError, InMessage, KvError, Precondition, Put, Record, WriteFailure, WriteOp};
 use crate::state::{NewError, State};
 
 /// How often one change goes back to step 1 or 2 within a batch after losing a race (a failed
@@ -218,6 +218,8 @@ impl Steps {
             struct Plan {
                 i: usize,
                 link: Option<crate::state::VersionedLink>,
+                /// The link with its last pending write settled against the records read.
+                settled: LinkState,
                 source: Record,
                 canon: Canon,
                 hash: String,
@@ -251,9 +253,10 @@ impl Steps {
                     results[i] = Some(ChangeResult::Done);
                     continue;
                 };
-                // Step 1 again, where the app tells each record's latest change seq.
+                // Step 1 again, where the app tells each record's latest change seq. Here the
+                // other side's record is known: once it exists, a stale change can go.
                 if let (Some(latest), Some(l)) = (rs.seq, &link) {
-                    if c.seq < latest && l.state.is_synced() {
+                    if c.seq < latest && (l.state.is_synced() || ro.is_some()) {
                         let msg = format!("skipped: a newer change (seq {latest}) of {}/{} exists", c.map, c.key);
                         failures.push((i, ErrorCategory::Concurrency, msg));
                         results[i] = Some(ChangeResult::Done);
@@ -272,14 +275,24 @@ impl Steps {
                 };
                 let h_s = canon::hash(&canon_s);
                 let h_o = canon_o.as_ref().map(canon::hash);
-                let decision = decide(link.as_ref().map(|l| &l.state), c.source, job.primary, &h_s, h_o.as_deref());
-                debug!(job = %job.name, map = %c.map, key = %c.key, ?decision, "decided");
+                let obs_s = Observed { hash: &h_s, version: &rs.version };
+                let obs_o = h_o.as_deref().zip(ro.as_ref()).map(|(hash, r)| Observed { hash, version: &r.version });
+                let mut records = [None, None];
+                records[c.source.index()] = Some(obs_s);
+                records[c.source.other().index()] = obs_o;
+                let decision = decide(link.as_ref().map(|l| &l.state), c.source, job.primary, obs_s, obs_o);
+                let settled = link.as_ref().map(|l| l.state.settled(records)).unwrap_or_default();
+                debug!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, ?decision, "decided");
                 match decision {
                     Decision::InStep => {
-                        let mut next = next_link(link.as_ref(), c, &h_s, &rs.version);
-                        next.version[c.source.other().index()] = ro.as_ref().map(|r| r.version.clone());
-                        if link.as_ref().map(|l| &l.state) != Some(&next) {
-                            commits.push((i, next, link.as_ref().map(|l| l.rev), open_errors(link.as_ref())));
+                        // Written only when it says something new: a first link, a sync its
+                        // stored state does not show yet, or error rows to resolve. An echo of a
+                        // landed write costs no link write.
+                        let errors = open_errors(link.as_ref());
+                        if link.is_none() || settled.hash.as_deref() != Some(h_s.as_str()) || !errors.is_empty() {
+                            let mut next = next_link(&settled, c, &h_s, &rs.version);
+                            next.version[c.source.other().index()] = ro.as_ref().map(|r| r.version.clone());
+                            commits.push((i, next, link.as_ref().map(|l| l.rev), errors));
                         }
                         Metrics::add(&self.metrics.in_step, 1);
                         results[i] = Some(ChangeResult::Done);
@@ -293,7 +306,16 @@ impl Steps {
                         results[i] = Some(ChangeResult::Done);
                     }
                     Decision::Write { conflict } => {
-                        writes.push(Plan { i, link, source: rs, canon: canon_s, hash: h_s, other: ro, conflict });
+                        writes.push(Plan {
+                            i,
+                            link,
+                            settled,
+                            source: rs,
+                            canon: canon_s,
+                            hash: h_s,
+                            other: ro,
+                            conflict,
+                        });
                     }
                 }
             }
@@ -353,15 +375,28 @@ impl Steps {
                     .await?;
             }
 
-            // Mark each write as under way on its link (see `LinkState::pending`), so that a crash
-            // between the write and the commit cannot make the write look like the other side's edit.
+            // Step 7 comes first: each write is committed to its link as pending before it is made
+            // (conditional on the revision read), and whether it landed is read off the target
+            // record next time (see `PendingWrite::landed`). One link write per change, and no
+            // crash window between the write and its record. The commit drops the link's open
+            // errors, so their rows are resolved just before it.
             let mut retry: Vec<usize> = Vec::new();
+            let resolve: Vec<String> = writes.iter().flat_map(|p| open_errors(p.link.as_ref())).collect();
+            if !resolve.is_empty() {
+                self.state.resolve_errors(&job.name, &resolve).await?;
+            }
             let marks = writes
                 .iter()
                 .map(|plan| {
                     let c = changes[plan.i];
-                    let mut state = plan.link.as_ref().map(|l| l.state.clone()).unwrap_or_default();
-                    state.pending = Some((c.source.other(), plan.hash.clone()));
+                    let mut state = next_link(&plan.settled, c, &plan.hash, &plan.source.version);
+                    // Until the write lands, the last sync is the one before it.
+                    state.hash = plan.settled.hash.clone();
+                    state.pending = Some(PendingWrite {
+                        side: c.source.other(),
+                        hash: plan.hash.clone(),
+                        from_version: plan.other.as_ref().map(|r| r.version.clone()),
+                    });
                     State::link_put(&job.name, &c.map, &c.key, &state, plan.link.as_ref().map(|l| l.rev))
                 })
                 .collect();
@@ -375,6 +410,7 @@ impl Steps {
             }
 
             // Step 6: write to the other app, conditional on the version read.
+            let mut unmark: Vec<Put> = Vec::new();
             let mut by_target: BTreeMap<(usize, Side), Vec<usize>> = BTreeMap::new();
             for (p, (plan, _)) in marked.iter().enumerate() {
                 by_target.entry((map_idx[plan.i].unwrap_or(0), changes[plan.i].source.other())).or_default().push(p);
@@ -410,14 +446,18 @@ impl Steps {
                         Err(ConnectorError::Rejected { message, .. }) => Err(WriteFailure::Rejected(message.clone())),
                     };
                     match r {
-                        Ok(version) => {
-                            let mut next = next_link(plan.link.as_ref(), c, &plan.hash, &plan.source.version);
-                            next.version[side.index()] = Some(version);
-                            commits.push((i, next, Some(marked_rev), open_errors(plan.link.as_ref())));
+                        Ok(_) => {
+                            results[i] = Some(ChangeResult::Done);
                             Metrics::add(&self.metrics.written, 1);
                             self.metrics.record_latency(self.state.now_ms() - c.at_ms);
                         }
-                        Err(WriteFailure::PreconditionFailed) => retry.push(i),
+                        Err(WriteFailure::PreconditionFailed) => {
+                            // Someone changed the record since the read: the write did not land,
+                            // but the record no longer shows that. Take the mark back before
+                            // trying again (if that loses a race, the next round re-reads).
+                            unmark.push(State::link_put(&job.name, &c.map, &c.key, &plan.settled, Some(marked_rev)));
+                            retry.push(i);
+                        }
                         Err(WriteFailure::Rejected(message)) => {
                             failures.push((
                                 i,
@@ -433,11 +473,15 @@ impl Steps {
                 }
             }
             self.failpoints.check("deliver.after_write")?;
+            for a in self.state.put_links(unmark).await? {
+                match a {
+                    Ok(_) | Err(KvError::ConditionFailed { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
 
-            // Step 7: commit the links, each conditional on the revision read. A commit drops its
-            // link's open errors, so their rows are resolved first: after the commit, a crash in
-            // between would leave them open for good. (A commit that loses its race goes back to
-            // step 1, where a failure opens its row again.)
+            // Links in step whose stored state lags (step 3), each conditional on the revision
+            // read; their open error rows are resolved first, as above.
             let resolve: Vec<String> = commits.iter().flat_map(|(_, _, _, errors)| errors.iter().cloned()).collect();
             if !resolve.is_empty() {
                 self.state.resolve_errors(&job.name, &resolve).await?;
@@ -566,10 +610,10 @@ impl Steps {
     }
 }
 
-/// The link after syncing change `c` with content `hash`: the caller sets the other side's
-/// version. Open errors are cleared: the sync resolves them.
-fn next_link(link: Option<&crate::state::VersionedLink>, c: &ChangeRef, hash: &str, source_version: &str) -> LinkState {
-    let mut next = link.map(|l| l.state.clone()).unwrap_or_default();
+/// The link after syncing change `c` with content `hash`, from its settled state: the caller
+/// sets the other side's version. Open errors are cleared: the sync resolves them.
+fn next_link(settled: &LinkState, c: &ChangeRef, hash: &str, source_version: &str) -> LinkState {
+    let mut next = settled.clone();
     next.hash = Some(hash.to_string());
     next.version[c.source.index()] = Some(source_version.to_string());
     next.raise_seen(c.source, c.seq);

@@ -96,14 +96,15 @@ impl Steps {
         }
         Ok(report)
     }
+}
 
-    /// Forgets the checkpoints of an initial sync so that it runs again from the start.
-    pub async fn reset_initial_sync(&self, job: &str, from_app: &str) -> Result<(), StepError> {
-        let (compiled, _) = self.state.job(job).await?;
-        for map in &compiled.maps {
-            let sk = format!("FROM#{}", keys::escape(from_app));
-            self.state.kv().delete(&keys::init_pk(job, &map.name), &sk, Expect::Any).await?;
-        }
-        Ok(())
+/// Forgets the checkpoints of an initial sync so that it runs again from the start. Needs only
+/// the state table, so an admin command can do it against a deployed stack.
+pub async fn reset_checkpoints(state: &crate::state::State, job: &str, from_app: &str) -> Result<(), StepError> {
+    let (compiled, _) = state.job(job).await?;
+    for map in &compiled.maps {
+        let sk = format!("FROM#{}", keys::escape(from_app));
+        state.kv().delete(&keys::init_pk(job, &map.name), &sk, Expect::Any).await?;
     }
+    Ok(())
 }
