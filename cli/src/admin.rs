@@ -1,13 +1,15 @@
-//! Admin commands on the local backend: jobs, errors, conflicts, initial sync.
+//! Admin commands: jobs, errors, conflicts, initial sync, on the local or the AWS backend.
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
 use dualsync::domain::config::{load_job_file, JobDef};
 use dualsync::domain::errors::{ErrorCategory, ErrorStatus};
-use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::ErrorFilter;
-use dualsync::steps::reconcile::ReconcileAction;
+use dualsync::steps::initial_sync::reset_checkpoints;
+use dualsync::steps::reconcile::{ReconcileAction, ReconcileMessage};
+
+use crate::backend::{Backend, BackendArgs};
 
 #[derive(Subcommand)]
 pub enum JobCommand {
@@ -122,12 +124,12 @@ pub fn read_job_file(path: &Path) -> Result<JobDef> {
     Ok(def)
 }
 
-pub async fn job(data_dir: &Path, cmd: JobCommand) -> Result<()> {
-    let rt = LocalRuntime::open(data_dir)?;
+pub async fn job(data_dir: &Path, backend: &BackendArgs, cmd: JobCommand) -> Result<()> {
+    let rt = Backend::open(data_dir, backend).await?;
     match cmd {
         JobCommand::Apply { file } => {
             let def = read_job_file(&file)?;
-            let rec = rt.apply(def).await?;
+            let rec = rt.state().apply_job(def).await?;
             println!("job '{}' applied (revision {}, {})", rec.def.job, rec.revision, rec.status.as_str());
         }
         JobCommand::Start { job } => {
@@ -141,15 +143,15 @@ pub async fn job(data_dir: &Path, cmd: JobCommand) -> Result<()> {
         JobCommand::Status { job } => {
             let names = match job {
                 Some(j) => vec![j],
-                None => rt.state.job_names().await?,
+                None => rt.state().job_names().await?,
             };
             if names.is_empty() {
                 println!("no jobs: apply one with `dualsync job apply FILE`");
             }
             for name in names {
-                let (record, _) = rt.state.job_record(&name).await?;
+                let (record, _) = rt.state().job_record(&name).await?;
                 let open = rt
-                    .state
+                    .state()
                     .errors(&name, &ErrorFilter { status: Some(ErrorStatus::Open), ..Default::default() }, 10_000, None)
                     .await?;
                 println!(
@@ -164,12 +166,12 @@ pub async fn job(data_dir: &Path, cmd: JobCommand) -> Result<()> {
     Ok(())
 }
 
-pub async fn errors(data_dir: &Path, cmd: ErrorsCommand) -> Result<()> {
-    let rt = LocalRuntime::open(data_dir)?;
+pub async fn errors(data_dir: &Path, backend: &BackendArgs, cmd: ErrorsCommand) -> Result<()> {
+    let rt = Backend::open(data_dir, backend).await?;
     match cmd {
         ErrorsCommand::List { job, filter, all, limit, after } => {
             let status = (!all).then_some(ErrorStatus::Open);
-            let page = rt.state.errors(&job, &filter.filter(status), limit, after.as_deref()).await?;
+            let page = rt.state().errors(&job, &filter.filter(status), limit, after.as_deref()).await?;
             println!(
                 "{:<12} {:<24} {:<10} {:<24} {:>8} {:<9} message",
                 "category", "map", "app", "key", "attempts", "status"
@@ -196,8 +198,21 @@ pub async fn errors(data_dir: &Path, cmd: ErrorsCommand) -> Result<()> {
     Ok(())
 }
 
-async fn reconcile(rt: &LocalRuntime, job: &str, action: ReconcileAction, filter: &FilterArgs) -> Result<()> {
-    let report = rt.steps.reconcile(job, action, &filter.filter(None)).await?;
+async fn reconcile(rt: &Backend, job: &str, action: ReconcileAction, filter: &FilterArgs) -> Result<()> {
+    let (filter, job) = (filter.filter(None), job.to_string());
+    let rt = match rt {
+        Backend::Local(rt) => rt,
+        Backend::Aws { .. } => {
+            let request = match action {
+                ReconcileAction::Retry => ReconcileMessage::Retry { job, filter },
+                ReconcileAction::Dismiss => ReconcileMessage::Dismiss { job, filter },
+            };
+            rt.queue_reconcile(&request).await?;
+            println!("request queued for the reconcile function of job '{}'", request.job());
+            return Ok(());
+        }
+    };
+    let report = rt.steps.reconcile(&job, action, &filter).await?;
     match action {
         ReconcileAction::Retry => println!(
             "{} selected, {} queued for retry, {} not retriable; a running `dualsync run` delivers them",
@@ -208,9 +223,9 @@ async fn reconcile(rt: &LocalRuntime, job: &str, action: ReconcileAction, filter
     Ok(())
 }
 
-pub async fn conflicts(data_dir: &Path, args: ConflictsArgs) -> Result<()> {
-    let rt = LocalRuntime::open(data_dir)?;
-    let page = rt.state.conflicts(&args.job, args.limit, None).await?;
+pub async fn conflicts(data_dir: &Path, backend: &BackendArgs, args: ConflictsArgs) -> Result<()> {
+    let rt = Backend::open(data_dir, backend).await?;
+    let page = rt.state().conflicts(&args.job, args.limit, None).await?;
     println!("{:<24} {:<24} {:<12} winner", "map", "key", "seen from");
     for c in page.items {
         println!("{:<24} {:<24} {:<12} {}", c.map, c.key.display(), c.app, c.winner);
@@ -218,9 +233,9 @@ pub async fn conflicts(data_dir: &Path, args: ConflictsArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn initial_sync(data_dir: &Path, args: InitialSyncArgs) -> Result<()> {
-    let rt = LocalRuntime::open(data_dir)?;
-    let (job, _) = rt.state.job(&args.job).await?;
+pub async fn initial_sync(data_dir: &Path, backend: &BackendArgs, args: InitialSyncArgs) -> Result<()> {
+    let rt = Backend::open(data_dir, backend).await?;
+    let (job, _) = rt.state().job(&args.job).await?;
     let Some(side) = job.side_of(&args.from) else {
         bail!(
             "app '{}' is not an app of job '{}' (apps: {}, {})",
@@ -231,8 +246,17 @@ pub async fn initial_sync(data_dir: &Path, args: InitialSyncArgs) -> Result<()> 
         );
     };
     if args.restart {
-        dualsync::steps::initial_sync::reset_checkpoints(&rt.state, &args.job, &args.from).await?;
+        reset_checkpoints(rt.state(), &args.job, &args.from).await?;
     }
+    let rt = match &rt {
+        Backend::Local(rt) => rt,
+        Backend::Aws { .. } => {
+            rt.queue_reconcile(&ReconcileMessage::InitialSync { job: args.job.clone(), from: args.from.clone() })
+                .await?;
+            println!("initial sync of job '{}' from {} queued for the reconcile function", args.job, args.from);
+            return Ok(());
+        }
+    };
     let report = rt.steps.initial_sync(&args.job, side, 500, |map, n| eprintln!("{map}: {n} records")).await?;
     println!(
         "{} records in {} pages; {} deferred by system failures (run again to resume)",

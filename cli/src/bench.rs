@@ -28,10 +28,11 @@ pub struct BenchArgs {
     workers: usize,
 }
 
-const SRC: &str = "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER, price REAL, note TEXT)";
-const DST: &str = "CREATE TABLE products (product_id INTEGER PRIMARY KEY, title TEXT NOT NULL, quantity INTEGER, unit_price REAL, remark TEXT)";
+pub(crate) const SRC: &str =
+    "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER, price REAL, note TEXT)";
+pub(crate) const DST: &str = "CREATE TABLE products (product_id INTEGER PRIMARY KEY, title TEXT NOT NULL, quantity INTEGER, unit_price REAL, remark TEXT)";
 
-fn job_yaml(src: &Path, dst: &Path) -> String {
+pub(crate) fn job_yaml(src: &Path, dst: &Path) -> String {
     format!(
         "job: bench
 apps:

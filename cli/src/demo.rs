@@ -6,17 +6,17 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rusqlite::params;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dualsync::domain::config::parse_job;
+use dualsync::domain::config::{parse_job, JobDef};
 use dualsync::domain::errors::{ErrorCategory, ErrorStatus};
 use dualsync::domain::job::Side;
-use dualsync::runtime::local::LocalRuntime;
 use dualsync::runtime::verify::compare;
 use dualsync::state::ErrorFilter;
-use dualsync::steps::reconcile::ReconcileAction;
 use dualsync::steps::Metrics;
+
+use crate::backend::BackendArgs;
+use crate::pipeline::Pipeline;
 
 use crate::sample_apps::{self as apps, account, company, order_number};
 
@@ -44,7 +44,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
+pub async fn run(data_dir: &Path, backend: &BackendArgs, args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let dir = data_dir.join("demo");
     if dir.exists() {
@@ -68,16 +68,27 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     let mut def = parse_job("examples/sales.yaml", JOB_FILE)?;
     def.apps[0].path = Some(fno_path.display().to_string());
     def.apps[1].path = Some(dv_path.display().to_string());
-    let rt = Arc::new(LocalRuntime::open(&dir)?);
-    rt.apply(def).await?;
+    let rt = Pipeline::open(&dir, backend, "demo").await?;
+    println!("running on {}", rt.describe());
+    let result = scenario(&rt, &dir, args, def, started).await;
+    rt.close().await?;
+    result
+}
+
+async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, started: Instant) -> Result<()> {
+    let (fno_path, dv_path) = (dir.join("fno.db"), dir.join("dataverse.db"));
+    let n = args.customers.max(20);
+    let dv_only = 500;
+    let (mut fno, mut dv) = (apps::open(&fno_path)?, apps::open(&dv_path)?);
+    rt.state().apply_job(def).await?;
     rt.start(JOB).await?;
 
     // 3. Initial sync, both ways.
     let total = (apps::GROUPS + n + args.orders * 6) as u64;
     let pb = bar(total, "initial sync");
-    let report = rt.steps.initial_sync(JOB, Side::A, 500, |map, k| pb.set_message(format!("{map}: {k}"))).await?;
+    let report = rt.steps().initial_sync(JOB, Side::A, 500, |map, k| pb.set_message(format!("{map}: {k}"))).await?;
     pb.set_position(report.records as u64);
-    let back = rt.steps.initial_sync(JOB, Side::B, 500, |_, _| {}).await?;
+    let back = rt.steps().initial_sync(JOB, Side::B, 500, |_, _| {}).await?;
     pb.finish_with_message(format!(
         "{} records fno → dataverse, {} records dataverse → fno",
         report.records, back.records
@@ -121,7 +132,7 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     let pb = ProgressBar::new_spinner();
     pb.set_prefix("live edits");
     pb.enable_steady_tick(Duration::from_millis(100));
-    let metrics = rt.steps.metrics.clone();
+    let metrics = rt.metrics();
     let fno_edits = tokio::task::spawn_blocking({
         let path = fno_path.clone();
         move || edit_fno(&path, n, args.orders)
@@ -132,7 +143,7 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     });
     fno_edits.await??;
     dv_edits.await??;
-    wait_idle(&rt, &pb, &metrics).await?;
+    wait_idle(rt, &pb, &metrics).await?;
 
     // 6. Mend the missing references: create the customer, then retry the failed records.
     apps::in_transaction(&mut dv, "dv-mend", |tx| {
@@ -142,10 +153,10 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
         )
         .map(|_| ())
     })?;
-    wait_idle(&rt, &pb, &metrics).await?;
+    wait_idle(rt, &pb, &metrics).await?;
     let retry = ErrorFilter { category: Some(ErrorCategory::Application), ..Default::default() };
-    let retried = rt.steps.reconcile(JOB, ReconcileAction::Retry, &retry).await?;
-    wait_idle(&rt, &pb, &metrics).await?;
+    let retried = rt.retry(JOB, retry).await?;
+    wait_idle(rt, &pb, &metrics).await?;
     pb.finish_and_clear();
     stop.send(true)?;
     for t in tasks {
@@ -154,10 +165,10 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     let elapsed = started.elapsed();
 
     // 7. What happened, and whether it is right.
-    let lj = rt.steps.load_job(JOB).await?.context("job vanished")?;
+    let lj = rt.steps().load_job(JOB).await?.context("job vanished")?;
     let maps = compare(&lj).await?;
-    let rows = rt.state.error_rows(JOB, &ErrorFilter::default()).await?;
-    let conflicts = rt.state.conflicts(JOB, 1000, None).await?.items;
+    let rows = rt.state().error_rows(JOB, &ErrorFilter::default()).await?;
+    let conflicts = rt.state().conflicts(JOB, 1000, None).await?.items;
     let m = |c: &std::sync::atomic::AtomicU64| Metrics::get(c);
 
     println!();
@@ -179,7 +190,7 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     for c in &conflicts {
         println!("conflict: {} {} changed on both sides; {} (primary) won", c.map, c.key, c.winner);
     }
-    println!("retry: {} selected, {} queued", retried.selected, retried.queued);
+    println!("retry: {retried}");
     let synced = m(&metrics.written);
     println!(
         "written {synced}, loopback: {} echoes dropped before delivery + {} found in step at delivery, live deletes {}",
@@ -244,8 +255,8 @@ pub async fn run(data_dir: &Path, args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-async fn wait_idle(rt: &LocalRuntime, pb: &ProgressBar, m: &Metrics) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
+async fn wait_idle(rt: &Pipeline, pb: &ProgressBar, m: &Metrics) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
     while !rt.is_idle().await? {
         pb.set_message(format!(
             "written {}, in step {}, errors {}",
@@ -254,7 +265,7 @@ async fn wait_idle(rt: &LocalRuntime, pb: &ProgressBar, m: &Metrics) -> Result<(
             Metrics::get(&m.application)
         ));
         if Instant::now() > deadline {
-            bail!("the pipeline did not drain within two minutes");
+            bail!("the pipeline did not drain within ten minutes");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -1,7 +1,10 @@
 //! `dualsync`: the local runner, the demo, the benchmark and the admin commands.
 mod admin;
+mod aws;
+mod backend;
 mod bench;
 mod demo;
+mod pipeline;
 mod run;
 mod sample_apps;
 
@@ -15,6 +18,8 @@ struct Cli {
     /// Where the local runner keeps its state (one SQLite file) and the demo its sample apps.
     #[arg(long, global = true, env = "DUALSYNC_DATA_DIR", default_value = ".dualsync")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    backend: backend::BackendArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,6 +42,9 @@ enum Command {
     Conflicts(admin::ConflictsArgs),
     /// Copies what exists in one app to the other.
     InitialSync(admin::InitialSyncArgs),
+    /// AWS resources: create them on an account or emulator; measure the cost per record.
+    #[command(subcommand)]
+    Aws(aws::AwsCommand),
 }
 
 fn main() -> Result<()> {
@@ -48,13 +56,14 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Demo(args) => demo::run(&cli.data_dir, args).await,
+            Command::Demo(args) => demo::run(&cli.data_dir, &cli.backend, args).await,
             Command::Run(args) => run::run(&cli.data_dir, args).await,
             Command::Bench(args) => bench::run(&cli.data_dir, args).await,
-            Command::Job(cmd) => admin::job(&cli.data_dir, cmd).await,
-            Command::Errors(cmd) => admin::errors(&cli.data_dir, cmd).await,
-            Command::Conflicts(args) => admin::conflicts(&cli.data_dir, args).await,
-            Command::InitialSync(args) => admin::initial_sync(&cli.data_dir, args).await,
+            Command::Job(cmd) => admin::job(&cli.data_dir, &cli.backend, cmd).await,
+            Command::Errors(cmd) => admin::errors(&cli.data_dir, &cli.backend, cmd).await,
+            Command::Conflicts(args) => admin::conflicts(&cli.data_dir, &cli.backend, args).await,
+            Command::InitialSync(args) => admin::initial_sync(&cli.data_dir, &cli.backend, args).await,
+            Command::Aws(cmd) => aws::run(&cli.backend, cmd).await,
         }
     })
 }

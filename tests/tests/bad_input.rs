@@ -1,111 +1,21 @@
 //! Every bad-input rule of capture and delivery: what category it lands in, what the message
 //! says, and that nothing is dropped silently (an error row or the dead-letter queue); and the
 //! runner's housekeeping, which must never trim what is not yet read.
+mod common;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use dualsync::adapters::connectors::sqlite::{transaction, SqliteApp};
+use common::{create_apps, Flaky};
 use dualsync::adapters::embedded::EmbeddedDb;
-use dualsync::domain::change::Key;
-use dualsync::domain::config::parse_job;
 use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
-use dualsync::domain::job::{Job, Side};
-use dualsync::ports::{
-    Connector, ConnectorError, EntitySpec, ListPage, ManualClock, OutMessage, Queue, Record, WriteFailure, WriteOp,
-};
-use dualsync::runtime::local::{AppRegistry, LocalRuntime, SqliteRegistry};
+use dualsync::domain::job::Side;
+use dualsync::ports::{ManualClock, OutMessage, Queue};
+use dualsync::runtime::local::LocalRuntime;
 use dualsync::runtime::worker::run_once;
 use dualsync::state::ErrorFilter;
-use dualsync::steps::{ConnectorRegistry, Failpoints, StepKind};
-
-const JOB: &str = "job: j
-apps:
-  - { name: a, connector: sqlite, path: A }
-  - { name: b, connector: sqlite, path: B }
-primary: a
-companies: [X]
-table_groups:
-  - name: g
-    maps:
-      - name: parents
-        sequence: 1
-        entities: { a: parents, b: owners }
-        company: { a: co, b: company }
-        keys: [{ a: pid, b: owner_id }]
-        fields:
-          - { a: name, b: title }
-          - { a: co, b: company }
-          - a: kind
-            b: kind_code
-            values: [{ a: small, b: 1 }, { a: large, b: 2 }]
-      - name: children
-        sequence: 2
-        entities: { a: children, b: items }
-        keys: [{ a: pid, b: owner_id }, { a: cno, b: item_no }]
-        fields: [{ a: label, b: caption }]
-        lookups:
-          - map: parents
-            fields: [{ a: pid, b: owner_id }]
-      - name: notes
-        sequence: 3
-        mode: live
-        entities: { a: notes, b: memos }
-        keys: [{ a: nid, b: memo_id }]
-        fields: [{ a: text, b: body }]
-";
-
-/// Wraps the sqlite apps so that a test can make side B's writes fail like a 503.
-struct Flaky {
-    inner: SqliteRegistry,
-    fail_b_writes: Arc<AtomicBool>,
-}
-
-struct FlakyConnector {
-    inner: Arc<dyn Connector>,
-    fail: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl Connector for FlakyConnector {
-    fn app(&self) -> &str {
-        self.inner.app()
-    }
-    async fn read(&self, e: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
-        self.inner.read(e, keys).await
-    }
-    async fn write(
-        &self,
-        e: &EntitySpec,
-        ops: &[WriteOp],
-    ) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError> {
-        if self.fail.load(Ordering::SeqCst) {
-            let failure = WriteFailure::Transient { message: "503 service unavailable".into(), retry_after: None };
-            return Ok(ops.iter().map(|_| Err(failure.clone())).collect());
-        }
-        self.inner.write(e, ops).await
-    }
-    async fn delete(&self, e: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError> {
-        self.inner.delete(e, keys).await
-    }
-    async fn list(&self, e: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
-        self.inner.list(e, after, limit).await
-    }
-}
-
-impl AppRegistry for Flaky {
-    fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
-        self.inner.sqlite_app(job, side)
-    }
-}
-
-impl ConnectorRegistry for Flaky {
-    fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
-        let [a, b] = self.inner.connectors(job)?;
-        Ok([a, Arc::new(FlakyConnector { inner: b, fail: self.fail_b_writes.clone() })])
-    }
-}
+use dualsync::steps::{Failpoints, StepKind};
 
 struct H {
     _dir: tempfile::TempDir,
@@ -119,26 +29,11 @@ struct H {
 async fn harness() -> H {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    let schema = |p: &PathBuf, sql: &str| rusqlite::Connection::open(p).unwrap().execute_batch(sql).unwrap();
-    schema(
-        &a,
-        "CREATE TABLE parents (pid TEXT PRIMARY KEY, name TEXT, co TEXT, kind TEXT);
-                CREATE TABLE children (pid TEXT, cno INTEGER, label TEXT, PRIMARY KEY (pid, cno));
-                CREATE TABLE notes (nid TEXT PRIMARY KEY, text TEXT);",
-    );
-    schema(
-        &b,
-        "CREATE TABLE owners (owner_id TEXT PRIMARY KEY, title TEXT NOT NULL, company TEXT, kind_code INTEGER);
-                CREATE TABLE items (owner_id TEXT, item_no INTEGER, caption TEXT, PRIMARY KEY (owner_id, item_no));
-                CREATE TABLE memos (memo_id TEXT PRIMARY KEY, body TEXT);",
-    );
-    let mut def = parse_job("job.yaml", JOB).unwrap();
-    def.apps[0].path = Some(a.display().to_string());
-    def.apps[1].path = Some(b.display().to_string());
+    let def = create_apps(&a, &b);
     let clock = ManualClock::new(1_700_000_000_000);
     let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
     let fail_b_writes = Arc::new(AtomicBool::new(false));
-    let registry = Arc::new(Flaky { inner: SqliteRegistry::default(), fail_b_writes: fail_b_writes.clone() });
+    let registry = Arc::new(Flaky::new(fail_b_writes.clone()));
     let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), Failpoints::default(), registry);
     rt.apply(def).await.unwrap();
     rt.start("j").await.unwrap();
@@ -146,18 +41,12 @@ async fn harness() -> H {
 }
 
 impl H {
-    /// One app transaction (its own transaction id).
     fn exec(&self, side: Side, sql: &str) {
-        static TX: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let path = if side == Side::A { &self.a } else { &self.b };
-        let mut conn = rusqlite::Connection::open(path).unwrap();
-        let txid = format!("t{}", TX.fetch_add(1, Ordering::SeqCst));
-        transaction(&mut conn, &txid, |tx| tx.execute_batch(sql)).unwrap();
+        common::exec(if side == Side::A { &self.a } else { &self.b }, sql)
     }
 
     fn query(&self, side: Side, sql: &str) -> i64 {
-        let path = if side == Side::A { &self.a } else { &self.b };
-        rusqlite::Connection::open(path).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+        common::query(if side == Side::A { &self.a } else { &self.b }, sql)
     }
 
     /// Runs every step until nothing moves, letting retried messages come back.

@@ -1,1 +1,125 @@
+//! What the four Lambda functions share: the setup done once per cold start ([`Handler::from_env`])
+//! and the glue between an SQS event and a step of the shared crate ([`Handler::handle`]).
+//! Each function's `main.rs` only names its step.
+mod batch;
+mod env;
+pub mod poller;
+pub mod stack;
 
+use std::sync::Arc;
+
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use dualsync::adapters::aws::{sdk_config, DynamoKv, SqsQueue, Usage};
+use dualsync::ports::{Queue, SystemClock};
+use dualsync::runtime::local::SqliteRegistry;
+use dualsync::state::State;
+use dualsync::steps::{ConnectorRegistry, StepKind, Steps};
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use tracing::Instrument;
+
+pub use batch::{batch_response, correlation_id, in_messages};
+pub use env::Env;
+
+/// Runs the Lambda runtime loop for one step.
+pub async fn run(step: StepKind) -> Result<(), Error> {
+    init_tracing();
+    let handler = Handler::from_env(step).await?;
+    let handler = &handler;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
+        let request_id = event.context.request_id.clone();
+        handler.handle(event.payload).instrument(tracing::info_span!("lambda", %request_id)).await
+    }))
+    .await
+}
+
+/// JSON logs, level from `RUST_LOG` (the template sets it from its `LogLevel` parameter).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_target(false)
+        .init();
+}
+
+/// One step with its clients, built once per cold start and reused by every event.
+pub struct Handler {
+    step: StepKind,
+    steps: Steps,
+    /// The queue the event came from: failed messages get their visibility changed on it.
+    input: Arc<dyn Queue>,
+}
+
+impl Handler {
+    /// Builds the AWS clients and the step from the environment (see [`Env`]).
+    pub async fn from_env(step: StepKind) -> Result<Self, Error> {
+        let env = Env::from_vars(step, |k| std::env::var(k).ok())?;
+        let sdk = sdk_config(None).await;
+        Ok(Self::new(step, &env, &sdk, Arc::new(SqliteRegistry::default()), Arc::new(Usage::default())))
+    }
+
+    /// A handler over given AWS settings and apps (tests point these at an emulator).
+    /// `usage` counts the AWS requests and capacity units its clients spend.
+    pub fn new(
+        step: StepKind,
+        env: &Env,
+        sdk: &aws_config::SdkConfig,
+        apps: Arc<dyn ConnectorRegistry>,
+        usage: Arc<Usage>,
+    ) -> Self {
+        let dynamo = aws_sdk_dynamodb::Client::new(sdk);
+        let sqs = aws_sdk_sqs::Client::new(sdk);
+        let queue = |url: &str| -> Arc<dyn Queue> {
+            Arc::new(SqsQueue::new(
+                sqs.clone(),
+                env::queue_name(url),
+                url.to_string(),
+                env.max_receive_count,
+                usage.clone(),
+            ))
+        };
+        let kv = DynamoKv::new(dynamo, env.table.clone(), Arc::new(SystemClock), usage.clone());
+        let state = State::new(Arc::new(kv), Arc::new(SystemClock));
+        let steps = Steps::new(state, apps, queue(&env.sequence_queue_url), queue(&env.deliver_queue_url));
+        Handler { step, steps, input: queue(&env.input_queue_url) }
+    }
+
+    /// Counts into `metrics` (shared by the functions of one [`stack::Stack`]).
+    pub fn with_metrics(mut self, metrics: Arc<dualsync::steps::Metrics>) -> Self {
+        self.steps.metrics = metrics;
+        self
+    }
+
+    /// The queue this function's events come from.
+    pub fn input(&self) -> &dyn Queue {
+        self.input.as_ref()
+    }
+
+    pub fn steps(&self) -> &Steps {
+        &self.steps
+    }
+
+    /// Handles one SQS event: runs the step and reports the messages that failed, after
+    /// setting their visibility (the retry backoff; zero for poison, so it reaches the
+    /// dead-letter queue without waiting out the timeout each time).
+    pub async fn handle(&self, event: SqsEvent) -> Result<SqsBatchResponse, Error> {
+        let (msgs, unreadable) = in_messages(event.records);
+        let span = tracing::info_span!("batch", step = ?self.step, messages = msgs.len(), correlation_id = %correlation_id(&msgs));
+        async {
+            let outcomes = self.steps.handle(self.step, self.input.as_ref(), &msgs).await?;
+            let (response, releases) = batch_response(&msgs, &outcomes, unreadable);
+            for (receipt, delay) in releases {
+                if let Err(e) = self.input.release(&receipt, delay).await {
+                    // The message still fails and comes back after the visibility timeout.
+                    tracing::warn!(error = %e, "could not change a failed message's visibility");
+                }
+            }
+            Ok(response)
+        }
+        .instrument(span)
+        .await
+    }
+}

@@ -1,3 +1,4 @@
-//! Adapters: embedded storage and app connectors.
+//! Adapters: embedded storage, AWS (DynamoDB and SQS) and app connectors.
+pub mod aws;
 pub mod connectors;
 pub mod embedded;

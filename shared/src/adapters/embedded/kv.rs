@@ -121,7 +121,7 @@ fn put_in(tx: &Transaction<'_>, put: &Put, now: i64) -> Result<Result<u64, KvErr
 /// The smallest string greater than every string that starts with `prefix`, if there is one.
 /// SQLite compares TEXT bytewise, and UTF-8 keeps code point order, so incrementing the last
 /// code point that can be incremented gives the bound.
-fn prefix_end(prefix: &str) -> Option<String> {
+pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
     let mut chars: Vec<char> = prefix.chars().collect();
     while let Some(last) = chars.pop() {
         let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);

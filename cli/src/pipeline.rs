@@ -1,0 +1,121 @@
+//! The whole pipeline on either backend, for the demo: the embedded runner, or a stack of the
+//! four Lambda handlers on a stage's DynamoDB table and SQS queues (an emulator or an account).
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Resources, SqsQueue, Usage, MAX_RECEIVE_COUNT};
+use dualsync::ports::{OutMessage, Queue};
+use dualsync::runtime::local::LocalRuntime;
+use dualsync::state::{ErrorFilter, State};
+use dualsync::steps::reconcile::{ReconcileAction, ReconcileMessage};
+use dualsync::steps::{Metrics, Steps};
+use dualsync_lambda::stack::Stack;
+
+use crate::backend::{BackendArgs, BackendKind};
+
+pub enum Pipeline {
+    Local(Arc<LocalRuntime>),
+    Aws { stack: Arc<Stack>, resources: Resources, sdk: aws_config::SdkConfig, reconcile: SqsQueue },
+}
+
+impl Pipeline {
+    /// Locally, the runner's state in `dir`. On AWS, a fresh stage named after `--stage` and
+    /// `purpose`, created here and deleted by [`Self::close`].
+    pub async fn open(dir: &std::path::Path, backend: &BackendArgs, purpose: &str) -> Result<Pipeline> {
+        if backend.backend == BackendKind::Local {
+            return Ok(Pipeline::Local(Arc::new(LocalRuntime::open(dir)?)));
+        }
+        let sdk = sdk_config(backend.endpoint_url.as_deref()).await;
+        let stage = format!("{}-{purpose}{}", backend.stage, &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let resources = bootstrap(&sdk, &Names::new(&stage))
+            .await
+            .with_context(|| format!("creating the table and queues of stage '{stage}'"))?;
+        let usage = Arc::new(Usage::default());
+        let stack = Arc::new(Stack::new(&sdk, &resources, usage.clone()));
+        let reconcile = SqsQueue::new(
+            aws_sdk_sqs::Client::new(&sdk),
+            Names::new(&stage).reconcile_queue(),
+            resources.reconcile_url.clone(),
+            MAX_RECEIVE_COUNT,
+            usage,
+        );
+        Ok(Pipeline::Aws { stack, resources, sdk, reconcile })
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Pipeline::Local(_) => "the embedded runner".into(),
+            Pipeline::Aws { resources, .. } => {
+                format!("the Lambda handlers on DynamoDB table {} and its SQS queues", resources.table)
+            }
+        }
+    }
+
+    pub fn steps(&self) -> &Steps {
+        match self {
+            Pipeline::Local(rt) => &rt.steps,
+            Pipeline::Aws { stack, .. } => stack.steps(),
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.steps().state
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        match self {
+            Pipeline::Local(rt) => rt.steps.metrics.clone(),
+            Pipeline::Aws { stack, .. } => stack.metrics.clone(),
+        }
+    }
+
+    pub async fn start(&self, job: &str) -> Result<()> {
+        match self {
+            Pipeline::Local(rt) => rt.start(job).await?,
+            Pipeline::Aws { stack, .. } => stack.start(job).await.map_err(|e| anyhow::anyhow!("{e}"))?,
+        }
+        Ok(())
+    }
+
+    pub fn spawn(&self, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        match self {
+            Pipeline::Local(rt) => rt.spawn(shutdown),
+            Pipeline::Aws { stack, .. } => vec![stack.spawn(shutdown)],
+        }
+    }
+
+    pub async fn is_idle(&self) -> Result<bool> {
+        match self {
+            Pipeline::Local(rt) => Ok(rt.is_idle().await?),
+            Pipeline::Aws { stack, .. } => stack.is_idle().await.map_err(|e| anyhow::anyhow!("{e}")),
+        }
+    }
+
+    /// Retries the errors that match: locally at once; on AWS as a request on the reconcile
+    /// queue, run by the reconcile function. Says what it did.
+    pub async fn retry(&self, job: &str, filter: ErrorFilter) -> Result<String> {
+        match self {
+            Pipeline::Local(rt) => {
+                let r = rt.steps.reconcile(job, ReconcileAction::Retry, &filter).await?;
+                Ok(format!("{} selected, {} queued", r.selected, r.queued))
+            }
+            Pipeline::Aws { reconcile, .. } => {
+                let request = ReconcileMessage::Retry { job: job.to_string(), filter };
+                let body = serde_json::to_string(&request)?;
+                reconcile.send(vec![OutMessage::fifo(body, job.to_string(), uuid::Uuid::new_v4().to_string())]).await?;
+                Ok("request queued for the reconcile function".into())
+            }
+        }
+    }
+
+    /// Deletes what [`Self::open`] created on AWS.
+    pub async fn close(self) -> Result<()> {
+        if let Pipeline::Aws { resources, sdk, .. } = self {
+            resources.delete(&sdk).await.context("deleting the demo's table and queues")?;
+        }
+        Ok(())
+    }
+}

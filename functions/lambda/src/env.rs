@@ -1,0 +1,98 @@
+//! The functions' configuration, from environment variables the SAM template sets.
+use dualsync::steps::StepKind;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Env {
+    /// The DynamoDB state table.
+    pub table: String,
+    pub sequence_queue_url: String,
+    pub deliver_queue_url: String,
+    /// The queue this function's events come from.
+    pub input_queue_url: String,
+    /// The redrive policy's maxReceiveCount of the input queue: on that receive a failing
+    /// message gets its dead-letter row.
+    pub max_receive_count: u32,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvError {
+    #[error("environment variable {0} is not set (template.yaml sets it for every function)")]
+    Missing(&'static str),
+    #[error("environment variable {name} is '{value}': {expected}")]
+    Invalid { name: &'static str, value: String, expected: &'static str },
+}
+
+pub fn input_var(step: StepKind) -> &'static str {
+    match step {
+        StepKind::Capture => "CAPTURE_QUEUE_URL",
+        StepKind::Sequence => "SEQUENCE_QUEUE_URL",
+        StepKind::Deliver => "DELIVER_QUEUE_URL",
+        StepKind::Reconcile => "RECONCILE_QUEUE_URL",
+    }
+}
+
+impl Env {
+    /// Reads the variables through `var` (the process environment, or a map in tests).
+    pub fn from_vars(step: StepKind, var: impl Fn(&str) -> Option<String>) -> Result<Env, EnvError> {
+        let need = |name: &'static str| var(name).filter(|v| !v.is_empty()).ok_or(EnvError::Missing(name));
+        let max_receive_count = match var("MAX_RECEIVE_COUNT") {
+            None => 5,
+            Some(v) => v.parse().ok().filter(|n| *n > 0).ok_or(EnvError::Invalid {
+                name: "MAX_RECEIVE_COUNT",
+                value: v,
+                expected: "a positive whole number",
+            })?,
+        };
+        Ok(Env {
+            table: need("DUALSYNC_TABLE")?,
+            sequence_queue_url: need("SEQUENCE_QUEUE_URL")?,
+            deliver_queue_url: need("DELIVER_QUEUE_URL")?,
+            input_queue_url: need(input_var(step))?,
+            max_receive_count,
+        })
+    }
+}
+
+/// A queue's name is the last segment of its URL (`https://sqs.../123456789012/name`).
+pub fn queue_name(url: &str) -> String {
+    url.rsplit('/').next().unwrap_or(url).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const BASE: [(&str, &str); 3] = [
+        ("DUALSYNC_TABLE", "dualsync-dev-state"),
+        ("SEQUENCE_QUEUE_URL", "http://q/1/dualsync-dev-sequence"),
+        ("DELIVER_QUEUE_URL", "http://q/1/dualsync-dev-deliver.fifo"),
+    ];
+
+    #[test]
+    fn reads_the_input_queue_of_the_step() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("CAPTURE_QUEUE_URL", "http://q/1/dualsync-dev-capture"));
+        let env = Env::from_vars(StepKind::Capture, vars(&pairs)).unwrap();
+        assert_eq!(env.input_queue_url, "http://q/1/dualsync-dev-capture");
+        assert_eq!(env.max_receive_count, 5);
+        assert_eq!(queue_name(&env.deliver_queue_url), "dualsync-dev-deliver.fifo");
+        let deliver = Env::from_vars(StepKind::Deliver, vars(&BASE)).unwrap();
+        assert_eq!(deliver.input_queue_url, deliver.deliver_queue_url);
+    }
+
+    #[test]
+    fn names_what_is_missing_or_wrong() {
+        assert_eq!(Env::from_vars(StepKind::Reconcile, vars(&BASE)), Err(EnvError::Missing("RECONCILE_QUEUE_URL")));
+        assert_eq!(Env::from_vars(StepKind::Deliver, vars(&BASE[1..])), Err(EnvError::Missing("DUALSYNC_TABLE")));
+        let mut pairs = BASE.to_vec();
+        pairs.push(("MAX_RECEIVE_COUNT", "0"));
+        let err = Env::from_vars(StepKind::Deliver, vars(&pairs)).unwrap_err();
+        assert_eq!(err.to_string(), "environment variable MAX_RECEIVE_COUNT is '0': a positive whole number");
+    }
+}

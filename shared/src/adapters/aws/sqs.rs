@@ -1,0 +1,217 @@
+//! A queue (see `ports::queue`) on SQS: batched sends with group and deduplication ids on FIFO
+//! queues, receipts as SQS receipt handles, release as a visibility change.
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageSystemAttributeName,
+    QueueAttributeName, SendMessageBatchRequestEntry,
+};
+use aws_sdk_sqs::Client;
+
+use super::usage::Usage;
+use crate::ports::queue::{InMessage, OutMessage, Queue, QueueError};
+
+/// SQS limits: entries per batch call, bytes per message and per batch call.
+const BATCH: usize = 10;
+const MAX_BYTES: usize = 256 * 1024;
+/// The longest visibility timeout SQS accepts (12 hours).
+const MAX_VISIBILITY_SECS: u64 = 43_200;
+
+#[derive(Clone)]
+pub struct SqsQueue {
+    client: Client,
+    name: String,
+    url: String,
+    fifo: bool,
+    max_receive_count: u32,
+    usage: Arc<Usage>,
+}
+
+impl SqsQueue {
+    pub fn new(client: Client, name: String, url: String, max_receive_count: u32, usage: Arc<Usage>) -> Self {
+        let fifo = name.ends_with(".fifo");
+        SqsQueue { client, name, url, fifo, max_receive_count, usage }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn unavailable(&self, op: &str, reason: impl std::fmt::Display) -> QueueError {
+        QueueError::Unavailable { queue: self.name.clone(), reason: format!("SQS {op}: {reason}") }
+    }
+
+    /// Messages visible, and in flight (received and not deleted, or delayed).
+    pub async fn depth(&self) -> Result<(u64, u64), QueueError> {
+        self.usage.sqs_call(self.fifo, 0);
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| self.unavailable("GetQueueAttributes", DisplayErrorContext(e)))?;
+        let get = |a: QueueAttributeName| -> u64 {
+            out.attributes().and_then(|m| m.get(&a)).and_then(|v| v.parse().ok()).unwrap_or(0)
+        };
+        Ok((
+            get(QueueAttributeName::ApproximateNumberOfMessages),
+            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+                + get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        ))
+    }
+
+    async fn send_batch(&self, msgs: &[OutMessage]) -> Result<(), QueueError> {
+        let entries = msgs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&m.body)
+                    .set_message_group_id(m.group.clone())
+                    .set_message_deduplication_id(m.dedup_id.clone())
+                    .build()
+                    .map_err(|e| self.unavailable("SendMessageBatch", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.usage.sqs_call(self.fifo, msgs.iter().map(|m| m.body.len()).sum());
+        let out = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| self.unavailable("SendMessageBatch", DisplayErrorContext(e)))?;
+        if let Some(f) = out.failed().first() {
+            return Err(self.unavailable(
+                "SendMessageBatch",
+                format!(
+                    "{} of {} messages refused: {}",
+                    out.failed().len(),
+                    msgs.len(),
+                    f.message().unwrap_or(f.code())
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Queue for SqsQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn max_receive_count(&self) -> u32 {
+        self.max_receive_count
+    }
+
+    async fn send(&self, msgs: Vec<OutMessage>) -> Result<(), QueueError> {
+        if let Some(m) = msgs.iter().find(|m| m.body.len() > MAX_BYTES) {
+            return Err(QueueError::TooLarge { queue: self.name.clone(), bytes: m.body.len() });
+        }
+        // Batches of at most ten messages and 256 KiB, in order.
+        let mut start = 0;
+        while start < msgs.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < msgs.len() && end - start < BATCH && bytes + msgs[end].body.len() <= MAX_BYTES {
+                bytes += msgs[end].body.len();
+                end += 1;
+            }
+            self.send_batch(&msgs[start..end]).await?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    async fn receive(&self, max: usize) -> Result<Vec<InMessage>, QueueError> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.url)
+            .max_number_of_messages(max.clamp(1, BATCH) as i32)
+            .wait_time_seconds(0)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .send()
+            .await
+            .map_err(|e| self.unavailable("ReceiveMessage", DisplayErrorContext(e)))?;
+        let msgs: Vec<InMessage> = out
+            .messages()
+            .iter()
+            .filter_map(|m| {
+                let attr = |a: MessageSystemAttributeName| m.attributes().and_then(|x| x.get(&a)).cloned();
+                Some(InMessage {
+                    id: m.message_id()?.to_string(),
+                    receipt: m.receipt_handle()?.to_string(),
+                    body: m.body().unwrap_or_default().to_string(),
+                    group: attr(MessageSystemAttributeName::MessageGroupId),
+                    receive_count: attr(MessageSystemAttributeName::ApproximateReceiveCount)
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(1),
+                })
+            })
+            .collect();
+        self.usage.sqs_call(self.fifo, msgs.iter().map(|m| m.body.len()).sum());
+        Ok(msgs)
+    }
+
+    async fn ack(&self, receipts: &[String]) -> Result<(), QueueError> {
+        for chunk in receipts.chunks(BATCH) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .build()
+                        .map_err(|e| self.unavailable("DeleteMessageBatch", e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            self.usage.sqs_call(self.fifo, 0);
+            let out = self
+                .client
+                .delete_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| self.unavailable("DeleteMessageBatch", DisplayErrorContext(e)))?;
+            // A stale receipt (the message came back to someone else) deletes nothing, as locally.
+            if let Some(f) = out.failed().iter().find(|f| f.code() != "ReceiptHandleIsInvalid") {
+                return Err(self.unavailable("DeleteMessageBatch", f.message().unwrap_or(f.code())));
+            }
+        }
+        Ok(())
+    }
+
+    async fn release(&self, receipt: &str, delay: Duration) -> Result<(), QueueError> {
+        let secs = delay.as_millis().div_ceil(1000).min(u128::from(MAX_VISIBILITY_SECS)) as i32;
+        let entry = ChangeMessageVisibilityBatchRequestEntry::builder()
+            .id("0")
+            .receipt_handle(receipt)
+            .visibility_timeout(secs)
+            .build()
+            .map_err(|e| self.unavailable("ChangeMessageVisibility", e))?;
+        self.usage.sqs_call(self.fifo, 0);
+        self.client
+            .change_message_visibility_batch()
+            .queue_url(&self.url)
+            .entries(entry)
+            .send()
+            .await
+            .map_err(|e| self.unavailable("ChangeMessageVisibility", DisplayErrorContext(e)))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,240 @@
+//! The pipeline on a real SQS and DynamoDB wire protocol (moto server, started by
+//! `./scripts/test`): the four Lambda handlers, polled as their SQS event sources would, on a
+//! fresh stage's table and queues. Convergence, parent before child, a poison message reaching
+//! the dead-letter queue with its row, the partial batch response of deliver, and duplicates.
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{create_apps, exec, query, Flaky};
+use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Resources, SqsQueue, Usage, MAX_RECEIVE_COUNT};
+use dualsync::domain::errors::ErrorCategory;
+use dualsync::ports::{OutMessage, Queue};
+use dualsync::runtime::verify::compare;
+use dualsync::state::ErrorFilter;
+use dualsync::steps::Metrics;
+use dualsync_lambda::poller::sqs_event;
+use dualsync_lambda::stack::{Stack, LAMBDA_BATCH};
+
+/// The emulator `./scripts/test` started; a failure, not a skip, without it.
+pub async fn emulator() -> aws_config::SdkConfig {
+    let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT")
+        .expect("DUALSYNC_TEST_AWS_ENDPOINT is not set: run the tests with ./scripts/test, which starts moto server");
+    for (k, v) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")]
+    {
+        if std::env::var_os(k).is_none() {
+            std::env::set_var(k, v);
+        }
+    }
+    sdk_config(Some(&endpoint)).await
+}
+
+struct H {
+    _dir: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+    sdk: aws_config::SdkConfig,
+    names: Names,
+    resources: Resources,
+    stack: Arc<Stack>,
+    fail_b_writes: Arc<AtomicBool>,
+}
+
+async fn harness() -> H {
+    let sdk = emulator().await;
+    let names = Names::new(&format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+    let resources = bootstrap(&sdk, &names).await.expect("bootstrap");
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let def = create_apps(&a, &b);
+    let fail_b_writes = Arc::new(AtomicBool::new(false));
+    let apps = Arc::new(Flaky::new(fail_b_writes.clone()));
+    let stack = Arc::new(Stack::with_apps(&sdk, &resources, Arc::new(Usage::default()), apps));
+    stack.state().apply_job(def).await.unwrap();
+    stack.start("j").await.unwrap();
+    H { _dir: dir, a, b, sdk, names, resources, stack, fail_b_writes }
+}
+
+impl H {
+    fn queue(&self, url: &str, name: String) -> SqsQueue {
+        SqsQueue::new(
+            aws_sdk_sqs::Client::new(&self.sdk),
+            name,
+            url.to_string(),
+            MAX_RECEIVE_COUNT,
+            Arc::new(Usage::default()),
+        )
+    }
+
+    /// Ingress and every function until the stack is idle.
+    async fn drain(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let moved = self.stack.pump_feeds(1000).await.unwrap();
+            let handled = self.stack.poll_round().await.unwrap().len();
+            if moved + handled == 0 {
+                if self.stack.is_idle().await.unwrap() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(Instant::now() < deadline, "the stack did not drain in two minutes");
+        }
+    }
+
+    async fn assert_converged(&self) {
+        let lj = self.stack.steps().load_job("j").await.unwrap().unwrap();
+        for c in compare(&lj).await.unwrap() {
+            assert!(
+                c.all_in_step(),
+                "{}: {} differ, only in a {:?}, only in b {:?}",
+                c.map,
+                c.differ.len(),
+                c.only[0],
+                c.only[1]
+            );
+        }
+    }
+
+    /// Seq of the first change-log row of an entity whose key mentions `key`, in app `b`.
+    fn first_write(&self, entity: &str, key: &str) -> i64 {
+        query(
+            &self.b,
+            &format!("SELECT min(seq) FROM _dualsync_changes WHERE entity = '{entity}' AND key LIKE '%{key}%'"),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_with_parents_before_children() {
+    let h = harness().await;
+    // Children listed before their parent in the app's own transaction.
+    exec(
+        &h.a,
+        "INSERT INTO children (pid, cno, label) VALUES ('p1', 1, 'one'), ('p1', 2, 'two');
+         INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'first', 'X', 'small');
+         INSERT INTO parents (pid, name, co, kind) VALUES ('p2', 'second', 'X', 'large');",
+    );
+    exec(&h.b, "INSERT INTO owners (owner_id, title, company, kind_code) VALUES ('p3', 'third', 'X', 1); INSERT INTO items (owner_id, item_no, caption) VALUES ('p3', 1, 'x');");
+    h.drain().await;
+    h.assert_converged().await;
+    assert_eq!(query(&h.b, "SELECT count(*) FROM items"), 3);
+    assert_eq!(query(&h.a, "SELECT count(*) FROM children WHERE pid = 'p3'"), 1);
+    assert!(h.first_write("owners", "p1") < h.first_write("items", "p1"), "parent p1 was written after its child");
+    // An edit on each side flows across.
+    exec(&h.a, "UPDATE parents SET name = 'renamed' WHERE pid = 'p2'");
+    exec(&h.b, "UPDATE items SET caption = 'changed' WHERE owner_id = 'p1' AND item_no = 2");
+    h.drain().await;
+    h.assert_converged().await;
+    assert_eq!(query(&h.b, "SELECT count(*) FROM owners WHERE title = 'renamed'"), 1);
+    assert_eq!(query(&h.a, "SELECT count(*) FROM children WHERE label = 'changed'"), 1);
+    let errors = h.stack.state().error_rows("j", &ErrorFilter::default()).await.unwrap();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_reaches_the_dead_letter_queue_with_its_row() {
+    let h = harness().await;
+    let capture = h.queue(&h.resources.capture_url, h.names.capture_queue());
+    capture.send(vec![OutMessage::standard("{not json".into())]).await.unwrap();
+    h.drain().await;
+    let dlq = h.queue(&h.resources.dead_letter_urls[0], h.names.dead_letter_queue(&h.names.capture_queue()));
+    let dead = dlq.receive(10).await.unwrap();
+    assert_eq!(dead.len(), 1, "the message is in the capture dead-letter queue");
+    assert_eq!(dead[0].body, "{not json");
+    let rows = h.stack.state().dead_letters(&h.names.capture_queue()).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    assert!(rows[0].reason.starts_with("malformed change notification"), "{}", rows[0].reason);
+    assert_eq!(rows[0].receive_count, MAX_RECEIVE_COUNT);
+    assert_eq!(rows[0].body, "{not json");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_fails_a_group_from_its_first_failure_and_other_groups_go_on() {
+    let h = harness().await;
+    exec(&h.a, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'v1', 'X', 'small')");
+    exec(&h.a, "UPDATE parents SET name = 'v2' WHERE pid = 'p1'");
+    exec(&h.b, "INSERT INTO owners (owner_id, title, company, kind_code) VALUES ('q1', 'from b', 'X', 2)");
+    // Capture and sequence only: three delivery messages wait, two in p1's group.
+    h.stack.pump_feeds(1000).await.unwrap();
+    for h_ in &h.stack.handlers[..2] {
+        while dualsync_lambda::poller::poll_once(h_, LAMBDA_BATCH).await.unwrap().is_some() {}
+    }
+    h.fail_b_writes.store(true, Ordering::SeqCst);
+    let deliver = &h.stack.handlers[2];
+    let msgs = deliver.input().receive(10).await.unwrap();
+    assert_eq!(msgs.len(), 3, "{msgs:#?}");
+    let response = deliver.handle(sqs_event(&msgs)).await.unwrap();
+    let failed: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
+    let group_of = |id: &str| msgs.iter().find(|m| m.id == id).and_then(|m| m.group.clone());
+    let p1_group = group_of(failed.first().expect("a failure"));
+    let in_p1: Vec<&str> = msgs.iter().filter(|m| m.group == p1_group).map(|m| m.id.as_str()).collect();
+    assert_eq!(failed, in_p1, "the failing group and only it is reported, from its first message on");
+    assert_eq!(in_p1.len(), 2);
+    assert_eq!(query(&h.a, "SELECT count(*) FROM parents WHERE pid = 'q1'"), 1, "the other group went on");
+    // The failed messages come back after their backoff, not at once.
+    let done: Vec<String> =
+        msgs.iter().filter(|m| !failed.contains(&m.id.as_str())).map(|m| m.receipt.clone()).collect();
+    deliver.input().ack(&done).await.unwrap();
+    assert!(deliver.input().receive(10).await.unwrap().is_empty(), "the group is held back by its backoff");
+    // Once the app is back, the group delivers in order.
+    h.fail_b_writes.store(false, Ordering::SeqCst);
+    h.drain().await;
+    h.assert_converged().await;
+    assert_eq!(query(&h.b, "SELECT count(*) FROM owners WHERE owner_id = 'p1' AND title = 'v2'"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_failure_past_its_retries_is_an_error_row_not_a_loss() {
+    let h = harness().await;
+    h.fail_b_writes.store(true, Ordering::SeqCst);
+    exec(&h.a, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'v1', 'X', 'small')");
+    h.drain().await;
+    let rows = h.stack.state().error_rows("j", &ErrorFilter::default()).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let e = &rows[0].1;
+    assert_eq!((e.category, e.retriable, e.key.display().as_str()), (ErrorCategory::System, true, "p1"));
+    assert!(e.message.contains("503"), "{}", e.message);
+    let dlq = h.queue(&h.resources.dead_letter_urls[2], h.names.dead_letter_queue(&h.names.deliver_queue()));
+    assert_eq!(dlq.depth().await.unwrap(), (0, 0), "recorded, so not dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_deliveries_change_nothing() {
+    let h = harness().await;
+    exec(&h.a, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'v1', 'X', 'small'); INSERT INTO children (pid, cno, label) VALUES ('p1', 1, 'c');");
+    exec(&h.b, "INSERT INTO owners (owner_id, title, company, kind_code) VALUES ('q1', 'from b', 'X', 2)");
+    h.stack.pump_feeds(1000).await.unwrap();
+    // Every capture and delivery message arrives twice (another id, so FIFO deduplication
+    // does not catch it: SQS delivers at least once).
+    let capture = &h.stack.handlers[0];
+    let first = capture.input().receive(10).await.unwrap();
+    capture.input().send(first.iter().map(|m| OutMessage::standard(m.body.clone())).collect()).await.unwrap();
+    for m in &first {
+        capture.input().release(&m.receipt, Duration::ZERO).await.unwrap();
+    }
+    while dualsync_lambda::poller::poll_once(capture, LAMBDA_BATCH).await.unwrap().is_some() {}
+    while dualsync_lambda::poller::poll_once(&h.stack.handlers[1], LAMBDA_BATCH).await.unwrap().is_some() {}
+    let deliver = &h.stack.handlers[2];
+    let msgs = deliver.input().receive(10).await.unwrap();
+    assert!(!msgs.is_empty());
+    let again: Vec<OutMessage> = msgs
+        .iter()
+        .map(|m| OutMessage::fifo(m.body.clone(), m.group.clone().unwrap(), uuid::Uuid::new_v4().to_string()))
+        .collect();
+    deliver.input().send(again).await.unwrap();
+    for m in &msgs {
+        deliver.input().release(&m.receipt, Duration::ZERO).await.unwrap();
+    }
+    h.drain().await;
+    h.assert_converged().await;
+    assert_eq!(Metrics::get(&h.stack.metrics.written), 3, "each record written once");
+    let own_writes =
+        |p: &PathBuf| query(p, "SELECT count(*) FROM _dualsync_changes WHERE txid LIKE 'dualsync-write-%'");
+    assert_eq!(own_writes(&h.b) + own_writes(&h.a), 3);
+    let errors = h.stack.state().error_rows("j", &ErrorFilter::default()).await.unwrap();
+    assert!(errors.is_empty(), "{errors:#?}");
+}

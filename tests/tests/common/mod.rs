@@ -1,0 +1,142 @@
+//! Fixtures shared by the end-to-end tests: a job with parents, children (a lookup to parents)
+//! and a live map, its two sqlite apps, and a way to make one app's writes fail.
+#![allow(dead_code)] // each test binary uses its own part of this
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use dualsync::adapters::connectors::sqlite::{transaction, SqliteApp};
+use dualsync::domain::change::Key;
+use dualsync::domain::config::{parse_job, JobDef};
+use dualsync::domain::job::{Job, Side};
+use dualsync::ports::{Connector, ConnectorError, EntitySpec, ListPage, Record, WriteFailure, WriteOp};
+use dualsync::runtime::local::{AppRegistry, SqliteRegistry};
+use dualsync::steps::ConnectorRegistry;
+
+const JOB: &str = "job: j
+apps:
+  - { name: a, connector: sqlite, path: A }
+  - { name: b, connector: sqlite, path: B }
+primary: a
+companies: [X]
+table_groups:
+  - name: g
+    maps:
+      - name: parents
+        sequence: 1
+        entities: { a: parents, b: owners }
+        company: { a: co, b: company }
+        keys: [{ a: pid, b: owner_id }]
+        fields:
+          - { a: name, b: title }
+          - { a: co, b: company }
+          - a: kind
+            b: kind_code
+            values: [{ a: small, b: 1 }, { a: large, b: 2 }]
+      - name: children
+        sequence: 2
+        entities: { a: children, b: items }
+        keys: [{ a: pid, b: owner_id }, { a: cno, b: item_no }]
+        fields: [{ a: label, b: caption }]
+        lookups:
+          - map: parents
+            fields: [{ a: pid, b: owner_id }]
+      - name: notes
+        sequence: 3
+        mode: live
+        entities: { a: notes, b: memos }
+        keys: [{ a: nid, b: memo_id }]
+        fields: [{ a: text, b: body }]
+";
+
+/// Wraps the sqlite apps so that a test can make side B's writes fail like a 503.
+pub struct Flaky {
+    inner: SqliteRegistry,
+    fail_b_writes: Arc<AtomicBool>,
+}
+
+struct FlakyConnector {
+    inner: Arc<dyn Connector>,
+    fail: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Connector for FlakyConnector {
+    fn app(&self) -> &str {
+        self.inner.app()
+    }
+    async fn read(&self, e: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
+        self.inner.read(e, keys).await
+    }
+    async fn write(
+        &self,
+        e: &EntitySpec,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError> {
+        if self.fail.load(Ordering::SeqCst) {
+            let failure = WriteFailure::Transient { message: "503 service unavailable".into(), retry_after: None };
+            return Ok(ops.iter().map(|_| Err(failure.clone())).collect());
+        }
+        self.inner.write(e, ops).await
+    }
+    async fn delete(&self, e: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError> {
+        self.inner.delete(e, keys).await
+    }
+    async fn list(&self, e: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
+        self.inner.list(e, after, limit).await
+    }
+}
+
+impl AppRegistry for Flaky {
+    fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
+        self.inner.sqlite_app(job, side)
+    }
+}
+
+impl ConnectorRegistry for Flaky {
+    fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
+        let [a, b] = self.inner.connectors(job)?;
+        Ok([a, Arc::new(FlakyConnector { inner: b, fail: self.fail_b_writes.clone() })])
+    }
+}
+
+impl Flaky {
+    pub fn new(fail_b_writes: Arc<AtomicBool>) -> Self {
+        Flaky { inner: SqliteRegistry::default(), fail_b_writes }
+    }
+}
+
+/// Creates the two apps' tables at `a` and `b`; returns the job pointed at them.
+pub fn create_apps(a: &Path, b: &Path) -> JobDef {
+    let schema = |p: &Path, sql: &str| rusqlite::Connection::open(p).unwrap().execute_batch(sql).unwrap();
+    schema(
+        a,
+        "CREATE TABLE parents (pid TEXT PRIMARY KEY, name TEXT, co TEXT, kind TEXT);
+         CREATE TABLE children (pid TEXT, cno INTEGER, label TEXT, PRIMARY KEY (pid, cno));
+         CREATE TABLE notes (nid TEXT PRIMARY KEY, text TEXT);",
+    );
+    schema(
+        b,
+        "CREATE TABLE owners (owner_id TEXT PRIMARY KEY, title TEXT NOT NULL, company TEXT, kind_code INTEGER);
+         CREATE TABLE items (owner_id TEXT, item_no INTEGER, caption TEXT, PRIMARY KEY (owner_id, item_no));
+         CREATE TABLE memos (memo_id TEXT PRIMARY KEY, body TEXT);",
+    );
+    let mut def = parse_job("job.yaml", JOB).unwrap();
+    def.apps[0].path = Some(a.display().to_string());
+    def.apps[1].path = Some(b.display().to_string());
+    def
+}
+
+/// One app transaction with its own transaction id.
+pub fn exec(path: &Path, sql: &str) {
+    static TX: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut conn = rusqlite::Connection::open(path).unwrap();
+    let txid = format!("t{}", TX.fetch_add(1, Ordering::SeqCst));
+    transaction(&mut conn, &txid, |tx| tx.execute_batch(sql)).unwrap();
+}
+
+pub fn query(path: &Path, sql: &str) -> i64 {
+    rusqlite::Connection::open(path).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+}
