@@ -87,6 +87,16 @@ async fn the_capture_binary_answers_an_sqs_event_through_cargo_lambda() {
             .current_dir(root),
         &dir.path().join("watch.log"),
     );
+    // The function exits if the runtime API is not there yet: start it once the port answers.
+    let up = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < up,
+            "cargo lambda watch did not start: {}",
+            std::fs::read_to_string(dir.path().join("watch.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let _function = spawn(
         Command::new(&bin)
             .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
