@@ -1,13 +1,16 @@
-//! Admin commands: jobs, errors, conflicts, initial sync, on the local or the AWS backend.
+//! Admin commands: jobs, errors, requests, conflicts, initial sync, on the local or the AWS
+//! backend, through the same [`dualsync::admin::Admin`] service as the admin API.
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
+use dualsync::admin::JobView;
 use dualsync::domain::config::{load_job_file, JobDef};
-use dualsync::domain::errors::{ErrorCategory, ErrorStatus};
+use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
+use dualsync::domain::requests::{ReconcileRequest, RequestAction};
 use dualsync::state::ErrorFilter;
 use dualsync::steps::initial_sync::reset_checkpoints;
-use dualsync::steps::reconcile::{ReconcileAction, ReconcileMessage};
+use dualsync::steps::reconcile::ReconcileMessage;
 
 use crate::backend::{Backend, BackendArgs};
 
@@ -21,6 +24,10 @@ pub enum JobCommand {
     Stop { job: String },
     /// Shows every job's status, or one job's.
     Status { job: Option<String> },
+    /// Pauses an active job: changes are still captured, and delivered in order on resume.
+    Pause { job: String },
+    /// Resumes a paused job: what it kept goes to delivery first, in order.
+    Resume { job: String },
 }
 
 #[derive(Args, Clone)]
@@ -43,7 +50,7 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    fn filter(&self, status: Option<ErrorStatus>) -> ErrorFilter {
+    pub fn filter(&self, status: Option<ErrorStatus>) -> ErrorFilter {
         ErrorFilter {
             from_ms: self.from_ms,
             to_ms: self.to_ms,
@@ -60,14 +67,21 @@ fn parse_category(s: &str) -> Result<ErrorCategory, String> {
         .ok_or_else(|| format!("unknown category '{s}': use application, system, concurrency or conflict"))
 }
 
+fn parse_status(s: &str) -> Result<ErrorStatus, String> {
+    ErrorStatus::parse(s).ok_or_else(|| format!("unknown status '{s}': use open, retrying, dismissed or resolved"))
+}
+
 #[derive(Subcommand)]
 pub enum ErrorsCommand {
-    /// Lists error rows (open ones unless --all).
+    /// Lists error rows, oldest first (open ones unless --status or --all).
     List {
         job: String,
         #[command(flatten)]
         filter: FilterArgs,
-        /// Include resolved, retrying and dismissed rows.
+        /// open, retrying, dismissed or resolved.
+        #[arg(long, value_parser = parse_status, conflicts_with = "all")]
+        status: Option<ErrorStatus>,
+        /// Rows of every status.
         #[arg(long)]
         all: bool,
         #[arg(long, default_value_t = 50)]
@@ -76,13 +90,21 @@ pub enum ErrorsCommand {
         #[arg(long)]
         after: Option<String>,
     },
-    /// Retries the open errors that match: each re-enters delivery with a fresh read.
+    /// Shows one error row.
+    Show { job: String, id: String },
+    /// Counts error rows by category and by status.
+    Counts {
+        job: String,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Requests a retry of the open errors that match: each re-enters delivery with a fresh read.
     Retry {
         job: String,
         #[command(flatten)]
         filter: FilterArgs,
     },
-    /// Dismisses the open errors that match, for good.
+    /// Requests a dismissal of the open errors that match, for good.
     Dismiss {
         job: String,
         #[command(flatten)]
@@ -90,11 +112,20 @@ pub enum ErrorsCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub enum RequestsCommand {
+    /// A job's retry and dismiss requests with their progress, oldest first.
+    List { job: String },
+}
+
 #[derive(Args)]
 pub struct ConflictsArgs {
     job: String,
     #[arg(long, default_value_t = 50)]
     limit: usize,
+    /// Continue after this cursor (printed at the end of a page).
+    #[arg(long)]
+    after: Option<String>,
 }
 
 #[derive(Args)]
@@ -149,36 +180,56 @@ pub async fn job(data_dir: &Path, backend: &BackendArgs, cmd: JobCommand) -> Res
                 println!("no jobs: apply one with `dualsync job apply FILE`");
             }
             for name in names {
-                let (record, _) = rt.state().job_record(&name).await?;
-                let open = rt
-                    .state()
-                    .errors(&name, &ErrorFilter { status: Some(ErrorStatus::Open), ..Default::default() }, 10_000, None)
-                    .await?;
-                println!(
-                    "{name}: {} (revision {}), {} open error(s)",
-                    record.status.as_str(),
-                    record.revision,
-                    open.items.len()
-                );
+                print_job(&rt.admin.job(&name).await?);
             }
+        }
+        JobCommand::Pause { job } => print_job(&rt.admin.pause(&job).await?),
+        JobCommand::Resume { job } => {
+            let (view, handed_back) = rt.admin.resume(&job).await?;
+            print_job(&view);
+            println!("{handed_back} kept deliveries handed back, in order");
         }
     }
     Ok(())
 }
 
+fn print_job(v: &JobView) {
+    let count = |s: ErrorStatus| v.errors.by_status.get(&s).copied().unwrap_or(0);
+    println!(
+        "{}: {} (revision {}), {} open and {} retrying error(s), {} request(s) queued",
+        v.job,
+        v.status.as_str(),
+        v.revision,
+        count(ErrorStatus::Open),
+        count(ErrorStatus::Retrying),
+        v.requests_queued
+    );
+    if let Some(reason) = &v.paused_reason {
+        println!("  paused: {reason}");
+    }
+    if let Some(rule) = &v.alert {
+        println!(
+            "  alert rule: pause after {} application errors in {} minutes",
+            rule.application_errors, rule.minutes
+        );
+    }
+}
+
 pub async fn errors(data_dir: &Path, backend: &BackendArgs, cmd: ErrorsCommand) -> Result<()> {
     let rt = Backend::open(data_dir, backend).await?;
     match cmd {
-        ErrorsCommand::List { job, filter, all, limit, after } => {
-            let status = (!all).then_some(ErrorStatus::Open);
-            let page = rt.state().errors(&job, &filter.filter(status), limit, after.as_deref()).await?;
+        ErrorsCommand::List { job, filter, status, all, limit, after } => {
+            let status = if all { None } else { Some(status.unwrap_or(ErrorStatus::Open)) };
+            let filter = filter.filter(status);
+            let page = rt.admin.errors(&job, &filter, limit, after.as_deref()).await?;
             println!(
-                "{:<12} {:<24} {:<10} {:<24} {:>8} {:<9} message",
-                "category", "map", "app", "key", "attempts", "status"
+                "{:<22} {:<12} {:<20} {:<10} {:<20} {:>8} {:<9} message",
+                "id", "category", "map", "app", "key", "attempts", "status"
             );
             for e in &page.items {
                 println!(
-                    "{:<12} {:<24} {:<10} {:<24} {:>8} {:<9} {}",
+                    "{:<22} {:<12} {:<20} {:<10} {:<20} {:>8} {:<9} {}",
+                    e.id,
                     e.category.as_str(),
                     e.map,
                     e.app,
@@ -192,43 +243,95 @@ pub async fn errors(data_dir: &Path, backend: &BackendArgs, cmd: ErrorsCommand) 
                 println!("more: --after '{next}'");
             }
         }
-        ErrorsCommand::Retry { job, filter } => reconcile(&rt, &job, ReconcileAction::Retry, &filter).await?,
-        ErrorsCommand::Dismiss { job, filter } => reconcile(&rt, &job, ReconcileAction::Dismiss, &filter).await?,
+        ErrorsCommand::Show { job, id } => print_error(&rt.admin.error(&job, &id).await?),
+        ErrorsCommand::Counts { job, filter } => {
+            let c = rt.admin.counts(&job, &filter.filter(None)).await?;
+            println!("{} error row(s)", c.total);
+            for cat in ErrorCategory::ALL {
+                println!("  {:<12} {}", cat.as_str(), c.by_category.get(&cat).copied().unwrap_or(0));
+            }
+            for st in ErrorStatus::ALL {
+                println!("  {:<12} {}", st.as_str(), c.by_status.get(&st).copied().unwrap_or(0));
+            }
+        }
+        ErrorsCommand::Retry { job, filter } => submit(&rt, &job, RequestAction::Retry, &filter).await?,
+        ErrorsCommand::Dismiss { job, filter } => submit(&rt, &job, RequestAction::Dismiss, &filter).await?,
     }
     Ok(())
 }
 
-async fn reconcile(rt: &Backend, job: &str, action: ReconcileAction, filter: &FilterArgs) -> Result<()> {
-    let (filter, job) = (filter.filter(None), job.to_string());
-    let rt = match rt {
-        Backend::Local(rt) => rt,
-        Backend::Aws { .. } => {
-            let request = match action {
-                ReconcileAction::Retry => ReconcileMessage::Retry { job, filter },
-                ReconcileAction::Dismiss => ReconcileMessage::Dismiss { job, filter },
-            };
-            rt.queue_reconcile(&request).await?;
-            println!("request queued for the reconcile function of job '{}'", request.job());
-            return Ok(());
+fn print_error(e: &SyncError) {
+    println!("id:          {}", e.id);
+    println!("category:    {} ({})", e.category.as_str(), if e.retriable { "retriable" } else { "not retriable" });
+    println!("status:      {}", e.status.as_str());
+    println!("map:         {} (entity {} of app {})", e.map, e.entity, e.app);
+    println!("key:         {}", e.key.display());
+    println!("seq, txid:   {}, {}", e.seq, e.txid);
+    println!("attempts:    {}", e.attempts);
+    println!("first seen:  {} ms", e.first_seen_ms);
+    println!("last seen:   {} ms", e.last_seen_ms);
+    if let Some(r) = &e.request {
+        println!("request:     {r}");
+    }
+    println!("message:     {}", e.message);
+}
+
+async fn submit(rt: &Backend, job: &str, action: RequestAction, filter: &FilterArgs) -> Result<()> {
+    let request = rt.admin.submit(job, action, filter.filter(None)).await?;
+    println!("request {} queued: {} of {} open error(s)", request.id, action.as_str(), request.progress.selected);
+    rt.run_requests().await?;
+    if rt.local().is_some() {
+        print_request(&rt.admin.request(job, &request.id).await?);
+        if action == RequestAction::Retry {
+            println!("a running `dualsync run` delivers the retried changes");
         }
-    };
-    let report = rt.steps.reconcile(&job, action, &filter).await?;
-    match action {
-        ReconcileAction::Retry => println!(
-            "{} selected, {} queued for retry, {} not retriable; a running `dualsync run` delivers them",
-            report.selected, report.queued, report.not_retriable
-        ),
-        ReconcileAction::Dismiss => println!("{} selected, {} dismissed", report.selected, report.dismissed),
+    } else {
+        println!("the reconcile function runs it; follow it with `dualsync requests list {job}`");
     }
     Ok(())
+}
+
+pub async fn requests(data_dir: &Path, backend: &BackendArgs, cmd: RequestsCommand) -> Result<()> {
+    let rt = Backend::open(data_dir, backend).await?;
+    match cmd {
+        RequestsCommand::List { job } => {
+            let list = rt.admin.requests(&job).await?;
+            if list.is_empty() {
+                println!("no requests for job '{job}'");
+            }
+            for r in &list {
+                print_request(r);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_request(r: &ReconcileRequest) {
+    let p = &r.progress;
+    println!(
+        "{} {:<7} {:<8} selected {}, done {}, succeeded {}, still failing {}, not retriable {}{}",
+        r.id,
+        r.action.as_str(),
+        r.status.as_str(),
+        p.selected,
+        p.done,
+        p.succeeded,
+        p.still_failing,
+        p.not_retriable,
+        r.reason.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
+    );
 }
 
 pub async fn conflicts(data_dir: &Path, backend: &BackendArgs, args: ConflictsArgs) -> Result<()> {
     let rt = Backend::open(data_dir, backend).await?;
-    let page = rt.state().conflicts(&args.job, args.limit, None).await?;
+    let page = rt.admin.conflicts(&args.job, args.limit, args.after.as_deref()).await?;
     println!("{:<24} {:<24} {:<12} winner", "map", "key", "seen from");
     for c in page.items {
         println!("{:<24} {:<24} {:<12} {}", c.map, c.key.display(), c.app, c.winner);
+    }
+    if let Some(next) = page.next {
+        println!("more: --after '{next}'");
     }
     Ok(())
 }
@@ -248,14 +351,10 @@ pub async fn initial_sync(data_dir: &Path, backend: &BackendArgs, args: InitialS
     if args.restart {
         reset_checkpoints(rt.state(), &args.job, &args.from).await?;
     }
-    let rt = match &rt {
-        Backend::Local(rt) => rt,
-        Backend::Aws { .. } => {
-            rt.queue_reconcile(&ReconcileMessage::InitialSync { job: args.job.clone(), from: args.from.clone() })
-                .await?;
-            println!("initial sync of job '{}' from {} queued for the reconcile function", args.job, args.from);
-            return Ok(());
-        }
+    let Some(rt) = rt.local() else {
+        rt.queue_reconcile(&ReconcileMessage::InitialSync { job: args.job.clone(), from: args.from.clone() }).await?;
+        println!("initial sync of job '{}' from {} queued for the reconcile function", args.job, args.from);
+        return Ok(());
     };
     let report = rt.steps.initial_sync(&args.job, side, 500, |map, n| eprintln!("{map}: {n} records")).await?;
     println!(

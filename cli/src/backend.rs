@@ -6,12 +6,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
-use dualsync::adapters::aws::{sdk_config, DynamoKv, Names, Resources, SqsQueue, Usage, MAX_RECEIVE_COUNT};
+use dualsync::adapters::aws::{sdk_config, Names, Resources, Usage};
+use dualsync::admin::Admin;
 use dualsync::domain::job::JobAction;
-use dualsync::ports::{OutMessage, Queue, SystemClock};
 use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::State;
 use dualsync::steps::reconcile::ReconcileMessage;
+use dualsync::steps::StepKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
@@ -33,78 +34,73 @@ pub struct BackendArgs {
     pub stage: String,
 }
 
-pub enum Backend {
-    Local(Box<LocalRuntime>),
-    Aws { state: State, reconcile: Arc<dyn Queue> },
+/// The admin service over the chosen backend, and the local runtime when local.
+pub struct Backend {
+    pub admin: Admin,
+    local: Option<Box<LocalRuntime>>,
 }
 
 impl Backend {
     pub async fn open(data_dir: &Path, args: &BackendArgs) -> Result<Backend> {
         match args.backend {
-            BackendKind::Local => Ok(Backend::Local(Box::new(LocalRuntime::open(data_dir)?))),
+            BackendKind::Local => {
+                let rt = LocalRuntime::open(data_dir)?;
+                Ok(Backend { admin: rt.admin(), local: Some(Box::new(rt)) })
+            }
             BackendKind::Aws => {
                 let sdk = sdk_config(args.endpoint_url.as_deref()).await;
-                let names = Names::new(&args.stage);
-                let resources = Resources::lookup(&sdk, &names)
+                let resources = Resources::lookup(&sdk, &Names::new(&args.stage))
                     .await
                     .with_context(|| format!("finding the resources of stage '{}'", args.stage))?;
-                let usage = Arc::new(Usage::default());
-                let kv = DynamoKv::new(
-                    aws_sdk_dynamodb::Client::new(&sdk),
-                    resources.table.clone(),
-                    Arc::new(SystemClock),
-                    usage.clone(),
-                );
-                let reconcile = Arc::new(SqsQueue::new(
-                    aws_sdk_sqs::Client::new(&sdk),
-                    names.reconcile_queue(),
-                    resources.reconcile_url.clone(),
-                    MAX_RECEIVE_COUNT,
-                    usage,
-                ));
-                Ok(Backend::Aws { state: State::new(Arc::new(kv), Arc::new(SystemClock)), reconcile })
+                Ok(Backend { admin: resources.admin(&sdk, Arc::new(Usage::default())), local: None })
             }
         }
     }
 
     pub fn state(&self) -> &State {
-        match self {
-            Backend::Local(rt) => &rt.state,
-            Backend::Aws { state, .. } => state,
-        }
+        &self.admin.state
+    }
+
+    pub fn local(&self) -> Option<&LocalRuntime> {
+        self.local.as_deref()
     }
 
     /// Starts a job. Locally this also installs change capture in its sqlite apps; on AWS the
     /// apps send their changes to the capture queue themselves.
     pub async fn start(&self, job: &str) -> Result<()> {
-        match self {
-            Backend::Local(rt) => rt.start(job).await?,
-            Backend::Aws { state, .. } => {
-                state.transition(job, JobAction::Start).await?;
-                state.transition(job, JobAction::Activate).await?;
+        match self.local() {
+            Some(rt) => rt.start(job).await?,
+            None => {
+                self.state().transition(job, JobAction::Start).await?;
+                self.state().transition(job, JobAction::Activate).await?;
             }
         }
         Ok(())
     }
 
     pub async fn stop(&self, job: &str) -> Result<()> {
-        match self {
-            Backend::Local(rt) => rt.stop(job).await?,
-            Backend::Aws { state, .. } => {
-                state.transition(job, JobAction::Stop).await?;
-                state.transition(job, JobAction::Halt).await?;
+        match self.local() {
+            Some(rt) => rt.stop(job).await?,
+            None => {
+                self.state().transition(job, JobAction::Stop).await?;
+                self.state().transition(job, JobAction::Halt).await?;
             }
         }
         Ok(())
     }
 
-    /// On AWS, queues a reconcile request for the reconcile function (FIFO per job, so a job's
-    /// requests run in order). `None` on the local backend, which runs requests directly.
-    pub async fn queue_reconcile(&self, request: &ReconcileMessage) -> Result<Option<()>> {
-        let Backend::Aws { reconcile, .. } = self else { return Ok(None) };
-        let body = serde_json::to_string(request)?;
-        let dedup = uuid::Uuid::new_v4().to_string();
-        reconcile.send(vec![OutMessage::fifo(body, request.job().to_string(), dedup)]).await?;
-        Ok(Some(()))
+    /// Locally, runs the queued reconcile requests now, as a running `dualsync run` would; on
+    /// AWS the reconcile function runs them.
+    pub async fn run_requests(&self) -> Result<()> {
+        if let Some(rt) = self.local() {
+            while rt.step_once(StepKind::Reconcile).await? > 0 {}
+        }
+        Ok(())
+    }
+
+    /// Queues an initial sync for the reconcile function (AWS).
+    pub async fn queue_reconcile(&self, message: &ReconcileMessage) -> Result<()> {
+        self.admin.reconcile.send(vec![message.out()]).await?;
+        Ok(())
     }
 }

@@ -35,9 +35,12 @@ enum Command {
     /// Job definitions and status.
     #[command(subcommand)]
     Job(admin::JobCommand),
-    /// Sync errors: list, retry, dismiss.
+    /// Sync errors: list, show, count, retry, dismiss.
     #[command(subcommand)]
     Errors(admin::ErrorsCommand),
+    /// Retry and dismiss requests and their progress.
+    #[command(subcommand)]
+    Requests(admin::RequestsCommand),
     /// Conflicts: which side won.
     Conflicts(admin::ConflictsArgs),
     /// Copies what exists in one app to the other.
@@ -61,6 +64,7 @@ fn main() -> Result<()> {
             Command::Bench(args) => bench::run(&cli.data_dir, args).await,
             Command::Job(cmd) => admin::job(&cli.data_dir, &cli.backend, cmd).await,
             Command::Errors(cmd) => admin::errors(&cli.data_dir, &cli.backend, cmd).await,
+            Command::Requests(cmd) => admin::requests(&cli.data_dir, &cli.backend, cmd).await,
             Command::Conflicts(args) => admin::conflicts(&cli.data_dir, &cli.backend, args).await,
             Command::InitialSync(args) => admin::initial_sync(&cli.data_dir, &cli.backend, args).await,
             Command::Aws(cmd) => aws::run(&cli.backend, cmd).await,

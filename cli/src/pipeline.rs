@@ -6,11 +6,11 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Resources, SqsQueue, Usage, MAX_RECEIVE_COUNT};
-use dualsync::ports::{OutMessage, Queue};
+use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Resources, Usage};
+use dualsync::admin::Admin;
+use dualsync::domain::requests::RequestAction;
 use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::{ErrorFilter, State};
-use dualsync::steps::reconcile::{ReconcileAction, ReconcileMessage};
 use dualsync::steps::{Metrics, Steps};
 use dualsync_lambda::stack::Stack;
 
@@ -18,7 +18,7 @@ use crate::backend::{BackendArgs, BackendKind};
 
 pub enum Pipeline {
     Local(Arc<LocalRuntime>),
-    Aws { stack: Arc<Stack>, resources: Resources, sdk: aws_config::SdkConfig, reconcile: SqsQueue },
+    Aws { stack: Arc<Stack>, resources: Resources, sdk: aws_config::SdkConfig, admin: Admin },
 }
 
 impl Pipeline {
@@ -35,14 +35,8 @@ impl Pipeline {
             .with_context(|| format!("creating the table and queues of stage '{stage}'"))?;
         let usage = Arc::new(Usage::default());
         let stack = Arc::new(Stack::new(&sdk, &resources, usage.clone()));
-        let reconcile = SqsQueue::new(
-            aws_sdk_sqs::Client::new(&sdk),
-            Names::new(&stage).reconcile_queue(),
-            resources.reconcile_url.clone(),
-            MAX_RECEIVE_COUNT,
-            usage,
-        );
-        Ok(Pipeline::Aws { stack, resources, sdk, reconcile })
+        let admin = resources.admin(&sdk, usage);
+        Ok(Pipeline::Aws { stack, resources, sdk, admin })
     }
 
     pub fn describe(&self) -> String {
@@ -94,21 +88,18 @@ impl Pipeline {
         }
     }
 
-    /// Retries the errors that match: locally at once; on AWS as a request on the reconcile
-    /// queue, run by the reconcile function. Says what it did.
-    pub async fn retry(&self, job: &str, filter: ErrorFilter) -> Result<String> {
+    /// The operators' service over this pipeline's state and queues.
+    pub fn admin(&self) -> Admin {
         match self {
-            Pipeline::Local(rt) => {
-                let r = rt.steps.reconcile(job, ReconcileAction::Retry, &filter).await?;
-                Ok(format!("{} selected, {} queued", r.selected, r.queued))
-            }
-            Pipeline::Aws { reconcile, .. } => {
-                let request = ReconcileMessage::Retry { job: job.to_string(), filter };
-                let body = serde_json::to_string(&request)?;
-                reconcile.send(vec![OutMessage::fifo(body, job.to_string(), uuid::Uuid::new_v4().to_string())]).await?;
-                Ok("request queued for the reconcile function".into())
-            }
+            Pipeline::Local(rt) => rt.admin(),
+            Pipeline::Aws { admin, .. } => admin.clone(),
         }
+    }
+
+    /// Requests a retry of the errors that match; the pipeline's reconcile step runs it.
+    pub async fn retry(&self, job: &str, filter: ErrorFilter) -> Result<String> {
+        let request = self.admin().submit(job, RequestAction::Retry, filter).await?;
+        Ok(format!("request {} for {} error(s) queued", request.id, request.progress.selected))
     }
 
     /// Deletes what [`Self::open`] created on AWS.

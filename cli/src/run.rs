@@ -1,6 +1,8 @@
-//! `dualsync run --config FILE`: the long-running local runner on the user's own sqlite apps.
-use anyhow::Result;
+//! `dualsync run --config FILE`: the long-running local runner on the user's own sqlite apps,
+//! with the admin API on a loopback address behind a bearer token.
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,26 +16,79 @@ pub struct RunArgs {
     /// The job file.
     #[arg(long)]
     config: PathBuf,
+    /// Where the admin API listens (loopback addresses only).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    admin_addr: SocketAddr,
+    /// The admin API's bearer token. Without one, a random token is written to
+    /// DATA_DIR/admin-token (readable by this user only).
+    #[arg(long, env = "DUALSYNC_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 pub async fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
+    if !args.admin_addr.ip().is_loopback() {
+        bail!("--admin-addr {}: the admin API listens on a loopback address only", args.admin_addr);
+    }
     let def = read_job_file(&args.config)?;
     let name = def.job.clone();
     let rt = Arc::new(LocalRuntime::open(data_dir)?);
     rt.apply(def).await?;
     let (_, status) = rt.state.job(&name).await?;
-    if status != JobStatus::Active {
-        rt.start(&name).await?;
+    match status {
+        JobStatus::Active => {}
+        JobStatus::Paused | JobStatus::Resuming => {
+            eprintln!("dualsync: job '{name}' is {}: resume it to deliver", status.as_str())
+        }
+        _ => rt.start(&name).await?,
     }
-    eprintln!("dualsync: job '{name}' is active; state in {}. Ctrl-C stops.", data_dir.display());
+    let token = match args.admin_token {
+        Some(t) if t.len() >= 16 => t,
+        Some(_) => bail!("DUALSYNC_ADMIN_TOKEN is too short: use at least 16 characters"),
+        None => write_token(data_dir)?,
+    };
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("listening on {} for the admin API", args.admin_addr))?;
+    let api = dualsync_admin::with_token(dualsync_admin::router(Arc::new(rt.admin())), token);
+    eprintln!(
+        "dualsync: job '{name}' runs; state in {}; admin API on http://{}. Ctrl-C stops.",
+        data_dir.display(),
+        args.admin_addr
+    );
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let tasks = rt.spawn(shutdown);
+    let tasks = rt.spawn(shutdown.clone());
+    let mut api_stop = shutdown;
+    let server = tokio::spawn(async move {
+        let stopped = async move {
+            let _ = api_stop.wait_for(|stop| *stop).await;
+        };
+        axum::serve(listener, api).with_graceful_shutdown(stopped).await
+    });
     tokio::signal::ctrl_c().await?;
     eprintln!("dualsync: stopping after the current batches; queued work stays in {}", data_dir.display());
     stop.send(true)?;
     for t in tasks {
         t.await?;
     }
+    server.await?.context("admin API")?;
     eprintln!("dualsync: stopped");
     Ok(())
+}
+
+/// A fresh random token in DATA_DIR/admin-token, readable by this user only.
+fn write_token(data_dir: &Path) -> Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("admin-token");
+    let token = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    eprintln!("dualsync: admin API token written to {}", path.display());
+    Ok(token)
 }

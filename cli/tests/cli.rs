@@ -53,7 +53,7 @@ fn demo_converges_on_the_aws_backend() {
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("running on the Lambda handlers on DynamoDB table"), "{stdout}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
-    assert!(stdout.contains("retry: request queued for the reconcile function"), "{stdout}");
+    assert!(stdout.contains("retry: request ") && stdout.contains("error(s) queued"), "{stdout}");
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -101,7 +101,32 @@ table_groups:
     assert!(applied.contains("job 'people' applied (revision 1, stopped)"), "{applied}");
     run_ok(on_aws(dir.path(), &stage).args(["job", "start", "people"]));
     let status = run_ok(on_aws(dir.path(), &stage).args(["job", "status"]));
-    assert!(status.contains("people: active (revision 1), 0 open error(s)"), "{status}");
+    assert!(
+        status.contains("people: active (revision 1), 0 open and 0 retrying error(s), 0 request(s) queued"),
+        "{status}"
+    );
+    // Pause and resume, and the error and request commands.
+    run_ok(on_aws(dir.path(), &stage).args(["job", "pause", "people"]));
+    let status = run_ok(on_aws(dir.path(), &stage).args(["job", "status", "people"]));
+    assert!(status.contains("people: paused") && status.contains("paused: paused by an operator"), "{status}");
+    let out = on_aws(dir.path(), &stage).args(["errors", "retry", "people"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("job 'people' is paused: retry and dismiss requests are taken only while it is active"),
+        "{stderr}"
+    );
+    let resumed = run_ok(on_aws(dir.path(), &stage).args(["job", "resume", "people"]));
+    assert!(resumed.contains("people: active") && resumed.contains("0 kept deliveries handed back"), "{resumed}");
+    let out =
+        on_aws(dir.path(), &stage).args(["errors", "dismiss", "people", "--category", "system"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no open errors of job 'people' match the filter"));
+    let counts = run_ok(on_aws(dir.path(), &stage).args(["errors", "counts", "people"]));
+    assert!(counts.starts_with("0 error row(s)"), "{counts}");
+    let requests = run_ok(on_aws(dir.path(), &stage).args(["requests", "list", "people"]));
+    assert!(requests.contains("no requests for job 'people'"), "{requests}");
+    let out = on_aws(dir.path(), &stage).args(["errors", "show", "people", "1-abc"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("job 'people' has no error '1-abc'"));
     // Starting an active job is an illegal transition, named as such.
     let out = on_aws(dir.path(), &stage).args(["job", "start", "people"]).output().unwrap();
     assert!(!out.status.success());
@@ -125,6 +150,25 @@ fn count(path: &std::path::Path, sql: &str) -> i64 {
     let conn = rusqlite::Connection::open(path).unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// One HTTP/1.1 request to the local admin API; the whole answer, status line first.
+fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> String {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("the admin API never listened on {port}: {e}"),
+        }
+    };
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 #[test]
@@ -153,9 +197,12 @@ table_groups:
 ",
         )
         .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let token = "a-test-token-of-some-length";
     let child = dualsync(&dir.path().join("state"))
-        .args(["run", "--config"])
+        .args(["run", "--admin-addr", &format!("127.0.0.1:{port}"), "--config"])
         .arg(&job)
+        .env("DUALSYNC_ADMIN_TOKEN", token)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -174,6 +221,22 @@ table_groups:
         assert!(Instant::now() < deadline, "records did not sync");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The admin API: a token is required; pause and resume through it.
+    assert!(http(port, "GET", "/jobs/people", None).starts_with("HTTP/1.1 401"));
+    assert!(http(port, "GET", "/jobs/people", Some("wrong-token-wrong-token")).starts_with("HTTP/1.1 401"));
+    let answer = http(port, "GET", "/jobs/people", Some(token));
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains(r#""status":"active""#), "{answer}");
+    let answer = http(port, "POST", "/jobs/people/pause", Some(token));
+    assert!(answer.contains(r#""status":"paused""#), "{answer}");
+    sqlite(&a, "INSERT INTO people (id, name) VALUES ('p3', 'Edsger')");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count(&b, "SELECT count(*) FROM contacts WHERE contact_id = 'p3'"), 0, "delivered while paused");
+    let answer = http(port, "POST", "/jobs/people/resume", Some(token));
+    assert!(answer.contains(r#""status":"active""#), "{answer}");
+    while count(&b, "SELECT count(*) FROM contacts WHERE contact_id = 'p3'") == 0 {
+        assert!(Instant::now() < deadline, "the change kept while paused was not delivered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
@@ -183,8 +246,13 @@ table_groups:
 
     // Nothing is lost while it is down: a change made now syncs on the next run.
     sqlite(&a, "UPDATE people SET name = 'Ada L.' WHERE id = 'p1'");
-    let mut child =
-        dualsync(&dir.path().join("state")).args(["run", "--config"]).arg(&job).stderr(Stdio::piped()).spawn().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = dualsync(&dir.path().join("state"))
+        .args(["run", "--admin-addr", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(&job)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     while count(&b, "SELECT count(*) FROM contacts WHERE fullname = 'Ada L.'") == 0 {
         assert!(Instant::now() < deadline + Duration::from_secs(30), "change made while stopped was lost");
         std::thread::sleep(Duration::from_millis(50));

@@ -11,6 +11,7 @@ use common::{create_apps, Flaky};
 use dualsync::adapters::embedded::EmbeddedDb;
 use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
 use dualsync::domain::job::Side;
+use dualsync::domain::requests::RequestAction;
 use dualsync::ports::{ManualClock, OutMessage, Queue};
 use dualsync::runtime::local::LocalRuntime;
 use dualsync::runtime::worker::run_once;
@@ -233,12 +234,8 @@ async fn a_missing_parent_is_a_missing_reference_mended_by_a_retry() {
     assert!(e.retriable);
     h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p9', 'n', 'X', 'large')");
     h.drain().await;
-    let report =
-        h.rt.steps
-            .reconcile("j", dualsync::steps::reconcile::ReconcileAction::Retry, &ErrorFilter::default())
-            .await
-            .unwrap();
-    assert_eq!(report.queued, 1);
+    let request = h.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.unwrap();
+    assert_eq!(request.progress.selected, 1);
     h.drain().await;
     assert_eq!(h.query(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p9'"), 1);
     assert_eq!(h.only_error().await.status, ErrorStatus::Resolved);
@@ -321,10 +318,7 @@ async fn system_failures_are_retried_with_backoff_then_recorded_and_retriable() 
     assert!(h.rt.dead_letters[2].is_empty().unwrap());
     // The app recovers: a retry syncs the record.
     h.fail_b_writes.store(false, Ordering::SeqCst);
-    h.rt.steps
-        .reconcile("j", dualsync::steps::reconcile::ReconcileAction::Retry, &ErrorFilter::default())
-        .await
-        .unwrap();
+    h.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.unwrap();
     h.drain().await;
     assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners"), 1);
     assert_eq!(h.only_error().await.status, ErrorStatus::Resolved);

@@ -158,8 +158,12 @@ fn reconcile_sample_is_reconcile_requests() {
         if let ReconcileMessage::InitialSync { from, .. } = &msg {
             assert!(job.side_of(from).is_some(), "reconcile: unknown app {from}");
         }
+        if let ReconcileMessage::Run { request, .. } = &msg {
+            assert!(dualsync::domain::keys::request_sk(request).is_some(), "reconcile: bad request id {request}");
+            assert_eq!(r["attributes"]["MessageDeduplicationId"], msg.out().dedup_id.unwrap().as_str());
+        }
         actions.push(std::mem::discriminant(&msg));
     }
     actions.dedup();
-    assert_eq!(actions.len(), 3, "retry, dismiss and initial sync, one each");
+    assert_eq!(actions.len(), 2, "requests to run, then an initial sync");
 }

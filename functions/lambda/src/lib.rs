@@ -33,7 +33,7 @@ pub async fn run(step: StepKind) -> Result<(), Error> {
 }
 
 /// JSON logs, level from `RUST_LOG` (the template sets it from its `LogLevel` parameter).
-fn init_tracing() {
+pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

@@ -118,7 +118,8 @@ impl Stack {
         let mut out = Vec::new();
         for name in self.ingress.job_names().await? {
             let (job, status) = self.ingress.job(&name).await?;
-            if status == JobStatus::Active {
+            // A paused job keeps capturing (delivery keeps its changes until it resumes).
+            if status == JobStatus::Active || status.holds_deliveries() {
                 out.push(job);
             }
         }

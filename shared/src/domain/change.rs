@@ -66,6 +66,9 @@ pub struct ChangeRef {
     pub txid: String,
     /// When the app made the change; carried for end-to-end latency figures.
     pub at_ms: i64,
+    /// The error row this delivery retries: settled by its outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
 }
 
 /// A captured transaction on its way to sequence (capture → sequence queue).

@@ -9,7 +9,7 @@ use std::path::Path;
 use thiserror::Error;
 
 use super::canon::normalize;
-use super::job::{App, ConnectorSpec, FieldMap, Job, Lookup, Mode, Side, TableMap, ValueMap};
+use super::job::{AlertRule, App, ConnectorSpec, FieldMap, Job, Lookup, Mode, Side, TableMap, ValueMap};
 
 /// The file form of an integration job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +28,9 @@ pub struct JobDef {
     #[serde(default)]
     pub companies: Vec<String>,
     pub table_groups: Vec<TableGroupDef>,
+    /// Pause the job after N application errors in M minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<AlertRule>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +166,14 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
                 &format!("{at}.connector"),
                 format!("unknown connector '{other}' (connectors are: sqlite, odata)"),
             ),
+        }
+    }
+    if let Some(rule) = &def.alert {
+        if rule.application_errors == 0 {
+            v.push("alert.application_errors", "must be at least 1".into());
+        }
+        if rule.minutes == 0 {
+            v.push("alert.minutes", "must be at least 1".into());
         }
     }
     let app_list = apps.join(", ");
@@ -340,6 +351,7 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
         primary: if primary == Some(0) { Side::A } else { Side::B },
         companies: def.companies.clone(),
         maps,
+        alert: def.alert,
     })
 }
 

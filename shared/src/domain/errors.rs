@@ -38,7 +38,7 @@ impl ErrorCategory {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorStatus {
     Open,
@@ -56,11 +56,17 @@ impl ErrorStatus {
             ErrorStatus::Resolved => "resolved",
         }
     }
+    pub const ALL: [ErrorStatus; 4] =
+        [ErrorStatus::Open, ErrorStatus::Retrying, ErrorStatus::Dismissed, ErrorStatus::Resolved];
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
 }
 
 /// One failing link and cause.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncError {
+    /// `<first seen ms>-<random>`: finds the row (see [`super::keys::error_sk`]).
     pub id: String,
     pub job: String,
     pub map: String,
@@ -80,6 +86,9 @@ pub struct SyncError {
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
     pub status: ErrorStatus,
+    /// The retry request that last took this row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// A conflict: both sides changed since the last sync; the primary's side won.

@@ -122,6 +122,17 @@ pub struct Job {
     pub companies: Vec<String>,
     /// Table maps in delivery order: table group, then sequence.
     pub maps: Vec<TableMap>,
+    /// Pauses the job after this many application errors in a time window.
+    pub alert: Option<AlertRule>,
+}
+
+/// An alert rule: pause the job when `application_errors` new application errors are first
+/// seen within `minutes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertRule {
+    pub application_errors: u32,
+    pub minutes: u32,
 }
 
 impl Job {
@@ -147,7 +158,9 @@ impl Job {
     }
 }
 
-/// Job status: `stopped → starting → active → stopping → stopped` (DESIGN §1).
+/// Job status: `stopped → starting → active → stopping → stopped` (DESIGN §1), and
+/// `active → paused → resuming → active`: a paused job keeps what it captures and delivers it,
+/// in order, once resumed (`resuming` while the kept changes are handed back to delivery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
@@ -156,6 +169,8 @@ pub enum JobStatus {
     Starting,
     Active,
     Stopping,
+    Paused,
+    Resuming,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +179,8 @@ pub enum JobAction {
     Activate,
     Stop,
     Halt,
+    Pause,
+    Resume,
 }
 
 impl JobAction {
@@ -173,6 +190,8 @@ impl JobAction {
             JobAction::Activate => "activate",
             JobAction::Stop => "stop",
             JobAction::Halt => "halt",
+            JobAction::Pause => "pause",
+            JobAction::Resume => "resume",
         }
     }
 }
@@ -193,9 +212,14 @@ impl JobStatus {
         use JobStatus::*;
         let (next, allowed) = match action {
             Start => (matches!(self, Stopped).then_some(Starting), "stopped"),
-            Activate => (matches!(self, Starting).then_some(Active), "starting"),
-            Stop => (matches!(self, Starting | Active).then_some(Stopping), "starting or active"),
+            Activate => (matches!(self, Starting | Resuming).then_some(Active), "starting or resuming"),
+            Stop => (
+                matches!(self, Starting | Active | Paused | Resuming).then_some(Stopping),
+                "starting, active, paused or resuming",
+            ),
             Halt => (matches!(self, Stopping).then_some(Stopped), "stopping"),
+            Pause => (matches!(self, Active).then_some(Paused), "active"),
+            Resume => (matches!(self, Paused).then_some(Resuming), "paused"),
         };
         next.ok_or(IllegalTransition { job: job.to_string(), from: self, action, allowed })
     }
@@ -206,7 +230,14 @@ impl JobStatus {
             JobStatus::Starting => "starting",
             JobStatus::Active => "active",
             JobStatus::Stopping => "stopping",
+            JobStatus::Paused => "paused",
+            JobStatus::Resuming => "resuming",
         }
+    }
+
+    /// Whether delivery keeps this job's changes aside instead of writing them.
+    pub fn holds_deliveries(self) -> bool {
+        matches!(self, JobStatus::Paused | JobStatus::Resuming)
     }
 }
 
@@ -230,8 +261,27 @@ mod tests {
     fn illegal_transition_names_job_status_and_action() {
         let err = JobStatus::Stopped.apply("sales", JobAction::Stop).unwrap_err();
         let msg = err.to_string();
-        assert_eq!(msg, "job 'sales' is stopped: cannot stop it (allowed from starting or active)");
+        assert_eq!(msg, "job 'sales' is stopped: cannot stop it (allowed from starting, active, paused or resuming)");
         assert!(JobStatus::Active.apply("j", JobAction::Start).is_err());
         assert!(JobStatus::Stopping.apply("j", JobAction::Activate).is_err());
+    }
+
+    #[test]
+    fn pause_and_resume_only_from_their_states() {
+        let s = JobStatus::Active.apply("j", JobAction::Pause).unwrap();
+        assert_eq!(s, JobStatus::Paused);
+        assert_eq!(
+            s.apply("j", JobAction::Pause).unwrap_err().to_string(),
+            "job 'j' is paused: cannot pause it (allowed from active)"
+        );
+        let s = s.apply("j", JobAction::Resume).unwrap();
+        assert_eq!(s, JobStatus::Resuming);
+        assert!(s.holds_deliveries());
+        assert_eq!(s.apply("j", JobAction::Activate).unwrap(), JobStatus::Active);
+        for from in [JobStatus::Stopped, JobStatus::Starting, JobStatus::Active, JobStatus::Stopping] {
+            assert!(from.apply("j", JobAction::Resume).is_err(), "{from:?}");
+        }
+        assert_eq!(JobStatus::Paused.apply("j", JobAction::Stop).unwrap(), JobStatus::Stopping);
+        assert!(!JobStatus::Active.holds_deliveries());
     }
 }

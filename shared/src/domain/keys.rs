@@ -42,6 +42,17 @@ pub fn errors_pk(job: &str) -> String {
     format!("ERR#{}", escape(job))
 }
 
+/// An error row's id: its first-seen time and a random part, so the id alone finds the row.
+pub fn error_id(at_ms: i64, random: &str) -> String {
+    format!("{}-{random}", at_ms.max(0))
+}
+/// The sort key of the error row with this id; `None` if it is not an error row id.
+pub fn error_sk(id: &str) -> Option<String> {
+    let (ms, random) = id.split_once('-')?;
+    let ok = !random.is_empty() && random.chars().all(|c| c.is_ascii_alphanumeric());
+    ok.then(|| ms.parse::<i64>().ok().map(|ms| time_sk(ms, id))).flatten()
+}
+
 /// Finds the open error row of one link and cause, so a repeat raises its attempts.
 pub fn error_index_pk(job: &str) -> String {
     format!("ERRIDX#{}", escape(job))
@@ -54,8 +65,19 @@ pub fn conflicts_pk(job: &str) -> String {
     format!("CONFLICT#{}", escape(job))
 }
 
+/// Reconcile requests of a job (sort key: creation time and id), and its queue places.
 pub fn requests_pk(job: &str) -> String {
     format!("REQ#{}", escape(job))
+}
+pub const REQUEST_QUEUE: &str = "QUEUE";
+/// A request's id: its creation time and a random part, so the id alone finds the request.
+pub fn request_sk(id: &str) -> Option<String> {
+    error_sk(id)
+}
+
+/// Deliveries kept while a job is paused, in arrival order.
+pub fn parked_pk(job: &str) -> String {
+    format!("PARK#{}", escape(job))
 }
 
 /// Position of a local change feed (the last change-log seq handed to capture).
@@ -90,6 +112,15 @@ mod tests {
         let d = link_pk("j", "m#x", &Key(vec!["y".into()]));
         assert_ne!(c, d);
         assert_eq!(escape(r"a\#b"), r"a\\\#b");
+    }
+
+    #[test]
+    fn error_ids_find_their_sort_keys() {
+        let id = error_id(1234, "abc");
+        assert_eq!(error_sk(&id), Some(time_sk(1234, &id)));
+        for bad in ["", "x-abc", "12", "12-", "12-a#b"] {
+            assert_eq!(error_sk(bad), None, "{bad}");
+        }
     }
 
     #[test]

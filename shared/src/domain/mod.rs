@@ -7,4 +7,5 @@ pub mod errors;
 pub mod job;
 pub mod keys;
 pub mod link;
+pub mod requests;
 pub mod sequence;

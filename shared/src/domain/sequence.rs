@@ -173,6 +173,7 @@ mod tests {
             apps: [app("a"), app("b")],
             primary: Side::A,
             companies: vec![],
+            alert: None,
             maps: vec![
                 map("customers", &["Cust"], vec![]),
                 map("headers", &["Order"], vec![Lookup { map: 0, fields: vec![["Cust".into(), "Cust".into()]] }]),
@@ -193,6 +194,7 @@ mod tests {
             seq,
             txid: "t".into(),
             at_ms: 0,
+            retry_of: None,
         }
     }
 

@@ -44,7 +44,7 @@ pub struct SkRange {
     pub to: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Page<T> {
     pub items: Vec<T>,
     /// Pass back as `after` for the next page; `None` at the end.

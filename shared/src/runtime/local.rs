@@ -203,7 +203,8 @@ impl LocalRuntime {
         let mut out = Vec::new();
         for name in self.state.job_names().await? {
             let (job, status) = self.state.job(&name).await?;
-            if status == JobStatus::Active {
+            // A paused job keeps capturing (delivery keeps its changes until it resumes).
+            if status == JobStatus::Active || status.holds_deliveries() {
                 out.push(job);
             }
         }
@@ -239,6 +240,11 @@ impl LocalRuntime {
             StepKind::Deliver => &self.deliver,
             StepKind::Reconcile => &self.reconcile,
         }
+    }
+
+    /// The operators' service over this runtime's state and queues.
+    pub fn admin(&self) -> crate::admin::Admin {
+        crate::admin::Admin::new(self.state.clone(), self.deliver.clone(), self.reconcile.clone())
     }
 
     /// Runs one batch of one step in this task; returns the messages handled.

@@ -66,6 +66,7 @@ impl Steps {
                 seq: ch.seq,
                 txid: tx.txid.clone(),
                 at_ms: ch.at_ms,
+                retry_of: None,
             };
             if ch.app != tx.app {
                 let msg =
@@ -94,7 +95,8 @@ impl Steps {
         }
         let all: Vec<&ChangeRef> = upserts.iter().map(|(c, _, _)| c).chain(&deletes).collect();
 
-        if lj.status != JobStatus::Active {
+        // A paused job keeps capturing: delivery keeps its changes until it resumes.
+        if !(lj.status == JobStatus::Active || lj.status.holds_deliveries()) {
             let msg = format!(
                 "job '{}' is {}: change not synced; retry it once the job is active",
                 job.name,

@@ -70,6 +70,19 @@ impl Steps {
                 }
                 continue;
             };
+            if lj.status.holds_deliveries() {
+                // Paused: keep the messages aside, in order, until the job resumes.
+                let mut mine: Vec<usize> = lanes.iter().flat_map(|(_, lane)| lane.iter().map(|(i, _)| *i)).collect();
+                mine.sort_unstable();
+                mine.dedup();
+                let kept: Vec<&InMessage> = mine.iter().map(|i| &msgs[*i]).collect();
+                self.state.park(&job_name, &kept).await?;
+                // Resumed while these were kept: hand them back now (see steps::pause).
+                if self.state.job_record(&job_name).await?.0.status == JobStatus::Active {
+                    super::pause::hand_back(&self.state, self.deliver_queue.as_ref(), &job_name).await?;
+                }
+                continue;
+            }
             if !matches!(lj.status, JobStatus::Active | JobStatus::Stopping) {
                 // Only an active job moves data: keep the messages until it runs again.
                 for (_, lane) in &lanes {
@@ -94,7 +107,14 @@ impl Steps {
                 let results = self.deliver_wave(&lj, &changes).await?;
                 for (l, r) in wave.into_iter().zip(results) {
                     match r {
-                        ChangeResult::Done => heads[l] += 1,
+                        ChangeResult::Done => {
+                            // A retry that did not sync leaves its row open again.
+                            if let Some(sk) = &lanes[l].1[heads[l]].1.retry_of {
+                                let why = "handled without syncing (see the newer rows of this record)";
+                                self.state.settle_retry(&job_name, sk, why).await?;
+                            }
+                            heads[l] += 1
+                        }
                         ChangeResult::System { message, retry_after } => blocked[l] = Some((message, retry_after)),
                     }
                 }
@@ -606,6 +626,9 @@ impl Steps {
             message,
         };
         self.state.record_error(job, e).await?;
+        if category == ErrorCategory::Application {
+            self.check_alert(job).await?;
+        }
         Ok(())
     }
 }

@@ -72,6 +72,7 @@ impl Steps {
                         seq: r.version.parse().unwrap_or(0),
                         txid: format!("initial-sync@{now}"),
                         at_ms: now,
+                        retry_of: None,
                     })
                     .collect();
                 let refs: Vec<&ChangeRef> = changes.iter().collect();

@@ -5,6 +5,7 @@ pub mod capture;
 pub mod deliver;
 pub mod handle;
 pub mod initial_sync;
+pub mod pause;
 pub mod reconcile;
 pub mod sequence;
 
@@ -84,6 +85,9 @@ pub enum StepError {
     Connector(#[from] ConnectorError),
     #[error("job '{job}' is {status}: start it first")]
     NotActive { job: String, status: &'static str },
+    /// A request names something that does not exist: it cannot be run at all.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Counters the demo, the benchmark and the runner's progress read.

@@ -1,40 +1,28 @@
-//! Reconcile (DESIGN §2.4): retry and dismiss the error rows that match a filter.
+//! Reconcile (DESIGN §2.4): runs a job's retry and dismiss requests in order of creation, and
+//! initial-sync requests.
 //!
 //! A retry puts each selected row's change back on the deliver queue, where a fresh read
 //! decides: a record that is still the latest syncs (and the row is resolved), a stale one
-//! becomes a concurrency skip. Dismiss deletes the rows for good. Both run only while the job is
-//! active. (Request queueing and its limits come with the error-management work.)
+//! becomes a concurrency skip (and the row is open again, attempts raised). Dismiss settles the
+//! rows for good. Both run only while the job is active; a request whose turn comes while it is
+//! not is refused, with the reason on the request.
 use serde::{Deserialize, Serialize};
 
 use super::{Outcome, StepError, Steps};
 use crate::domain::change::{ChangeRef, DeliveryBatch, Lane};
-use crate::domain::errors::{ErrorCategory, ErrorStatus};
+use crate::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
 use crate::domain::job::JobStatus;
+use crate::domain::requests::{Progress, ReconcileRequest, RequestAction, RequestStatus, MAX_REQUEST_RECORDS};
 use crate::domain::sequence::{bucket, group_id, root_of};
 use crate::ports::{InMessage, OutMessage};
 use crate::state::{ErrorFilter, StateError};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReconcileAction {
-    Retry,
-    Dismiss,
-}
 
 /// A message on the reconcile queue (FIFO, group = job, so a job's requests run in order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ReconcileMessage {
-    Retry {
-        job: String,
-        #[serde(default)]
-        filter: ErrorFilter,
-    },
-    Dismiss {
-        job: String,
-        #[serde(default)]
-        filter: ErrorFilter,
-    },
+    /// Runs a stored retry or dismiss request (see [`crate::state::State::create_request`]).
+    Run { job: String, request: String },
     /// Copies what exists in app `from` to the other app (DESIGN §5). Checkpointed per page: a
     /// run cut short (a Lambda timeout) resumes where it stopped when the message comes again.
     InitialSync { job: String, from: String },
@@ -43,160 +31,156 @@ pub enum ReconcileMessage {
 impl ReconcileMessage {
     pub fn job(&self) -> &str {
         match self {
-            ReconcileMessage::Retry { job, .. }
-            | ReconcileMessage::Dismiss { job, .. }
-            | ReconcileMessage::InitialSync { job, .. } => job,
+            ReconcileMessage::Run { job, .. } | ReconcileMessage::InitialSync { job, .. } => job,
         }
+    }
+    /// The message for the reconcile queue: grouped by job, deduplicated by request.
+    pub fn out(&self) -> OutMessage {
+        let dedup = match self {
+            ReconcileMessage::Run { request, .. } => format!("run-{request}"),
+            ReconcileMessage::InitialSync { .. } => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        OutMessage::fifo(serde_json::to_string(self).unwrap_or_default(), self.job().to_string(), dedup)
     }
 }
 
 /// Pages of an initial sync run from the reconcile queue.
 const INITIAL_SYNC_PAGE: usize = 500;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReconcileReport {
-    pub selected: usize,
-    pub queued: usize,
-    pub dismissed: usize,
-    /// Rows that cannot be retried (concurrency skips, conflicts).
-    pub not_retriable: usize,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("job '{job}' is {status}: retry and dismiss work only while it is active")]
-    NotActive { job: String, status: &'static str },
-    #[error("app '{app}' is not an app of job '{job}'")]
-    UnknownApp { job: String, app: String },
-    #[error(transparent)]
-    Step(#[from] StepError),
-}
-
-impl From<StateError> for ReconcileError {
-    fn from(e: StateError) -> Self {
-        ReconcileError::Step(e.into())
-    }
-}
-
 impl Steps {
     /// The reconcile step over a batch of reconcile-queue messages, in order.
     pub async fn reconcile_messages(&self, msgs: &[InMessage]) -> Result<Vec<Outcome>, StepError> {
         let mut outcomes = Vec::with_capacity(msgs.len());
         for m in msgs {
-            let request: ReconcileMessage = match serde_json::from_str(&m.body) {
+            let message: ReconcileMessage = match serde_json::from_str(&m.body) {
                 Ok(r) => r,
                 Err(e) => {
                     outcomes.push(Outcome::Poison { reason: format!("malformed reconcile request: {e}") });
                     continue;
                 }
             };
-            let job = request.job().to_string();
-            let result = match request {
-                ReconcileMessage::Retry { filter, .. } => {
-                    self.reconcile(&job, ReconcileAction::Retry, &filter).await.map(|r| format!("{r:?}"))
-                }
-                ReconcileMessage::Dismiss { filter, .. } => {
-                    self.reconcile(&job, ReconcileAction::Dismiss, &filter).await.map(|r| format!("{r:?}"))
-                }
-                ReconcileMessage::InitialSync { from, .. } => self.initial_sync_from(&job, &from).await,
+            let result = match &message {
+                ReconcileMessage::Run { job, request } => self.run_request(job, request).await,
+                ReconcileMessage::InitialSync { job, from } => self.initial_sync_from(job, from).await,
             };
             outcomes.push(match result {
                 Ok(report) => {
-                    tracing::info!(job = %job, %report, "reconcile request done");
+                    tracing::info!(job = %message.job(), %report, "reconcile request done");
                     Outcome::Done
                 }
-                // Refusals (unknown job, job not active, unknown app) are the request's fault:
-                // it goes to the dead-letter queue with the reason on record.
-                Err(ReconcileError::NotActive { job, status }) => {
-                    Outcome::Poison { reason: format!("job '{job}' is {status}: retry and dismiss need it active") }
-                }
-                Err(ReconcileError::Step(StepError::State(e @ StateError::UnknownJob(_)))) => {
+                // Refusals (unknown job or request, job not active, unknown app) are the
+                // message's fault: it goes to the dead-letter queue with the reason on record.
+                Err(StepError::State(e @ (StateError::UnknownJob(_) | StateError::Refused(_)))) => {
                     Outcome::Poison { reason: e.to_string() }
                 }
-                Err(ReconcileError::Step(StepError::NotActive { job, status })) => {
+                Err(StepError::NotActive { job, status }) => {
                     Outcome::Poison { reason: format!("job '{job}' is {status}: initial sync needs it active") }
                 }
-                Err(ReconcileError::UnknownApp { job, app }) => {
-                    Outcome::Poison { reason: format!("app '{app}' is not an app of job '{job}'") }
-                }
-                Err(ReconcileError::Step(e)) => return Err(e),
+                Err(StepError::Refused(reason)) => Outcome::Poison { reason },
+                Err(e) => return Err(e),
             });
         }
         Ok(outcomes)
     }
 
-    async fn initial_sync_from(&self, job: &str, from: &str) -> Result<String, ReconcileError> {
+    async fn initial_sync_from(&self, job: &str, from: &str) -> Result<String, StepError> {
         let (compiled, _) = self.state.job(job).await?;
-        let side = compiled
-            .side_of(from)
-            .ok_or_else(|| ReconcileError::UnknownApp { job: job.to_string(), app: from.to_string() })?;
+        let Some(side) = compiled.side_of(from) else {
+            return Err(StepError::Refused(format!("app '{from}' is not an app of job '{job}'")));
+        };
         let report = self.initial_sync(job, side, INITIAL_SYNC_PAGE, |_, _| {}).await?;
         Ok(format!("{report:?}"))
     }
 
-    /// Retries or dismisses the open error rows of `job` that match `filter`.
-    pub async fn reconcile(
-        &self,
-        job: &str,
-        action: ReconcileAction,
-        filter: &ErrorFilter,
-    ) -> Result<ReconcileReport, ReconcileError> {
+    /// Runs one stored request. Running it again (a redelivered message) finishes what a crash
+    /// interrupted and changes nothing once it is done.
+    pub async fn run_request(&self, job: &str, id: &str) -> Result<String, StepError> {
+        let Some(mut request) = self.state.request(job, id).await? else {
+            return Err(StepError::Refused(format!("job '{job}' has no request '{id}'")));
+        };
+        if !request.status.in_queue() {
+            return Ok(format!("request {id} already {}", request.status.as_str()));
+        }
         let (compiled, status) = self.state.job(job).await?;
         if status != JobStatus::Active {
-            return Err(ReconcileError::NotActive { job: job.to_string(), status: status.as_str() });
+            request.status = RequestStatus::Refused;
+            request.reason = Some(format!(
+                "job '{job}' was {} when the request's turn came: retry and dismiss run only while it is active",
+                status.as_str()
+            ));
+            return self.finish_request(request).await;
         }
-        let mut filter = filter.clone();
-        filter.status.get_or_insert(ErrorStatus::Open);
-        let rows = self.state.error_rows(job, &filter).await.map_err(StepError::from)?;
-        let mut report = ReconcileReport { selected: rows.len(), ..Default::default() };
-        match action {
-            ReconcileAction::Dismiss => {
-                report.dismissed = self.state.dismiss_errors(job, &rows).await.map_err(StepError::from)?;
+        request.status = RequestStatus::Running;
+        self.state.save_request(&request).await?;
+
+        // Open rows, and rows this request already took before a crash.
+        let mut rows: Vec<(String, SyncError)> = Vec::new();
+        let scope = ErrorFilter { status: None, ..request.filter.clone() };
+        self.state
+            .scan_errors(job, &scope, |sk, row| {
+                let ours = row.status == ErrorStatus::Retrying && row.request.as_deref() == Some(id);
+                if row.status == ErrorStatus::Open || ours {
+                    rows.push((sk, row));
+                }
+            })
+            .await?;
+        rows.truncate(MAX_REQUEST_RECORDS);
+        let mut progress = Progress { selected: rows.len(), ..Default::default() };
+        match request.action {
+            RequestAction::Dismiss => {
+                let n = self.state.dismiss_errors(job, &rows).await?;
+                progress.done = n;
+                progress.succeeded = n;
             }
-            ReconcileAction::Retry => {
+            RequestAction::Retry => {
+                let (retriable, not): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, r)| {
+                    r.retriable && !matches!(r.category, ErrorCategory::Concurrency | ErrorCategory::Conflict)
+                });
+                let retriable: Vec<_> = retriable.into_iter().filter(|(_, r)| compiled.map(&r.map).is_some()).collect();
+                progress.not_retriable = not.len();
+                progress.selected = retriable.len() + not.len();
+                // Marked first: a crash before the sends leaves rows this request finds again.
+                let sks: Vec<String> = retriable.iter().map(|(sk, _)| sk.clone()).collect();
+                self.state.mark_retrying(job, &sks, id).await?;
                 let now = self.state.now_ms();
-                let mut out = Vec::new();
-                let mut retrying = Vec::new();
-                for (sk, row) in &rows {
-                    if !row.retriable || matches!(row.category, ErrorCategory::Concurrency | ErrorCategory::Conflict) {
-                        report.not_retriable += 1;
-                        continue;
-                    }
-                    let Some((map_idx, _)) = compiled.map(&row.map) else {
-                        report.not_retriable += 1;
-                        continue;
-                    };
-                    let (root_map, root_key) = root_of(&compiled, map_idx, &row.key);
-                    let change = ChangeRef {
-                        map: row.map.clone(),
-                        source: row.source,
-                        key: row.key.clone(),
-                        seq: row.seq,
-                        txid: row.txid.clone(),
-                        at_ms: now,
-                    };
-                    let root = group_id(&compiled.maps[root_map].name, &root_key);
-                    let lanes = vec![Lane { root: root.clone(), changes: vec![change] }];
-                    let batch = DeliveryBatch { job: job.to_string(), group: bucket(&root), lanes };
-                    // A retry must not be taken for a duplicate of the original delivery.
-                    let dedup = format!("retry-{}-{}", row.id, row.attempts);
-                    out.push(OutMessage::fifo(
-                        serde_json::to_string(&batch).unwrap_or_default(),
-                        batch.group.clone(),
-                        dedup,
-                    ));
-                    retrying.push(sk.clone());
-                }
-                self.state
-                    .set_error_status(job, &retrying, ErrorStatus::Retrying, &[ErrorStatus::Open])
-                    .await
-                    .map_err(StepError::from)?;
-                report.queued = out.len();
+                let out: Vec<OutMessage> = retriable
+                    .iter()
+                    .map(|(sk, row)| {
+                        let (map_idx, _) = compiled.map(&row.map).expect("filtered above");
+                        let (root_map, root_key) = root_of(&compiled, map_idx, &row.key);
+                        let change = ChangeRef {
+                            map: row.map.clone(),
+                            source: row.source,
+                            key: row.key.clone(),
+                            seq: row.seq,
+                            txid: row.txid.clone(),
+                            at_ms: now,
+                            retry_of: Some(sk.clone()),
+                        };
+                        let root = group_id(&compiled.maps[root_map].name, &root_key);
+                        let batch = DeliveryBatch {
+                            job: job.to_string(),
+                            group: bucket(&root),
+                            lanes: vec![Lane { root, changes: vec![change] }],
+                        };
+                        // Not to be taken for a duplicate of the original delivery.
+                        let dedup = format!("retry-{}-{}", row.id, id);
+                        OutMessage::fifo(serde_json::to_string(&batch).unwrap_or_default(), batch.group.clone(), dedup)
+                    })
+                    .collect();
                 for chunk in out.chunks(500) {
-                    self.deliver_queue.send(chunk.to_vec()).await.map_err(StepError::from)?;
+                    self.deliver_queue.send(chunk.to_vec()).await?;
                 }
             }
         }
-        Ok(report)
+        request.progress = progress;
+        request.status = RequestStatus::Done;
+        self.finish_request(request).await
+    }
+
+    async fn finish_request(&self, request: ReconcileRequest) -> Result<String, StepError> {
+        self.state.save_request(&request).await?;
+        self.state.release_request_place(&request.job, &request.id).await?;
+        Ok(format!("request {} {}: {:?}", request.id, request.status.as_str(), request.progress))
     }
 }

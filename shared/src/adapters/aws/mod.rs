@@ -141,6 +141,22 @@ impl Resources {
         }
     }
 
+    /// The operators' service over this stage's table, deliver and reconcile queues.
+    pub fn admin(&self, sdk: &SdkConfig, usage: std::sync::Arc<Usage>) -> crate::admin::Admin {
+        use std::sync::Arc;
+        let clock = Arc::new(crate::ports::SystemClock);
+        let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(sdk), self.table.clone(), clock.clone(), usage.clone());
+        let sqs = aws_sdk_sqs::Client::new(sdk);
+        let queue = |name: String, url: &str| {
+            Arc::new(SqsQueue::new(sqs.clone(), name, url.to_string(), MAX_RECEIVE_COUNT, usage.clone()))
+        };
+        crate::admin::Admin::new(
+            crate::state::State::new(Arc::new(kv), clock),
+            queue(self.names.deliver_queue(), &self.deliver_url),
+            queue(self.names.reconcile_queue(), &self.reconcile_url),
+        )
+    }
+
     /// Every queue's name and URL.
     pub fn queue_urls(&self) -> Vec<(String, String)> {
         let work = [&self.capture_url, &self.sequence_url, &self.deliver_url, &self.reconcile_url];

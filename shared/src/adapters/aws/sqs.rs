@@ -76,7 +76,11 @@ impl SqsQueue {
                     .id(i.to_string())
                     .message_body(&m.body)
                     .set_message_group_id(m.group.clone())
-                    .set_message_deduplication_id(m.dedup_id.clone())
+                    // FIFO without an id of its own: never taken for a duplicate.
+                    .set_message_deduplication_id(match (&m.dedup_id, self.fifo) {
+                        (None, true) => Some(uuid::Uuid::new_v4().simple().to_string()),
+                        (id, _) => id.clone(),
+                    })
                     .build()
                     .map_err(|e| self.unavailable("SendMessageBatch", e))
             })

@@ -1,11 +1,17 @@
 //! Typed access to the items of the one key-value table (DESIGN §4), over the [`KvStore`] port.
+mod errors;
+mod parking;
+mod requests;
+
+pub use crate::domain::requests::ErrorFilter;
+pub use errors::{ErrorCounts, NewError, ERROR_RETENTION_MS};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::sync::Arc;
 
 use crate::domain::change::Key;
 use crate::domain::config::{compile, ConfigErrors, JobDef};
-use crate::domain::errors::{ConflictRecord, DeadLetter, ErrorCategory, ErrorStatus, SyncError};
-use crate::domain::job::{Job, JobStatus, Side};
+use crate::domain::errors::{ConflictRecord, DeadLetter};
+use crate::domain::job::{Job, JobStatus};
 use crate::domain::keys;
 use crate::domain::link::LinkState;
 use crate::ports::{Clock, Expect, Item, KvError, KvStore, Page, Put, SkRange};
@@ -19,6 +25,9 @@ pub struct JobRecord {
     pub def: JobDef,
     pub status: JobStatus,
     pub revision: u64,
+    /// Why the job is paused (by an operator, or by its alert rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_reason: Option<String>,
 }
 
 /// A link state with the item revision it was read at (for the conditional commit).
@@ -26,51 +35,6 @@ pub struct JobRecord {
 pub struct VersionedLink {
     pub state: LinkState,
     pub rev: u64,
-}
-
-/// What a step knows of a failure when it records it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewError {
-    pub map: String,
-    pub entity: String,
-    pub app: String,
-    pub source: Side,
-    pub key: Key,
-    pub seq: u64,
-    pub txid: String,
-    pub category: ErrorCategory,
-    pub message: String,
-}
-
-/// Which error rows a query or a reconcile request selects.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorFilter {
-    pub from_ms: Option<i64>,
-    pub to_ms: Option<i64>,
-    /// Map name or either side's entity name.
-    pub entity: Option<String>,
-    /// Data source: the app the change came from.
-    pub app: Option<String>,
-    pub category: Option<ErrorCategory>,
-    pub status: Option<ErrorStatus>,
-}
-
-impl ErrorFilter {
-    pub fn matches(&self, e: &SyncError) -> bool {
-        self.entity.as_ref().is_none_or(|x| *x == e.map || *x == e.entity)
-            && self.app.as_ref().is_none_or(|x| *x == e.app)
-            && self.category.is_none_or(|c| c == e.category)
-            && self.status.is_none_or(|s| s == e.status)
-            && self.from_ms.is_none_or(|t| e.first_seen_ms >= t)
-            && self.to_ms.is_none_or(|t| e.first_seen_ms < t)
-    }
-    fn range(&self) -> SkRange {
-        SkRange {
-            prefix: String::new(),
-            from: self.from_ms.map(|t| keys::time_sk(t, "")),
-            to: self.to_ms.map(|t| keys::time_sk(t, "")),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +49,8 @@ pub enum StateError {
     Transition(#[from] crate::domain::job::IllegalTransition),
     #[error("job '{job}' is {status}: stop it before changing its definition")]
     Running { job: String, status: &'static str },
+    #[error(transparent)]
+    Refused(#[from] crate::domain::requests::RequestRefusal),
 }
 
 #[derive(Clone)]
@@ -93,7 +59,7 @@ pub struct State {
     clock: Arc<dyn Clock>,
 }
 
-fn decode<T: DeserializeOwned>(item: &Item) -> Result<T, KvError> {
+pub(crate) fn decode<T: DeserializeOwned>(item: &Item) -> Result<T, KvError> {
     serde_json::from_value(item.body.clone()).map_err(|e| KvError::Corrupt {
         pk: item.pk.clone(),
         sk: item.sk.clone(),
@@ -101,7 +67,7 @@ fn decode<T: DeserializeOwned>(item: &Item) -> Result<T, KvError> {
     })
 }
 
-fn encode<T: Serialize>(value: &T) -> serde_json::Value {
+pub(crate) fn encode<T: Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
 }
 
@@ -130,9 +96,12 @@ impl State {
                     return Err(StateError::Running { job: def.job.clone(), status: old.status.as_str() });
                 }
                 let revision = if old.def == def { old.revision } else { old.revision + 1 };
-                (JobRecord { def, status: old.status, revision }, Expect::Rev(item.rev))
+                (
+                    JobRecord { def, status: old.status, revision, paused_reason: old.paused_reason },
+                    Expect::Rev(item.rev),
+                )
             }
-            None => (JobRecord { def, status: JobStatus::Stopped, revision: 1 }, Expect::Absent),
+            None => (JobRecord { def, status: JobStatus::Stopped, revision: 1, paused_reason: None }, Expect::Absent),
         };
         self.kv.put(Put { pk, sk: keys::CONFIG.into(), body: encode(&record), expires_at: None, expect }).await?;
         self.kv
@@ -178,9 +147,22 @@ impl State {
 
     /// Moves a job through its status machine; a conflicting concurrent change is retried.
     pub async fn transition(&self, name: &str, action: crate::domain::job::JobAction) -> Result<JobStatus, StateError> {
+        self.transition_because(name, action, None).await
+    }
+
+    /// A transition with its reason, kept while the job is paused.
+    pub async fn transition_because(
+        &self,
+        name: &str,
+        action: crate::domain::job::JobAction,
+        reason: Option<String>,
+    ) -> Result<JobStatus, StateError> {
         loop {
             let (mut record, rev) = self.job_record(name).await?;
             record.status = record.status.apply(name, action)?;
+            if record.status != JobStatus::Resuming {
+                record.paused_reason = record.status.holds_deliveries().then(|| reason.clone()).flatten();
+            }
             let put = Put {
                 pk: keys::job_pk(name),
                 sk: keys::CONFIG.into(),
@@ -260,199 +242,6 @@ impl State {
             expect: Expect::Any,
         };
         self.kv.put(put).await.map(|_| ())
-    }
-
-    // ---- sync errors ----
-
-    /// Records a failure: one row per failing link and cause; a repeat raises attempts and last
-    /// seen and reopens the row. Retriable rows are noted on the link so that its next sync
-    /// resolves them. Returns the row's sort key.
-    pub async fn record_error(&self, job: &str, e: NewError) -> Result<String, KvError> {
-        let now = self.now_ms();
-        let idx_pk = keys::error_index_pk(job);
-        let idx_sk = keys::error_index_sk(&e.map, &e.key, e.source, e.category);
-        let pk = keys::errors_pk(job);
-        let existing = match self.kv.get(&idx_pk, &idx_sk).await? {
-            Some(idx) => match idx.body.as_str() {
-                Some(sk) => self.kv.get(&pk, sk).await?,
-                None => None,
-            },
-            None => None,
-        };
-        let sk = match existing {
-            Some(item) => {
-                let mut row: SyncError = decode(&item)?;
-                row.attempts += 1;
-                row.last_seen_ms = now;
-                row.seq = row.seq.max(e.seq);
-                row.txid = e.txid.clone();
-                row.message = e.message.clone();
-                row.status = ErrorStatus::Open;
-                let put = Put {
-                    pk: pk.clone(),
-                    sk: item.sk.clone(),
-                    body: encode(&row),
-                    expires_at: None,
-                    expect: Expect::Rev(item.rev),
-                };
-                self.kv.put(put).await?;
-                item.sk
-            }
-            None => {
-                let id = uuid::Uuid::new_v4().simple().to_string();
-                let sk = keys::time_sk(now, &id);
-                let row = SyncError {
-                    id,
-                    job: job.to_string(),
-                    map: e.map.clone(),
-                    entity: e.entity.clone(),
-                    app: e.app.clone(),
-                    source: e.source,
-                    key: e.key.clone(),
-                    seq: e.seq,
-                    txid: e.txid.clone(),
-                    category: e.category,
-                    message: e.message.clone(),
-                    retriable: e.category.retriable(),
-                    attempts: 1,
-                    first_seen_ms: now,
-                    last_seen_ms: now,
-                    status: ErrorStatus::Open,
-                };
-                let rows = vec![
-                    Put {
-                        pk: pk.clone(),
-                        sk: sk.clone(),
-                        body: encode(&row),
-                        expires_at: None,
-                        expect: Expect::Absent,
-                    },
-                    Put { pk: idx_pk, sk: idx_sk, body: sk.clone().into(), expires_at: None, expect: Expect::Any },
-                ];
-                for r in self.kv.put_many(rows).await? {
-                    r?;
-                }
-                sk
-            }
-        };
-        if e.category.retriable() {
-            self.note_open_error(job, &e.map, &e.key, &sk).await?;
-        }
-        Ok(sk)
-    }
-
-    async fn note_open_error(&self, job: &str, map: &str, key: &Key, sk: &str) -> Result<(), KvError> {
-        loop {
-            let current = self.links(job, &[(map, key)]).await?.pop().flatten();
-            let (mut state, rev) = match current {
-                Some(l) => (l.state, Some(l.rev)),
-                None => (LinkState::default(), None),
-            };
-            if state.open_errors.iter().any(|s| s == sk) {
-                return Ok(());
-            }
-            state.open_errors.push(sk.to_string());
-            match self.kv.put(Self::link_put(job, map, key, &state, rev)).await {
-                Ok(_) => return Ok(()),
-                Err(KvError::ConditionFailed { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Marks error rows resolved (the link synced). Rows dismissed meanwhile stay dismissed.
-    pub async fn resolve_errors(&self, job: &str, sks: &[String]) -> Result<(), KvError> {
-        self.set_error_status(job, sks, ErrorStatus::Resolved, &[ErrorStatus::Open, ErrorStatus::Retrying]).await
-    }
-
-    /// Sets the status of rows currently in one of `from`.
-    pub async fn set_error_status(
-        &self,
-        job: &str,
-        sks: &[String],
-        to: ErrorStatus,
-        from: &[ErrorStatus],
-    ) -> Result<(), KvError> {
-        let pk = keys::errors_pk(job);
-        let keys: Vec<(String, String)> = sks.iter().map(|sk| (pk.clone(), sk.clone())).collect();
-        let mut puts = Vec::new();
-        for item in self.kv.get_many(&keys).await?.into_iter().flatten() {
-            let mut row: SyncError = decode(&item)?;
-            if from.contains(&row.status) {
-                row.status = to;
-                row.last_seen_ms = self.now_ms();
-                puts.push(Put {
-                    pk: pk.clone(),
-                    sk: item.sk.clone(),
-                    body: encode(&row),
-                    expires_at: None,
-                    expect: Expect::Rev(item.rev),
-                });
-            }
-        }
-        // A row changed meanwhile (a new attempt) keeps its newer status.
-        self.kv.put_many(puts).await.map(|_| ())
-    }
-
-    /// Error rows in time order that match `filter`, a page at a time. The cursor is the last
-    /// row's sort key, so paging is stable while rows are added.
-    pub async fn errors(
-        &self,
-        job: &str,
-        filter: &ErrorFilter,
-        limit: usize,
-        after: Option<&str>,
-    ) -> Result<Page<SyncError>, KvError> {
-        let pk = keys::errors_pk(job);
-        let range = filter.range();
-        let mut out = Vec::new();
-        let mut cursor = after.map(str::to_string);
-        loop {
-            let page = self.kv.query(&pk, &range, limit.max(1) * 2, cursor.as_deref()).await?;
-            for item in &page.items {
-                let row: SyncError = decode(item)?;
-                if filter.matches(&row) {
-                    out.push(row);
-                    if out.len() == limit {
-                        return Ok(Page { items: out, next: Some(item.sk.clone()) });
-                    }
-                }
-            }
-            match page.next {
-                Some(n) => cursor = Some(n),
-                None => return Ok(Page { items: out, next: None }),
-            }
-        }
-    }
-
-    /// All matching rows with their sort keys (for reconcile requests).
-    pub async fn error_rows(&self, job: &str, filter: &ErrorFilter) -> Result<Vec<(String, SyncError)>, KvError> {
-        let pk = keys::errors_pk(job);
-        let mut out = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = self.kv.query(&pk, &filter.range(), 1000, cursor.as_deref()).await?;
-            for item in &page.items {
-                let row: SyncError = decode(item)?;
-                if filter.matches(&row) {
-                    out.push((item.sk.clone(), row));
-                }
-            }
-            match page.next {
-                Some(n) => cursor = Some(n),
-                None => return Ok(out),
-            }
-        }
-    }
-
-    /// Dismisses rows for good: deleted, with their index entries.
-    pub async fn dismiss_errors(&self, job: &str, rows: &[(String, SyncError)]) -> Result<usize, KvError> {
-        for (sk, row) in rows {
-            self.kv.delete(&keys::errors_pk(job), sk, Expect::Any).await?;
-            let idx_sk = keys::error_index_sk(&row.map, &row.key, row.source, row.category);
-            self.kv.delete(&keys::error_index_pk(job), &idx_sk, Expect::Any).await?;
-        }
-        Ok(rows.len())
     }
 
     // ---- dead letters ----

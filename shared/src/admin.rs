@@ -1,0 +1,187 @@
+//! The operators' view (issue: error management): jobs and their status, pause and resume,
+//! error rows and counts, the conflict log, and retry/dismiss requests. One service over the
+//! state table and the queues, so the CLI and the admin API behave the same on every backend.
+use serde::Serialize;
+use std::sync::Arc;
+
+use crate::domain::errors::{ConflictRecord, SyncError};
+use crate::domain::job::{AlertRule, JobStatus};
+use crate::domain::requests::{ReconcileRequest, RequestAction, RequestStatus};
+use crate::ports::{Page, Queue};
+use crate::state::{ErrorCounts, ErrorFilter, State, StateError};
+use crate::steps::pause;
+use crate::steps::reconcile::ReconcileMessage;
+use crate::steps::StepError;
+
+/// What went wrong, by whose fault: the admin API maps these to 404, 409, 400 and 500.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    NotFound(String),
+    /// Refused by a rule (limits, job status, illegal transition).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StateError> for AdminError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::UnknownJob(_) => AdminError::NotFound(e.to_string()),
+            StateError::Refused(_) | StateError::Transition(_) | StateError::Running { .. } => {
+                AdminError::Refused(e.to_string())
+            }
+            StateError::Config(_) => AdminError::BadRequest(e.to_string()),
+            StateError::Kv(_) => AdminError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<StepError> for AdminError {
+    fn from(e: StepError) -> Self {
+        match e {
+            StepError::State(e) => e.into(),
+            other => AdminError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::ports::KvError> for AdminError {
+    fn from(e: crate::ports::KvError) -> Self {
+        AdminError::Internal(e.to_string())
+    }
+}
+
+/// A job as operators see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobView {
+    pub job: String,
+    pub status: JobStatus,
+    pub revision: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert: Option<AlertRule>,
+    /// Every error row of the job, by category and by status.
+    pub errors: ErrorCounts,
+    /// Retry and dismiss requests queued or running.
+    pub requests_queued: usize,
+}
+
+#[derive(Clone)]
+pub struct Admin {
+    pub state: State,
+    /// Where resumed deliveries go back to.
+    pub deliver: Arc<dyn Queue>,
+    /// Where requests are queued for the reconcile step.
+    pub reconcile: Arc<dyn Queue>,
+}
+
+impl Admin {
+    pub fn new(state: State, deliver: Arc<dyn Queue>, reconcile: Arc<dyn Queue>) -> Self {
+        Admin { state, deliver, reconcile }
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobView>, AdminError> {
+        let mut out = Vec::new();
+        for name in self.state.job_names().await? {
+            out.push(self.job(&name).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn job(&self, name: &str) -> Result<JobView, AdminError> {
+        let (record, _) = self.state.job_record(name).await?;
+        let errors = self.state.error_counts(name, &ErrorFilter::default()).await?;
+        let requests = self.state.requests(name).await?;
+        Ok(JobView {
+            job: record.def.job,
+            status: record.status,
+            revision: record.revision,
+            paused_reason: record.paused_reason,
+            alert: record.def.alert,
+            errors,
+            requests_queued: requests.iter().filter(|r| r.status.in_queue()).count(),
+        })
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<JobView, AdminError> {
+        pause::pause(&self.state, name, "paused by an operator").await?;
+        self.job(name).await
+    }
+
+    /// Resumes a paused job; its kept deliveries go back to the deliver queue in order.
+    pub async fn resume(&self, name: &str) -> Result<(JobView, usize), AdminError> {
+        let n = pause::resume(&self.state, self.deliver.as_ref(), name).await?;
+        Ok((self.job(name).await?, n))
+    }
+
+    pub async fn errors(
+        &self,
+        job: &str,
+        filter: &ErrorFilter,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<SyncError>, AdminError> {
+        self.state.job_record(job).await?;
+        if !(1..=1000).contains(&limit) {
+            return Err(AdminError::BadRequest(format!("limit {limit} is out of range: use 1 to 1000")));
+        }
+        Ok(self.state.errors(job, filter, limit, after).await?)
+    }
+
+    pub async fn error(&self, job: &str, id: &str) -> Result<SyncError, AdminError> {
+        self.state.job_record(job).await?;
+        self.state.error(job, id).await?.ok_or_else(|| AdminError::NotFound(format!("job '{job}' has no error '{id}'")))
+    }
+
+    pub async fn counts(&self, job: &str, filter: &ErrorFilter) -> Result<ErrorCounts, AdminError> {
+        self.state.job_record(job).await?;
+        Ok(self.state.error_counts(job, filter).await?)
+    }
+
+    pub async fn conflicts(
+        &self,
+        job: &str,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Page<ConflictRecord>, AdminError> {
+        self.state.job_record(job).await?;
+        Ok(self.state.conflicts(job, limit.clamp(1, 1000), after).await?)
+    }
+
+    /// Creates a retry or dismiss request and queues it for the reconcile step.
+    pub async fn submit(
+        &self,
+        job: &str,
+        action: RequestAction,
+        filter: ErrorFilter,
+    ) -> Result<ReconcileRequest, AdminError> {
+        let mut request = self.state.create_request(job, action, filter).await?;
+        let message = ReconcileMessage::Run { job: job.to_string(), request: request.id.clone() };
+        if let Err(e) = self.reconcile.send(vec![message.out()]).await {
+            // Not queued: free its place rather than hold it for good.
+            request.status = RequestStatus::Refused;
+            request.reason = Some(format!("could not be queued: {e}"));
+            self.state.save_request(&request).await?;
+            self.state.release_request_place(job, &request.id).await?;
+            return Err(AdminError::Internal(format!("request {} could not be queued: {e}", request.id)));
+        }
+        Ok(request)
+    }
+
+    pub async fn requests(&self, job: &str) -> Result<Vec<ReconcileRequest>, AdminError> {
+        self.state.job_record(job).await?;
+        Ok(self.state.requests(job).await?)
+    }
+
+    pub async fn request(&self, job: &str, id: &str) -> Result<ReconcileRequest, AdminError> {
+        self.state.job_record(job).await?;
+        let request = self.state.request(job, id).await?;
+        let request = request.ok_or_else(|| AdminError::NotFound(format!("job '{job}' has no request '{id}'")))?;
+        Ok(self.state.with_progress(request).await?)
+    }
+}

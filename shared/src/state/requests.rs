@@ -1,0 +1,184 @@
+//! Reconcile requests (`REQ#job`): created under the per-job limits, run in order by the
+//! reconcile step, with their progress.
+use serde::{Deserialize, Serialize};
+
+use super::{decode, encode, ErrorFilter, State, StateError};
+use crate::domain::errors::ErrorStatus;
+use crate::domain::job::JobStatus;
+use crate::domain::keys;
+use crate::domain::requests::{
+    Progress, ReconcileRequest, RequestAction, RequestRefusal, RequestStatus, MAX_QUEUED_REQUESTS, MAX_REQUEST_RECORDS,
+};
+use crate::ports::{Expect, KvError, Put, SkRange};
+
+/// The ids of a job's requests that are queued or running, oldest first: one item, written
+/// conditionally, so that two admins cannot both take the fifth place.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RequestQueue {
+    ids: Vec<String>,
+    /// Requests created so far, and when the last one was: they order the next id.
+    #[serde(default)]
+    created: u64,
+    #[serde(default)]
+    last_ms: i64,
+}
+
+impl State {
+    /// Creates a request if the job is active, has a free queue place and the filter selects
+    /// between 1 and 10,000 open errors. The caller then queues it for the reconcile step.
+    pub async fn create_request(
+        &self,
+        job: &str,
+        action: RequestAction,
+        filter: ErrorFilter,
+    ) -> Result<ReconcileRequest, StateError> {
+        let (record, _) = self.job_record(job).await?;
+        if record.status != JobStatus::Active {
+            return Err(RequestRefusal::NotActive { job: job.into(), status: record.status.as_str() }.into());
+        }
+        let open = ErrorFilter { status: Some(ErrorStatus::Open), ..filter.clone() };
+        let mut count = 0;
+        self.scan_errors(job, &open, |_, _| count += 1).await?;
+        if count == 0 {
+            return Err(RequestRefusal::NothingSelected { job: job.into() }.into());
+        }
+        if count > MAX_REQUEST_RECORDS {
+            return Err(RequestRefusal::TooManyRecords { count }.into());
+        }
+        let pk = keys::requests_pk(job);
+        loop {
+            let item = self.kv.get(&pk, keys::REQUEST_QUEUE).await?;
+            let (mut queue, expect) = match &item {
+                Some(i) => (decode::<RequestQueue>(i)?, Expect::Rev(i.rev)),
+                None => (RequestQueue::default(), Expect::Absent),
+            };
+            // Places held by requests that finished (or were never written) are free.
+            let mut live = Vec::new();
+            for other in queue.ids {
+                if self.request(job, &other).await?.is_some_and(|r| r.status.in_queue()) {
+                    live.push(other);
+                }
+            }
+            queue.ids = live;
+            if queue.ids.len() >= MAX_QUEUED_REQUESTS {
+                return Err(RequestRefusal::QueueFull { job: job.into() }.into());
+            }
+            // Ids sort in order of creation: time that never goes back, then a counter.
+            let created_ms = self.now_ms().max(queue.last_ms);
+            let random = &uuid::Uuid::new_v4().simple().to_string()[..6];
+            let id = keys::error_id(created_ms, &format!("{:08}{random}", queue.created));
+            let request = ReconcileRequest {
+                id: id.clone(),
+                job: job.into(),
+                action,
+                filter: filter.clone(),
+                created_ms,
+                status: RequestStatus::Queued,
+                reason: None,
+                progress: Progress { selected: count, ..Default::default() },
+                settled: false,
+            };
+            self.save_request(&request).await?;
+            queue.ids.push(id.clone());
+            queue.created += 1;
+            queue.last_ms = created_ms;
+            let put =
+                Put { pk: pk.clone(), sk: keys::REQUEST_QUEUE.into(), body: encode(&queue), expires_at: None, expect };
+            match self.kv.put(put).await {
+                Ok(_) => return Ok(request),
+                Err(KvError::ConditionFailed { .. }) => {
+                    // Another request took the place first: this one was never queued.
+                    let sk = keys::request_sk(&id).unwrap_or_default();
+                    self.kv.delete(&pk, &sk, Expect::Any).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    pub async fn request(&self, job: &str, id: &str) -> Result<Option<ReconcileRequest>, KvError> {
+        let Some(sk) = keys::request_sk(id) else { return Ok(None) };
+        self.kv.get(&keys::requests_pk(job), &sk).await?.map(|i| decode(&i)).transpose()
+    }
+
+    pub async fn save_request(&self, request: &ReconcileRequest) -> Result<(), KvError> {
+        let sk = keys::request_sk(&request.id).ok_or_else(|| KvError::Corrupt {
+            pk: keys::requests_pk(&request.job),
+            sk: request.id.clone(),
+            reason: "bad request id".into(),
+        })?;
+        let put = Put {
+            pk: keys::requests_pk(&request.job),
+            sk,
+            body: encode(request),
+            expires_at: None,
+            expect: Expect::Any,
+        };
+        self.kv.put(put).await.map(|_| ())
+    }
+
+    /// A job's requests in order of creation, retry progress brought up to date.
+    pub async fn requests(&self, job: &str) -> Result<Vec<ReconcileRequest>, KvError> {
+        let pk = keys::requests_pk(job);
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.kv.query(&pk, &SkRange::default(), 500, after.as_deref()).await?;
+            for item in page.items.iter().filter(|i| i.sk != keys::REQUEST_QUEUE) {
+                out.push(self.with_progress(decode(item)?).await?);
+            }
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// A retry's progress is read off the rows it retried until every one has an outcome; then
+    /// it is stored as final.
+    pub async fn with_progress(&self, mut request: ReconcileRequest) -> Result<ReconcileRequest, KvError> {
+        if request.action != RequestAction::Retry || request.status != RequestStatus::Done || request.settled {
+            return Ok(request);
+        }
+        let scope = ErrorFilter { from_ms: request.filter.from_ms, to_ms: request.filter.to_ms, ..Default::default() };
+        let mut tagged = Vec::new();
+        self.scan_errors(&request.job, &scope, |_, row| {
+            if row.request.as_deref() == Some(request.id.as_str()) {
+                tagged.push(row);
+            }
+        })
+        .await?;
+        let queued = request.progress.selected - request.progress.not_retriable;
+        request.progress = request.retry_progress(queued, tagged.iter());
+        if request.progress.done == queued {
+            request.settled = true;
+            self.save_request(&request).await?;
+        }
+        Ok(request)
+    }
+
+    /// Frees a request's queue place once it has run (or was refused).
+    pub async fn release_request_place(&self, job: &str, id: &str) -> Result<(), KvError> {
+        let pk = keys::requests_pk(job);
+        loop {
+            let Some(item) = self.kv.get(&pk, keys::REQUEST_QUEUE).await? else { return Ok(()) };
+            let mut queue: RequestQueue = decode(&item)?;
+            if !queue.ids.iter().any(|i| i == id) {
+                return Ok(());
+            }
+            queue.ids.retain(|i| i != id);
+            let put = Put {
+                pk: pk.clone(),
+                sk: keys::REQUEST_QUEUE.into(),
+                body: encode(&queue),
+                expires_at: None,
+                expect: Expect::Rev(item.rev),
+            };
+            match self.kv.put(put).await {
+                Ok(_) => return Ok(()),
+                Err(KvError::ConditionFailed { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
