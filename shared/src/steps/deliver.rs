@@ -40,6 +40,8 @@ impl Steps {
         // Lanes per job, by root, in order of first appearance: messages of one group arrive in
         // order, so each root's changes line up in order across messages.
         let mut jobs: BTreeMap<String, Vec<(String, Vec<(usize, ChangeRef)>)>> = BTreeMap::new();
+        // Where each (job, root) lane is, so that a batch of many lanes is grouped in linear time.
+        let mut lane_at: HashMap<(String, String), usize> = HashMap::new();
         for (i, m) in msgs.iter().enumerate() {
             let batch: DeliveryBatch = match serde_json::from_str(&m.body) {
                 Ok(b) => b,
@@ -50,14 +52,11 @@ impl Steps {
             };
             let lanes = jobs.entry(batch.job.clone()).or_default();
             for Lane { root, changes } in batch.lanes {
-                let lane = match lanes.iter().position(|(r, _)| *r == root) {
-                    Some(p) => &mut lanes[p].1,
-                    None => {
-                        lanes.push((root, Vec::new()));
-                        &mut lanes.last_mut().expect("just pushed").1
-                    }
-                };
-                lane.extend(changes.into_iter().map(|c| (i, c)));
+                let at = *lane_at.entry((batch.job.clone(), root.clone())).or_insert_with(|| {
+                    lanes.push((root, Vec::new()));
+                    lanes.len() - 1
+                });
+                lanes[at].1.extend(changes.into_iter().map(|c| (i, c)));
             }
         }
 

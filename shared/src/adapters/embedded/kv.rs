@@ -59,8 +59,8 @@ impl RawItem {
     }
 }
 
-/// The live item at `(pk, sk)`, if any.
-fn get_in(conn: &rusqlite::Connection, pk: &str, sk: &str, now: i64) -> Result<Option<Item>, KvError> {
+/// The live row at `(pk, sk)`, if any, unparsed: bodies are parsed after the lock is released.
+fn get_in(conn: &rusqlite::Connection, pk: &str, sk: &str, now: i64) -> Result<Option<RawItem>, KvError> {
     let mut stmt =
         conn.prepare_cached("SELECT rev, body, expires_at FROM kv WHERE pk = ?1 AND sk = ?2").map_err(unavailable)?;
     let raw = stmt
@@ -69,10 +69,7 @@ fn get_in(conn: &rusqlite::Connection, pk: &str, sk: &str, now: i64) -> Result<O
         })
         .optional()
         .map_err(unavailable)?;
-    match raw {
-        Some(raw) if live(raw.expires_at, now) => raw.into_item(pk).map(Some),
-        _ => Ok(None),
-    }
+    Ok(raw.filter(|raw| live(raw.expires_at, now)))
 }
 
 /// The stored revision of `(pk, sk)` and whether it is live: `None` if there is no row.
@@ -95,9 +92,9 @@ fn holds(expect: Expect, current: Option<(i64, bool)>) -> bool {
     }
 }
 
-/// One conditional write inside an open transaction. The outer error is for the database, the
-/// inner one for the condition.
-fn put_in(tx: &Transaction<'_>, put: &Put, now: i64) -> Result<Result<u64, KvError>, KvError> {
+/// One conditional write inside an open transaction, its body already encoded. The outer error
+/// is for the database, the inner one for the condition.
+fn put_in(tx: &Transaction<'_>, put: &Put, body: &str, now: i64) -> Result<Result<u64, KvError>, KvError> {
     let current = current_rev(tx, &put.pk, &put.sk, now)?;
     if !holds(put.expect, current) {
         return Ok(Err(KvError::ConditionFailed { pk: put.pk.clone(), sk: put.sk.clone() }));
@@ -105,7 +102,6 @@ fn put_in(tx: &Transaction<'_>, put: &Put, now: i64) -> Result<Result<u64, KvErr
     // The revision keeps counting across an expiry (the row is still there): a writer holding a
     // revision read before the item expired can never match the item written after.
     let rev = current.map_or(1, |(rev, _)| rev.saturating_add(1));
-    let body = serde_json::to_string(&put.body).map_err(|e| corrupt(&put.pk, &put.sk, e))?;
     let mut stmt = tx
         .prepare_cached(
             "INSERT INTO kv (pk, sk, rev, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -116,6 +112,11 @@ fn put_in(tx: &Transaction<'_>, put: &Put, now: i64) -> Result<Result<u64, KvErr
     stmt.execute(params![put.pk, put.sk, rev, body, put.expires_at]).map_err(unavailable)?;
     // `rev` started at 1 and only grows, so it is positive.
     Ok(Ok(rev as u64))
+}
+
+/// Bodies are encoded before the writer lock is taken: the lock is held for SQLite work only.
+fn encode(put: &Put) -> Result<String, KvError> {
+    serde_json::to_string(&put.body).map_err(|e| corrupt(&put.pk, &put.sk, e))
 }
 
 /// The smallest string greater than every string that starts with `prefix`, if there is one.
@@ -137,8 +138,8 @@ pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
 impl KvStore for EmbeddedKv {
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, KvError> {
         let now = self.db.now_ms();
-        let conn = self.db.read_lock();
-        get_in(&conn, pk, sk, now)
+        let raw = get_in(&self.db.read_lock(), pk, sk, now)?;
+        raw.map(|r| r.into_item(pk)).transpose()
     }
 
     async fn get_many(&self, keys: &[(String, String)]) -> Result<Vec<Option<Item>>, KvError> {
@@ -146,27 +147,31 @@ impl KvStore for EmbeddedKv {
         let mut conn = self.db.read_lock();
         // One read transaction: a consistent snapshot, and one lock for all the reads.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred).map_err(unavailable)?;
-        let out = keys.iter().map(|(pk, sk)| get_in(&tx, pk, sk, now)).collect::<Result<Vec<_>, _>>()?;
+        let raw = keys.iter().map(|(pk, sk)| get_in(&tx, pk, sk, now)).collect::<Result<Vec<_>, _>>()?;
         tx.commit().map_err(unavailable)?;
-        Ok(out)
+        drop(conn);
+        raw.into_iter().zip(keys).map(|(r, (pk, _))| r.map(|r| r.into_item(pk)).transpose()).collect()
     }
 
     async fn put(&self, put: Put) -> Result<u64, KvError> {
         let now = self.db.now_ms();
+        let body = encode(&put)?;
         let mut conn = self.db.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
-        let rev = put_in(&tx, &put, now)?;
+        let rev = put_in(&tx, &put, &body, now)?;
         tx.commit().map_err(unavailable)?;
         rev
     }
 
     async fn put_many(&self, puts: Vec<Put>) -> Result<Vec<Result<u64, KvError>>, KvError> {
         let now = self.db.now_ms();
+        let bodies = puts.iter().map(encode).collect::<Result<Vec<_>, _>>()?;
         let mut conn = self.db.lock();
         // One transaction (one commit) for the batch; each put still has its own condition, and
         // a failed condition only fails that put.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
-        let out = puts.iter().map(|put| put_in(&tx, put, now)).collect::<Result<Vec<_>, _>>()?;
+        let out =
+            puts.iter().zip(&bodies).map(|(put, body)| put_in(&tx, put, body, now)).collect::<Result<Vec<_>, _>>()?;
         tx.commit().map_err(unavailable)?;
         Ok(out)
     }
@@ -225,14 +230,17 @@ impl KvStore for EmbeddedKv {
                 more = true;
                 break;
             }
-            let raw = RawItem {
+            items.push(RawItem {
                 sk: r.get(0).map_err(unavailable)?,
                 rev: r.get(1).map_err(unavailable)?,
                 body: r.get(2).map_err(unavailable)?,
                 expires_at: r.get(3).map_err(unavailable)?,
-            };
-            items.push(raw.into_item(pk)?);
+            });
         }
+        drop(rows);
+        drop(stmt);
+        drop(conn);
+        let items = items.into_iter().map(|raw| raw.into_item(pk)).collect::<Result<Vec<_>, _>>()?;
         let next = if more { items.last().map(|i: &Item| i.sk.clone()) } else { None };
         Ok(Page { items, next })
     }
