@@ -456,6 +456,15 @@ async fn pause_keeps_changes_and_resume_delivers_them_in_order(backend: Backend)
         Err(AdminError::Refused(m)) => assert_eq!(m, "job 'j' is active: cannot resume it (allowed from paused)"),
         other => panic!("{other:?}"),
     }
+    // A resume cut short (the job left `resuming`) is finished by resuming again; a paused job
+    // can also be stopped.
+    h.admin.pause("j").await.unwrap();
+    h.state().transition("j", dualsync::domain::job::JobAction::Resume).await.unwrap();
+    assert_eq!(h.status().await, JobStatus::Resuming);
+    assert_eq!(h.admin.resume("j").await.unwrap().0.status, JobStatus::Active);
+    h.admin.pause("j").await.unwrap();
+    h.state().transition("j", dualsync::domain::job::JobAction::Stop).await.unwrap();
+    assert_eq!(h.status().await, JobStatus::Stopping);
 }
 
 async fn the_alert_rule_pauses_the_job(backend: Backend) {
