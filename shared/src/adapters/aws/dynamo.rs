@@ -231,11 +231,34 @@ impl KvStore for DynamoKv {
         self.put_one(&put).await?
     }
 
+    /// Different keys are written concurrently; puts to one key go one after another in batch
+    /// order, so that a later put's condition sees the earlier ones (as in the embedded table).
     async fn put_many(&self, puts: Vec<Put>) -> Result<Vec<Result<u64, KvError>>, KvError> {
-        let writes: Vec<_> = puts.into_iter().map(|p| async move { self.put_one(&p).await }).collect();
-        let answers: Vec<Result<Result<u64, KvError>, KvError>> =
-            stream::iter(writes).buffered(WRITES_IN_FLIGHT).collect().await;
-        answers.into_iter().collect()
+        let count = puts.len();
+        let mut chains: Vec<Vec<(usize, Put)>> = Vec::new();
+        let mut chain_of: HashMap<(String, String), usize> = HashMap::new();
+        for (i, p) in puts.into_iter().enumerate() {
+            let chain = *chain_of.entry((p.pk.clone(), p.sk.clone())).or_insert_with(|| {
+                chains.push(Vec::new());
+                chains.len() - 1
+            });
+            chains[chain].push((i, p));
+        }
+        let writes = chains.into_iter().map(|chain| async move {
+            let mut answers = Vec::with_capacity(chain.len());
+            for (i, p) in chain {
+                answers.push((i, self.put_one(&p).await?));
+            }
+            Ok::<_, KvError>(answers)
+        });
+        let mut results: Vec<Option<Result<u64, KvError>>> = (0..count).map(|_| None).collect();
+        let mut chains = stream::iter(writes).buffer_unordered(WRITES_IN_FLIGHT);
+        while let Some(answers) = chains.next().await {
+            for (i, answer) in answers? {
+                results[i] = Some(answer);
+            }
+        }
+        Ok(results.into_iter().map(|r| r.expect("every put is answered")).collect())
     }
 
     async fn delete(&self, pk: &str, sk: &str, expect: Expect) -> Result<(), KvError> {
