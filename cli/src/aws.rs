@@ -170,8 +170,8 @@ fn report(
         ("Lambda GB-seconds", gb_s, price::LAMBDA_GB_SECOND_ARM),
         ("SQS standard requests", u.sqs_standard_requests as f64, price::SQS_STANDARD),
         ("SQS FIFO requests", u.sqs_fifo_requests as f64, price::SQS_FIFO),
-        ("DynamoDB write units", u.dynamo_write_units as f64, price::DYNAMO_WRITE_UNIT),
-        ("DynamoDB read units", u.dynamo_read_units as f64, price::DYNAMO_READ_UNIT),
+        ("DynamoDB write units", u.dynamo_write_units, price::DYNAMO_WRITE_UNIT),
+        ("DynamoDB read units", u.dynamo_read_units, price::DYNAMO_READ_UNIT),
     ];
     println!("synced records     {synced:.0} ({written} writes to the apps), {:.1} s", elapsed.as_secs_f64());
     println!("{:<24} {:>12} {:>14} {:>14}", "item", "count", "per record", "USD per 1M");

@@ -16,6 +16,8 @@ use dualsync_lambda::stack::Stack;
 
 use crate::backend::{BackendArgs, BackendKind};
 
+// One per process: the size of the AWS variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Pipeline {
     Local(Arc<LocalRuntime>),
     Aws { stack: Arc<Stack>, resources: Resources, sdk: aws_config::SdkConfig, admin: Admin },

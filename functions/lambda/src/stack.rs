@@ -27,7 +27,8 @@ pub struct Stack {
     pub apps: Arc<dyn AppRegistry>,
     /// Where the apps' ingress sends (what a webhook or business event does on AWS).
     capture: SqsQueue,
-    /// Every queue, for telling when the pipeline is idle.
+    /// Every input queue in pipeline order (capture, sequence, deliver, reconcile), for telling
+    /// when the pipeline is idle.
     queues: Vec<SqsQueue>,
     /// The state as the local ingress uses it (jobs, change-log positions), counting into
     /// [`Self::ingress_usage`]: on AWS the apps send to the capture queue themselves, so this
@@ -158,13 +159,11 @@ impl Stack {
         Ok(out)
     }
 
-    /// True when no queue holds a message (visible or in flight) and no change log has unread rows.
+    /// True when no change log has unread rows and no queue holds a message (visible or in
+    /// flight). Each step sends before it acknowledges, so reading the change logs first and
+    /// then the queues in pipeline order sees work moving downstream; deliver is read again
+    /// last for what reconcile hands back upstream.
     pub async fn is_idle(&self) -> Result<bool, Error> {
-        for q in &self.queues {
-            if q.depth().await? != (0, 0) {
-                return Ok(false);
-            }
-        }
         for job in self.active_jobs().await? {
             for side in Side::BOTH {
                 let app = self.apps.sqlite_app(&job, side)?;
@@ -172,6 +171,12 @@ impl Stack {
                 if !app.changes_after(pos, 1).await?.is_empty() {
                     return Ok(false);
                 }
+            }
+        }
+        let deliver = &self.queues[2]; // see the field
+        for q in self.queues.iter().chain([deliver]) {
+            if q.depth().await? != (0, 0) {
+                return Ok(false);
             }
         }
         Ok(true)

@@ -138,7 +138,7 @@ impl LocalRuntime {
         apps: Arc<dyn AppRegistry>,
     ) -> Self {
         let queue = |name: &str, fifo: bool| {
-            let dlq = Arc::new(db.queue(QueueConfig::new(&format!("{name}-dlq"), fifo)));
+            let dlq = Arc::new(db.queue(QueueConfig::new(format!("{name}-dlq"), fifo)));
             let mut cfg = QueueConfig::new(name, fifo);
             cfg.visibility_timeout = Duration::from_secs(30);
             cfg.max_receive_count = 5;
@@ -288,12 +288,10 @@ impl LocalRuntime {
     }
 
     /// True when no change log has unread rows and no queue holds a message (visible or not).
+    /// The change logs are read first: the feed pump sends to capture before it moves its
+    /// position, and the queues are then read in one snapshot, so work in motion between any
+    /// two of them is always seen.
     pub async fn is_idle(&self) -> Result<bool, RuntimeError> {
-        for q in [&self.capture, &self.sequence, &self.deliver, &self.reconcile] {
-            if !q.is_empty().map_err(StepError::from)? {
-                return Ok(false);
-            }
-        }
         for job in self.active_jobs().await? {
             for side in Side::BOTH {
                 let app = self.apps.sqlite_app(&job, side)?;
@@ -303,7 +301,8 @@ impl LocalRuntime {
                 }
             }
         }
-        Ok(true)
+        let queues = [&*self.capture, &*self.sequence, &*self.deliver, &*self.reconcile];
+        Ok(EmbeddedQueue::all_empty(&queues).map_err(StepError::from)?)
     }
 
     /// Spawns the workers: a change-log poller, capture, sequence and the deliver workers. They

@@ -20,6 +20,9 @@ use crate::domain::link::{LinkState, Observed, PendingWrite};
 use crate::ports::{ConnectorError, InMessage, KvError, Precondition, Put, Record, WriteFailure, WriteOp};
 use crate::state::{NewError, State};
 
+/// A lane: one dependency root's changes in order, each with the index of its message.
+type RootLane = (String, Vec<(usize, ChangeRef)>);
+
 /// How often one change goes back to step 1 or 2 within a batch after losing a race (a failed
 /// write precondition or link commit) before it is treated as a system failure.
 const MAX_RACES: usize = 3;
@@ -39,7 +42,7 @@ impl Steps {
         let mut outcomes = vec![Outcome::Done; msgs.len()];
         // Lanes per job, by root, in order of first appearance: messages of one group arrive in
         // order, so each root's changes line up in order across messages.
-        let mut jobs: BTreeMap<String, Vec<(String, Vec<(usize, ChangeRef)>)>> = BTreeMap::new();
+        let mut jobs: BTreeMap<String, Vec<RootLane>> = BTreeMap::new();
         // Where each (job, root) lane is, so that a batch of many lanes is grouped in linear time.
         let mut lane_at: HashMap<(String, String), usize> = HashMap::new();
         for (i, m) in msgs.iter().enumerate() {

@@ -54,7 +54,9 @@ impl Steps {
 /// Crash injection for tests: a named point returns `true` to make the step stop there, as if
 /// the process died (nothing after it happens, nothing is acknowledged).
 #[derive(Clone, Default)]
-pub struct Failpoints(Option<Arc<dyn Fn(&str) -> bool + Send + Sync>>);
+pub struct Failpoints(Option<Arc<FailpointFn>>);
+
+type FailpointFn = dyn Fn(&str) -> bool + Send + Sync;
 
 impl Failpoints {
     pub fn new(f: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {

@@ -172,6 +172,11 @@ impl EmbeddedDb {
     /// The connection. A panic while it was held poisons the mutex; the connection itself is
     /// still sound (an open transaction is rolled back when dropped during unwinding), so the
     /// poison is ignored rather than turned into a panic of every later call.
+    /// Whether `other` is a handle on this same database.
+    pub(crate) fn same_database(&self, other: &EmbeddedDb) -> bool {
+        Arc::ptr_eq(&self.conn, &other.conn)
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
     }
