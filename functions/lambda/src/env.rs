@@ -53,14 +53,10 @@ impl Env {
     }
 }
 
-/// A queue's name is the last segment of its URL (`https://sqs.../123456789012/name`).
-pub fn queue_name(url: &str) -> String {
-    url.rsplit('/').next().unwrap_or(url).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dualsync::adapters::aws::queue_name;
     use std::collections::HashMap;
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {

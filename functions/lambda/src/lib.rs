@@ -18,7 +18,7 @@ use lambda_runtime::{service_fn, Error, LambdaEvent};
 use tracing::Instrument;
 
 pub use batch::{batch_response, correlation_id, in_messages};
-pub use env::Env;
+pub use env::{Env, EnvError};
 
 /// Runs the Lambda runtime loop for one step.
 pub async fn run(step: StepKind) -> Result<(), Error> {
@@ -75,7 +75,7 @@ impl Handler {
         let queue = |url: &str| -> Arc<dyn Queue> {
             Arc::new(SqsQueue::new(
                 sqs.clone(),
-                env::queue_name(url),
+                dualsync::adapters::aws::queue_name(url),
                 url.to_string(),
                 env.max_receive_count,
                 usage.clone(),

@@ -83,7 +83,13 @@ impl Stack {
         let ingress = State::new(Arc::new(kv), Arc::new(SystemClock));
         let sqs = aws_sdk_sqs::Client::new(sdk);
         let queue = |url: &str| {
-            SqsQueue::new(sqs.clone(), crate::env::queue_name(url), url.to_string(), MAX_RECEIVE_COUNT, usage.clone())
+            SqsQueue::new(
+                sqs.clone(),
+                dualsync::adapters::aws::queue_name(url),
+                url.to_string(),
+                MAX_RECEIVE_COUNT,
+                usage.clone(),
+            )
         };
         Stack {
             handlers,

@@ -24,6 +24,30 @@ pub const MAX_RECEIVE_COUNT: u32 = 5;
 /// At least six times the functions' timeout (30 s), as AWS advises for SQS event sources.
 pub const VISIBILITY_TIMEOUT_SECS: u32 = 180;
 
+/// A queue's name is the last segment of its URL (`https://sqs.../123456789012/name`).
+pub fn queue_name(url: &str) -> String {
+    url.rsplit('/').next().unwrap_or(url).to_string()
+}
+
+/// The operators' service over a state table and the deliver and reconcile queues (by URL):
+/// what the CLI on AWS and the admin function both use.
+pub fn admin(
+    sdk: &SdkConfig,
+    table: &str,
+    deliver_url: &str,
+    reconcile_url: &str,
+    usage: std::sync::Arc<Usage>,
+) -> crate::admin::Admin {
+    use std::sync::Arc;
+    let clock = Arc::new(crate::ports::SystemClock);
+    let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(sdk), table.to_string(), clock.clone(), usage.clone());
+    let sqs = aws_sdk_sqs::Client::new(sdk);
+    let queue = |url: &str| {
+        Arc::new(SqsQueue::new(sqs.clone(), queue_name(url), url.to_string(), MAX_RECEIVE_COUNT, usage.clone()))
+    };
+    crate::admin::Admin::new(crate::state::State::new(Arc::new(kv), clock), queue(deliver_url), queue(reconcile_url))
+}
+
 /// The SDK configuration from the environment; `endpoint_url` points it at an emulator.
 pub async fn sdk_config(endpoint_url: Option<&str>) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
@@ -143,18 +167,7 @@ impl Resources {
 
     /// The operators' service over this stage's table, deliver and reconcile queues.
     pub fn admin(&self, sdk: &SdkConfig, usage: std::sync::Arc<Usage>) -> crate::admin::Admin {
-        use std::sync::Arc;
-        let clock = Arc::new(crate::ports::SystemClock);
-        let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(sdk), self.table.clone(), clock.clone(), usage.clone());
-        let sqs = aws_sdk_sqs::Client::new(sdk);
-        let queue = |name: String, url: &str| {
-            Arc::new(SqsQueue::new(sqs.clone(), name, url.to_string(), MAX_RECEIVE_COUNT, usage.clone()))
-        };
-        crate::admin::Admin::new(
-            crate::state::State::new(Arc::new(kv), clock),
-            queue(self.names.deliver_queue(), &self.deliver_url),
-            queue(self.names.reconcile_queue(), &self.reconcile_url),
-        )
+        admin(sdk, &self.table, &self.deliver_url, &self.reconcile_url, usage)
     }
 
     /// Every queue's name and URL.
