@@ -96,7 +96,7 @@ impl Admin {
     pub async fn job(&self, name: &str) -> Result<JobView, AdminError> {
         let (record, _) = self.state.job_record(name).await?;
         let errors = self.state.error_counts(name, &ErrorFilter::default()).await?;
-        let requests = self.state.requests(name).await?;
+        let requests_queued = self.state.queued_requests(name).await?;
         Ok(JobView {
             job: record.def.job,
             status: record.status,
@@ -104,7 +104,7 @@ impl Admin {
             paused_reason: record.paused_reason,
             alert: record.def.alert,
             errors,
-            requests_queued: requests.iter().filter(|r| r.status.in_queue()).count(),
+            requests_queued,
         })
     }
 

@@ -65,12 +65,13 @@ impl State {
             },
             None => None,
         };
-        // A dismissed row is settled for good: a new failure starts a new row.
-        let existing =
-            existing.filter(|item| decode::<SyncError>(item).is_ok_and(|r| r.status != ErrorStatus::Dismissed));
+        // A dismissed row is settled for good (and one that cannot be read is left as it is):
+        // a new failure starts a new row.
+        let existing = existing
+            .and_then(|item| decode::<SyncError>(&item).ok().map(|row| (item, row)))
+            .filter(|(_, row)| row.status != ErrorStatus::Dismissed);
         let sk = match existing {
-            Some(item) => {
-                let mut row: SyncError = decode(&item)?;
+            Some((item, mut row)) => {
                 row.attempts += 1;
                 row.last_seen_ms = now;
                 row.seq = row.seq.max(e.seq);

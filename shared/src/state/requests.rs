@@ -47,19 +47,7 @@ impl State {
         }
         let pk = keys::requests_pk(job);
         loop {
-            let item = self.kv.get(&pk, keys::REQUEST_QUEUE).await?;
-            let (mut queue, expect) = match &item {
-                Some(i) => (decode::<RequestQueue>(i)?, Expect::Rev(i.rev)),
-                None => (RequestQueue::default(), Expect::Absent),
-            };
-            // Places held by requests that finished (or were never written) are free.
-            let mut live = Vec::new();
-            for other in queue.ids {
-                if self.request(job, &other).await?.is_some_and(|r| r.status.in_queue()) {
-                    live.push(other);
-                }
-            }
-            queue.ids = live;
+            let (mut queue, expect) = self.request_queue(job).await?;
             if queue.ids.len() >= MAX_QUEUED_REQUESTS {
                 return Err(RequestRefusal::QueueFull { job: job.into() }.into());
             }
@@ -94,6 +82,29 @@ impl State {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// The job's request places as stored (with the condition to write them back), less the
+    /// places of requests that finished or were never written.
+    async fn request_queue(&self, job: &str) -> Result<(RequestQueue, Expect), KvError> {
+        let item = self.kv.get(&keys::requests_pk(job), keys::REQUEST_QUEUE).await?;
+        let (mut queue, expect) = match &item {
+            Some(i) => (decode::<RequestQueue>(i)?, Expect::Rev(i.rev)),
+            None => (RequestQueue::default(), Expect::Absent),
+        };
+        let mut live = Vec::with_capacity(queue.ids.len());
+        for id in std::mem::take(&mut queue.ids) {
+            if self.request(job, &id).await?.is_some_and(|r| r.status.in_queue()) {
+                live.push(id);
+            }
+        }
+        queue.ids = live;
+        Ok((queue, expect))
+    }
+
+    /// How many of the job's requests are queued or running.
+    pub async fn queued_requests(&self, job: &str) -> Result<usize, KvError> {
+        Ok(self.request_queue(job).await?.0.ids.len())
     }
 
     pub async fn request(&self, job: &str, id: &str) -> Result<Option<ReconcileRequest>, KvError> {

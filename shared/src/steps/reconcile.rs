@@ -133,10 +133,12 @@ impl Steps {
                 progress.succeeded = n;
             }
             RequestAction::Retry => {
+                // A row of a map the job no longer has cannot be delivered either.
                 let (retriable, not): (Vec<_>, Vec<_>) = rows.into_iter().partition(|(_, r)| {
-                    r.retriable && !matches!(r.category, ErrorCategory::Concurrency | ErrorCategory::Conflict)
+                    r.retriable
+                        && !matches!(r.category, ErrorCategory::Concurrency | ErrorCategory::Conflict)
+                        && compiled.map(&r.map).is_some()
                 });
-                let retriable: Vec<_> = retriable.into_iter().filter(|(_, r)| compiled.map(&r.map).is_some()).collect();
                 progress.not_retriable = not.len();
                 progress.selected = retriable.len() + not.len();
                 // Marked first: a crash before the sends leaves rows this request finds again.
