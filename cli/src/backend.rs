@@ -8,11 +8,10 @@ use clap::{Args, ValueEnum};
 
 use dualsync::adapters::aws::{sdk_config, Names, Resources, Usage};
 use dualsync::admin::Admin;
-use dualsync::domain::job::JobAction;
 use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::State;
 use dualsync::steps::reconcile::ReconcileMessage;
-use dualsync::steps::StepKind;
+use dualsync::steps::{lifecycle, StepKind};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
@@ -71,8 +70,7 @@ impl Backend {
         match self.local() {
             Some(rt) => rt.start(job).await?,
             None => {
-                self.state().transition(job, JobAction::Start).await?;
-                self.state().transition(job, JobAction::Activate).await?;
+                lifecycle::start(self.state(), self.admin.deliver.as_ref(), job, |_| Ok(())).await?;
             }
         }
         Ok(())
@@ -81,10 +79,7 @@ impl Backend {
     pub async fn stop(&self, job: &str) -> Result<()> {
         match self.local() {
             Some(rt) => rt.stop(job).await?,
-            None => {
-                self.state().transition(job, JobAction::Stop).await?;
-                self.state().transition(job, JobAction::Halt).await?;
-            }
+            None => lifecycle::stop(self.state(), job).await?,
         }
         Ok(())
     }

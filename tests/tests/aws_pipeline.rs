@@ -15,7 +15,7 @@ use dualsync::domain::errors::ErrorCategory;
 use dualsync::ports::{OutMessage, Queue};
 use dualsync::runtime::verify::compare;
 use dualsync::state::ErrorFilter;
-use dualsync::steps::Metrics;
+use dualsync::steps::{Backoff, Metrics};
 use dualsync_lambda::poller::sqs_event;
 use dualsync_lambda::stack::{Stack, LAMBDA_BATCH};
 
@@ -52,7 +52,7 @@ async fn harness() -> H {
     let def = create_apps(&a, &b);
     let fail_b_writes = Arc::new(AtomicBool::new(false));
     let apps = Arc::new(Flaky::new(fail_b_writes.clone()));
-    let stack = Arc::new(Stack::with_apps(&sdk, &resources, Arc::new(Usage::default()), apps));
+    let stack = Arc::new(Stack::with_apps(&sdk, &resources, Arc::new(Usage::default()), apps).with_backoff(Backoff::QUICK));
     stack.state().apply_job(def).await.unwrap();
     stack.start("j").await.unwrap();
     H { _dir: dir, a, b, sdk, names, resources, stack, fail_b_writes }

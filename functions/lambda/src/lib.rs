@@ -93,6 +93,10 @@ impl Handler {
         self
     }
 
+    pub fn set_backoff(&mut self, backoff: dualsync::steps::Backoff) {
+        self.steps.backoff = backoff;
+    }
+
     /// The queue this function's events come from.
     pub fn input(&self) -> &dyn Queue {
         self.input.as_ref()

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dualsync::adapters::aws::{DynamoKv, Resources, SqsQueue, Usage, MAX_RECEIVE_COUNT};
-use dualsync::domain::job::{JobAction, JobStatus, Side};
+use dualsync::domain::job::{JobStatus, Side};
 use dualsync::ports::{ChangeFeed, SystemClock};
 use dualsync::runtime::ingress::pump_feed;
 use dualsync::runtime::local::{install_capture, AppRegistry, SqliteRegistry};
 use dualsync::state::State;
-use dualsync::steps::{ConnectorRegistry, Metrics, StepKind, Steps};
+use dualsync::steps::{lifecycle, Backoff, ConnectorRegistry, Metrics, StepKind, Steps};
 use lambda_runtime::Error;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -102,6 +102,14 @@ impl Stack {
         }
     }
 
+    /// Retries with `backoff` instead of the default (tests over an emulator wait in real time).
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        for h in &mut self.handlers {
+            h.set_backoff(backoff);
+        }
+        self
+    }
+
     /// The steps of the capture function: for what admin commands do directly (initial sync,
     /// reading state).
     pub fn steps(&self) -> &Steps {
@@ -114,10 +122,9 @@ impl Stack {
 
     /// Starts a job: installs change capture in its sqlite apps, then makes it active.
     pub async fn start(&self, job: &str) -> Result<(), Error> {
-        self.state().transition(job, JobAction::Start).await?;
-        let (compiled, _) = self.state().job(job).await?;
-        install_capture(self.apps.as_ref(), &compiled)?;
-        self.state().transition(job, JobAction::Activate).await?;
+        let steps = self.steps();
+        lifecycle::start(&steps.state, steps.deliver_queue.as_ref(), job, |j| install_capture(self.apps.as_ref(), j))
+            .await?;
         Ok(())
     }
 

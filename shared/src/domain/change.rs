@@ -69,6 +69,10 @@ pub struct ChangeRef {
     /// The error row this delivery retries: settled by its outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_of: Option<String>,
+    /// Delivered again because the parent it waited for synced (see `state::waiters`): if its
+    /// reference is still missing, it is an ordinary application error and waits no more.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waited: bool,
 }
 
 /// A captured transaction on its way to sequence (capture → sequence queue).

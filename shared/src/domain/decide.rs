@@ -85,7 +85,8 @@ mod tests {
     /// B's content h1 was being written to A (at version h0) when the process died.
     fn pending_b_to_a() -> LinkState {
         let mut l = link("h0");
-        l.pending = Some(PendingWrite { side: Side::A, hash: "h1".into(), from_version: Some("h0".into()) });
+        l.pending =
+            Some(PendingWrite { side: Side::A, hash: "h1".into(), from_version: Some("h0".into()), uncertain: false });
         l
     }
 
@@ -117,5 +118,42 @@ mod tests {
         assert_eq!(d(Some(&l), Side::A, Side::B, "h3", Some("h1")), Decision::Write { conflict: false });
         // If B changed too, it is a real conflict.
         assert_eq!(d(Some(&l), Side::B, Side::A, "h2", Some("h3")), Decision::ConflictLost);
+    }
+
+    /// B's content h1 was written to A (at version h0) and the write failed in a way that may
+    /// have landed (a 503, a time-out): delivery marked it uncertain.
+    fn failed_b_to_a() -> LinkState {
+        let mut l = pending_b_to_a();
+        l.pending.as_mut().expect("pending").uncertain = true;
+        l
+    }
+
+    #[test]
+    fn an_edit_after_a_failed_write_is_a_conflict_not_an_edit_on_top() {
+        let l = failed_b_to_a();
+        // A's user edited to h3 after the write failed. Both sides changed since the last sync
+        // (h0): whichever change comes first, the primary decides, and a conflict is logged.
+        assert_eq!(d(Some(&l), Side::B, Side::B, "h1", Some("h3")), Decision::Write { conflict: true });
+        assert_eq!(d(Some(&l), Side::B, Side::A, "h1", Some("h3")), Decision::ConflictLost);
+        assert_eq!(d(Some(&l), Side::A, Side::A, "h3", Some("h1")), Decision::Write { conflict: true });
+        assert_eq!(d(Some(&l), Side::A, Side::B, "h3", Some("h1")), Decision::ConflictLost);
+        // The failed write did land after all (A holds h1): an ordinary landed write.
+        assert_eq!(d(Some(&l), Side::B, Side::A, "h2", Some("h1")), Decision::Write { conflict: false });
+        // It did not land and A is untouched: B's change is still to send.
+        assert_eq!(d(Some(&l), Side::B, Side::A, "h1", Some("h0")), Decision::Write { conflict: false });
+    }
+
+    #[test]
+    fn the_landing_of_each_mark() {
+        use crate::domain::link::Landing;
+        let certain = pending_b_to_a().pending.expect("pending");
+        let uncertain = failed_b_to_a().pending.expect("pending");
+        let at = |hash: &'static str, version: &'static str| Some(Observed { hash, version });
+        for (p, changed_after) in [(&certain, Landing::Landed), (&uncertain, Landing::Unknown)] {
+            assert_eq!(p.judge(at("h1", "v9")), Landing::Landed);
+            assert_eq!(p.judge(at("hx", "h0")), Landing::NotLanded);
+            assert_eq!(p.judge(None), Landing::NotLanded);
+            assert_eq!(p.judge(at("h3", "h3")), changed_after);
+        }
     }
 }

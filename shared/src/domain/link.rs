@@ -1,6 +1,7 @@
 //! Link state: what dualsync remembers of a pair of records (DESIGN §1).
 use serde::{Deserialize, Serialize};
 
+use super::change::ChangeRef;
 use super::job::Side;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +26,11 @@ pub struct LinkState {
     /// Sort keys of this link's open, retriable error rows: resolved when the link next syncs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub open_errors: Vec<String>,
+    /// Children whose delivery found this record missing on the other side: delivered again
+    /// once this record exists on both sides (DESIGN §3 step 5, "retriable once the parent has
+    /// synced", done without an operator).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiters: Vec<ChangeRef>,
 }
 
 /// A write to `side` of content `hash`, conditional on the record being at `from_version`
@@ -34,6 +40,22 @@ pub struct PendingWrite {
     pub side: Side,
     pub hash: String,
     pub from_version: Option<String>,
+    /// The write failed in a way that may or may not have landed (a time-out, a 5xx). Such a
+    /// mark proves nothing about a later change of the target: see [`PendingWrite::judge`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uncertain: bool,
+}
+
+/// What a pending write's target record says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    /// The target holds the written content, or changed after a write that was made.
+    Landed,
+    /// The target is still at the version the write was conditional on, or absent.
+    NotLanded,
+    /// The target changed, and the write may never have been made: whether the change came
+    /// before or after it cannot be told, so the last sync is unknown (both sides changed).
+    Unknown,
 }
 
 /// A record as delivery reads it: the hash of its canonical content and its version.
@@ -49,14 +71,21 @@ impl PendingWrite {
     /// It holds the written content: landed. It is still at the version the write was
     /// conditional on: not landed (it failed, or the process died before making it). Otherwise
     /// the record changed after the read: since the write was conditional on that version, it
-    /// was made first and then edited. (The one case this misjudges needs a crash right after
-    /// the app refused the write because someone else had just changed the record; delivery
-    /// takes the mark back in that case when it lives to see it.)
-    pub fn landed(&self, target: Option<Observed<'_>>) -> bool {
+    /// was made first and then edited.
+    ///
+    /// That last judgement holds only for a write that was made. Delivery takes the mark back
+    /// when the app refuses the write, and marks it `uncertain` when the write failed in a way
+    /// that may or may not have landed (a time-out, a 5xx); for such a mark "changed after" is
+    /// [`Landing::Unknown`]. What is left is a process killed between the mark and the write's
+    /// answer, with the target edited before the change is delivered again: that edit is taken
+    /// for one made on top of the write (docs/design-notes.md §3).
+    pub fn judge(&self, target: Option<Observed<'_>>) -> Landing {
         match target {
-            Some(t) if t.hash == self.hash => true,
-            Some(t) => self.from_version.as_deref() != Some(t.version),
-            None => false,
+            Some(t) if t.hash == self.hash => Landing::Landed,
+            Some(t) if self.from_version.as_deref() == Some(t.version) => Landing::NotLanded,
+            None => Landing::NotLanded,
+            Some(_) if self.uncertain => Landing::Unknown,
+            Some(_) => Landing::Landed,
         }
     }
 }
@@ -71,8 +100,10 @@ impl LinkState {
     pub fn settled(&self, records: [Option<Observed<'_>>; 2]) -> LinkState {
         let mut s = self.clone();
         if let Some(p) = s.pending.take() {
-            if p.landed(records[p.side.index()]) {
-                s.hash = Some(p.hash);
+            match p.judge(records[p.side.index()]) {
+                Landing::Landed => s.hash = Some(p.hash),
+                Landing::NotLanded => {}
+                Landing::Unknown => s.hash = None,
             }
         }
         s
@@ -81,8 +112,12 @@ impl LinkState {
     /// The content of the last sync, given the records now (indexed by side).
     pub fn last_synced(&self, records: [Option<Observed<'_>>; 2]) -> Option<&str> {
         match &self.pending {
-            Some(p) if p.landed(records[p.side.index()]) => Some(&p.hash),
-            _ => self.hash.as_deref(),
+            Some(p) => match p.judge(records[p.side.index()]) {
+                Landing::Landed => Some(&p.hash),
+                Landing::NotLanded => self.hash.as_deref(),
+                Landing::Unknown => None,
+            },
+            None => self.hash.as_deref(),
         }
     }
     pub fn version(&self, side: Side) -> Option<&str> {

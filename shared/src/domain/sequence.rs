@@ -195,6 +195,7 @@ mod tests {
             txid: "t".into(),
             at_ms: 0,
             retry_of: None,
+            waited: false,
         }
     }
 

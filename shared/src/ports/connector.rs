@@ -6,6 +6,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::domain::change::{Key, Operation};
+use crate::domain::errors::ErrorCategory;
 
 /// What a connector needs to know of an entity: its name, its integration key fields (in key
 /// order) and the fields dualsync reads and writes.
@@ -64,6 +65,32 @@ pub enum ConnectorError {
     Transient { app: String, message: String, retry_after: Option<Duration> },
     #[error("{app}: {message}")]
     Rejected { app: String, message: String },
+}
+
+impl ConnectorError {
+    /// The category of a change that failed with this error: a system failure is retried with
+    /// backoff, an application failure is recorded at once (retriable by an operator).
+    pub fn category(&self) -> ErrorCategory {
+        match self {
+            ConnectorError::Transient { .. } => ErrorCategory::System,
+            ConnectorError::Rejected { .. } => ErrorCategory::Application,
+        }
+    }
+
+    /// The app's message, without the app's name.
+    pub fn message(&self) -> &str {
+        match self {
+            ConnectorError::Transient { message, .. } | ConnectorError::Rejected { message, .. } => message,
+        }
+    }
+
+    /// How long the app asked us to wait before the next request, if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ConnectorError::Transient { retry_after, .. } => *retry_after,
+            ConnectorError::Rejected { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -13,10 +13,10 @@ use super::worker::{run_loop, run_once};
 use crate::adapters::connectors::sqlite::{CaptureSpec, SqliteApp};
 use crate::adapters::embedded::{EmbeddedDb, EmbeddedKv, EmbeddedQueue, QueueConfig};
 use crate::domain::config::JobDef;
-use crate::domain::job::{ConnectorSpec, Job, JobAction, JobStatus, Side};
+use crate::domain::job::{ConnectorSpec, Job, JobStatus, Side};
 use crate::ports::{Clock, Connector, ConnectorError, Queue, SystemClock};
 use crate::state::{JobRecord, State, StateError};
-use crate::steps::{ConnectorRegistry, Failpoints, StepError, StepKind, Steps};
+use crate::steps::{lifecycle, ConnectorRegistry, Failpoints, StepError, StepKind, Steps};
 
 /// How often a running runner trims change logs and purges expired items.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
@@ -175,27 +175,13 @@ impl LocalRuntime {
 
     /// Starts a job: installs change capture in its sqlite apps, then makes it active.
     pub async fn start(&self, job: &str) -> Result<(), RuntimeError> {
-        self.state.transition(job, JobAction::Start).await?;
-        let installed = self.install_capture(job).await;
-        if let Err(e) = installed {
-            // Back to stopped, so the user can fix the apps and start again.
-            self.state.transition(job, JobAction::Stop).await?;
-            self.state.transition(job, JobAction::Halt).await?;
-            return Err(e);
-        }
-        self.state.transition(job, JobAction::Activate).await?;
+        lifecycle::start(&self.state, self.deliver.as_ref(), job, |j| install_capture(self.apps.as_ref(), j)).await?;
         Ok(())
-    }
-
-    async fn install_capture(&self, job: &str) -> Result<(), RuntimeError> {
-        let (compiled, _) = self.state.job(job).await?;
-        Ok(install_capture(self.apps.as_ref(), &compiled)?)
     }
 
     /// Stops a job: it moves no data until started again; captured changes stay queued.
     pub async fn stop(&self, job: &str) -> Result<(), RuntimeError> {
-        self.state.transition(job, JobAction::Stop).await?;
-        self.state.transition(job, JobAction::Halt).await?;
+        lifecycle::stop(&self.state, job).await?;
         Ok(())
     }
 

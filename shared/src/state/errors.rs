@@ -162,6 +162,21 @@ impl State {
         .map(|_| ())
     }
 
+    /// Closes open or retrying rows whose cause is gone (the record no longer exists on either
+    /// side), saying why: resolved, with the reason as the message.
+    pub async fn close_errors(&self, job: &str, sks: &[String], why: &str) -> Result<(), KvError> {
+        self.update_rows(job, sks, |row| {
+            matches!(row.status, ErrorStatus::Open | ErrorStatus::Retrying)
+                .then(|| {
+                    row.status = ErrorStatus::Resolved;
+                    row.message = format!("closed: {why} (was: {})", row.message);
+                })
+                .is_some()
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Hands open rows to a retry request: `retrying`, tagged with the request's id.
     pub async fn mark_retrying(&self, job: &str, sks: &[String], request: &str) -> Result<usize, KvError> {
         self.update_rows(job, sks, |row| {

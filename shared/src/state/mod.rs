@@ -2,6 +2,7 @@
 mod errors;
 mod parking;
 mod requests;
+mod waiters;
 
 pub use crate::domain::requests::ErrorFilter;
 pub use errors::{ErrorCounts, NewError, ERROR_RETENTION_MS};
@@ -201,7 +202,14 @@ impl State {
         }
     }
 
+    /// Removes a link whose record no longer exists on either side, closing its open error
+    /// rows with that reason (they can never sync now).
     pub async fn delete_link(&self, job: &str, map: &str, key: &Key) -> Result<(), KvError> {
+        if let Some(link) = self.links(job, &[(map, key)]).await?.pop().flatten() {
+            if !link.state.open_errors.is_empty() {
+                self.close_errors(job, &link.state.open_errors, "the record no longer exists on either side").await?;
+            }
+        }
         self.kv.delete(&keys::link_pk(job, map, key), keys::STATE, Expect::Any).await
     }
 

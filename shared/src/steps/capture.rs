@@ -24,8 +24,17 @@ const MAX_RACES: usize = 5;
 impl Steps {
     pub async fn capture(&self, msgs: &[InMessage]) -> Result<Vec<Outcome>, StepError> {
         let mut outcomes = Vec::with_capacity(msgs.len());
+        let mut alert: BTreeSet<String> = BTreeSet::new();
         for m in msgs {
+            let before = Metrics::get(&self.metrics.application);
             outcomes.push(self.capture_one(m).await?);
+            if Metrics::get(&self.metrics.application) > before {
+                alert.extend(serde_json::from_str::<TransactionNotification>(&m.body).ok().map(|tx| tx.job));
+            }
+        }
+        // The alert rule once per batch and job that recorded application errors.
+        for job in alert {
+            self.check_alert(&job).await?;
         }
         Ok(outcomes)
     }
@@ -67,6 +76,7 @@ impl Steps {
                 txid: tx.txid.clone(),
                 at_ms: ch.at_ms,
                 retry_of: None,
+                waited: false,
             };
             if ch.app != tx.app {
                 let msg =

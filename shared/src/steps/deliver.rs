@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
+use super::record::WAITING;
+use super::redeliver::redelivery;
 use super::{LoadedJob, Metrics, Outcome, StepError, Steps};
 use crate::domain::canon::{self, Canon};
 use crate::domain::change::{ChangeRef, DeliveryBatch, Key, Lane};
@@ -18,7 +20,11 @@ use crate::domain::errors::{ConflictRecord, ErrorCategory};
 use crate::domain::job::{JobStatus, Side};
 use crate::domain::link::{LinkState, Observed, PendingWrite};
 use crate::ports::{ConnectorError, InMessage, KvError, Precondition, Put, Record, WriteFailure, WriteOp};
-use crate::state::{NewError, State};
+use crate::domain::sequence::short_hash;
+use crate::state::State;
+
+/// A change (by index) that ends in an error row of this category, with its message.
+type Failure = (usize, ErrorCategory, String);
 
 /// A lane: one dependency root's changes in order, each with the index of its message.
 type RootLane = (String, Vec<(usize, ChangeRef)>);
@@ -72,28 +78,18 @@ impl Steps {
                 }
                 continue;
             };
-            if lj.status.holds_deliveries() {
-                // Paused: keep the messages aside, in order, until the job resumes.
+            if lj.status != JobStatus::Active {
+                // Only an active job moves data. Paused, stopped or between the two: keep the
+                // messages aside, in order, until it runs again (nothing waits out its retries
+                // into the dead-letter queue for being stopped).
                 let mut mine: Vec<usize> = lanes.iter().flat_map(|(_, lane)| lane.iter().map(|(i, _)| *i)).collect();
                 mine.sort_unstable();
                 mine.dedup();
                 let kept: Vec<&InMessage> = mine.iter().map(|i| &msgs[*i]).collect();
                 self.state.park(&job_name, &kept).await?;
-                // Resumed while these were kept: hand them back now (see steps::pause).
+                // Started or resumed while these were kept: hand them back now (see steps::pause).
                 if self.state.job_record(&job_name).await?.0.status == JobStatus::Active {
                     super::pause::hand_back(&self.state, self.deliver_queue.as_ref(), &job_name).await?;
-                }
-                continue;
-            }
-            if !matches!(lj.status, JobStatus::Active | JobStatus::Stopping) {
-                // Only an active job moves data: keep the messages until it runs again.
-                for (_, lane) in &lanes {
-                    for (i, _) in lane {
-                        outcomes[*i] = Outcome::Retry {
-                            delay: self.backoff.cap.min(Duration::from_secs(30)),
-                            reason: format!("job '{job_name}' is {}", lj.status.as_str()),
-                        };
-                    }
                 }
                 continue;
             }
@@ -192,7 +188,9 @@ impl Steps {
             }
         }
         let mut conflicts: Vec<ConflictRecord> = Vec::new();
-        let mut failures: Vec<(usize, ErrorCategory, String)> = Vec::new();
+        let mut failures: Vec<Failure> = Vec::new();
+        // Children whose parent is missing on the other side: (change, parent map, parent key, why).
+        let mut waiting: Vec<(usize, usize, Key, String)> = Vec::new();
 
         for _race in 0..MAX_RACES {
             if pending.is_empty() {
@@ -250,6 +248,15 @@ impl Steps {
             }
             // (change, next link state, revision read, error rows the commit resolves)
             let mut commits: Vec<(usize, LinkState, Option<u64>, Vec<String>)> = Vec::new();
+            // Records that exist on both sides now, with their link (revision, state): children
+            // waiting for them go again.
+            let mut release: Vec<(usize, u64, LinkState)> = Vec::new();
+            // Records on neither side, with the error rows that can never sync now.
+            let mut gone: Vec<(usize, Vec<String>)> = Vec::new();
+            // Changes whose create on the other side must be undone: the source record is gone.
+            let mut undo: Vec<usize> = Vec::new();
+            // Changes whose write created the record on the other side.
+            let mut created: Vec<usize> = Vec::new();
             let mut writes: Vec<Plan> = Vec::new();
             for (((i, link), rs), ro) in live.into_iter().zip(src).zip(dst) {
                 let c = changes[i];
@@ -257,19 +264,25 @@ impl Steps {
                 let (rs, ro) = match (rs, ro) {
                     (Ok(rs), Ok(ro)) => (rs, ro),
                     (Err(e), _) | (_, Err(e)) => {
-                        results[i] = Some(match e {
-                            ConnectorError::Transient { message, retry_after, .. } => {
-                                ChangeResult::System { message, retry_after }
-                            }
-                            ConnectorError::Rejected { message, .. } => {
-                                failures.push((i, ErrorCategory::Application, message));
-                                ChangeResult::Done
-                            }
-                        });
+                        results[i] = Some(on_connector_error(i, &e, &mut failures));
                         continue;
                     }
                 };
                 let Some(rs) = rs else {
+                    if created_here(link.as_ref(), map, c.source.other(), ro.as_ref()) {
+                        // Deleted at the source while our create of it was under way, and the
+                        // create landed after the live delete found nothing to delete: undo it.
+                        undo.push(i);
+                        continue;
+                    }
+                    if ro.is_none() {
+                        // On neither side: its open rows can never sync now.
+                        let mut rows = open_errors(link.as_ref());
+                        rows.extend(c.retry_of.clone());
+                        if !rows.is_empty() {
+                            gone.push((i, rows));
+                        }
+                    }
                     let msg = format!("skipped: {}/{} no longer exists in {}", c.map, c.key, job.app_name(c.source));
                     failures.push((i, ErrorCategory::Concurrency, msg));
                     results[i] = Some(ChangeResult::Done);
@@ -315,15 +328,19 @@ impl Steps {
                             let mut next = next_link(&settled, c, &h_s, &rs.version);
                             next.version[c.source.other().index()] = ro.as_ref().map(|r| r.version.clone());
                             commits.push((i, next, link.as_ref().map(|l| l.rev), errors));
+                        } else if let Some(l) = &link {
+                            release.push((i, l.rev, l.state.clone()));
                         }
                         Metrics::add(&self.metrics.in_step, 1);
                         results[i] = Some(ChangeResult::Done);
                     }
                     Decision::OtherSideChanged => {
+                        release.extend(link.as_ref().map(|l| (i, l.rev, l.state.clone())));
                         Metrics::add(&self.metrics.other_side_changed, 1);
                         results[i] = Some(ChangeResult::Done);
                     }
                     Decision::ConflictLost => {
+                        release.extend(link.as_ref().map(|l| (i, l.rev, l.state.clone())));
                         conflicts.push(self.conflict(job, c, &h_s, h_o.as_deref().unwrap_or_default()));
                         results[i] = Some(ChangeResult::Done);
                     }
@@ -363,21 +380,18 @@ impl Steps {
                 match r {
                     Ok(Some(_)) => {}
                     Ok(None) => {
-                        failures.push((
-                            i,
-                            ErrorCategory::Application,
-                            format!("missing reference: {}/{}", job.maps[*m].name, k),
-                        ));
+                        let why = format!("missing reference: {}/{}", job.maps[*m].name, k);
+                        if changes[i].waited {
+                            // It waited for its parent once already: an ordinary failure now.
+                            failures.push((i, ErrorCategory::Application, why));
+                        } else {
+                            waiting.push((i, *m, k.clone(), why));
+                        }
                         results[i] = Some(ChangeResult::Done);
                         blocked[*p] = true;
                     }
-                    Err(ConnectorError::Transient { message, retry_after, .. }) => {
-                        results[i] = Some(ChangeResult::System { message, retry_after });
-                        blocked[*p] = true;
-                    }
-                    Err(ConnectorError::Rejected { message, .. }) => {
-                        failures.push((i, ErrorCategory::Application, message));
-                        results[i] = Some(ChangeResult::Done);
+                    Err(e) => {
+                        results[i] = Some(on_connector_error(i, &e, &mut failures));
                         blocked[*p] = true;
                     }
                 }
@@ -407,7 +421,7 @@ impl Steps {
             if !resolve.is_empty() {
                 self.state.resolve_errors(&job.name, &resolve).await?;
             }
-            let marks = writes
+            let marks: Vec<(LinkState, Put)> = writes
                 .iter()
                 .map(|plan| {
                     let c = changes[plan.i];
@@ -418,14 +432,17 @@ impl Steps {
                         side: c.source.other(),
                         hash: plan.hash.clone(),
                         from_version: plan.other.as_ref().map(|r| r.version.clone()),
+                        uncertain: false,
                     });
-                    State::link_put(&job.name, &c.map, &c.key, &state, plan.link.as_ref().map(|l| l.rev))
+                    let put = State::link_put(&job.name, &c.map, &c.key, &state, plan.link.as_ref().map(|l| l.rev));
+                    (state, put)
                 })
                 .collect();
-            let mut marked: Vec<(Plan, u64)> = Vec::with_capacity(writes.len());
-            for (plan, answer) in writes.into_iter().zip(self.state.put_links(marks).await?) {
+            let (mark_states, marks): (Vec<LinkState>, Vec<Put>) = marks.into_iter().unzip();
+            let mut marked: Vec<(Plan, u64, LinkState)> = Vec::with_capacity(writes.len());
+            for ((plan, state), answer) in writes.into_iter().zip(mark_states).zip(self.state.put_links(marks).await?) {
                 match answer {
-                    Ok(rev) => marked.push((plan, rev)),
+                    Ok(rev) => marked.push((plan, rev, state)),
                     Err(KvError::ConditionFailed { .. }) => retry.push(plan.i),
                     Err(e) => return Err(e.into()),
                 }
@@ -434,7 +451,7 @@ impl Steps {
             // Step 6: write to the other app, conditional on the version read.
             let mut unmark: Vec<Put> = Vec::new();
             let mut by_target: BTreeMap<(usize, Side), Vec<usize>> = BTreeMap::new();
-            for (p, (plan, _)) in marked.iter().enumerate() {
+            for (p, (plan, _, _)) in marked.iter().enumerate() {
                 by_target.entry((map_idx[plan.i].unwrap_or(0), changes[plan.i].source.other())).or_default().push(p);
             }
             for ((m, side), ps) in by_target {
@@ -469,6 +486,10 @@ impl Steps {
                     };
                     match r {
                         Ok(_) => {
+                            if plan.other.is_none() {
+                                created.push(i);
+                            }
+                            release.push((i, marked_rev, marked[p].2.clone()));
                             results[i] = Some(ChangeResult::Done);
                             Metrics::add(&self.metrics.written, 1);
                             self.metrics.record_latency(self.state.now_ms() - c.at_ms);
@@ -481,6 +502,9 @@ impl Steps {
                             retry.push(i);
                         }
                         Err(WriteFailure::Rejected(message)) => {
+                            // Refused: it did not land. Take the mark back, or a later edit of
+                            // the target would pass for one made on top of this write.
+                            unmark.push(State::link_put(&job.name, &c.map, &c.key, &plan.settled, Some(marked_rev)));
                             failures.push((
                                 i,
                                 ErrorCategory::Application,
@@ -489,12 +513,41 @@ impl Steps {
                             results[i] = Some(ChangeResult::Done);
                         }
                         Err(WriteFailure::Transient { message, retry_after }) => {
+                            // It may or may not have landed: say so on the mark before anything
+                            // else reads it (see `PendingWrite::judge`).
+                            let mut state = marked[p].2.clone();
+                            if let Some(pending) = state.pending.as_mut() {
+                                pending.uncertain = true;
+                            }
+                            unmark.push(State::link_put(&job.name, &c.map, &c.key, &state, Some(marked_rev)));
                             results[i] = Some(ChangeResult::System { message, retry_after });
                         }
                     }
                 }
             }
             self.failpoints.check("deliver.after_write")?;
+            // A delete at the source that came between the read and a create found nothing to
+            // delete on the other side: read the source again. Gone now: undo the create. A
+            // delete after this read finds the created record and deletes it itself.
+            let again = self
+                .read_grouped(lj, created.iter().map(|&i| (map_idx[i].unwrap_or(0), changes[i].source, &changes[i].key)))
+                .await;
+            for (&i, r) in created.iter().zip(again) {
+                match r {
+                    Ok(Some(_)) => {}
+                    Ok(None) => undo.push(i),
+                    // Cannot tell: deliver it again; its fresh read finds out (see `created_here`).
+                    Err(e) => {
+                        let (message, retry_after) = (e.message().to_string(), e.retry_after());
+                        results[i] = Some(ChangeResult::System { message, retry_after })
+                    }
+                }
+            }
+            self.undo_creates(lj, &map_idx, changes, &undo, &mut results, &mut failures).await?;
+            for (i, rows) in gone {
+                self.state.close_errors(&job.name, &rows, "the record no longer exists on either side").await?;
+                self.state.delete_link(&job.name, &changes[i].map, &changes[i].key).await?;
+            }
             for a in self.state.put_links(unmark).await? {
                 match a {
                     Ok(_) | Err(KvError::ConditionFailed { .. }) => {}
@@ -513,14 +566,19 @@ impl Steps {
                 .map(|(i, next, rev, _)| State::link_put(&job.name, &changes[*i].map, &changes[*i].key, next, *rev))
                 .collect();
             let answers = self.state.put_links(puts).await?;
-            for ((i, _, _, _), a) in commits.iter().zip(answers) {
+            for ((i, next, _, _), a) in commits.iter().zip(answers) {
                 match a {
-                    Ok(_) => results[*i] = Some(ChangeResult::Done),
+                    Ok(rev) => {
+                        results[*i] = Some(ChangeResult::Done);
+                        release.push((*i, rev, next.clone()));
+                    }
                     Err(KvError::ConditionFailed { .. }) => retry.push(*i),
                     Err(e) => return Err(e.into()),
                 }
             }
             self.failpoints.check("deliver.after_commit")?;
+            let release = release.into_iter().map(|(i, rev, state)| (changes[i].map.as_str(), &changes[i].key, rev, state));
+            self.release_waiters(lj, release).await?;
             retry.sort_unstable();
             retry.dedup();
             pending = retry;
@@ -532,14 +590,122 @@ impl Steps {
             });
         }
 
-        for (i, category, message) in failures {
-            self.record(lj, changes[i], category, message).await?;
-        }
+        self.record_all(lj, failures.into_iter().map(|(i, category, message)| (changes[i], category, message))).await?;
+        self.wait_for_parents(lj, changes, waiting).await?;
         for c in conflicts {
             Metrics::add(&self.metrics.conflicts, 1);
             self.state.record_conflict(c).await?;
         }
         Ok(results.into_iter().map(|r| r.unwrap_or(ChangeResult::Done)).collect())
+    }
+
+    /// Sends the children waiting on these links (map, key, revision, state) back to the deliver
+    /// queue, in dependency order, then clears them from the link (conditional on the revision:
+    /// a link changed meanwhile keeps them, and sends them again at its next sync, which a fresh
+    /// read makes harmless). The send comes first, so that a crash loses no child.
+    async fn release_waiters<'k>(
+        &self,
+        lj: &LoadedJob,
+        links: impl IntoIterator<Item = (&'k str, &'k Key, u64, LinkState)>,
+    ) -> Result<(), StepError> {
+        let mut out = Vec::new();
+        let mut clear = Vec::new();
+        for (map, key, rev, mut state) in links {
+            if state.waiters.is_empty() {
+                continue;
+            }
+            let waiters: Vec<ChangeRef> = std::mem::take(&mut state.waiters)
+                .into_iter()
+                .map(|w| ChangeRef { waited: true, at_ms: self.state.now_ms(), ..w })
+                .collect();
+            let tag = format!("wait-{}", short_hash(&[map.as_bytes(), key.display().as_bytes(), &rev.to_le_bytes()]));
+            out.extend(redelivery(&lj.job, waiters, &tag));
+            clear.push(State::link_put(&lj.job.name, map, key, &state, Some(rev)));
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.deliver_queue.send(out).await?;
+        for a in self.state.put_links(clear).await? {
+            match a {
+                Ok(_) | Err(KvError::ConditionFailed { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records each child's missing reference and notes the child on its parent's link, to be
+    /// delivered again when the parent syncs. Such a row does not count toward the alert rule
+    /// yet: it counts if the reference is still missing after that.
+    async fn wait_for_parents(
+        &self,
+        lj: &LoadedJob,
+        changes: &[&ChangeRef],
+        waiting: Vec<(usize, usize, Key, String)>,
+    ) -> Result<(), StepError> {
+        let job = &lj.job;
+        let mut noted: Vec<(usize, Side, &Key)> = Vec::new();
+        for (i, parent, key, why) in &waiting {
+            let c = changes[*i];
+            self.record(lj, c, ErrorCategory::Application, format!("{why}{WAITING}")).await?;
+            let child = ChangeRef { retry_of: None, ..c.clone() };
+            if self.state.add_waiter(&job.name, &job.maps[*parent].name, key, &child).await? {
+                noted.push((*parent, c.source.other(), key));
+            } else {
+                self.check_alert(&job.name).await?;
+            }
+        }
+        // The parent may have synced between the lookup and the note: if it is there now, its
+        // waiting children go at once.
+        let found = self.read_grouped(lj, noted.iter().copied()).await;
+        let mut there: Vec<(&str, &Key)> = Vec::new();
+        for ((parent, _, key), r) in noted.iter().zip(found) {
+            if matches!(r, Ok(Some(_))) {
+                there.push((job.maps[*parent].name.as_str(), *key));
+            }
+        }
+        let links = self.state.links(&job.name, &there).await?;
+        let release = there
+            .iter()
+            .zip(links)
+            .filter_map(|((map, key), l)| l.map(|l| (*map, *key, l.rev, l.state)));
+        self.release_waiters(lj, release).await
+    }
+
+    /// Deletes, on the other side, the records that `undo` changes created after their source
+    /// record was deleted, and their links. dualsync's own deletes, like its writes.
+    async fn undo_creates(
+        &self,
+        lj: &LoadedJob,
+        map_idx: &[Option<usize>],
+        changes: &[&ChangeRef],
+        undo: &[usize],
+        results: &mut [Option<ChangeResult>],
+        failures: &mut Vec<Failure>,
+    ) -> Result<(), StepError> {
+        let mut by_target: BTreeMap<(usize, Side), Vec<usize>> = BTreeMap::new();
+        for &i in undo {
+            by_target.entry((map_idx[i].unwrap_or(0), changes[i].source.other())).or_default().push(i);
+        }
+        for ((m, side), is) in by_target {
+            let keys: Vec<Key> = is.iter().map(|&i| changes[i].key.clone()).collect();
+            match lj.connector(side).delete(lj.spec(m, side), &keys).await {
+                Ok(()) => {
+                    for &i in &is {
+                        self.state.delete_link(&lj.job.name, &changes[i].map, &changes[i].key).await?;
+                        Metrics::add(&self.metrics.live_deletes, 1);
+                        results[i] = Some(ChangeResult::Done);
+                    }
+                }
+                Err(e) => {
+                    for &i in &is {
+                        results[i] = Some(on_connector_error(i, &e, failures));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads records by (map, side, key), one connector call per map and side; answers in order.
@@ -588,51 +754,6 @@ impl Steps {
             at_ms: self.state.now_ms(),
         }
     }
-
-    /// Records an error row for a change and counts it.
-    pub(crate) async fn record(
-        &self,
-        lj: &LoadedJob,
-        c: &ChangeRef,
-        category: ErrorCategory,
-        message: String,
-    ) -> Result<(), StepError> {
-        let entity = lj.job.map(&c.map).map(|(_, m)| m.entity(c.source).to_string()).unwrap_or_else(|| c.map.clone());
-        self.record_raw(&lj.job.name, c, &entity, lj.job.app_name(c.source), category, message).await
-    }
-
-    pub(crate) async fn record_raw(
-        &self,
-        job: &str,
-        c: &ChangeRef,
-        entity: &str,
-        app: &str,
-        category: ErrorCategory,
-        message: String,
-    ) -> Result<(), StepError> {
-        match category {
-            ErrorCategory::Concurrency => Metrics::add(&self.metrics.concurrency, 1),
-            ErrorCategory::Application => Metrics::add(&self.metrics.application, 1),
-            _ => {}
-        }
-        warn!(job, map = %c.map, key = %c.key, category = category.as_str(), %message, "sync error");
-        let e = NewError {
-            map: c.map.clone(),
-            entity: entity.to_string(),
-            app: app.to_string(),
-            source: c.source,
-            key: c.key.clone(),
-            seq: c.seq,
-            txid: c.txid.clone(),
-            category,
-            message,
-        };
-        self.state.record_error(job, e).await?;
-        if category == ErrorCategory::Application {
-            self.check_alert(job).await?;
-        }
-        Ok(())
-    }
 }
 
 /// The link after syncing change `c` with content `hash`, from its settled state: the caller
@@ -647,6 +768,31 @@ fn next_link(settled: &LinkState, c: &ChangeRef, hash: &str, source_version: &st
     next.open_errors.clear();
     next.pending = None;
     next
+}
+
+/// What became of change `i` whose connector call failed: a system failure is retried (its lane
+/// waits behind it), any other is recorded.
+fn on_connector_error(i: usize, e: &ConnectorError, failures: &mut Vec<Failure>) -> ChangeResult {
+    match e.category() {
+        ErrorCategory::System => ChangeResult::System { message: e.message().to_string(), retry_after: e.retry_after() },
+        category => {
+            failures.push((i, category, e.message().to_string()));
+            ChangeResult::Done
+        }
+    }
+}
+
+/// Whether the other side's record is the one our pending create of it wrote.
+fn created_here(
+    link: Option<&crate::state::VersionedLink>,
+    map: &crate::domain::job::TableMap,
+    other: Side,
+    record: Option<&Record>,
+) -> bool {
+    let (Some(p), Some(r)) = (link.and_then(|l| l.state.pending.as_ref()), record) else { return false };
+    p.side == other
+        && p.from_version.is_none()
+        && canon::canon(map, other, &r.fields).is_ok_and(|c| canon::hash(&c) == p.hash)
 }
 
 fn open_errors(link: Option<&crate::state::VersionedLink>) -> Vec<String> {

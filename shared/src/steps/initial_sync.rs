@@ -73,6 +73,7 @@ impl Steps {
                         txid: format!("initial-sync@{now}"),
                         at_ms: now,
                         retry_of: None,
+                        waited: false,
                     })
                     .collect();
                 let refs: Vec<&ChangeRef> = changes.iter().collect();

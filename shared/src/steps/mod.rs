@@ -5,8 +5,11 @@ pub mod capture;
 pub mod deliver;
 pub mod handle;
 pub mod initial_sync;
+pub mod lifecycle;
 pub mod pause;
 pub mod reconcile;
+pub mod record;
+pub mod redeliver;
 pub mod sequence;
 
 use std::collections::HashMap;
@@ -136,23 +139,58 @@ pub trait ConnectorRegistry: Send + Sync {
     fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError>;
 }
 
-/// Backoff for system failures: doubling from `base`, capped, honouring the app's Retry-After.
+/// Backoff for system failures (throttling, 5xx, time-outs): the delay before a failed message is
+/// received again grows by `factor` from `base` up to `cap`, and is never shorter than the app's
+/// Retry-After. Over the queue's receives (5, after which the failure becomes a retriable error
+/// row) the default waits 3 s, 24 s, 3.2 min and 15 min: a blip is retried at once, and an app
+/// outage of 15 minutes and more passes without an error row (DESIGN §3).
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub base: Duration,
+    pub factor: u32,
     pub cap: Duration,
 }
 
+/// The longest an SQS message can be kept invisible (its visibility timeout's limit).
+pub const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 60 * 60);
+
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { base: Duration::from_millis(500), cap: Duration::from_secs(300) }
+        Backoff { base: Duration::from_secs(3), factor: 8, cap: Duration::from_secs(15 * 60) }
     }
 }
 
 impl Backoff {
+    /// Short delays, for tests that wait in real time (a queue emulator).
+    pub const QUICK: Backoff = Backoff { base: Duration::from_millis(200), factor: 2, cap: Duration::from_secs(2) };
+
+    /// The delay after the `receive_count`-th receive failed.
     pub fn delay(&self, receive_count: u32, retry_after: Option<Duration>) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << receive_count.saturating_sub(1).min(16));
-        exp.min(self.cap).max(retry_after.unwrap_or_default())
+        let steps = receive_count.saturating_sub(1).min(16);
+        let exp = self.base.saturating_mul(self.factor.saturating_pow(steps));
+        exp.min(self.cap).max(retry_after.unwrap_or_default()).min(MAX_VISIBILITY)
+    }
+
+    /// How long the retries wait in all before a failure on the last of `receives` is recorded.
+    pub fn ride_out(&self, receives: u32) -> Duration {
+        (1..receives).map(|n| self.delay(n, None)).sum()
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn the_default_rides_out_a_fifteen_minute_outage_over_five_receives() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(1, None), Duration::from_secs(3));
+        assert_eq!(b.delay(2, None), Duration::from_secs(24));
+        assert!(b.ride_out(5) >= Duration::from_secs(15 * 60), "{:?}", b.ride_out(5));
+        // Retry-After is honoured past the cap, within what SQS allows.
+        assert_eq!(b.delay(1, Some(Duration::from_secs(3600))), Duration::from_secs(3600));
+        assert_eq!(b.delay(1, Some(Duration::from_secs(100_000))), MAX_VISIBILITY);
+        assert_eq!(b.delay(40, None), b.cap);
     }
 }
 

@@ -69,8 +69,11 @@ impl Steps {
             category: Some(ErrorCategory::Application),
             ..Default::default()
         };
+        // A child still waiting for its parent to sync does not count (yet).
         let mut count = 0u32;
-        self.state.scan_errors(job, &filter, |_, _| count += 1).await?;
+        self.state
+            .scan_errors(job, &filter, |_, row| count += u32::from(!row.message.ends_with(super::record::WAITING)))
+            .await?;
         if count >= rule.application_errors {
             let reason = format!(
                 "alert rule: {count} application errors in the last {} minutes (limit {})",

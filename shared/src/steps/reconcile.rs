@@ -9,11 +9,11 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Outcome, StepError, Steps};
-use crate::domain::change::{ChangeRef, DeliveryBatch, Lane};
+use super::redeliver::redelivery;
+use crate::domain::change::ChangeRef;
 use crate::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
 use crate::domain::job::JobStatus;
 use crate::domain::requests::{Progress, ReconcileRequest, RequestAction, RequestStatus, MAX_REQUEST_RECORDS};
-use crate::domain::sequence::{bucket, group_id, root_of};
 use crate::ports::{InMessage, OutMessage};
 use crate::state::{ErrorFilter, StateError};
 
@@ -145,31 +145,21 @@ impl Steps {
                 let sks: Vec<String> = retriable.iter().map(|(sk, _)| sk.clone()).collect();
                 self.state.mark_retrying(job, &sks, id).await?;
                 let now = self.state.now_ms();
-                let out: Vec<OutMessage> = retriable
+                let changes: Vec<ChangeRef> = retriable
                     .iter()
-                    .map(|(sk, row)| {
-                        let (map_idx, _) = compiled.map(&row.map).expect("filtered above");
-                        let (root_map, root_key) = root_of(&compiled, map_idx, &row.key);
-                        let change = ChangeRef {
-                            map: row.map.clone(),
-                            source: row.source,
-                            key: row.key.clone(),
-                            seq: row.seq,
-                            txid: row.txid.clone(),
-                            at_ms: now,
-                            retry_of: Some(sk.clone()),
-                        };
-                        let root = group_id(&compiled.maps[root_map].name, &root_key);
-                        let batch = DeliveryBatch {
-                            job: job.to_string(),
-                            group: bucket(&root),
-                            lanes: vec![Lane { root, changes: vec![change] }],
-                        };
-                        // Not to be taken for a duplicate of the original delivery.
-                        let dedup = format!("retry-{}-{}", row.id, id);
-                        OutMessage::fifo(serde_json::to_string(&batch).unwrap_or_default(), batch.group.clone(), dedup)
+                    .map(|(sk, row)| ChangeRef {
+                        map: row.map.clone(),
+                        source: row.source,
+                        key: row.key.clone(),
+                        seq: row.seq,
+                        txid: row.txid.clone(),
+                        at_ms: now,
+                        retry_of: Some(sk.clone()),
+                        waited: false,
                     })
                     .collect();
+                // In dependency order, whatever order the rows were first seen in.
+                let out = redelivery(&compiled, changes, &format!("retry-{id}"));
                 for chunk in out.chunks(500) {
                     self.deliver_queue.send(chunk.to_vec()).await?;
                 }

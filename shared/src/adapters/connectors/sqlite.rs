@@ -322,6 +322,18 @@ fn op_failure(entity: &str, key: &Key, e: &rusqlite::Error) -> WriteFailure {
     }
 }
 
+/// Marks the open SQLite transaction as one of dualsync's write batches (an id with
+/// [`OWN_WRITE_TXID_PREFIX`]), so that its change-log rows are known as dualsync's own. Without
+/// capture installed there is no marker table: `false`, nothing to unmark.
+fn mark_own_write(tx: &rusqlite::Transaction<'_>) -> bool {
+    let batch_txid = format!("{OWN_WRITE_TXID_PREFIX}{}", uuid::Uuid::new_v4().simple());
+    tx.prepare_cached("INSERT INTO \"_dualsync_tx\" (txid) VALUES (?1)").and_then(|mut st| st.execute([&batch_txid])).is_ok()
+}
+
+fn unmark_own_write(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.prepare_cached("DELETE FROM \"_dualsync_tx\"").and_then(|mut st| st.execute([])).map(|_| ())
+}
+
 /// Runs `f` as ONE captured transaction with id `txid`: puts `txid` in `_dualsync_tx` first and
 /// removes it before commit, so the capture triggers log every change `f` makes under `txid`.
 /// Uses BEGIN IMMEDIATE (the write lock up front, so no lock-upgrade deadlock). On error the
@@ -799,11 +811,7 @@ impl SqliteApp {
                 conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.error(&what(), &e))?;
             // One batch is one app transaction: its echoes reach capture as one notification,
             // not one per record. Without capture installed there is no marker table: no-op.
-            let batch_txid = format!("{OWN_WRITE_TXID_PREFIX}{}", uuid::Uuid::new_v4().simple());
-            let marked = tx
-                .prepare_cached("INSERT INTO \"_dualsync_tx\" (txid) VALUES (?1)")
-                .and_then(|mut st| st.execute([&batch_txid]))
-                .is_ok();
+            let marked = mark_own_write(&tx);
             let mut results = Vec::with_capacity(ops.len());
             let mut rolled_back = false;
             for (i, op) in ops.iter().enumerate() {
@@ -826,9 +834,7 @@ impl SqliteApp {
                 continue;
             }
             if marked {
-                tx.prepare_cached("DELETE FROM \"_dualsync_tx\"")
-                    .and_then(|mut st| st.execute([]))
-                    .map_err(|e| self.error(&what(), &e))?;
+                unmark_own_write(&tx).map_err(|e| self.error(&what(), &e))?;
             }
             tx.commit().map_err(|e| self.error(&what(), &e))?;
             return Ok(results);
@@ -848,12 +854,18 @@ impl SqliteApp {
         };
         let tx =
             conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.error(&what(None), &e))?;
+        // dualsync's deletes are its own writes exactly like its upserts: marked as one of its
+        // write batches, so that ingress does not take their echo for a user's delete.
+        let marked = mark_own_write(&tx);
         {
             let mut stmt = tx.prepare_cached(&sql).map_err(|e| self.error(&what(None), &e))?;
             for key in keys {
                 stmt.execute(params_from_iter(key.0.iter().map(|k| Bind::Text(k))))
                     .map_err(|e| self.error(&what(Some(key)), &e))?;
             }
+        }
+        if marked {
+            unmark_own_write(&tx).map_err(|e| self.error(&what(None), &e))?;
         }
         tx.commit().map_err(|e| self.error(&what(None), &e))
     }

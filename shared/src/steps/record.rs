@@ -1,0 +1,78 @@
+//! Error rows as the steps record them (DESIGN §1 "sync error"): one place that builds the row,
+//! counts it and logs it (the key only, never field values), and checks the job's alert rule
+//! once per batch of rows rather than once per row.
+use tracing::warn;
+
+use super::{LoadedJob, Metrics, StepError, Steps};
+use crate::domain::change::ChangeRef;
+use crate::domain::errors::ErrorCategory;
+use crate::state::NewError;
+
+/// Ends the message of a missing reference whose child waits for its parent to sync: such a
+/// row does not count toward the alert rule (see [`Steps::check_alert`]) unless the reference
+/// is still missing after the parent synced.
+pub const WAITING: &str = " (waiting for it)";
+
+impl Steps {
+    /// Records an error row for a change of a loaded job. Does not check the alert rule: callers
+    /// that record application errors call [`Steps::record_all`] or check it once themselves.
+    pub(crate) async fn record(
+        &self,
+        lj: &LoadedJob,
+        c: &ChangeRef,
+        category: ErrorCategory,
+        message: String,
+    ) -> Result<(), StepError> {
+        let entity = lj.job.map(&c.map).map(|(_, m)| m.entity(c.source).to_string()).unwrap_or_else(|| c.map.clone());
+        self.record_raw(&lj.job.name, c, &entity, lj.job.app_name(c.source), category, message).await
+    }
+
+    /// Records rows, then checks the alert rule once if any is an application error.
+    pub(crate) async fn record_all<'c>(
+        &self,
+        lj: &LoadedJob,
+        rows: impl IntoIterator<Item = (&'c ChangeRef, ErrorCategory, String)>,
+    ) -> Result<(), StepError> {
+        let mut application = false;
+        for (c, category, message) in rows {
+            application |= category == ErrorCategory::Application;
+            self.record(lj, c, category, message).await?;
+        }
+        if application {
+            self.check_alert(&lj.job.name).await?;
+        }
+        Ok(())
+    }
+
+    /// Records an error row where the change may not resolve against the job (an unknown map or
+    /// entity): the caller names the entity and the app.
+    pub(crate) async fn record_raw(
+        &self,
+        job: &str,
+        c: &ChangeRef,
+        entity: &str,
+        app: &str,
+        category: ErrorCategory,
+        message: String,
+    ) -> Result<(), StepError> {
+        match category {
+            ErrorCategory::Concurrency => Metrics::add(&self.metrics.concurrency, 1),
+            ErrorCategory::Application => Metrics::add(&self.metrics.application, 1),
+            _ => {}
+        }
+        warn!(job, map = %c.map, key = %c.key, category = category.as_str(), %message, "sync error");
+        let e = NewError {
+            map: c.map.clone(),
+            entity: entity.to_string(),
+            app: app.to_string(),
+            source: c.source,
+            key: c.key.clone(),
+            seq: c.seq,
+            txid: c.txid.clone(),
+            category,
+            message,
+        };
+        self.state.record_error(job, e).await?;
+        Ok(())
+    }
+}

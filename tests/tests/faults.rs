@@ -1,0 +1,353 @@
+//! The ways delivery diverged under faults (issue 9), each driven step by step on the embedded
+//! runner with two sqlite apps: a write that fails and is then overtaken by an edit, a delete
+//! racing a first delivery, a delete and create again on one side, a job stopped with
+//! deliveries in flight, a child delivered before its parent, a retry request whose rows were
+//! first seen child before parent. Each test failed before its fix.
+mod common;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use common::create_apps;
+use dualsync::adapters::connectors::sqlite::SqliteApp;
+use dualsync::adapters::embedded::EmbeddedDb;
+use dualsync::domain::change::Key;
+use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
+use dualsync::domain::job::{Job, JobStatus, Side};
+use dualsync::domain::requests::RequestAction;
+use dualsync::ports::{
+    Connector, ConnectorError, EntitySpec, ListPage, ManualClock, Record, WriteFailure, WriteOp,
+};
+use dualsync::runtime::local::{AppRegistry, LocalRuntime, SqliteRegistry};
+use dualsync::state::ErrorFilter;
+use dualsync::steps::{ConnectorRegistry, Failpoints, StepKind};
+
+/// What side A's or B's writes do next.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Writes {
+    Work,
+    /// Fail like a 503: not made.
+    Fail,
+    /// Refused like a 400.
+    Refuse,
+}
+
+type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Controls over one side's connector.
+#[derive(Clone)]
+struct Control {
+    writes: Arc<Mutex<Writes>>,
+    /// Runs once, just before the next write reaches the app: a user acting between delivery's
+    /// read and its write.
+    before_write: Arc<Mutex<Option<Hook>>>,
+}
+
+impl Control {
+    fn new() -> Self {
+        Control { writes: Arc::new(Mutex::new(Writes::Work)), before_write: Arc::new(Mutex::new(None)) }
+    }
+    fn set(&self, w: Writes) {
+        *self.writes.lock().unwrap() = w;
+    }
+}
+
+struct Faulty {
+    inner: Arc<dyn Connector>,
+    control: Control,
+}
+
+#[async_trait]
+impl Connector for Faulty {
+    fn app(&self) -> &str {
+        self.inner.app()
+    }
+    fn reads_change_seq(&self) -> bool {
+        self.inner.reads_change_seq()
+    }
+    async fn read(&self, e: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
+        self.inner.read(e, keys).await
+    }
+    async fn write(&self, e: &EntitySpec, ops: &[WriteOp]) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError> {
+        let hook = self.control.before_write.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
+        let mode = *self.control.writes.lock().unwrap();
+        match mode {
+            Writes::Work => self.inner.write(e, ops).await,
+            Writes::Fail => Ok(ops
+                .iter()
+                .map(|_| Err(WriteFailure::Transient { message: "503 service unavailable".into(), retry_after: None }))
+                .collect()),
+            Writes::Refuse => Ok(ops.iter().map(|_| Err(WriteFailure::Rejected("400 bad request".into()))).collect()),
+        }
+    }
+    async fn delete(&self, e: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError> {
+        self.inner.delete(e, keys).await
+    }
+    async fn list(&self, e: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
+        self.inner.list(e, after, limit).await
+    }
+}
+
+struct Registry {
+    inner: SqliteRegistry,
+    controls: [Control; 2],
+}
+
+impl AppRegistry for Registry {
+    fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
+        self.inner.sqlite_app(job, side)
+    }
+}
+
+impl ConnectorRegistry for Registry {
+    fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
+        let [a, b] = self.inner.connectors(job)?;
+        Ok([
+            Arc::new(Faulty { inner: a, control: self.controls[0].clone() }),
+            Arc::new(Faulty { inner: b, control: self.controls[1].clone() }),
+        ])
+    }
+}
+
+struct H {
+    _dir: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+    rt: Arc<LocalRuntime>,
+    clock: ManualClock,
+    controls: [Control; 2],
+}
+
+async fn harness() -> H {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    let def = create_apps(&a, &b);
+    let controls = [Control::new(), Control::new()];
+    let registry = Arc::new(Registry { inner: SqliteRegistry::default(), controls: controls.clone() });
+    let clock = ManualClock::new(1_700_000_000_000);
+    let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
+    let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), Failpoints::default(), registry);
+    rt.apply(def).await.unwrap();
+    rt.start("j").await.unwrap();
+    H { _dir: dir, a, b, rt: Arc::new(rt), clock, controls }
+}
+
+impl H {
+    fn path(&self, side: Side) -> &PathBuf {
+        if side == Side::A {
+            &self.a
+        } else {
+            &self.b
+        }
+    }
+    fn exec(&self, side: Side, sql: &str) {
+        common::exec(self.path(side), sql)
+    }
+    fn text(&self, side: Side, sql: &str) -> Option<String> {
+        use rusqlite::OptionalExtension;
+        rusqlite::Connection::open(self.path(side)).unwrap().query_row(sql, [], |r| r.get(0)).optional().unwrap()
+    }
+    fn count(&self, side: Side, sql: &str) -> i64 {
+        common::query(self.path(side), sql)
+    }
+    /// The change logs into capture, and one batch of each of capture and sequence.
+    async fn capture_and_sequence(&self) {
+        self.rt.pump_feeds(1000).await.unwrap();
+        self.rt.step_once(StepKind::Capture).await.unwrap();
+        self.rt.step_once(StepKind::Sequence).await.unwrap();
+    }
+    /// Every step until nothing moves, letting retry delays pass.
+    async fn drain(&self) {
+        for _ in 0..200 {
+            while self.rt.pump().await.unwrap() > 0 {}
+            if self.rt.is_idle().await.unwrap() {
+                return;
+            }
+            self.clock.advance(301_000);
+        }
+        panic!("pipeline did not drain");
+    }
+    async fn rows(&self, status: ErrorStatus) -> Vec<SyncError> {
+        let filter = ErrorFilter { status: Some(status), ..Default::default() };
+        self.rt.state.error_rows("j", &filter).await.unwrap().into_iter().map(|(_, r)| r).collect()
+    }
+    /// Open rows an operator would act on (concurrency skips are informational).
+    async fn open_rows(&self) -> Vec<SyncError> {
+        self.rows(ErrorStatus::Open).await.into_iter().filter(|r| r.retriable).collect()
+    }
+}
+
+/// Item 2: primary A; p1 synced; the write of A's edit to B fails; B's user then edits p1.
+/// Both sides changed since the last sync: A's value wins, and a conflict row says so. (Before:
+/// the failed write's mark passed for a landed one and B's edit for one made on top of it.)
+#[tokio::test]
+async fn a_failed_write_is_never_taken_for_a_landed_one() {
+    for failure in [Writes::Fail, Writes::Refuse] {
+        let h = harness().await;
+        h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n0', 'X', 'small')");
+        h.drain().await;
+        assert_eq!(h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p1'").as_deref(), Some("n0"));
+
+        h.exec(Side::A, "UPDATE parents SET name = 'a1' WHERE pid = 'p1'");
+        h.controls[1].set(failure);
+        h.capture_and_sequence().await;
+        h.rt.step_once(StepKind::Deliver).await.unwrap();
+        assert_eq!(h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p1'").as_deref(), Some("n0"));
+        h.exec(Side::B, "UPDATE owners SET title = 'b1' WHERE owner_id = 'p1'");
+        h.controls[1].set(Writes::Work);
+        h.drain().await;
+        if failure == Writes::Refuse {
+            // A refused write is an application error: an operator retries it once fixed.
+            let open = h.open_rows().await;
+            assert!(open.iter().any(|r| r.category == ErrorCategory::Application && r.key.0 == ["p1"]), "{open:?}");
+            let rt = &h.rt;
+            rt.admin()
+                .submit("j", RequestAction::Retry, ErrorFilter { category: Some(ErrorCategory::Application), ..Default::default() })
+                .await
+                .unwrap();
+            h.drain().await;
+        }
+        let (a, b) = (
+            h.text(Side::A, "SELECT name FROM parents WHERE pid = 'p1'"),
+            h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p1'"),
+        );
+        assert_eq!((a.as_deref(), b.as_deref()), (Some("a1"), Some("a1")), "{failure:?}: the primary's value");
+        let conflicts = h.rt.state.conflicts("j", 100, None).await.unwrap().items;
+        assert!(conflicts.iter().any(|c| c.key.0 == ["p1"] && c.winner == "a"), "{failure:?}: {conflicts:?}");
+        assert!(h.open_rows().await.is_empty(), "{failure:?}: {:?}", h.open_rows().await);
+    }
+}
+
+/// Item 3: a record new on B, deleted on B while its first delivery is between its read and its
+/// write (the live delete runs then and finds nothing on A), ends absent on both sides.
+#[tokio::test]
+async fn a_delete_racing_a_first_delivery_leaves_no_record_behind() {
+    let h = harness().await;
+    h.exec(Side::B, "INSERT INTO owners (owner_id, title, company, kind_code) VALUES ('p2', 't', 'X', 1)");
+    h.capture_and_sequence().await;
+    let (rt, b) = (h.rt.clone(), h.b.clone());
+    *h.controls[0].before_write.lock().unwrap() = Some(Box::new(move || {
+        Box::pin(async move {
+            common::exec(&b, "DELETE FROM owners WHERE owner_id = 'p2'");
+            rt.pump_feeds(1000).await.unwrap();
+            rt.step_once(StepKind::Capture).await.unwrap();
+        })
+    }));
+    h.rt.step_once(StepKind::Deliver).await.unwrap();
+    assert!(h.controls[0].before_write.lock().unwrap().is_none(), "the delete ran between read and write");
+    h.drain().await;
+    assert_eq!(h.count(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p2'"), 0);
+    assert_eq!(h.count(Side::A, "SELECT count(*) FROM parents WHERE pid = 'p2'"), 0, "present on A only");
+    assert!(h.open_rows().await.is_empty());
+}
+
+/// Item 3: a record deleted and created again on one side (in two transactions, and in one)
+/// ends present on both sides. dualsync's own delete on the other side is its own write: its
+/// echo in that app's change log is not a user's delete.
+#[tokio::test]
+async fn a_delete_and_create_again_on_one_side_ends_present_on_both() {
+    let h = harness().await;
+    for id in ["p3", "p4"] {
+        h.exec(Side::A, &format!("INSERT INTO parents (pid, name, co, kind) VALUES ('{id}', 'n0', 'X', 'small')"));
+    }
+    h.drain().await;
+    h.exec(Side::A, "DELETE FROM parents WHERE pid = 'p3'");
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p3', 'again', 'X', 'small')");
+    h.exec(
+        Side::A,
+        "DELETE FROM parents WHERE pid = 'p4'; INSERT INTO parents (pid, name, co, kind) VALUES ('p4', 'again', 'X', 'large')",
+    );
+    h.drain().await;
+    for id in ["p3", "p4"] {
+        assert_eq!(h.text(Side::A, &format!("SELECT name FROM parents WHERE pid = '{id}'")).as_deref(), Some("again"));
+        assert_eq!(h.text(Side::B, &format!("SELECT title FROM owners WHERE owner_id = '{id}'")).as_deref(), Some("again"));
+    }
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+}
+
+/// Item 4: deliveries in flight when a job is stopped wait (nothing reaches the dead-letter
+/// queue for it, no error row), and start delivers them in order.
+#[tokio::test]
+async fn stopping_a_job_loses_nothing() {
+    let h = harness().await;
+    h.exec(
+        Side::A,
+        "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'n', 'X', 'small');
+         INSERT INTO children (pid, cno, label) VALUES ('p5', 1, 'c1'), ('p5', 2, 'c2');",
+    );
+    h.capture_and_sequence().await;
+    h.rt.stop("j").await.unwrap();
+    // Long past every retry the queue would make.
+    for _ in 0..10 {
+        h.rt.step_once(StepKind::Deliver).await.unwrap();
+        h.clock.advance(301_000);
+    }
+    let dead = h.rt.dead_letters[StepKind::Deliver as usize].depth().unwrap();
+    assert_eq!(dead.visible + dead.in_flight, 0, "dead-lettered for being stopped");
+    assert_eq!(h.count(Side::B, "SELECT count(*) FROM items"), 0, "a stopped job moved data");
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+    h.rt.start("j").await.unwrap();
+    h.drain().await;
+    assert_eq!(h.count(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p5'"), 1);
+    assert_eq!(h.count(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p5'"), 2);
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+    assert_eq!(h.rt.state.job("j").await.unwrap().1, JobStatus::Active);
+}
+
+/// Item 13: a child delivered before its parent (here, captured in an earlier transaction)
+/// waits for it and goes again when the parent syncs, with no operator; a row whose record no
+/// longer exists on either side is closed with that reason.
+#[tokio::test]
+async fn missing_references_mend_themselves() {
+    let h = harness().await;
+    h.exec(Side::A, "INSERT INTO children (pid, cno, label) VALUES ('p6', 1, 'c1')");
+    h.drain().await;
+    let open = h.open_rows().await;
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert!(open[0].message.starts_with("missing reference: parents/p6"), "{}", open[0].message);
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p6', 'n', 'X', 'small')");
+    h.drain().await;
+    assert_eq!(h.count(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p6'"), 1, "the child went again");
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+
+    // An orphan deleted where it was made: its row closes, with the reason.
+    h.exec(Side::A, "INSERT INTO children (pid, cno, label) VALUES ('p7', 1, 'c1')");
+    h.drain().await;
+    assert_eq!(h.open_rows().await.len(), 1);
+    h.exec(Side::A, "DELETE FROM children WHERE pid = 'p7'");
+    h.drain().await;
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+    let closed = h.rows(ErrorStatus::Resolved).await;
+    assert!(closed.iter().any(|r| r.key.0 == ["p7", "1"] && r.message.contains("no longer exists on either side")), "{closed:?}");
+}
+
+/// Item 1: a retry request delivers its rows in dependency order, whatever order they were
+/// first seen in: a line first seen before its header goes after it, and both sync.
+#[tokio::test]
+async fn a_retry_request_delivers_parents_before_children() {
+    let h = harness().await;
+    // B refuses everything for now: the line fails first, then its header.
+    h.controls[1].set(Writes::Refuse);
+    h.exec(Side::A, "INSERT INTO children (pid, cno, label) VALUES ('p8', 1, 'c1')");
+    h.drain().await;
+    h.clock.advance(10);
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p8', 'n', 'X', 'small')");
+    h.drain().await;
+    // The child went again when... the parent did not sync: both rows are open, child first.
+    let open = h.open_rows().await;
+    assert_eq!(open.len(), 2, "{open:?}");
+    assert!(open[0].first_seen_ms < open[1].first_seen_ms);
+    assert_eq!(open[0].map, "children");
+    h.controls[1].set(Writes::Work);
+    h.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.unwrap();
+    h.drain().await;
+    assert_eq!(h.count(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p8'"), 1);
+    assert_eq!(h.count(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p8'"), 1);
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+}
