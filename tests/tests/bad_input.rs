@@ -223,19 +223,17 @@ async fn a_change_while_the_job_is_stopped_is_recorded_not_lost() {
 }
 
 #[tokio::test]
-async fn a_missing_parent_is_a_missing_reference_mended_by_a_retry() {
+async fn a_missing_parent_is_a_missing_reference_mended_when_the_parent_syncs() {
     let h = harness().await;
     // The child exists in A, its parent in neither app.
     h.exec(Side::A, "INSERT INTO children (pid, cno, label) VALUES ('p9', 1, 'c')");
     h.drain().await;
     let e = h.only_error().await;
     assert_eq!(e.category, ErrorCategory::Application);
-    assert_eq!(e.message, "missing reference: parents/p9");
+    assert_eq!(e.message, "missing reference: parents/p9 (waiting for it)");
     assert!(e.retriable);
+    // The parent syncs: the child goes again by itself, no retry needed.
     h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p9', 'n', 'X', 'large')");
-    h.drain().await;
-    let request = h.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.unwrap();
-    assert_eq!(request.progress.selected, 1);
     h.drain().await;
     assert_eq!(h.query(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p9'"), 1);
     assert_eq!(h.only_error().await.status, ErrorStatus::Resolved);

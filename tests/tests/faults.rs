@@ -5,115 +5,18 @@
 //! first seen child before parent. Each test failed before its fix.
 mod common;
 
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use async_trait::async_trait;
-use common::create_apps;
-use dualsync::adapters::connectors::sqlite::SqliteApp;
+use common::{create_apps, Control, FaultyRegistry, Writes};
 use dualsync::adapters::embedded::EmbeddedDb;
-use dualsync::domain::change::Key;
 use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
-use dualsync::domain::job::{Job, JobStatus, Side};
+use dualsync::domain::job::{JobStatus, Side};
 use dualsync::domain::requests::RequestAction;
-use dualsync::ports::{
-    Connector, ConnectorError, EntitySpec, ListPage, ManualClock, Record, WriteFailure, WriteOp,
-};
-use dualsync::runtime::local::{AppRegistry, LocalRuntime, SqliteRegistry};
+use dualsync::ports::ManualClock;
+use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::ErrorFilter;
-use dualsync::steps::{ConnectorRegistry, Failpoints, StepKind};
-
-/// What side A's or B's writes do next.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Writes {
-    Work,
-    /// Fail like a 503: not made.
-    Fail,
-    /// Refused like a 400.
-    Refuse,
-}
-
-type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
-
-/// Controls over one side's connector.
-#[derive(Clone)]
-struct Control {
-    writes: Arc<Mutex<Writes>>,
-    /// Runs once, just before the next write reaches the app: a user acting between delivery's
-    /// read and its write.
-    before_write: Arc<Mutex<Option<Hook>>>,
-}
-
-impl Control {
-    fn new() -> Self {
-        Control { writes: Arc::new(Mutex::new(Writes::Work)), before_write: Arc::new(Mutex::new(None)) }
-    }
-    fn set(&self, w: Writes) {
-        *self.writes.lock().unwrap() = w;
-    }
-}
-
-struct Faulty {
-    inner: Arc<dyn Connector>,
-    control: Control,
-}
-
-#[async_trait]
-impl Connector for Faulty {
-    fn app(&self) -> &str {
-        self.inner.app()
-    }
-    fn reads_change_seq(&self) -> bool {
-        self.inner.reads_change_seq()
-    }
-    async fn read(&self, e: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
-        self.inner.read(e, keys).await
-    }
-    async fn write(&self, e: &EntitySpec, ops: &[WriteOp]) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError> {
-        let hook = self.control.before_write.lock().unwrap().take();
-        if let Some(hook) = hook {
-            hook().await;
-        }
-        let mode = *self.control.writes.lock().unwrap();
-        match mode {
-            Writes::Work => self.inner.write(e, ops).await,
-            Writes::Fail => Ok(ops
-                .iter()
-                .map(|_| Err(WriteFailure::Transient { message: "503 service unavailable".into(), retry_after: None }))
-                .collect()),
-            Writes::Refuse => Ok(ops.iter().map(|_| Err(WriteFailure::Rejected("400 bad request".into()))).collect()),
-        }
-    }
-    async fn delete(&self, e: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError> {
-        self.inner.delete(e, keys).await
-    }
-    async fn list(&self, e: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
-        self.inner.list(e, after, limit).await
-    }
-}
-
-struct Registry {
-    inner: SqliteRegistry,
-    controls: [Control; 2],
-}
-
-impl AppRegistry for Registry {
-    fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
-        self.inner.sqlite_app(job, side)
-    }
-}
-
-impl ConnectorRegistry for Registry {
-    fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
-        let [a, b] = self.inner.connectors(job)?;
-        Ok([
-            Arc::new(Faulty { inner: a, control: self.controls[0].clone() }),
-            Arc::new(Faulty { inner: b, control: self.controls[1].clone() }),
-        ])
-    }
-}
+use dualsync::steps::{Failpoints, StepKind};
 
 struct H {
     _dir: tempfile::TempDir,
@@ -129,7 +32,7 @@ async fn harness() -> H {
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
     let def = create_apps(&a, &b);
     let controls = [Control::new(), Control::new()];
-    let registry = Arc::new(Registry { inner: SqliteRegistry::default(), controls: controls.clone() });
+    let registry = Arc::new(FaultyRegistry::new(controls.clone()));
     let clock = ManualClock::new(1_700_000_000_000);
     let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
     let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), Failpoints::default(), registry);
@@ -208,7 +111,11 @@ async fn a_failed_write_is_never_taken_for_a_landed_one() {
             assert!(open.iter().any(|r| r.category == ErrorCategory::Application && r.key.0 == ["p1"]), "{open:?}");
             let rt = &h.rt;
             rt.admin()
-                .submit("j", RequestAction::Retry, ErrorFilter { category: Some(ErrorCategory::Application), ..Default::default() })
+                .submit(
+                    "j",
+                    RequestAction::Retry,
+                    ErrorFilter { category: Some(ErrorCategory::Application), ..Default::default() },
+                )
                 .await
                 .unwrap();
             h.drain().await;
@@ -266,7 +173,10 @@ async fn a_delete_and_create_again_on_one_side_ends_present_on_both() {
     h.drain().await;
     for id in ["p3", "p4"] {
         assert_eq!(h.text(Side::A, &format!("SELECT name FROM parents WHERE pid = '{id}'")).as_deref(), Some("again"));
-        assert_eq!(h.text(Side::B, &format!("SELECT title FROM owners WHERE owner_id = '{id}'")).as_deref(), Some("again"));
+        assert_eq!(
+            h.text(Side::B, &format!("SELECT title FROM owners WHERE owner_id = '{id}'")).as_deref(),
+            Some("again")
+        );
     }
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
 }
@@ -324,7 +234,10 @@ async fn missing_references_mend_themselves() {
     h.drain().await;
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
     let closed = h.rows(ErrorStatus::Resolved).await;
-    assert!(closed.iter().any(|r| r.key.0 == ["p7", "1"] && r.message.contains("no longer exists on either side")), "{closed:?}");
+    assert!(
+        closed.iter().any(|r| r.key.0 == ["p7", "1"] && r.message.contains("no longer exists on either side")),
+        "{closed:?}"
+    );
 }
 
 /// Item 1: a retry request delivers its rows in dependency order, whatever order they were

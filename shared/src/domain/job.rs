@@ -235,7 +235,8 @@ impl JobStatus {
         }
     }
 
-    /// Whether delivery keeps this job's changes aside instead of writing them.
+    /// Paused or resuming: capture goes on while delivery keeps the changes aside (as it does
+    /// for any job that is not active).
     pub fn holds_deliveries(self) -> bool {
         matches!(self, JobStatus::Paused | JobStatus::Resuming)
     }

@@ -19,8 +19,8 @@ use crate::domain::decide::{decide, Decision};
 use crate::domain::errors::{ConflictRecord, ErrorCategory};
 use crate::domain::job::{JobStatus, Side};
 use crate::domain::link::{LinkState, Observed, PendingWrite};
-use crate::ports::{ConnectorError, InMessage, KvError, Precondition, Put, Record, WriteFailure, WriteOp};
 use crate::domain::sequence::short_hash;
+use crate::ports::{ConnectorError, InMessage, KvError, Precondition, Put, Record, WriteFailure, WriteOp};
 use crate::state::State;
 
 /// A change (by index) that ends in an error row of this category, with its message.
@@ -530,7 +530,10 @@ impl Steps {
             // delete on the other side: read the source again. Gone now: undo the create. A
             // delete after this read finds the created record and deletes it itself.
             let again = self
-                .read_grouped(lj, created.iter().map(|&i| (map_idx[i].unwrap_or(0), changes[i].source, &changes[i].key)))
+                .read_grouped(
+                    lj,
+                    created.iter().map(|&i| (map_idx[i].unwrap_or(0), changes[i].source, &changes[i].key)),
+                )
                 .await;
             for (&i, r) in created.iter().zip(again) {
                 match r {
@@ -577,7 +580,8 @@ impl Steps {
                 }
             }
             self.failpoints.check("deliver.after_commit")?;
-            let release = release.into_iter().map(|(i, rev, state)| (changes[i].map.as_str(), &changes[i].key, rev, state));
+            let release =
+                release.into_iter().map(|(i, rev, state)| (changes[i].map.as_str(), &changes[i].key, rev, state));
             self.release_waiters(lj, release).await?;
             retry.sort_unstable();
             retry.dedup();
@@ -666,10 +670,7 @@ impl Steps {
             }
         }
         let links = self.state.links(&job.name, &there).await?;
-        let release = there
-            .iter()
-            .zip(links)
-            .filter_map(|((map, key), l)| l.map(|l| (*map, *key, l.rev, l.state)));
+        let release = there.iter().zip(links).filter_map(|((map, key), l)| l.map(|l| (*map, *key, l.rev, l.state)));
         self.release_waiters(lj, release).await
     }
 
@@ -774,7 +775,9 @@ fn next_link(settled: &LinkState, c: &ChangeRef, hash: &str, source_version: &st
 /// waits behind it), any other is recorded.
 fn on_connector_error(i: usize, e: &ConnectorError, failures: &mut Vec<Failure>) -> ChangeResult {
     match e.category() {
-        ErrorCategory::System => ChangeResult::System { message: e.message().to_string(), retry_after: e.retry_after() },
+        ErrorCategory::System => {
+            ChangeResult::System { message: e.message().to_string(), retry_after: e.retry_after() }
+        }
         category => {
             failures.push((i, category, e.message().to_string()));
             ChangeResult::Done

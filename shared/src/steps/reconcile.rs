@@ -8,8 +8,8 @@
 //! not is refused, with the reason on the request.
 use serde::{Deserialize, Serialize};
 
-use super::{Outcome, StepError, Steps};
 use super::redeliver::redelivery;
+use super::{Outcome, StepError, Steps};
 use crate::domain::change::ChangeRef;
 use crate::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
 use crate::domain::job::JobStatus;

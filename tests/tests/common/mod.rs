@@ -2,9 +2,11 @@
 //! and a live map, its two sqlite apps, and a way to make one app's writes fail.
 #![allow(dead_code)] // each test binary uses its own part of this
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use dualsync::adapters::connectors::sqlite::{transaction, SqliteApp};
@@ -139,4 +141,123 @@ pub fn exec(path: &Path, sql: &str) {
 
 pub fn query(path: &Path, sql: &str) -> i64 {
     rusqlite::Connection::open(path).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// What side A's or B's writes do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writes {
+    Work,
+    /// Fail like a 503: not made.
+    Fail,
+    /// Refused like a 400.
+    Refuse,
+    /// Made, then answered like a time-out: landed, and the caller cannot know it.
+    LandThenFail,
+}
+
+pub type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Controls over one side's connector.
+#[derive(Clone)]
+pub struct Control {
+    pub writes: Arc<Mutex<Writes>>,
+    /// Runs once, just before the next write reaches the app: a user acting between delivery's
+    /// read and its write.
+    pub before_write: Arc<Mutex<Option<Hook>>>,
+    /// Whether reads give each record's latest change seq (the sqlite connector's do); off, the
+    /// steps take capture's link-state path instead.
+    pub reads_change_seq: bool,
+}
+
+impl Control {
+    pub fn new() -> Self {
+        Control {
+            writes: Arc::new(Mutex::new(Writes::Work)),
+            before_write: Arc::new(Mutex::new(None)),
+            reads_change_seq: true,
+        }
+    }
+    pub fn set(&self, w: Writes) {
+        *self.writes.lock().unwrap() = w;
+    }
+}
+
+/// One app's connector with its faults under a test's control.
+pub struct Faulty {
+    inner: Arc<dyn Connector>,
+    control: Control,
+}
+
+#[async_trait]
+impl Connector for Faulty {
+    fn app(&self) -> &str {
+        self.inner.app()
+    }
+    fn reads_change_seq(&self) -> bool {
+        self.control.reads_change_seq && self.inner.reads_change_seq()
+    }
+    async fn read(&self, e: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
+        self.inner.read(e, keys).await
+    }
+    async fn write(
+        &self,
+        e: &EntitySpec,
+        ops: &[WriteOp],
+    ) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError> {
+        let hook = self.control.before_write.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook().await;
+        }
+        let mode = *self.control.writes.lock().unwrap();
+        match mode {
+            Writes::Work => self.inner.write(e, ops).await,
+            Writes::Fail => Ok(ops
+                .iter()
+                .map(|_| Err(WriteFailure::Transient { message: "503 service unavailable".into(), retry_after: None }))
+                .collect()),
+            Writes::Refuse => Ok(ops.iter().map(|_| Err(WriteFailure::Rejected("400 bad request".into()))).collect()),
+            Writes::LandThenFail => {
+                self.inner.write(e, ops).await?;
+                Err(ConnectorError::Transient {
+                    app: self.app().into(),
+                    message: "timed out".into(),
+                    retry_after: None,
+                })
+            }
+        }
+    }
+    async fn delete(&self, e: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError> {
+        self.inner.delete(e, keys).await
+    }
+    async fn list(&self, e: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
+        self.inner.list(e, after, limit).await
+    }
+}
+
+/// The sqlite apps, each side behind a [`Faulty`] connector with its [`Control`].
+pub struct FaultyRegistry {
+    inner: SqliteRegistry,
+    controls: [Control; 2],
+}
+
+impl FaultyRegistry {
+    pub fn new(controls: [Control; 2]) -> Self {
+        FaultyRegistry { inner: SqliteRegistry::default(), controls }
+    }
+}
+
+impl AppRegistry for FaultyRegistry {
+    fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
+        self.inner.sqlite_app(job, side)
+    }
+}
+
+impl ConnectorRegistry for FaultyRegistry {
+    fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
+        let [a, b] = self.inner.connectors(job)?;
+        Ok([
+            Arc::new(Faulty { inner: a, control: self.controls[0].clone() }),
+            Arc::new(Faulty { inner: b, control: self.controls[1].clone() }),
+        ])
+    }
 }
