@@ -3,6 +3,7 @@
 //! Each function's `main.rs` only names its step.
 mod batch;
 mod env;
+pub mod permissions;
 pub mod poller;
 pub mod stack;
 
