@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use dualsync::adapters::aws::Names;
+use dualsync_lambda::input_var;
 use dualsync_lambda::permissions::{needs, Function, QueueId, LOG_ACTIONS, TABLE_ACTIONS};
 use serde_yaml_ng::Value;
 
@@ -178,9 +179,20 @@ fn check(template: &str) -> Vec<String> {
             .filter(|(_, e)| e["Type"] == "SQS")
             .map(|(_, e)| arn_of(&e["Properties"]["Queue"]))
             .collect();
-        let input = needs(function).input.map(|q| q.logical_id());
-        if sources != input.as_deref().into_iter().map(Some).collect::<Vec<_>>() {
-            problems.push(format!("{id}: SQS event sources {sources:?}, but its input queue is {input:?}"));
+        let input = needs(function).input;
+        let input_id = input.map(|q| q.logical_id());
+        if sources != input_id.as_deref().into_iter().map(Some).collect::<Vec<_>>() {
+            problems.push(format!("{id}: SQS event sources {sources:?}, but its input queue is {input_id:?}"));
+        }
+        // ... and the handler reads the same queue's URL as its input (env.rs).
+        if let Some(QueueId::Work(step)) = input {
+            let var = input_var(step);
+            let url = props["Environment"]["Variables"]
+                .get(var)
+                .or(doc["Globals"]["Function"]["Environment"]["Variables"].get(var));
+            if url.and_then(ref_of) != input_id.as_deref() {
+                problems.push(format!("{id}: {var} is not !Ref {}", input_id.unwrap_or_default()));
+            }
         }
     }
     for f in Function::ALL {
@@ -198,7 +210,7 @@ fn every_role_grants_what_its_function_does_and_nothing_else() {
 }
 
 #[test]
-fn names_a_missing_grant_an_extra_one_and_a_wildcard() {
+fn names_a_missing_grant_an_extra_one_a_misread_input_and_a_wildcard() {
     // Capture's role, the first one: polls with PurgeQueue instead of ChangeMessageVisibility.
     let swapped = TEMPLATE.replacen("- sqs:ChangeMessageVisibility", "- sqs:PurgeQueue", 1);
     assert_eq!(
@@ -208,6 +220,10 @@ fn names_a_missing_grant_an_extra_one_and_a_wildcard() {
             "capture (CaptureRole) has sqs:PurgeQueue on CaptureQueue, which its code does not use",
         ]
     );
+    // Reconcile's handler would read its input from the wrong queue.
+    let misread =
+        TEMPLATE.replacen("RECONCILE_QUEUE_URL: !Ref ReconcileQueue", "RECONCILE_QUEUE_URL: !Ref DeliverQueue", 1);
+    assert_eq!(check(&misread), ["ReconcileFunction: RECONCILE_QUEUE_URL is not !Ref ReconcileQueue"]);
     let wild = TEMPLATE.replacen("Resource: !GetAtt StateTable.Arn", "Resource: \"*\"", 1);
     let problems = check(&wild);
     assert!(
