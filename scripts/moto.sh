@@ -1,5 +1,5 @@
-# Sourced by scripts/test: a Python venv with the test tools, and moto server on a free
-# loopback port for the end-to-end tests (stopped when the script exits).
+# Sourced by scripts/test: a Python venv with the test tools (moto, cargo-lambda, cfn-lint), and
+# moto server on a free loopback port for the end-to-end tests (stopped when the script exits).
 VENV="target/ci-venv"
 if [ ! -x "$VENV/bin/moto_server" ] || ! cmp -s scripts/requirements-test.txt "$VENV/requirements-test.txt"; then
     echo "scripts/test: installing the test tools (scripts/requirements-test.txt) into $VENV" >&2

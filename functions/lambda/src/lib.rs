@@ -3,6 +3,7 @@
 //! Each function's `main.rs` only names its step.
 mod batch;
 mod env;
+pub mod permissions;
 pub mod poller;
 pub mod stack;
 
@@ -18,7 +19,7 @@ use lambda_runtime::{service_fn, Error, LambdaEvent};
 use tracing::Instrument;
 
 pub use batch::{batch_response, correlation_id, in_messages};
-pub use env::{Env, EnvError};
+pub use env::{input_var, Env, EnvError};
 
 /// Runs the Lambda runtime loop for one step.
 pub async fn run(step: StepKind) -> Result<(), Error> {
