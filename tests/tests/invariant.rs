@@ -31,13 +31,17 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+mod common;
+
+use common::{Control, FaultyRegistry, Writes};
 use dualsync::adapters::connectors::sqlite::transaction;
 use dualsync::adapters::embedded::EmbeddedDb;
 use dualsync::domain::canon;
 use dualsync::domain::change::Key;
 use dualsync::domain::config::parse_job;
 use dualsync::domain::errors::{ConflictRecord, ErrorStatus, SyncError};
-use dualsync::domain::job::Side;
+use dualsync::domain::job::{JobStatus, Side};
+use dualsync::domain::requests::RequestAction;
 use dualsync::ports::{ManualClock, OutMessage, Queue};
 use dualsync::runtime::local::{LocalRuntime, BATCH};
 use dualsync::runtime::verify;
@@ -58,6 +62,7 @@ const CASES_CONVERGENCE: u32 = 800;
 const CASES_ORPHANS: u32 = 300;
 const CASES_PRIMARY_WINS: u32 = 400;
 const CASES_EXACTLY_ONCE: u32 = 600;
+const CASES_FAULTS: u32 = 3000;
 
 /// Parents `p0..p2`, children `1..=2` of each: few, so that edits and deliveries meet often.
 const PARENTS: u8 = 3;
@@ -73,7 +78,7 @@ const MAX_CRASHES: usize = 4;
 
 const DRAIN_ROUNDS: usize = 200;
 
-const STEPS: [StepKind; 3] = [StepKind::Capture, StepKind::Sequence, StepKind::Deliver];
+const STEPS: [StepKind; 4] = [StepKind::Capture, StepKind::Sequence, StepKind::Deliver, StepKind::Reconcile];
 
 fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
@@ -227,15 +232,74 @@ impl Rec {
     }
 }
 
+/// Deletes `r` (a parent with its children) on `side` in one app transaction; returns what it
+/// deleted.
+fn delete_rec(conn: &mut Connection, side: Side, r: Rec, txid: &str) -> Vec<Rec> {
+    let (parents, children) = match side {
+        Side::A => ("DELETE FROM parents WHERE pid = ?1", "DELETE FROM children WHERE pid = ?1"),
+        Side::B => ("DELETE FROM owners WHERE owner_id = ?1", "DELETE FROM items WHERE owner_id = ?1"),
+    };
+    let child = match side {
+        Side::A => "DELETE FROM children WHERE pid = ?1 AND cno = ?2",
+        Side::B => "DELETE FROM items WHERE owner_id = ?1 AND item_no = ?2",
+    };
+    transaction(conn, txid, |tx| {
+        let mut gone = Vec::new();
+        match r {
+            Rec::Parent(p) => {
+                for c in 1..=CHILDREN {
+                    if Rec::Child(p, c).value(tx, side).is_some() {
+                        gone.push(Rec::Child(p, c));
+                    }
+                }
+                if r.value(tx, side).is_some() {
+                    gone.push(r);
+                }
+                tx.execute(children, [r.pid()])?;
+                tx.execute(parents, [r.pid()])?;
+            }
+            Rec::Child(_, c) => {
+                if r.value(tx, side).is_some() {
+                    gone.push(r);
+                }
+                tx.execute(child, params![r.pid(), c])?;
+            }
+        }
+        Ok(gone)
+    })
+    .expect("app delete")
+}
+
+/// Writes value `v` to `r` on `side` in one app transaction; returns the value it replaced, or
+/// `None` (outer) when it wrote nothing (a child whose parent is not there).
+fn upsert_rec(conn: &mut Connection, side: Side, r: Rec, v: u64, txid: &str) -> Option<Option<u64>> {
+    let sql = &SQL[side.index()];
+    transaction(conn, txid, |tx| {
+        if let Rec::Child(p, _) = r {
+            if Rec::Parent(p).value(tx, side).is_none() {
+                return Ok(None);
+            }
+        }
+        let before = r.value(tx, side);
+        match r {
+            Rec::Parent(_) => tx.execute(sql.upsert_parent, params![r.pid(), format!("n{v}"), v])?,
+            Rec::Child(_, c) => tx.execute(sql.upsert_child, params![r.pid(), c, format!("l{v}")])?,
+        };
+        Ok(Some(before))
+    })
+    .expect("app transaction")
+}
+
 fn all_recs() -> impl Iterator<Item = Rec> {
     (0..PARENTS).flat_map(|p| std::iter::once(Rec::Parent(p)).chain((1..=CHILDREN).map(move |c| Rec::Child(p, c))))
 }
 
 /// Every failpoint of the steps and the step it is in.
-const POINTS: [(&str, StepKind); 6] = [
+const POINTS: [(&str, StepKind); 7] = [
     ("capture.after_send", StepKind::Capture),
     ("sequence.after_send", StepKind::Sequence),
     ("deliver.after_read", StepKind::Deliver),
+    ("deliver.after_mark", StepKind::Deliver),
     ("deliver.after_write", StepKind::Deliver),
     ("deliver.after_commit", StepKind::Deliver),
     ("deliver.before_ack", StepKind::Deliver),
@@ -257,6 +321,25 @@ enum Action {
     Duplicate { step: StepKind, pick: Index },
     /// Move the clock.
     Advance { ms: i64 },
+    /// One app transaction deleting the record (a parent with its children).
+    Delete { side: Side, rec: Rec },
+    /// From now on, side's app writes like this.
+    Fault { side: Side, writes: Writes },
+    /// Arms a user's edit (or delete) of `rec` on `side`, made just before the next write to
+    /// `target`: between a delivery's read and its write.
+    DuringWrite { target: Side, side: Side, rec: Rec, delete: bool },
+    /// The operator stops, starts, pauses or resumes the job (ignored where not allowed).
+    Lifecycle(Op),
+    /// The operator retries every open error.
+    Retry,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Stop,
+    Start,
+    Pause,
+    Resume,
 }
 
 impl std::fmt::Debug for Action {
@@ -268,6 +351,13 @@ impl std::fmt::Debug for Action {
             Action::Crash { point, batch } => write!(f, "Crash({}, {batch})", POINTS[*point].0),
             Action::Duplicate { step, pick } => write!(f, "Duplicate({step:?}, {:?})", pick),
             Action::Advance { ms } => write!(f, "Advance({ms})"),
+            Action::Delete { side, rec } => write!(f, "Delete({side:?}, {rec:?})"),
+            Action::Fault { side, writes } => write!(f, "Fault({side:?}, {writes:?})"),
+            Action::DuringWrite { target, side, rec, delete } => {
+                write!(f, "DuringWrite(to {target:?}: {} {rec:?} on {side:?})", if *delete { "delete" } else { "edit" })
+            }
+            Action::Lifecycle(op) => write!(f, "{op:?}"),
+            Action::Retry => write!(f, "Retry"),
         }
     }
 }
@@ -303,6 +393,26 @@ fn chaos_action() -> impl Strategy<Value = Action> {
     prop_oneof![1 => edit(), 2 => pipeline_action()]
 }
 
+fn fault_action() -> impl Strategy<Value = Action> {
+    let writes = prop_oneof![
+        3 => Just(Writes::Work),
+        1 => Just(Writes::Fail),
+        1 => Just(Writes::Refuse),
+        1 => Just(Writes::LandThenFail)
+    ];
+    let op = prop_oneof![Just(Op::Stop), Just(Op::Start), Just(Op::Pause), Just(Op::Resume)];
+    prop_oneof![
+        4 => edit(),
+        1 => (side(), rec()).prop_map(|(side, rec)| Action::Delete { side, rec }),
+        8 => pipeline_action(),
+        1 => (side(), writes).prop_map(|(side, writes)| Action::Fault { side, writes }),
+        1 => (side(), side(), rec(), any::<bool>())
+            .prop_map(|(target, side, rec, delete)| Action::DuringWrite { target, side, rec, delete }),
+        1 => op.prop_map(Action::Lifecycle),
+        1 => Just(Action::Retry),
+    ]
+}
+
 // ---------------------------------------------------------------------------------------------
 // The harness
 
@@ -334,10 +444,22 @@ struct Harness {
     /// Whether a child may be created where its parent does not exist (the delivery then fails
     /// with a missing reference, an application error).
     orphans: bool,
+    /// Each side's connector faults.
+    controls: [Control; 2],
+    /// Edits made by armed [`Action::DuringWrite`] hooks: (side, record, value, value replaced;
+    /// `None` values for deletes), merged into the history after each action.
+    hook_edits: Arc<Mutex<Vec<(Side, Rec, Option<u64>, Option<u64>)>>>,
+    paths: [std::path::PathBuf; 2],
 }
 
 impl Harness {
     async fn new(primary: Side) -> Harness {
+        Self::with_seq(primary, true).await
+    }
+
+    /// `reads_seq`: whether the connectors' reads give each record's latest change seq (off:
+    /// capture's link-state path).
+    async fn with_seq(primary: Side, reads_seq: bool) -> Harness {
         // In memory when the machine offers it: thousands of cases create their apps afresh.
         let shm = std::path::Path::new("/dev/shm");
         let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("tempdir");
@@ -369,7 +491,9 @@ impl Harness {
             }
         });
         let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).expect("state db");
-        let rt = LocalRuntime::with_db(db, Arc::new(clock.clone()), failpoints);
+        let controls = [Control::new(), Control::new()].map(|c| Control { reads_change_seq: reads_seq, ..c });
+        let registry = Arc::new(FaultyRegistry::new(controls.clone()));
+        let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), failpoints, registry);
         rt.apply(def).await.expect("apply");
         rt.start("j").await.expect("start");
         let lj = rt.steps.load_job("j").await.expect("load").expect("job");
@@ -390,6 +514,39 @@ impl Harness {
             replaced: HashMap::new(),
             log: None,
             orphans: false,
+            controls,
+            hook_edits: Arc::default(),
+            paths,
+        }
+    }
+
+    /// Records a user's write (or delete, `v` = `None`) in the history.
+    fn remember(&mut self, side: Side, r: Rec, v: Option<u64>, before: Option<u64>) {
+        self.last.entry(r).or_default()[side.index()] = v;
+        let Some(v) = v else { return };
+        self.written.entry(r).or_default().push(v);
+        let mut replaced = BTreeSet::new();
+        if let Some(b) = before {
+            replaced.insert(b);
+            replaced.extend(self.replaced.get(&b).into_iter().flatten().copied());
+        }
+        self.replaced.insert(v, replaced);
+    }
+
+    fn merge_hook_edits(&mut self) {
+        let edits: Vec<_> = std::mem::take(&mut *self.hook_edits.lock().unwrap());
+        for (side, r, v, before) in edits {
+            self.remember(side, r, v, before);
+        }
+    }
+
+    /// One app transaction deleting `r` on `side` (a parent with its children).
+    fn delete(&mut self, side: Side, r: Rec) {
+        self.txids += 1;
+        let txid = format!("app-{}", self.txids);
+        let deleted = delete_rec(&mut self.apps[side.index()], side, r, &txid);
+        for d in deleted {
+            self.remember(side, d, None, None);
         }
     }
 
@@ -423,14 +580,7 @@ impl Harness {
         .expect("app transaction");
         self.counter = counter;
         for &(r, v, before) in &written {
-            self.last.entry(r).or_default()[side.index()] = Some(v);
-            self.written.entry(r).or_default().push(v);
-            let mut replaced = BTreeSet::new();
-            if let Some(b) = before {
-                replaced.insert(b);
-                replaced.extend(self.replaced.get(&b).into_iter().flatten().copied());
-            }
-            self.replaced.insert(v, replaced);
+            self.remember(side, r, Some(v), before);
         }
         written.into_iter().map(|(r, v, _)| (r, v)).collect()
     }
@@ -527,8 +677,70 @@ impl Harness {
                 }
             }
             Action::Advance { ms } => self.clock.advance(*ms),
+            Action::Delete { side, rec } => self.delete(*side, *rec),
+            Action::Fault { side, writes } => self.controls[side.index()].set(*writes),
+            Action::DuringWrite { target, side, rec, delete } => {
+                self.counter += 1;
+                let (value, side, rec, delete) = (self.counter, *side, *rec, *delete);
+                let (path, edits) = (self.paths[side.index()].clone(), self.hook_edits.clone());
+                self.txids += 1;
+                let txid = format!("app-{}", self.txids);
+                *self.controls[target.index()].before_write.lock().unwrap() = Some(Box::new(move || {
+                    Box::pin(async move {
+                        let mut conn = Connection::open(&path).expect("open app");
+                        conn.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
+                        let mut edits = edits.lock().unwrap();
+                        if delete {
+                            edits.extend(
+                                delete_rec(&mut conn, side, rec, &txid).into_iter().map(|r| (side, r, None, None)),
+                            );
+                        } else if let Some(before) = upsert_rec(&mut conn, side, rec, value, &txid) {
+                            edits.push((side, rec, Some(value), before));
+                        }
+                    })
+                }));
+            }
+            Action::Lifecycle(op) => {
+                // Whatever the status: an operator's command the job refuses changes nothing.
+                let admin = self.rt.admin();
+                let _ = match op {
+                    Op::Stop => self.rt.stop("j").await.map_err(|e| e.to_string()),
+                    Op::Start => self.rt.start("j").await.map_err(|e| e.to_string()),
+                    Op::Pause => admin.pause("j").await.map(|_| ()).map_err(|e| e.to_string()),
+                    Op::Resume => admin.resume("j").await.map(|_| ()).map_err(|e| e.to_string()),
+                };
+            }
+            Action::Retry => {
+                // Refused when nothing is open or the job is not active: nothing to do then.
+                let _ = self.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await;
+            }
         }
+        self.merge_hook_edits();
         Vec::new()
+    }
+
+    /// Ends the faults: apps write again, the job runs, every open error is retried (a few
+    /// times, each after a drain), as an operator would once the apps are back.
+    async fn settle(&mut self) -> Result<(), TestCaseError> {
+        for c in &self.controls {
+            c.set(Writes::Work);
+            c.before_write.lock().unwrap().take();
+        }
+        match self.rt.state.job("j").await.expect("job").1 {
+            JobStatus::Stopped => self.rt.start("j").await.expect("start"),
+            JobStatus::Paused | JobStatus::Resuming => {
+                self.rt.admin().resume("j").await.expect("resume");
+            }
+            _ => {}
+        }
+        self.drain().await?;
+        for _ in 0..3 {
+            if self.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.is_err() {
+                break;
+            }
+            self.drain().await?;
+        }
+        Ok(())
     }
 
     /// Runs every step until the pipeline is idle, moving the clock past the visibility timeout
@@ -581,6 +793,7 @@ impl Harness {
             prop_assert!(msgs.is_empty(), "dead-letter queue {i} holds messages: {msgs:#?}");
         }
         let errors = self.error_rows().await;
+        let conflicts = self.conflicts().await;
         let open: Vec<&SyncError> = errors
             .iter()
             .filter(|e| matches!(e.status, ErrorStatus::Open | ErrorStatus::Retrying) && e.category.retriable())
@@ -620,14 +833,25 @@ impl Harness {
                 continue;
             }
             let Some(v) = self.value(Side::A, r) else { continue };
+            // Written by a user at some point (deletes and resurrections aside, never invented).
+            prop_assert!(self.written.get(&r).is_some_and(|w| w.contains(&v)), "{r:?} holds {v}, which no user wrote");
             let last = self.last.get(&r).copied().unwrap_or_default();
             prop_assert!(
                 last.contains(&Some(v)),
                 "{r:?} holds {v} on both sides, but the last values users wrote to it (A, B) are {last:?}: an \
                  older value came back"
             );
+            // A write whose outcome was unknown (a time-out) proves nothing about a later edit of
+            // its target: the two are decided as a conflict, by the primary, with a row that
+            // says so. Such a decision is not a silent loss.
+            let map = &self.lj.job.maps[r.map_idx()];
+            let hash = canon::hash(&canon::canon(map, Side::A, &r.fields_a(v)).expect("canon"));
+            let decided = conflicts
+                .iter()
+                .any(|c| c.map == r.map() && c.key == r.key() && c.hashes[self.primary.index()] == hash);
             let newer: Vec<(u64, &BTreeSet<u64>)> = self.written[&r]
                 .iter()
+                .filter(|_| !decided)
                 .filter_map(|w| self.replaced.get(w).filter(|p| p.contains(&v)).map(|p| (*w, p)))
                 .collect();
             prop_assert!(
@@ -764,6 +988,36 @@ proptest! {
     }
 }
 
+/// Property 1c: convergence under faults: deletes (and deletes then creates), app writes that
+/// fail, are refused or time out after landing, user edits and deletes between a delivery's read
+/// and its write, the job stopped, started, paused and resumed mid-flight, retry requests, a
+/// crash between the pending mark and the write, and connectors with or without the change seq
+/// in their reads. After the faults end (apps back, job running, open errors retried as an
+/// operator would), every record is in step unless an open error names it, no value comes back
+/// that a user replaced (unless a logged conflict decided it), and nothing is dead-lettered.
+async fn convergence_under_faults(primary: Side, reads_seq: bool, actions: &[Action]) -> Result<(), TestCaseError> {
+    let mut h = Harness::with_seq(primary, reads_seq).await;
+    // Deletes and refusals leave children without parents now and then.
+    h.orphans = true;
+    for a in actions {
+        h.act(a).await;
+    }
+    h.settle().await?;
+    h.check_converged().await
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(CASES_FAULTS), ..ProptestConfig::default() })]
+    #[test]
+    fn converges_under_faults(
+        primary in side(),
+        reads_seq in any::<bool>(),
+        actions in prop::collection::vec(fault_action(), 1..60),
+    ) {
+        block_on(convergence_under_faults(primary, reads_seq, &actions))?;
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(CASES_ORPHANS), ..ProptestConfig::default() })]
     /// Property 1b: the same with children created where their parent is missing: missing
@@ -845,7 +1099,7 @@ fn found_a_won_conflict_is_logged_even_if_the_process_dies_after_the_write() {
                 Feeds { limit: 9 },
                 Step { step: StepKind::Capture, batch: 4 },
                 Step { step: StepKind::Sequence, batch: 4 },
-                Crash { point: 3, batch: 1 },
+                Crash { point: 4, batch: 1 },
             ],
         ),
     ];
@@ -864,7 +1118,7 @@ fn found_a_crash_between_write_and_link_commit_is_not_taken_for_an_edit() {
         Feeds { limit: 1 },
         Step { step: StepKind::Capture, batch: 1 },
         Step { step: StepKind::Sequence, batch: 1 },
-        Crash { point: 3, batch: 1 },
+        Crash { point: 4, batch: 1 },
         Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
     ];
     run(block_on(convergence(Side::B, &actions)));
@@ -884,7 +1138,7 @@ fn found_an_edit_on_top_of_a_write_that_crashed_before_its_commit_is_kept() {
         Feeds { limit: 1 },
         Step { step: StepKind::Capture, batch: 1 },
         Step { step: StepKind::Sequence, batch: 1 },
-        Crash { point: 3, batch: 1 },
+        Crash { point: 4, batch: 1 },
         Edit { side: Side::B, recs: vec![Rec::Parent(2)] },
     ];
     run(block_on(convergence(Side::A, &actions)));
@@ -911,6 +1165,98 @@ fn found_an_error_is_resolved_even_if_the_process_dies_after_the_commit() {
     actions.push(Step { step: StepKind::Deliver, batch: 4 });
     actions.push(Edit { side: Side::A, recs: vec![Rec::Child(0, 1)] });
     actions.extend(pipeline());
-    actions.push(Crash { point: 4, batch: 4 });
+    actions.push(Crash { point: 5, batch: 4 });
     run(block_on(convergence_with(Side::A, &actions, true)));
 }
+
+/// Issue 9, item 2: primary A, p0 synced; the write of A's edit to B fails (503), is refused
+/// (400) or times out after landing; B's user then edits p0. Both sides changed since the last
+/// sync: A's value wins on both sides and a conflict row says so (the failed write's mark passed
+/// for a landed one, and B's edit for one made on top of it).
+#[test]
+fn found_a_failed_write_then_an_edit_of_its_target_is_a_conflict_the_primary_wins() {
+    use Action::*;
+    let pipeline = || {
+        vec![
+            Feeds { limit: 9 },
+            Step { step: StepKind::Capture, batch: 4 },
+            Step { step: StepKind::Sequence, batch: 4 },
+            Step { step: StepKind::Deliver, batch: 4 },
+        ]
+    };
+    for writes in [Writes::Fail, Writes::Refuse, Writes::LandThenFail] {
+        run(block_on(async {
+            let mut h = Harness::new(Side::A).await;
+            h.act(&Edit { side: Side::A, recs: vec![Rec::Parent(0)] }).await;
+            h.drain().await?;
+            let a1 = h.act(&Edit { side: Side::A, recs: vec![Rec::Parent(0)] }).await[0].2;
+            h.act(&Fault { side: Side::B, writes }).await;
+            for a in pipeline() {
+                h.act(&a).await;
+            }
+            h.act(&Edit { side: Side::B, recs: vec![Rec::Parent(0)] }).await;
+            h.settle().await?;
+            h.check_converged().await?;
+            let got = [h.value(Side::A, Rec::Parent(0)), h.value(Side::B, Rec::Parent(0))];
+            prop_assert_eq!(got, [Some(a1); 2], "{:?}: the primary's value on both sides", writes);
+            let conflicts = h.conflicts().await;
+            prop_assert!(conflicts.iter().any(|c| c.key == Rec::Parent(0).key() && c.winner == "a"), "{:?}", writes);
+            Ok(())
+        }));
+    }
+}
+
+/// Issue 9, item 3: deleted and created again on one side, in two transactions and in one: the
+/// live delete's echo from the other app came back as a user's delete, and both sides ended
+/// without the record.
+#[test]
+fn found_a_delete_and_create_again_ends_present_on_both_sides() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
+        Feeds { limit: 9 },
+        Step { step: StepKind::Capture, batch: 4 },
+        Step { step: StepKind::Sequence, batch: 4 },
+        Step { step: StepKind::Deliver, batch: 4 },
+        Delete { side: Side::A, rec: Rec::Parent(1) },
+        Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
+    ];
+    run(block_on(async {
+        let mut h = Harness::new(Side::B).await;
+        for a in &actions {
+            h.act(a).await;
+        }
+        h.settle().await?;
+        h.check_converged().await?;
+        prop_assert!(h.value(Side::A, Rec::Parent(1)).is_some() && h.value(Side::B, Rec::Parent(1)).is_some());
+        Ok(())
+    }));
+}
+
+/// Issue 9, item 4: a job stopped with deliveries in flight, started later: they arrive, in
+/// order, and none is dead-lettered (they were retried into the dead-letter queue).
+#[test]
+fn found_a_job_stopped_mid_flight_loses_nothing() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::A, recs: vec![Rec::Parent(2), Rec::Child(2, 1)] },
+        Feeds { limit: 9 },
+        Step { step: StepKind::Capture, batch: 4 },
+        Step { step: StepKind::Sequence, batch: 4 },
+        Lifecycle(Op::Stop),
+        Step { step: StepKind::Deliver, batch: 4 },
+        Advance { ms: 400_000 },
+        Step { step: StepKind::Deliver, batch: 4 },
+        Advance { ms: 400_000 },
+        Step { step: StepKind::Deliver, batch: 4 },
+        Advance { ms: 400_000 },
+        Step { step: StepKind::Deliver, batch: 4 },
+        Advance { ms: 400_000 },
+        Step { step: StepKind::Deliver, batch: 4 },
+        Advance { ms: 400_000 },
+        Step { step: StepKind::Deliver, batch: 4 },
+        Lifecycle(Op::Start),
+    ];
+    run(block_on(convergence_under_faults(Side::A, true, &actions)));
+}
+

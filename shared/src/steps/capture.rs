@@ -11,11 +11,12 @@ use tracing::warn;
 
 use super::deliver::ChangeResult;
 use super::{LoadedJob, Metrics, Outcome, StepError, Steps};
+use crate::domain::canon;
 use crate::domain::change::{CapturedTransaction, ChangeRef, Key, Operation, TransactionNotification};
 use crate::domain::errors::ErrorCategory;
 use crate::domain::job::{JobStatus, Mode, Side};
 use crate::domain::link::LinkState;
-use crate::ports::{ConnectorError, InMessage, KvError, OutMessage, Put};
+use crate::ports::{ConnectorError, InMessage, KvError, OutMessage, Put, Record};
 use crate::state::State;
 
 /// How often capture re-reads links whose seen-seq update lost a race before giving up.
@@ -185,6 +186,32 @@ impl Steps {
         let job = &lj.job;
         let (m, _) = job.map(&c.map).unwrap_or((0, &job.maps[0]));
         let target = c.source.other();
+        // Like any change, a delete is read fresh: a record that exists again at its source
+        // (created again since, by a user or by our own create that raced the delete) makes it
+        // stale, and the record's newer change decides.
+        match lj.connector(c.source).read(lj.spec(m, c.source), std::slice::from_ref(&c.key)).await {
+            Ok(found) => {
+                if let Some(Some(record)) = found.into_iter().next() {
+                    // Unless what is there is our own create, made after the delete from the
+                    // other side's older state: the delete wins over it, on both sides.
+                    if !self.ours(lj, m, c, &record).await? {
+                        let msg = format!("skipped: {}/{} exists again in {}", c.map, c.key, job.app_name(c.source));
+                        self.record(lj, c, ErrorCategory::Concurrency, msg).await?;
+                        return Ok(None);
+                    }
+                    let source = lj.connector(c.source);
+                    if let Err(e) = source.delete(lj.spec(m, c.source), std::slice::from_ref(&c.key)).await {
+                        let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
+                        let delay = self.backoff.delay(receive_count, e.retry_after());
+                        return Ok(Some(Outcome::Retry { delay, reason }));
+                    }
+                }
+            }
+            Err(e) => {
+                let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
+                return Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }));
+            }
+        }
         match lj.connector(target).delete(lj.spec(m, target), std::slice::from_ref(&c.key)).await {
             Ok(()) => {
                 self.state.delete_link(&job.name, &c.map, &c.key).await?;
@@ -202,6 +229,14 @@ impl Steps {
                 Ok(None)
             }
         }
+    }
+
+    /// Whether `record`, at the source of change `c`, holds what our pending create wrote there.
+    async fn ours(&self, lj: &LoadedJob, m: usize, c: &ChangeRef, record: &Record) -> Result<bool, StepError> {
+        let link = self.state.links(&lj.job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
+        let Some(p) = link.and_then(|l| l.state.pending) else { return Ok(false) };
+        let hash = canon::canon(&lj.job.maps[m], c.source, &record.fields).ok().map(|h| canon::hash(&h));
+        Ok(p.side == c.source && p.from_version.is_none() && hash.as_deref() == Some(p.hash.as_str()))
     }
 
     /// Drops echoes of dualsync's own writes and raises each remaining link's seen seq (unless

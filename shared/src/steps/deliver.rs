@@ -94,6 +94,8 @@ impl Steps {
                 continue;
             }
             let mut heads = vec![0usize; lanes.len()];
+            // Retried changes handled in this batch: their rows are settled after it.
+            let mut retried: Vec<&ChangeRef> = Vec::new();
             let mut blocked: Vec<Option<(String, Option<Duration>)>> = vec![None; lanes.len()];
             loop {
                 let wave: Vec<usize> =
@@ -106,10 +108,9 @@ impl Steps {
                 for (l, r) in wave.into_iter().zip(results) {
                     match r {
                         ChangeResult::Done => {
-                            // A retry that did not sync leaves its row open again.
-                            if let Some(sk) = &lanes[l].1[heads[l]].1.retry_of {
-                                let why = "handled without syncing (see the newer rows of this record)";
-                                self.state.settle_retry(&job_name, sk, why).await?;
+                            let c = &lanes[l].1[heads[l]].1;
+                            if c.retry_of.is_some() {
+                                retried.push(c);
                             }
                             heads[l] += 1
                         }
@@ -117,6 +118,7 @@ impl Steps {
                     }
                 }
             }
+            self.settle_retries(&lj, &retried).await?;
             for (l, (_, lane)) in lanes.iter().enumerate() {
                 let Some((message, retry_after)) = &blocked[l] else { continue };
                 let failed = &lane[heads[l]].1;
@@ -189,6 +191,11 @@ impl Steps {
         }
         let mut conflicts: Vec<ConflictRecord> = Vec::new();
         let mut failures: Vec<Failure> = Vec::new();
+        // Retried rows whose change was decided without a write: (row, why), closed at the end.
+        let mut decided: Vec<(String, &str)> = Vec::new();
+        // Retried rows whose change synced: resolved at the end, whether or not the link still
+        // lists them.
+        let mut synced: Vec<String> = Vec::new();
         // Children whose parent is missing on the other side: (change, parent map, parent key, why).
         let mut waiting: Vec<(usize, usize, Key, String)> = Vec::new();
 
@@ -321,10 +328,17 @@ impl Steps {
                 match decision {
                     Decision::InStep => {
                         // Written only when it says something new: a first link, a sync its
-                        // stored state does not show yet, or error rows to resolve. An echo of a
-                        // landed write costs no link write.
+                        // stored state does not show yet, error rows to resolve, or an uncertain
+                        // mark now known to have landed (left, it would judge a later edit of its
+                        // target as unknown). An echo of a landed write costs no link write.
                         let errors = open_errors(link.as_ref());
-                        if link.is_none() || settled.hash.as_deref() != Some(h_s.as_str()) || !errors.is_empty() {
+                        let uncertain =
+                            link.as_ref().and_then(|l| l.state.pending.as_ref()).is_some_and(|p| p.uncertain);
+                        if link.is_none()
+                            || settled.hash.as_deref() != Some(h_s.as_str())
+                            || !errors.is_empty()
+                            || uncertain
+                        {
                             let mut next = next_link(&settled, c, &h_s, &rs.version);
                             next.version[c.source.other().index()] = ro.as_ref().map(|r| r.version.clone());
                             commits.push((i, next, link.as_ref().map(|l| l.rev), errors));
@@ -332,16 +346,24 @@ impl Steps {
                             release.push((i, l.rev, l.state.clone()));
                         }
                         Metrics::add(&self.metrics.in_step, 1);
+                        synced.extend(c.retry_of.clone());
                         results[i] = Some(ChangeResult::Done);
                     }
                     Decision::OtherSideChanged => {
                         release.extend(link.as_ref().map(|l| (i, l.rev, l.state.clone())));
+                        // A retried row is settled: the other side's newer change supersedes it.
+                        decided
+                            .extend(c.retry_of.clone().map(|sk| (sk, "superseded by the other side's newer change")));
                         Metrics::add(&self.metrics.other_side_changed, 1);
                         results[i] = Some(ChangeResult::Done);
                     }
                     Decision::ConflictLost => {
                         release.extend(link.as_ref().map(|l| (i, l.rev, l.state.clone())));
                         conflicts.push(self.conflict(job, c, &h_s, h_o.as_deref().unwrap_or_default()));
+                        // A retried row is settled: the conflict log says the primary won.
+                        decided.extend(
+                            c.retry_of.clone().map(|sk| (sk, "lost a conflict to the primary (see conflicts)")),
+                        );
                         results[i] = Some(ChangeResult::Done);
                     }
                     Decision::Write { conflict } => {
@@ -426,8 +448,12 @@ impl Steps {
                 .map(|plan| {
                     let c = changes[plan.i];
                     let mut state = next_link(&plan.settled, c, &plan.hash, &plan.source.version);
-                    // Until the write lands, the last sync is the one before it.
+                    // Until the write lands, the last sync is the one before it: its content,
+                    // and the source's version then. Capture drops a notification of the
+                    // source's version on the link as delivered already, and this write may
+                    // still fail or never be made (a crash right after this mark).
                     state.hash = plan.settled.hash.clone();
+                    state.version[c.source.index()] = plan.settled.version[c.source.index()].clone();
                     state.pending = Some(PendingWrite {
                         side: c.source.other(),
                         hash: plan.hash.clone(),
@@ -446,6 +472,9 @@ impl Steps {
                     Err(KvError::ConditionFailed { .. }) => retry.push(plan.i),
                     Err(e) => return Err(e.into()),
                 }
+            }
+            if !marked.is_empty() {
+                self.failpoints.check("deliver.after_mark")?;
             }
 
             // Step 6: write to the other app, conditional on the version read.
@@ -490,6 +519,7 @@ impl Steps {
                                 created.push(i);
                             }
                             release.push((i, marked_rev, marked[p].2.clone()));
+                            synced.extend(c.retry_of.clone());
                             results[i] = Some(ChangeResult::Done);
                             Metrics::add(&self.metrics.written, 1);
                             self.metrics.record_latency(self.state.now_ms() - c.at_ms);
@@ -596,11 +626,46 @@ impl Steps {
 
         self.record_all(lj, failures.into_iter().map(|(i, category, message)| (changes[i], category, message))).await?;
         self.wait_for_parents(lj, changes, waiting).await?;
+        for (sk, why) in decided {
+            self.state.close_errors(&job.name, &[sk], why).await?;
+        }
+        if !synced.is_empty() {
+            self.state.resolve_errors(&job.name, &synced).await?;
+        }
         for c in conflicts {
             Metrics::add(&self.metrics.conflicts, 1);
             self.state.record_conflict(c).await?;
         }
         Ok(results.into_iter().map(|r| r.unwrap_or(ChangeResult::Done)).collect())
+    }
+
+    /// Settles the rows of retried changes that ended without a failure of their own. A row its
+    /// delivery resolved or closed stays so; one whose record is now in step (or on neither
+    /// side), synced by a newer change, is closed; any other is open again with its attempts
+    /// raised (a stale retry is a concurrency skip, DESIGN §2.4).
+    async fn settle_retries(&self, lj: &LoadedJob, retried: &[&ChangeRef]) -> Result<(), StepError> {
+        let job = &lj.job;
+        let known: Vec<(usize, &ChangeRef)> =
+            retried.iter().filter_map(|c| job.map(&c.map).map(|(m, _)| (m, *c))).collect();
+        let read = |side: Side| self.read_grouped(lj, known.iter().map(move |(m, c)| (*m, side, &c.key)));
+        let (a, b) = (read(Side::A).await, read(Side::B).await);
+        for (((m, c), ra), rb) in known.iter().zip(a).zip(b) {
+            let hash =
+                |side: Side, r: &Record| canon::canon(&job.maps[*m], side, &r.fields).ok().map(|c| canon::hash(&c));
+            let in_step = match (ra, rb) {
+                (Ok(None), Ok(None)) => true,
+                (Ok(Some(ra)), Ok(Some(rb))) => hash(Side::A, &ra).is_some_and(|h| Some(h) == hash(Side::B, &rb)),
+                _ => false,
+            };
+            let sk = c.retry_of.clone().unwrap_or_default();
+            if in_step {
+                self.state.close_errors(&job.name, &[sk], "in step now, synced by a newer change").await?;
+            } else {
+                let why = "handled without syncing (see the newer rows of this record)";
+                self.state.settle_retry(&job.name, &sk, why).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends the children waiting on these links (map, key, revision, state) back to the deliver
