@@ -293,3 +293,99 @@ table_groups:
         assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
     }
 }
+
+/// Handles every queue of the local runtime in `state` until nothing moves (poison messages
+/// reach their dead-letter queue on their sixth receive); the ids in the capture dead-letter queue.
+fn drain_local(state: &std::path::Path) -> Vec<String> {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let rt = dualsync::runtime::local::LocalRuntime::open(state).unwrap();
+        while rt.pump().await.unwrap() > 0 {}
+        assert!(rt.is_idle().await.unwrap());
+        rt.dead_letters[0].peek_all().unwrap().iter().map(|m| m.id.to_string()).collect()
+    })
+}
+
+fn send_capture(state: &std::path::Path, body: &str) {
+    use dualsync::ports::{OutMessage, Queue};
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let rt = dualsync::runtime::local::LocalRuntime::open(state).unwrap();
+        rt.capture.send(vec![OutMessage::standard(body.to_string())]).await.unwrap();
+    })
+}
+
+#[test]
+fn dead_letters_are_listed_shown_and_redriven_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    sqlite(&a, "CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT); INSERT INTO people VALUES ('p1', 'Ada')");
+    sqlite(&b, "CREATE TABLE contacts (contact_id TEXT PRIMARY KEY, fullname TEXT)");
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "job: people
+apps:
+  - { name: a, connector: sqlite, path: a.db }
+  - { name: b, connector: sqlite, path: b.db }
+primary: a
+table_groups:
+  - name: all
+    maps:
+      - name: people
+        sequence: 1
+        entities: { a: people, b: contacts }
+        keys: [{ a: id, b: contact_id }]
+        fields: [{ a: name, b: fullname }]
+",
+    )
+    .unwrap();
+    // A change of a job that does not exist yet, and a message that is not JSON.
+    let change = r#"{"job": "people", "app": "a", "txid": "t1", "changes": [{"app": "a", "entity": "people", "key": ["p1"], "op": "upsert", "seq": 1, "at_ms": 0}]}"#;
+    send_capture(&state, change);
+    let unknown = drain_local(&state);
+    assert_eq!(unknown.len(), 1);
+    send_capture(&state, "{not json");
+    let poison: Vec<String> = drain_local(&state).into_iter().filter(|id| !unknown.contains(id)).collect();
+    assert_eq!(poison.len(), 1);
+    let (unknown, poison) = (&unknown[0], &poison[0]);
+
+    let list = run_ok(dualsync(&state).args(["dead-letters", "list"]));
+    let at = |id: &str| list.lines().position(|l| l.split_whitespace().nth(2) == Some(id));
+    let line = |id: &str| at(id).and_then(|i| list.lines().nth(i)).map(str::to_string);
+    let row = line(unknown).unwrap_or_else(|| panic!("{list}"));
+    assert!(row.contains(" capture ") && row.contains(" people ") && row.contains("dead") && row.ends_with("unknown job 'people'"), "{list}");
+    let row = line(poison).unwrap_or_else(|| panic!("{list}"));
+    assert!(row.contains(" - ") && row.contains("malformed change notification"), "{list}");
+    assert!(at(poison) < at(unknown), "newest first: {list}");
+    let shown = run_ok(dualsync(&state).args(["dead-letters", "show", "capture", unknown]));
+    assert!(shown.contains("job:           people") && shown.contains(&format!("body:          {change}")), "{shown}");
+
+    // Once the job exists, the redriven change syncs; the row is settled.
+    run_ok(dualsync(&state).args(["job", "apply"]).arg(&job));
+    run_ok(dualsync(&state).args(["job", "start", "people"]));
+    let out = run_ok(dualsync(&state).args(["dead-letters", "redrive", "capture", unknown]));
+    assert!(out.contains(&format!("1 message(s) sent back to capture: {unknown}")), "{out}");
+    assert!(out.contains("1 other message(s) left in its dead-letter queue"), "{out}");
+    assert_eq!(drain_local(&state), [poison.clone()]);
+    assert_eq!(count(&b, "SELECT count(*) FROM contacts WHERE contact_id = 'p1' AND fullname = 'Ada'"), 1);
+
+    // Still poison: back under a new id, with its reason.
+    let out = run_ok(dualsync(&state).args(["dead-letters", "redrive", "capture", "--all"]));
+    assert!(out.contains(&format!("1 message(s) sent back to capture: {poison}")), "{out}");
+    let back = drain_local(&state);
+    assert!(back.len() == 1 && back[0] != *poison, "{back:?}");
+    let list = run_ok(dualsync(&state).args(["dead-letters", "list", "--queue", "capture"]));
+    let statuses: Vec<(&str, &str)> = list.lines().skip(1).map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f[2], f[4])
+    }).collect();
+    assert_eq!(statuses, [(back[0].as_str(), "dead"), (poison.as_str(), "redriven"), (unknown.as_str(), "redriven")], "{list}");
+
+    let out = dualsync(&state).args(["dead-letters", "redrive", "capture"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("required"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = dualsync(&state).args(["dead-letters", "show", "capture", "999"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("queue capture has no dead letter '999'"));
+    let out = dualsync(&state).args(["dead-letters", "redrive", "capture", unknown]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was redriven already"));
+}
