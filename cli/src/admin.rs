@@ -378,7 +378,9 @@ pub async fn dead_letters(data_dir: &Path, backend: &BackendArgs, cmd: DeadLette
                 println!("more: --after '{next}'");
             }
         }
-        DeadLettersCommand::Show { queue, message_id } => print_dead_letter(&rt.admin.dead_letter(&queue, &message_id).await?),
+        DeadLettersCommand::Show { queue, message_id } => {
+            print_dead_letter(&rt.admin.dead_letter(&queue, &message_id).await?)
+        }
         DeadLettersCommand::Redrive { queue, message_id, job, all } => {
             let which = match (message_id, job) {
                 (Some(id), _) => Redrive::Message(id),
@@ -387,7 +389,12 @@ pub async fn dead_letters(data_dir: &Path, backend: &BackendArgs, cmd: DeadLette
                 (None, None) => bail!("say which dead letters: a MESSAGE_ID, --job JOB or --all"),
             };
             let report = rt.admin.redrive(&queue, &which).await?;
-            println!("{} message(s) sent back to {}: {}", report.redriven.len(), report.queue, report.redriven.join(" "));
+            println!(
+                "{} message(s) sent back to {}: {}",
+                report.redriven.len(),
+                report.queue,
+                report.redriven.join(" ")
+            );
             if report.left > 0 {
                 println!("{} other message(s) left in its dead-letter queue", report.left);
             }
@@ -397,7 +404,9 @@ pub async fn dead_letters(data_dir: &Path, backend: &BackendArgs, cmd: DeadLette
             if !report.redriven.is_empty() {
                 match rt.local() {
                     Some(_) => println!("a running `dualsync run` handles them"),
-                    None => println!("the queue's function handles them; see `dualsync dead-letters list` for any that fail again"),
+                    None => println!(
+                        "the queue's function handles them; see `dualsync dead-letters list` for any that fail again"
+                    ),
                 }
             }
         }

@@ -353,7 +353,13 @@ table_groups:
     let at = |id: &str| list.lines().position(|l| l.split_whitespace().nth(2) == Some(id));
     let line = |id: &str| at(id).and_then(|i| list.lines().nth(i)).map(str::to_string);
     let row = line(unknown).unwrap_or_else(|| panic!("{list}"));
-    assert!(row.contains(" capture ") && row.contains(" people ") && row.contains("dead") && row.ends_with("unknown job 'people'"), "{list}");
+    assert!(
+        row.contains(" capture ")
+            && row.contains(" people ")
+            && row.contains("dead")
+            && row.ends_with("unknown job 'people'"),
+        "{list}"
+    );
     let row = line(poison).unwrap_or_else(|| panic!("{list}"));
     assert!(row.contains(" - ") && row.contains("malformed change notification"), "{list}");
     assert!(at(poison) < at(unknown), "newest first: {list}");
@@ -375,11 +381,19 @@ table_groups:
     let back = drain_local(&state);
     assert!(back.len() == 1 && back[0] != *poison, "{back:?}");
     let list = run_ok(dualsync(&state).args(["dead-letters", "list", "--queue", "capture"]));
-    let statuses: Vec<(&str, &str)> = list.lines().skip(1).map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f[2], f[4])
-    }).collect();
-    assert_eq!(statuses, [(back[0].as_str(), "dead"), (poison.as_str(), "redriven"), (unknown.as_str(), "redriven")], "{list}");
+    let statuses: Vec<(&str, &str)> = list
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[2], f[4])
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [(back[0].as_str(), "dead"), (poison.as_str(), "redriven"), (unknown.as_str(), "redriven")],
+        "{list}"
+    );
 
     let out = dualsync(&state).args(["dead-letters", "redrive", "capture"]).output().unwrap();
     assert!(!out.status.success());

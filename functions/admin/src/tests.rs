@@ -430,8 +430,7 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     assert_eq!(shown["body"], "{not json");
 
     // Redriven while still poison: it comes back under a new id, with a new row and its reason.
-    let (status, report) =
-        f.call("POST", "/dead-letters/capture/redrive", Some(json!({"message_id": first}))).await;
+    let (status, report) = f.call("POST", "/dead-letters/capture/redrive", Some(json!({"message_id": first}))).await;
     assert_eq!(status, StatusCode::OK, "{report}");
     assert_eq!(report, json!({"queue": "capture", "redriven": [first], "left": 0, "more": false}));
     assert!(f.capture_dlq().is_empty(), "moved out of the dead-letter queue");
@@ -462,15 +461,32 @@ async fn dead_letters_are_listed_shown_and_redriven() {
     assert_eq!((report["redriven"].clone(), report["left"].as_u64()), (json!([]), Some(1)), "{report}");
     assert_eq!(f.capture_dlq(), again, "left where it was, and visible");
 
-    let (status, body) =
-        f.call("POST", "/dead-letters/capture/redrive", Some(json!({"message_id": first}))).await;
+    let (status, body) = f.call("POST", "/dead-letters/capture/redrive", Some(json!({"message_id": first}))).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(message(&body).contains("was redriven already"), "{body}");
     let cases = [
         ("POST", "/dead-letters/capture/redrive", Some(json!({})), StatusCode::BAD_REQUEST, "exactly one of"),
-        ("POST", "/dead-letters/capture/redrive", Some(json!({"message_id": "1", "all": true})), StatusCode::BAD_REQUEST, "exactly one of"),
-        ("POST", "/dead-letters/capture/redrive", Some(json!({"everything": true})), StatusCode::BAD_REQUEST, "unknown field `everything`"),
-        ("POST", "/dead-letters/nope/redrive", Some(json!({"all": true})), StatusCode::NOT_FOUND, "no queue named 'nope': the queues are capture, sequence, deliver.fifo, reconcile.fifo"),
+        (
+            "POST",
+            "/dead-letters/capture/redrive",
+            Some(json!({"message_id": "1", "all": true})),
+            StatusCode::BAD_REQUEST,
+            "exactly one of",
+        ),
+        (
+            "POST",
+            "/dead-letters/capture/redrive",
+            Some(json!({"everything": true})),
+            StatusCode::BAD_REQUEST,
+            "unknown field `everything`",
+        ),
+        (
+            "POST",
+            "/dead-letters/nope/redrive",
+            Some(json!({"all": true})),
+            StatusCode::NOT_FOUND,
+            "no queue named 'nope': the queues are capture, sequence, deliver.fifo, reconcile.fifo",
+        ),
         ("GET", "/dead-letters/capture/999", None, StatusCode::NOT_FOUND, "queue capture has no dead letter '999'"),
         ("GET", "/dead-letters?queue=nope", None, StatusCode::NOT_FOUND, "no queue named 'nope'"),
         ("GET", "/dead-letters?after=garbage", None, StatusCode::BAD_REQUEST, "'garbage' is not a cursor of this list"),

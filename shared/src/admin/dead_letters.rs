@@ -91,9 +91,13 @@ impl Admin {
         };
         let cursor = match after {
             None => None,
-            Some(a) => Some(DeadLetterCursor::parse(a).filter(|c| queues.contains(&c.queue.as_str())).ok_or_else(
-                || AdminError::BadRequest(format!("'{a}' is not a cursor of this list: pass the `next` of the page before")),
-            )?),
+            Some(a) => {
+                Some(DeadLetterCursor::parse(a).filter(|c| queues.contains(&c.queue.as_str())).ok_or_else(|| {
+                    AdminError::BadRequest(format!(
+                        "'{a}' is not a cursor of this list: pass the `next` of the page before"
+                    ))
+                })?)
+            }
         };
         Ok(self.state.dead_letter_page(&queues, limit, cursor.as_ref()).await?)
     }

@@ -84,7 +84,8 @@ impl State {
             status: DeadLetterStatus::Dead,
             redriven_ms: None,
         };
-        let put = Put { pk: keys::dead_letters_pk(queue), sk, body: encode(&row), expires_at: None, expect: Expect::Any };
+        let put =
+            Put { pk: keys::dead_letters_pk(queue), sk, body: encode(&row), expires_at: None, expect: Expect::Any };
         self.kv.put(put).await.map(|_| ())
     }
 
@@ -151,7 +152,8 @@ impl State {
                     std::cmp::Ordering::Greater => time.to_string(),
                 }
             });
-            let page = self.kv.query(&keys::dead_letters_pk(queue), &SkRange::default(), limit, start.as_deref()).await?;
+            let page =
+                self.kv.query(&keys::dead_letters_pk(queue), &SkRange::default(), limit, start.as_deref()).await?;
             more |= page.next.is_some();
             for item in &page.items {
                 rows.push((i, item.sk.clone(), decode(item)?));

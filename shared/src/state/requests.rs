@@ -118,7 +118,9 @@ impl State {
         let mut out = Vec::new();
         for id in &queue.unsent {
             match self.request(job, id).await? {
-                Some(r) if r.status == RequestStatus::Queued && r.created_ms <= self.now_ms() - min_age_ms => out.push(r),
+                Some(r) if r.status == RequestStatus::Queued && r.created_ms <= self.now_ms() - min_age_ms => {
+                    out.push(r)
+                }
                 _ => {}
             }
         }

@@ -32,7 +32,12 @@ pub fn queue_name(url: &str) -> String {
 /// The operators' service over a state table and the four work queues (by URL, in pipeline
 /// order: capture, sequence, deliver, reconcile), each with the dead-letter queue named after it:
 /// what the CLI on AWS and the admin function both use.
-pub fn admin(sdk: &SdkConfig, table: &str, queue_urls: &[String; 4], usage: std::sync::Arc<Usage>) -> crate::admin::Admin {
+pub fn admin(
+    sdk: &SdkConfig,
+    table: &str,
+    queue_urls: &[String; 4],
+    usage: std::sync::Arc<Usage>,
+) -> crate::admin::Admin {
     use std::sync::Arc;
     let clock = Arc::new(crate::ports::SystemClock);
     let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(sdk), table.to_string(), clock.clone(), usage.clone());
@@ -339,7 +344,10 @@ mod tests {
         assert_eq!(n.dead_letter_queue(&n.deliver_queue()), "dualsync-dev-deliver-dlq.fifo");
         assert_eq!(n.dead_letter_queue(&n.capture_queue()), "dualsync-dev-capture-dlq");
         let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/dualsync-dev-deliver.fifo";
-        assert_eq!(dead_letter_url(url), "https://sqs.eu-west-1.amazonaws.com/123456789012/dualsync-dev-deliver-dlq.fifo");
+        assert_eq!(
+            dead_letter_url(url),
+            "https://sqs.eu-west-1.amazonaws.com/123456789012/dualsync-dev-deliver-dlq.fifo"
+        );
         assert_eq!(dead_letter_url("http://127.0.0.1:5000/000000000000/q"), "http://127.0.0.1:5000/000000000000/q-dlq");
         let r = Resources::from_urls(&n, (0..8).map(|i| format!("u{i}")).collect());
         assert_eq!((r.capture_url.as_str(), r.reconcile_url.as_str()), ("u0", "u6"));
