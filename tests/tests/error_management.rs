@@ -649,7 +649,7 @@ async fn dead_letters_are_listed_shown_and_redriven(backend: Backend) {
     let report = h.admin.redrive("capture", &Redrive::All).await.unwrap();
     assert_eq!((report.redriven.clone(), report.left), (vec![poison.message_id.clone()], 0));
     let report = h.admin.redrive("deliver", &Redrive::All).await.unwrap();
-    assert_eq!(report.redriven, [on_deliver.message_id.clone()]);
+    assert_eq!(report.redriven, std::slice::from_ref(&on_deliver.message_id));
     h.drain().await;
     let rows = h.admin.dead_letters(None, 10, None).await.unwrap().items;
     assert_eq!(rows.len(), 5, "{rows:#?}");
