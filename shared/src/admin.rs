@@ -1,6 +1,7 @@
 //! The operators' view (issue: error management): jobs and their status, pause and resume,
-//! error rows and counts, the conflict log, retry/dismiss requests, and dead letters. One service over the
-//! state table and the queues, so the CLI and the admin API behave the same on every backend.
+//! error rows and counts, the conflict log, retry/dismiss requests, and dead letters. One
+//! service over the state table and the queues, so the CLI and the admin API behave the same on
+//! every backend.
 use serde::Serialize;
 use std::sync::Arc;
 
