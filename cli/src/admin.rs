@@ -1,12 +1,12 @@
-//! Admin commands: jobs, errors, requests, conflicts, initial sync, on the local or the AWS
+//! Admin commands: jobs, errors, requests, conflicts, dead letters, initial sync, on the local or the AWS
 //! backend, through the same [`dualsync::admin::Admin`] service as the admin API.
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
-use dualsync::admin::JobView;
+use dualsync::admin::{JobView, Redrive};
 use dualsync::domain::config::{load_job_file, JobDef};
-use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
+use dualsync::domain::errors::{DeadLetter, ErrorCategory, ErrorStatus, SyncError};
 use dualsync::domain::requests::{ReconcileRequest, RequestAction};
 use dualsync::state::ErrorFilter;
 use dualsync::steps::initial_sync::reset_checkpoints;
@@ -116,6 +116,36 @@ pub enum ErrorsCommand {
 pub enum RequestsCommand {
     /// A job's retry and dismiss requests with their progress, oldest first.
     List { job: String },
+}
+
+#[derive(Subcommand)]
+pub enum DeadLettersCommand {
+    /// Dead-letter rows, newest first: why each message reached its queue's dead-letter queue.
+    List {
+        /// Only this queue's rows (capture, sequence, deliver, reconcile, or a full queue name).
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Continue after this cursor (printed at the end of a page).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Shows one dead-letter row with the message body (references only).
+    Show { queue: String, message_id: String },
+    /// Sends dead letters back to their queue: one message, a job's, or all of the queue's.
+    Redrive {
+        queue: String,
+        /// The message to send back.
+        #[arg(required_unless_present_any = ["job", "all"], conflicts_with_all = ["job", "all"])]
+        message_id: Option<String>,
+        /// Every message that names this job.
+        #[arg(long, conflicts_with = "all")]
+        job: Option<String>,
+        /// Every message of the queue.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Args)]
@@ -321,6 +351,81 @@ fn print_request(r: &ReconcileRequest) {
         p.not_retriable,
         r.reason.as_deref().map(|x| format!(" ({x})")).unwrap_or_default()
     );
+}
+
+pub async fn dead_letters(data_dir: &Path, backend: &BackendArgs, cmd: DeadLettersCommand) -> Result<()> {
+    let rt = Backend::open(data_dir, backend).await?;
+    match cmd {
+        DeadLettersCommand::List { queue, limit, after } => {
+            let page = rt.admin.dead_letters(queue.as_deref(), limit, after.as_deref()).await?;
+            if page.items.is_empty() {
+                println!("no dead letters");
+            } else {
+                println!("{:<15} {:<28} {:<38} {:<12} {:<9} reason", "at ms", "queue", "message id", "job", "status");
+            }
+            for d in &page.items {
+                println!(
+                    "{:<15} {:<28} {:<38} {:<12} {:<9} {}",
+                    d.at_ms,
+                    d.queue,
+                    d.message_id,
+                    d.job.as_deref().unwrap_or("-"),
+                    d.status.as_str(),
+                    d.reason
+                );
+            }
+            if let Some(next) = page.next {
+                println!("more: --after '{next}'");
+            }
+        }
+        DeadLettersCommand::Show { queue, message_id } => {
+            print_dead_letter(&rt.admin.dead_letter(&queue, &message_id).await?)
+        }
+        DeadLettersCommand::Redrive { queue, message_id, job, all } => {
+            let which = match (message_id, job) {
+                (Some(id), _) => Redrive::Message(id),
+                (None, Some(job)) => Redrive::Job(job),
+                (None, None) if all => Redrive::All,
+                (None, None) => bail!("say which dead letters: a MESSAGE_ID, --job JOB or --all"),
+            };
+            let report = rt.admin.redrive(&queue, &which).await?;
+            println!(
+                "{} message(s) sent back to {}: {}",
+                report.redriven.len(),
+                report.queue,
+                report.redriven.join(" ")
+            );
+            if report.left > 0 {
+                println!("{} other message(s) left in its dead-letter queue", report.left);
+            }
+            if report.more {
+                println!("stopped after {} messages: redrive again for the rest", report.redriven.len());
+            }
+            if !report.redriven.is_empty() {
+                match rt.local() {
+                    Some(_) => println!("a running `dualsync run` handles them"),
+                    None => println!(
+                        "the queue's function handles them; see `dualsync dead-letters list` for any that fail again"
+                    ),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_dead_letter(d: &DeadLetter) {
+    println!("queue:         {}", d.queue);
+    println!("message id:    {}", d.message_id);
+    println!("job:           {}", d.job.as_deref().unwrap_or("-"));
+    println!("status:        {}", d.status.as_str());
+    println!("at:            {} ms", d.at_ms);
+    if let Some(ms) = d.redriven_ms {
+        println!("redriven at:   {ms} ms");
+    }
+    println!("receive count: {}", d.receive_count);
+    println!("reason:        {}", d.reason);
+    println!("body:          {}", d.body);
 }
 
 pub async fn conflicts(data_dir: &Path, backend: &BackendArgs, args: ConflictsArgs) -> Result<()> {

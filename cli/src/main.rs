@@ -41,6 +41,9 @@ enum Command {
     /// Retry and dismiss requests and their progress.
     #[command(subcommand)]
     Requests(admin::RequestsCommand),
+    /// Dead letters: list, show, redrive.
+    #[command(subcommand)]
+    DeadLetters(admin::DeadLettersCommand),
     /// Conflicts: which side won.
     Conflicts(admin::ConflictsArgs),
     /// Copies what exists in one app to the other.
@@ -68,6 +71,7 @@ fn main() -> Result<()> {
             Command::Job(cmd) => admin::job(&cli.data_dir, &cli.backend, cmd).await,
             Command::Errors(cmd) => admin::errors(&cli.data_dir, &cli.backend, cmd).await,
             Command::Requests(cmd) => admin::requests(&cli.data_dir, &cli.backend, cmd).await,
+            Command::DeadLetters(cmd) => admin::dead_letters(&cli.data_dir, &cli.backend, cmd).await,
             Command::Conflicts(args) => admin::conflicts(&cli.data_dir, &cli.backend, args).await,
             Command::InitialSync(args) => admin::initial_sync(&cli.data_dir, &cli.backend, args).await,
             Command::Aws(cmd) => aws::run(&cli.backend, cmd).await,

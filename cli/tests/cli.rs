@@ -293,3 +293,198 @@ table_groups:
         assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
     }
 }
+
+/// Handles every queue of the local runtime in `state` until nothing moves (poison messages
+/// reach their dead-letter queue on their sixth receive); the ids in the capture dead-letter queue.
+fn drain_local(state: &std::path::Path) -> Vec<String> {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let rt = dualsync::runtime::local::LocalRuntime::open(state).unwrap();
+        while rt.pump().await.unwrap() > 0 {}
+        assert!(rt.is_idle().await.unwrap());
+        rt.dead_letters[0].peek_all().unwrap().iter().map(|m| m.id.to_string()).collect()
+    })
+}
+
+fn send_capture(state: &std::path::Path, body: &str) {
+    use dualsync::ports::{OutMessage, Queue};
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let rt = dualsync::runtime::local::LocalRuntime::open(state).unwrap();
+        rt.capture.send(vec![OutMessage::standard(body.to_string())]).await.unwrap();
+    })
+}
+
+#[test]
+fn dead_letters_are_listed_shown_and_redriven_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+    sqlite(&a, "CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT); INSERT INTO people VALUES ('p1', 'Ada')");
+    sqlite(&b, "CREATE TABLE contacts (contact_id TEXT PRIMARY KEY, fullname TEXT)");
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "job: people
+apps:
+  - { name: a, connector: sqlite, path: a.db }
+  - { name: b, connector: sqlite, path: b.db }
+primary: a
+table_groups:
+  - name: all
+    maps:
+      - name: people
+        sequence: 1
+        entities: { a: people, b: contacts }
+        keys: [{ a: id, b: contact_id }]
+        fields: [{ a: name, b: fullname }]
+",
+    )
+    .unwrap();
+    // A change of a job that does not exist yet, and a message that is not JSON.
+    let change = r#"{"job": "people", "app": "a", "txid": "t1", "changes": [{"app": "a", "entity": "people", "key": ["p1"], "op": "upsert", "seq": 1, "at_ms": 0}]}"#;
+    send_capture(&state, change);
+    let unknown = drain_local(&state);
+    assert_eq!(unknown.len(), 1);
+    send_capture(&state, "{not json");
+    let poison: Vec<String> = drain_local(&state).into_iter().filter(|id| !unknown.contains(id)).collect();
+    assert_eq!(poison.len(), 1);
+    let (unknown, poison) = (&unknown[0], &poison[0]);
+
+    let list = run_ok(dualsync(&state).args(["dead-letters", "list"]));
+    let at = |id: &str| list.lines().position(|l| l.split_whitespace().nth(2) == Some(id));
+    let line = |id: &str| at(id).and_then(|i| list.lines().nth(i)).map(str::to_string);
+    let row = line(unknown).unwrap_or_else(|| panic!("{list}"));
+    assert!(
+        row.contains(" capture ")
+            && row.contains(" people ")
+            && row.contains("dead")
+            && row.ends_with("unknown job 'people'"),
+        "{list}"
+    );
+    let row = line(poison).unwrap_or_else(|| panic!("{list}"));
+    assert!(row.contains(" - ") && row.contains("malformed change notification"), "{list}");
+    assert!(at(poison) < at(unknown), "newest first: {list}");
+    let shown = run_ok(dualsync(&state).args(["dead-letters", "show", "capture", unknown]));
+    assert!(shown.contains("job:           people") && shown.contains(&format!("body:          {change}")), "{shown}");
+
+    // Once the job exists, the redriven change syncs; the row is settled.
+    run_ok(dualsync(&state).args(["job", "apply"]).arg(&job));
+    run_ok(dualsync(&state).args(["job", "start", "people"]));
+    let out = run_ok(dualsync(&state).args(["dead-letters", "redrive", "capture", unknown]));
+    assert!(out.contains(&format!("1 message(s) sent back to capture: {unknown}")), "{out}");
+    assert!(out.contains("1 other message(s) left in its dead-letter queue"), "{out}");
+    assert_eq!(drain_local(&state), std::slice::from_ref(poison));
+    assert_eq!(count(&b, "SELECT count(*) FROM contacts WHERE contact_id = 'p1' AND fullname = 'Ada'"), 1);
+
+    // Still poison: back under a new id, with its reason.
+    let out = run_ok(dualsync(&state).args(["dead-letters", "redrive", "capture", "--all"]));
+    assert!(out.contains(&format!("1 message(s) sent back to capture: {poison}")), "{out}");
+    let back = drain_local(&state);
+    assert!(back.len() == 1 && back[0] != *poison, "{back:?}");
+    let list = run_ok(dualsync(&state).args(["dead-letters", "list", "--queue", "capture"]));
+    let statuses: Vec<(&str, &str)> = list
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[2], f[4])
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [(back[0].as_str(), "dead"), (poison.as_str(), "redriven"), (unknown.as_str(), "redriven")],
+        "{list}"
+    );
+
+    let out = dualsync(&state).args(["dead-letters", "redrive", "capture"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("required"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = dualsync(&state).args(["dead-letters", "show", "capture", "999"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("queue capture has no dead letter '999'"));
+    let out = dualsync(&state).args(["dead-letters", "redrive", "capture", unknown]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was redriven already"));
+}
+
+/// The stage's table and queues on the emulator, and the handlers over them.
+async fn aws_stack(stage: &str) -> (dualsync::adapters::aws::Resources, dualsync_lambda::stack::Stack) {
+    use dualsync::adapters::aws::{sdk_config, Names, Resources, Usage};
+    let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT").expect("DUALSYNC_TEST_AWS_ENDPOINT is not set");
+    for (k, v) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")]
+    {
+        if std::env::var_os(k).is_none() {
+            std::env::set_var(k, v);
+        }
+    }
+    let sdk = sdk_config(Some(&endpoint)).await;
+    let resources = Resources::lookup(&sdk, &Names::new(stage)).await.unwrap();
+    let stack = dualsync_lambda::stack::Stack::new(&sdk, &resources, std::sync::Arc::new(Usage::default()));
+    (resources, stack)
+}
+
+/// Runs the handlers until the stack is idle.
+fn drain_aws(stage: &str) {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (_, stack) = aws_stack(stage).await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if stack.poll_round().await.unwrap().is_empty() {
+                if stack.is_idle().await.unwrap() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(Instant::now() < deadline, "the stack did not drain in two minutes");
+        }
+    })
+}
+
+#[test]
+fn dead_letters_are_listed_shown_and_redriven_on_aws() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = format!("{}dl", stage());
+    run_ok(on_aws(dir.path(), &stage).args(["aws", "bootstrap"]));
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use dualsync::ports::{OutMessage, Queue};
+        let (resources, _) = aws_stack(&stage).await;
+        let sdk =
+            dualsync::adapters::aws::sdk_config(std::env::var("DUALSYNC_TEST_AWS_ENDPOINT").ok().as_deref()).await;
+        let capture = dualsync::adapters::aws::SqsQueue::new(
+            aws_sdk_sqs::Client::new(&sdk),
+            resources.names.capture_queue(),
+            resources.capture_url.clone(),
+            dualsync::adapters::aws::MAX_RECEIVE_COUNT,
+            std::sync::Arc::new(dualsync::adapters::aws::Usage::default()),
+        );
+        capture.send(vec![OutMessage::standard("{not json".into())]).await.unwrap();
+    });
+    drain_aws(&stage);
+    let queue = format!("dualsync-{stage}-capture");
+    let rows = |list: &str| -> Vec<(String, String)> {
+        list.lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[2].to_string(), f[4].to_string())
+            })
+            .collect()
+    };
+    let list = run_ok(on_aws(dir.path(), &stage).args(["dead-letters", "list"]));
+    assert!(list.contains(&queue) && list.contains("malformed change notification"), "{list}");
+    let first = rows(&list);
+    assert_eq!(first.len(), 1, "{list}");
+    let id = first[0].0.clone();
+    assert_eq!(first[0].1, "dead");
+    let shown = run_ok(on_aws(dir.path(), &stage).args(["dead-letters", "show", "capture", &id]));
+    assert!(
+        shown.contains("body:          {not json") && shown.contains(&format!("queue:         {queue}")),
+        "{shown}"
+    );
+
+    let out = run_ok(on_aws(dir.path(), &stage).args(["dead-letters", "redrive", "capture", &id]));
+    assert!(out.contains(&format!("1 message(s) sent back to {queue}: {id}")), "{out}");
+    drain_aws(&stage);
+    let list = run_ok(on_aws(dir.path(), &stage).args(["dead-letters", "list", "--queue", "capture"]));
+    let now = rows(&list);
+    assert_eq!(now.len(), 2, "{list}");
+    assert!(now[0].0 != id && now[0].1 == "dead", "back under a new id: {list}");
+    assert_eq!(now[1], (id, "redriven".to_string()), "{list}");
+}

@@ -1,17 +1,21 @@
 //! The operators' view (issue: error management): jobs and their status, pause and resume,
-//! error rows and counts, the conflict log, and retry/dismiss requests. One service over the
-//! state table and the queues, so the CLI and the admin API behave the same on every backend.
+//! error rows and counts, the conflict log, retry/dismiss requests, and dead letters. One
+//! service over the state table and the queues, so the CLI and the admin API behave the same on
+//! every backend.
 use serde::Serialize;
 use std::sync::Arc;
 
 use crate::domain::errors::{ConflictRecord, SyncError};
 use crate::domain::job::{AlertRule, JobStatus};
 use crate::domain::requests::{ReconcileRequest, RequestAction, RequestStatus};
-use crate::ports::{Page, Queue};
+use crate::ports::{Page, Queue, QueueError};
 use crate::state::{ErrorCounts, ErrorFilter, State, StateError};
 use crate::steps::pause;
 use crate::steps::reconcile::ReconcileMessage;
 use crate::steps::StepError;
+
+mod dead_letters;
+pub use dead_letters::{DeadLetterQueue, Redrive, RedriveReport, MAX_REDRIVE};
 
 /// What went wrong, by whose fault: the admin API maps these to 404, 409, 400 and 500.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +75,10 @@ pub struct JobView {
     pub requests_queued: usize,
 }
 
+/// How long a request may hold a place without being noted as sent before a later call sends
+/// it: longer than any submit takes between the two (the admin function times out after 30 s).
+pub const UNSENT_AFTER_MS: i64 = 2 * 60_000;
+
 #[derive(Clone)]
 pub struct Admin {
     pub state: State,
@@ -78,11 +86,22 @@ pub struct Admin {
     pub deliver: Arc<dyn Queue>,
     /// Where requests are queued for the reconcile step.
     pub reconcile: Arc<dyn Queue>,
+    /// The work queues with their dead-letter queues, in pipeline order (see
+    /// [`Admin::with_dead_letter_queues`]).
+    pub dead_letter_queues: Vec<DeadLetterQueue>,
 }
 
 impl Admin {
+    /// An admin over the state and the queues it sends to; dead letters need
+    /// [`Admin::with_dead_letter_queues`] as well.
     pub fn new(state: State, deliver: Arc<dyn Queue>, reconcile: Arc<dyn Queue>) -> Self {
-        Admin { state, deliver, reconcile }
+        Admin { state, deliver, reconcile, dead_letter_queues: Vec::new() }
+    }
+
+    /// The work queues and their dead-letter queues, in pipeline order.
+    pub fn with_dead_letter_queues(mut self, queues: Vec<DeadLetterQueue>) -> Self {
+        self.dead_letter_queues = queues;
+        self
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobView>, AdminError> {
@@ -95,6 +114,7 @@ impl Admin {
 
     pub async fn job(&self, name: &str) -> Result<JobView, AdminError> {
         let (record, _) = self.state.job_record(name).await?;
+        self.send_unsent_requests(name).await?;
         let errors = self.state.error_counts(name, &ErrorFilter::default()).await?;
         let requests_queued = self.state.queued_requests(name).await?;
         Ok(JobView {
@@ -160,9 +180,9 @@ impl Admin {
         action: RequestAction,
         filter: ErrorFilter,
     ) -> Result<ReconcileRequest, AdminError> {
+        self.send_unsent_requests(job).await?;
         let mut request = self.state.create_request(job, action, filter).await?;
-        let message = ReconcileMessage::Run { job: job.to_string(), request: request.id.clone() };
-        if let Err(e) = self.reconcile.send(vec![message.out()]).await {
+        if let Err(e) = self.send_request(&request).await {
             // Not queued: free its place rather than hold it for good.
             request.status = RequestStatus::Refused;
             request.reason = Some(format!("could not be queued: {e}"));
@@ -173,8 +193,31 @@ impl Admin {
         Ok(request)
     }
 
+    /// Puts a stored request's run message on the reconcile queue and notes that it is there.
+    async fn send_request(&self, request: &ReconcileRequest) -> Result<(), QueueError> {
+        let message = ReconcileMessage::Run { job: request.job.clone(), request: request.id.clone() };
+        self.reconcile.send(vec![message.out()]).await?;
+        self.state.mark_request_sent(&request.job, &request.id).await.map_err(|e| QueueError::Unavailable {
+            queue: self.reconcile.name().to_string(),
+            reason: format!("sent, but not noted as sent: {e}"),
+        })
+    }
+
+    /// Sends the requests an admin stored (taking a place) but died before sending, so that no
+    /// place is held for good. Done whenever a job's places are read.
+    async fn send_unsent_requests(&self, job: &str) -> Result<(), AdminError> {
+        for request in self.state.unsent_requests(job, UNSENT_AFTER_MS).await? {
+            tracing::warn!(job, request = %request.id, "request stored but never queued: queueing it now");
+            self.send_request(&request)
+                .await
+                .map_err(|e| AdminError::Internal(format!("request {} could not be queued: {e}", request.id)))?;
+        }
+        Ok(())
+    }
+
     pub async fn requests(&self, job: &str) -> Result<Vec<ReconcileRequest>, AdminError> {
         self.state.job_record(job).await?;
+        self.send_unsent_requests(job).await?;
         Ok(self.state.requests(job).await?)
     }
 

@@ -1,7 +1,8 @@
 //! Error management on both backends: the same test bodies run on the embedded runner and on
 //! the Lambda handlers over moto server (started by `./scripts/test`). Error rows and repeats,
 //! queries and stable paging, counts, retry and dismiss requests with their limits, refusals and
-//! progress, pause and resume, the alert rule, and the admin API over each backend.
+//! progress, pause and resume, the alert rule, dead letters and their redrive, and the admin API
+//! over each backend.
 mod common;
 
 use std::path::PathBuf;
@@ -12,12 +13,12 @@ use std::time::{Duration, Instant};
 use common::{create_apps, Flaky};
 use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Usage};
 use dualsync::adapters::embedded::EmbeddedDb;
-use dualsync::admin::{Admin, AdminError};
-use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
+use dualsync::admin::{Admin, AdminError, Redrive};
+use dualsync::domain::errors::{DeadLetterStatus, ErrorCategory, ErrorStatus, SyncError};
 use dualsync::domain::job::{AlertRule, JobStatus, Side};
 use dualsync::domain::keys;
 use dualsync::domain::requests::{RequestAction, RequestStatus, MAX_REQUEST_RECORDS};
-use dualsync::ports::{Expect, ManualClock, Put};
+use dualsync::ports::{Expect, ManualClock, OutMessage, Put};
 use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::{ErrorFilter, State};
 use dualsync::steps::{Backoff, Failpoints};
@@ -94,6 +95,13 @@ impl H {
         match &self.pipeline {
             Pipeline::Local { clock, .. } => clock.advance(10),
             Pipeline::Aws { .. } => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+
+    async fn start(&self, job: &str) {
+        match &self.pipeline {
+            Pipeline::Local { rt, .. } => rt.start(job).await.unwrap(),
+            Pipeline::Aws { stack } => stack.start(job).await.unwrap(),
         }
     }
 
@@ -184,11 +192,13 @@ on_both_backends!(
     dismiss_is_permanent,
     requests_need_an_active_job,
     requests_queue_up_to_five_and_run_in_order,
+    a_request_stored_but_never_queued_does_not_hold_its_place,
     a_request_selects_at_most_ten_thousand_records,
     pause_keeps_changes_and_resume_delivers_them_in_order,
     the_alert_rule_pauses_the_job,
     conflicts_stay_out_of_the_error_list,
     the_admin_api_serves_the_backend,
+    dead_letters_are_listed_shown_and_redriven,
 );
 
 async fn rows_repeat_filter_page_and_count(backend: Backend) {
@@ -378,6 +388,27 @@ async fn requests_queue_up_to_five_and_run_in_order(backend: Backend) {
     h.submit(RequestAction::Retry, first).await.unwrap();
 }
 
+/// An admin that dies between storing a request (which takes a place) and queueing it must not
+/// leave the place taken for good: the request is queued by a later call and runs.
+async fn a_request_stored_but_never_queued_does_not_hold_its_place(backend: Backend) {
+    let h = harness(backend, None).await;
+    h.orphans("p9", 2).await;
+    // Five requests stored ten minutes ago by an admin that crashed before each send.
+    let then = ManualClock::new(h.state().now_ms() - 10 * 60_000);
+    let crashed = State::new(h.state().kv().clone(), Arc::new(then));
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(crashed.create_request("j", RequestAction::Retry, application()).await.unwrap().id);
+    }
+    assert_eq!(h.admin.job("j").await.unwrap().requests_queued, 5);
+    h.drain().await;
+    let list = h.admin.requests("j").await.unwrap();
+    assert_eq!(list.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
+    assert!(list.iter().all(|r| r.status == RequestStatus::Done), "{list:#?}");
+    assert_eq!(h.admin.job("j").await.unwrap().requests_queued, 0);
+    h.submit(RequestAction::Retry, application()).await.unwrap();
+}
+
 async fn a_request_selects_at_most_ten_thousand_records(backend: Backend) {
     let h = harness(backend, None).await;
     // Rows written straight into the table: 10,001 open application errors, a ms apart.
@@ -554,4 +585,92 @@ async fn the_admin_api_serves_the_backend(backend: Backend) {
     let (status, refused) = call("POST", "/jobs/j/pause", "").await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(refused["error"], "job 'j' is paused: cannot pause it (allowed from active)");
+}
+
+async fn dead_letters_are_listed_shown_and_redriven(backend: Backend) {
+    let h = harness(backend, None).await;
+    // A second job's apps, with a record in the first; the job itself does not exist yet.
+    let (a2, b2) = (h._dir.path().join("a2.db"), h._dir.path().join("b2.db"));
+    let mut late = create_apps(&a2, &b2);
+    late.job = "late".into();
+    rusqlite::Connection::open(&a2)
+        .unwrap()
+        .execute_batch("INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n', 'X', 'small')")
+        .unwrap();
+    let [capture, _, deliver, _] = &h.admin.dead_letter_queues[..] else { panic!("four queues") };
+    let change = serde_json::json!({
+        "job": "late", "app": "a", "txid": "tx-late",
+        "changes": [{ "app": "a", "entity": "parents", "key": ["p1"], "op": "upsert", "seq": 1, "at_ms": 0, "company": "X" }]
+    });
+    capture.work.send(vec![OutMessage::standard(change.to_string())]).await.unwrap();
+    h.drain().await;
+    h.tick().await;
+    capture.work.send(vec![OutMessage::standard("{not json".into())]).await.unwrap();
+    // A FIFO one too: it goes back in its group.
+    deliver.work.send(vec![OutMessage::fifo("{bad".into(), "g1".into(), "d1".into())]).await.unwrap();
+    h.drain().await;
+
+    // Each reached its dead-letter queue with its row; newest first, a page at a time.
+    let page = h.admin.dead_letters(Some("capture"), 10, None).await.unwrap();
+    assert_eq!(page.items.len(), 2, "{page:#?}");
+    let (poison, unknown) = (page.items[0].clone(), page.items[1].clone());
+    assert!(poison.reason.starts_with("malformed change notification"), "{poison:?}");
+    assert_eq!(poison.job, None);
+    assert_eq!((unknown.job.as_deref(), unknown.reason.as_str()), (Some("late"), "unknown job 'late'"));
+    assert_eq!(unknown.body, change.to_string());
+    for d in &page.items {
+        assert_eq!((d.queue.as_str(), d.status, d.receive_count), (capture.work.name(), DeadLetterStatus::Dead, 5));
+    }
+    assert_eq!(h.admin.dead_letter("capture", &unknown.message_id).await.unwrap(), unknown);
+    let all = h.admin.dead_letters(None, 10, None).await.unwrap().items;
+    assert_eq!(all.len(), 3, "{all:#?}");
+    let on_deliver = all.iter().find(|d| d.queue == deliver.work.name()).unwrap().clone();
+    assert!(on_deliver.reason.starts_with("malformed delivery message"), "{on_deliver:?}");
+    assert!(all.windows(2).all(|w| w[0].at_ms >= w[1].at_ms), "newest first: {all:#?}");
+    let (mut seen, mut after) = (Vec::new(), None);
+    loop {
+        let page = h.admin.dead_letters(None, 1, after.as_deref()).await.unwrap();
+        seen.extend(page.items);
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, all, "pages of one see every row once, newest first");
+
+    // The job exists now: the redriven notification is handled as any other, and its row settles.
+    h.admin.state.apply_job(late).await.unwrap();
+    h.start("late").await;
+    let report = h.admin.redrive("capture", &Redrive::Message(unknown.message_id.clone())).await.unwrap();
+    assert_eq!((report.redriven.clone(), report.more), (vec![unknown.message_id.clone()], false));
+    h.drain().await;
+    assert_eq!(common::query(&b2, "SELECT count(*) FROM owners WHERE owner_id = 'p1'"), 1);
+    let settled = h.admin.dead_letter("capture", &unknown.message_id).await.unwrap();
+    assert_eq!(settled.status, DeadLetterStatus::Redriven);
+    assert!(settled.redriven_ms.is_some_and(|t| t >= unknown.at_ms), "{settled:?}");
+    match h.admin.redrive("capture", &Redrive::Message(unknown.message_id.clone())).await {
+        Err(AdminError::Refused(m)) => assert!(m.contains("was redriven already"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+
+    // Still poison: back in the dead-letter queue under a new id, with a new row and its reason.
+    let report = h.admin.redrive("capture", &Redrive::Job("late".into())).await.unwrap();
+    assert_eq!((report.redriven.len(), report.left), (0, 1), "the poison names no job");
+    let report = h.admin.redrive("capture", &Redrive::All).await.unwrap();
+    assert_eq!((report.redriven.clone(), report.left), (vec![poison.message_id.clone()], 0));
+    let report = h.admin.redrive("deliver", &Redrive::All).await.unwrap();
+    assert_eq!(report.redriven, std::slice::from_ref(&on_deliver.message_id));
+    h.drain().await;
+    let rows = h.admin.dead_letters(None, 10, None).await.unwrap().items;
+    assert_eq!(rows.len(), 5, "{rows:#?}");
+    let dead: Vec<_> = rows.iter().filter(|d| d.status == DeadLetterStatus::Dead).collect();
+    assert_eq!(dead.len(), 2, "{rows:#?}");
+    for was in [&on_deliver, &poison] {
+        let back = dead.iter().find(|d| d.queue == was.queue).unwrap();
+        assert_ne!(back.message_id, was.message_id);
+        assert_eq!((back.body.as_str(), back.reason.as_str()), (was.body.as_str(), was.reason.as_str()));
+        assert!(back.at_ms >= was.at_ms, "{back:?}");
+    }
+    assert!(matches!(h.admin.dead_letter("capture", "nope").await, Err(AdminError::NotFound(_))));
+    assert!(matches!(h.admin.dead_letters(Some("nope"), 10, None).await, Err(AdminError::NotFound(_))));
 }

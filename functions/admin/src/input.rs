@@ -20,6 +20,8 @@ pub const MAX_LIMIT: usize = 1000;
 pub const FILTER_PARAMS: &[&str] = &["from_ms", "to_ms", "entity", "app", "category", "status"];
 /// The paging query parameters.
 pub const PAGE_PARAMS: &[&str] = &["limit", "after"];
+/// The dead-letter list's queue parameter.
+pub const QUEUE_PARAM: &[&str] = &["queue"];
 
 /// Path parameters (`/jobs/{job}/...`).
 pub struct Params<T>(pub T);
@@ -101,7 +103,8 @@ impl QueryParams {
         Ok(QueryParams(out))
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    /// A parameter's value as given.
+    pub fn get(&self, name: &str) -> Option<&str> {
         self.0.get(name).map(String::as_str)
     }
 

@@ -1,11 +1,12 @@
 //! The admin HTTP JSON API over [`Admin`]: jobs, pause and resume, error rows and counts, the
-//! conflict log, and retry/dismiss requests (documented in `docs/admin-api.openapi.yaml`).
+//! conflict log, retry/dismiss requests, and dead letters with their redrive (documented in
+//! `docs/admin-api.openapi.yaml`).
 //!
 //! [`router`] serves [`ROUTES`]; the local runner wraps it in [`with_token`] (a bearer token),
 //! and the admin Lambda serves it as it is behind a function URL with AWS_IAM auth.
 //!
-//! Answers are JSON. Failures are `{"error": "<message>"}`: 404 for an unknown job, error or
-//! request, 409 for what a rule refuses (the job's status, the request limits), 400 for a bad
+//! Answers are JSON. Failures are `{"error": "<message>"}`: 404 for an unknown job, error,
+//! request, queue or dead letter, 409 for what a rule refuses (the job's status, the request limits), 400 for a bad
 //! parameter or body (naming it), 401 for a missing or wrong token, 500 for the rest.
 mod auth;
 mod error;
@@ -21,7 +22,7 @@ use dualsync::admin::Admin;
 pub use auth::with_token;
 pub use error::ApiError;
 pub use input::{DEFAULT_LIMIT, MAX_LIMIT};
-pub use routes::{NewRequest, Resumed};
+pub use routes::{NewRequest, RedriveBody, Resumed};
 
 /// Every (method, path) the API serves; [`router`] is built from this list, and a test checks
 /// it against the OpenAPI document.
@@ -37,6 +38,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/jobs/{job}/requests"),
     ("GET", "/jobs/{job}/requests"),
     ("GET", "/jobs/{job}/requests/{id}"),
+    ("GET", "/dead-letters"),
+    ("GET", "/dead-letters/{queue}/{id}"),
+    ("POST", "/dead-letters/{queue}/redrive"),
 ];
 
 /// The API over `admin`, without authentication (see [`with_token`]).

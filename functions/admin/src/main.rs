@@ -11,10 +11,10 @@ use dualsync_lambda::EnvError;
 struct Env {
     /// The DynamoDB state table.
     table: String,
-    /// Where a resume hands kept deliveries back to.
-    deliver_queue_url: String,
-    /// Where retry and dismiss requests are queued.
-    reconcile_queue_url: String,
+    /// The work queues in pipeline order: capture, sequence, deliver (where a resume hands kept
+    /// deliveries back to), reconcile (where retry and dismiss requests are queued). Dead letters
+    /// are redriven to each from the dead-letter queue named after it.
+    queue_urls: [String; 4],
 }
 
 impl Env {
@@ -22,8 +22,12 @@ impl Env {
         let need = |name: &'static str| var(name).filter(|v| !v.is_empty()).ok_or(EnvError::Missing(name));
         Ok(Env {
             table: need("DUALSYNC_TABLE")?,
-            deliver_queue_url: need("DELIVER_QUEUE_URL")?,
-            reconcile_queue_url: need("RECONCILE_QUEUE_URL")?,
+            queue_urls: [
+                need("CAPTURE_QUEUE_URL")?,
+                need("SEQUENCE_QUEUE_URL")?,
+                need("DELIVER_QUEUE_URL")?,
+                need("RECONCILE_QUEUE_URL")?,
+            ],
         })
     }
 }
@@ -34,13 +38,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     let env = Env::from_vars(|k| std::env::var(k).ok()).inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     // The clients, built once per cold start and shared by every request.
     let sdk = sdk_config(None).await;
-    let admin = dualsync::adapters::aws::admin(
-        &sdk,
-        &env.table,
-        &env.deliver_queue_url,
-        &env.reconcile_queue_url,
-        Arc::new(Usage::default()),
-    );
+    let admin = dualsync::adapters::aws::admin(&sdk, &env.table, &env.queue_urls, Arc::new(Usage::default()));
     let router = dualsync_admin::router(Arc::new(admin));
     lambda_http::run(router).await
 }
@@ -56,18 +54,22 @@ mod tests {
         move |k| map.get(k).cloned()
     }
 
-    const ALL: [(&str, &str); 3] = [
+    const ALL: [(&str, &str); 5] = [
         ("DUALSYNC_TABLE", "dualsync-dev-state"),
+        ("CAPTURE_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/123456789012/dualsync-dev-capture"),
+        ("SEQUENCE_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/123456789012/dualsync-dev-sequence"),
         ("DELIVER_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/123456789012/dualsync-dev-deliver.fifo"),
         ("RECONCILE_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/123456789012/dualsync-dev-reconcile.fifo"),
     ];
 
     #[test]
-    fn reads_the_table_and_both_queues() {
+    fn reads_the_table_and_the_queues() {
         let env = Env::from_vars(vars(&ALL)).unwrap();
         assert_eq!(env.table, "dualsync-dev-state");
-        assert_eq!(queue_name(&env.deliver_queue_url), "dualsync-dev-deliver.fifo");
-        assert_eq!(queue_name(&env.reconcile_queue_url), "dualsync-dev-reconcile.fifo");
+        assert_eq!(
+            env.queue_urls.map(|u| queue_name(&u)),
+            ["capture", "sequence", "deliver.fifo", "reconcile.fifo"].map(|q| format!("dualsync-dev-{q}"))
+        );
     }
 
     #[test]

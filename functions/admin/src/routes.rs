@@ -5,15 +5,15 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post, MethodRouter};
 use axum::Json;
-use dualsync::admin::{Admin, JobView};
-use dualsync::domain::errors::{ConflictRecord, SyncError};
+use dualsync::admin::{Admin, JobView, Redrive, RedriveReport};
+use dualsync::domain::errors::{ConflictRecord, DeadLetter, SyncError};
 use dualsync::domain::requests::{ReconcileRequest, RequestAction};
 use dualsync::ports::Page;
 use dualsync::state::{ErrorCounts, ErrorFilter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::input::{check_range, JsonBody, Params, QueryPairs, QueryParams, FILTER_PARAMS, PAGE_PARAMS};
+use crate::input::{check_range, JsonBody, Params, QueryPairs, QueryParams, FILTER_PARAMS, PAGE_PARAMS, QUEUE_PARAM};
 
 type AdminState = State<Arc<Admin>>;
 type Answer<T> = Result<Json<T>, ApiError>;
@@ -32,6 +32,9 @@ pub(crate) fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Admin>> {
         ("POST", "/jobs/{job}/requests") => post(submit),
         ("GET", "/jobs/{job}/requests") => get(requests),
         ("GET", "/jobs/{job}/requests/{id}") => get(request),
+        ("GET", "/dead-letters") => get(dead_letters),
+        ("GET", "/dead-letters/{queue}/{id}") => get(dead_letter),
+        ("POST", "/dead-letters/{queue}/redrive") => post(redrive),
         _ => panic!("no handler for {method} {path}"),
     }
 }
@@ -116,4 +119,46 @@ async fn requests(State(admin): AdminState, Params(job): Params<String>) -> Answ
 
 async fn request(State(admin): AdminState, Params((job, id)): Params<(String, String)>) -> Answer<ReconcileRequest> {
     Ok(Json(admin.request(&job, &id).await?))
+}
+
+async fn dead_letters(State(admin): AdminState, QueryPairs(q): QueryPairs) -> Answer<Page<DeadLetter>> {
+    let q = QueryParams::parse(q, &[QUEUE_PARAM, PAGE_PARAMS])?;
+    Ok(Json(admin.dead_letters(q.get("queue"), q.limit()?, q.after()).await?))
+}
+
+async fn dead_letter(State(admin): AdminState, Params((queue, id)): Params<(String, String)>) -> Answer<DeadLetter> {
+    Ok(Json(admin.dead_letter(&queue, &id).await?))
+}
+
+/// The body of `POST /dead-letters/{queue}/redrive`: one of `message_id`, `job` or `all`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveBody {
+    #[serde(default)]
+    pub message_id: Option<String>,
+    #[serde(default)]
+    pub job: Option<String>,
+    #[serde(default)]
+    pub all: bool,
+}
+
+impl RedriveBody {
+    pub fn which(self) -> Result<Redrive, ApiError> {
+        match self {
+            RedriveBody { message_id: Some(id), job: None, all: false } => Ok(Redrive::Message(id)),
+            RedriveBody { message_id: None, job: Some(job), all: false } => Ok(Redrive::Job(job)),
+            RedriveBody { message_id: None, job: None, all: true } => Ok(Redrive::All),
+            _ => Err(ApiError::bad_request(
+                r#"body: say which dead letters with exactly one of "message_id", "job" or "all": true"#,
+            )),
+        }
+    }
+}
+
+async fn redrive(
+    State(admin): AdminState,
+    Params(queue): Params<String>,
+    JsonBody(body): JsonBody<RedriveBody>,
+) -> Answer<RedriveReport> {
+    Ok(Json(admin.redrive(&queue, &body.which()?).await?))
 }

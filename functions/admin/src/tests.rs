@@ -10,8 +10,10 @@ use dualsync::domain::change::Key;
 use dualsync::domain::config::parse_job;
 use dualsync::domain::errors::{ConflictRecord, ErrorCategory};
 use dualsync::domain::job::{JobAction, Side};
+use dualsync::ports::{OutMessage, Queue};
 use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::NewError;
+use dualsync::steps::StepKind;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -34,7 +36,7 @@ table_groups:
 
 struct Fixture {
     _dir: tempfile::TempDir,
-    _rt: LocalRuntime,
+    rt: LocalRuntime,
     admin: Arc<Admin>,
     app: Router,
 }
@@ -44,9 +46,9 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let rt = LocalRuntime::open(dir.path()).unwrap();
     rt.state.apply_job(parse_job("job.yaml", JOB).unwrap()).await.unwrap();
-    let admin = Arc::new(Admin::new(rt.state.clone(), rt.deliver.clone(), rt.reconcile.clone()));
+    let admin: Arc<Admin> = Arc::new(rt.admin());
     let app = router(admin.clone());
-    Fixture { _dir: dir, _rt: rt, admin, app }
+    Fixture { _dir: dir, rt, admin, app }
 }
 
 impl Fixture {
@@ -68,6 +70,17 @@ impl Fixture {
             message: format!("missing reference: customers/{key}"),
         };
         self.admin.state.record_error("sales", e).await.unwrap()
+    }
+
+    /// Handles the capture queue until it is empty: a poison message reaches the dead-letter
+    /// queue on its sixth receive.
+    async fn run_capture(&self) {
+        while self.rt.step_once(StepKind::Capture).await.unwrap() > 0 {}
+    }
+
+    /// The ids of the messages in the capture dead-letter queue.
+    fn capture_dlq(&self) -> Vec<String> {
+        self.rt.dead_letters[0].peek_all().unwrap().iter().map(|m| m.id.to_string()).collect()
     }
 
     async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
@@ -368,22 +381,122 @@ async fn conflicts_are_paged() {
 async fn the_router_serves_exactly_the_listed_routes() {
     let f = fixture().await;
     for (method, path) in ROUTES {
-        let uri = path.replace("{job}", "nope").replace("{id}", "x");
-        let body = (*method == "POST" && path.ends_with("/requests")).then(|| json!({"action": "retry"}));
+        let uri = path.replace("{job}", "nope").replace("{queue}", "nope").replace("{id}", "x");
+        let body = match *method {
+            "POST" if path.ends_with("/requests") => Some(json!({"action": "retry"})),
+            "POST" if path.ends_with("/redrive") => Some(json!({"all": true})),
+            _ => None,
+        };
         let (status, answer) = f.call(method, &uri, body).await;
-        if uri == "/jobs" {
+        if uri == "/jobs" || uri == "/dead-letters" {
             assert_eq!(status, StatusCode::OK, "{method} {path}: {answer}");
             continue;
         }
-        // The handler's 404 (no such job), not the router's.
+        // The handler's 404 (no such job or queue), not the router's.
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {answer}");
-        assert_eq!(message(&answer), "no job named 'nope'", "{method} {path}: {answer}");
+        let expected = if path.starts_with("/dead-letters") { "no queue named 'nope'" } else { "no job named 'nope'" };
+        assert!(message(&answer).starts_with(expected), "{method} {path}: {answer}");
     }
     let (status, answer) = f.call("DELETE", "/jobs/sales", None).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{answer}");
     assert_eq!(message(&answer), "/jobs/sales does not take DELETE");
     let (status, _) = f.call("GET", "/jobs/sales/pause", None).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_shown_and_redriven() {
+    let f = fixture().await;
+    f.rt.capture.send(vec![OutMessage::standard("{not json".into())]).await.unwrap();
+    f.run_capture().await;
+    let first = f.capture_dlq();
+    assert_eq!(first.len(), 1, "dead-lettered");
+    let first = &first[0];
+
+    let (status, page) = f.call("GET", "/dead-letters", None).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    let row = &page["items"][0];
+    assert_eq!((row["queue"].as_str(), row["message_id"].as_str()), (Some("capture"), Some(first.as_str())), "{row}");
+    assert_eq!((row["status"].as_str(), row["receive_count"].as_u64()), (Some("dead"), Some(5)), "{row}");
+    assert!(row["job"].is_null(), "{row}");
+    assert!(row["reason"].as_str().unwrap().starts_with("malformed change notification"), "{row}");
+    let (_, only) = f.call("GET", "/dead-letters?queue=capture", None).await;
+    assert_eq!(only["items"], page["items"]);
+    let (_, none) = f.call("GET", "/dead-letters?queue=deliver", None).await;
+    assert_eq!(none["items"], json!([]), "{none}");
+    let (status, shown) = f.call("GET", &format!("/dead-letters/capture/{first}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{shown}");
+    assert_eq!(shown["body"], "{not json");
+
+    // Redriven while still poison: it comes back under a new id, with a new row and its reason.
+    let (status, report) = f.call("POST", "/dead-letters/capture/redrive", Some(json!({"message_id": first}))).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report, json!({"queue": "capture", "redriven": [first], "left": 0, "more": false}));
+    assert!(f.capture_dlq().is_empty(), "moved out of the dead-letter queue");
+    f.run_capture().await;
+    let again = f.capture_dlq();
+    assert_eq!(again.len(), 1);
+    assert_ne!(&again[0], first);
+    let (_, page) = f.call("GET", "/dead-letters", None).await;
+    let rows = page["items"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{page}");
+    assert_eq!((rows[0]["message_id"].as_str(), rows[0]["status"].as_str()), (Some(again[0].as_str()), Some("dead")));
+    assert!(rows[0]["reason"].as_str().unwrap().starts_with("malformed change notification"), "{page}");
+    assert_eq!((rows[1]["message_id"].as_str(), rows[1]["status"].as_str()), (Some(first.as_str()), Some("redriven")));
+    assert!(rows[1]["redriven_ms"].is_i64(), "{page}");
+
+    // Pages of one, newest first.
+    let (_, page1) = f.call("GET", "/dead-letters?limit=1", None).await;
+    assert_eq!(page1["items"][0]["message_id"], again[0].as_str());
+    let next = page1["next"].as_str().expect("a cursor");
+    let (status, page2) = f.call("GET", &format!("/dead-letters?limit=1&after={}", encode(next)), None).await;
+    assert_eq!(status, StatusCode::OK, "{page2}");
+    assert_eq!(page2["items"][0]["message_id"], first.as_str());
+    assert!(page2["next"].is_null(), "{page2}");
+
+    // A job's redrive leaves what names no job.
+    let (status, report) = f.call("POST", "/dead-letters/capture/redrive", Some(json!({"job": "sales"}))).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!((report["redriven"].clone(), report["left"].as_u64()), (json!([]), Some(1)), "{report}");
+    assert_eq!(f.capture_dlq(), again, "left where it was, and visible");
+
+    let (status, body) = f.call("POST", "/dead-letters/capture/redrive", Some(json!({"message_id": first}))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(message(&body).contains("was redriven already"), "{body}");
+    let cases = [
+        ("POST", "/dead-letters/capture/redrive", Some(json!({})), StatusCode::BAD_REQUEST, "exactly one of"),
+        (
+            "POST",
+            "/dead-letters/capture/redrive",
+            Some(json!({"message_id": "1", "all": true})),
+            StatusCode::BAD_REQUEST,
+            "exactly one of",
+        ),
+        (
+            "POST",
+            "/dead-letters/capture/redrive",
+            Some(json!({"everything": true})),
+            StatusCode::BAD_REQUEST,
+            "unknown field `everything`",
+        ),
+        (
+            "POST",
+            "/dead-letters/nope/redrive",
+            Some(json!({"all": true})),
+            StatusCode::NOT_FOUND,
+            "no queue named 'nope': the queues are capture, sequence, deliver.fifo, reconcile.fifo",
+        ),
+        ("GET", "/dead-letters/capture/999", None, StatusCode::NOT_FOUND, "queue capture has no dead letter '999'"),
+        ("GET", "/dead-letters?queue=nope", None, StatusCode::NOT_FOUND, "no queue named 'nope'"),
+        ("GET", "/dead-letters?after=garbage", None, StatusCode::BAD_REQUEST, "'garbage' is not a cursor of this list"),
+        ("GET", "/dead-letters?status=dead", None, StatusCode::BAD_REQUEST, "unknown query parameter 'status'"),
+    ];
+    for (method, uri, body, status, expected) in cases {
+        let (got, answer) = f.call(method, uri, body).await;
+        assert_eq!(got, status, "{method} {uri}: {answer}");
+        assert!(message(&answer).contains(expected), "{method} {uri}: {answer}");
+    }
 }
 
 fn repo_file(path: &str) -> String {
@@ -417,6 +530,8 @@ fn the_openapi_document_lists_exactly_the_routes() {
         "ReconcileRequest",
         "Progress",
         "ErrorFilter",
+        "DeadLetter",
+        "RedriveReport",
         "Error",
     ] {
         assert!(doc["components"]["schemas"][name].is_mapping(), "schema {name} is missing");

@@ -119,4 +119,29 @@ pub struct DeadLetter {
     pub reason: String,
     pub body: String,
     pub at_ms: i64,
+    #[serde(default)]
+    pub status: DeadLetterStatus,
+    /// When an operator sent it back to its queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redriven_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterStatus {
+    /// In the dead-letter queue.
+    #[default]
+    Dead,
+    /// Sent back to its queue by an operator (as a new message: if it fails again, it comes
+    /// back with a row of its own). Kept for a while as a record.
+    Redriven,
+}
+
+impl DeadLetterStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterStatus::Dead => "dead",
+            DeadLetterStatus::Redriven => "redriven",
+        }
+    }
 }

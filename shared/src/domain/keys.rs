@@ -85,9 +85,19 @@ pub fn feed_pk(job: &str, app: &str) -> String {
     format!("FEED#{}#{}", escape(job), escape(app))
 }
 
-/// Dead-letter rows of one queue, one per message (sort key: the message id).
+/// Dead-letter rows of one queue, one per message, newest first (see [`dead_letter_sk`]).
 pub fn dead_letters_pk(queue: &str) -> String {
     format!("DEAD#{}", escape(queue))
+}
+/// A dead-letter row's sort key: the time counted down from the largest 15-digit number, so an
+/// ascending query reads the newest first; then the message id.
+pub fn dead_letter_sk(at_ms: i64, message_id: &str) -> String {
+    format!("{:015}#{}", 999_999_999_999_999 - at_ms.clamp(0, 999_999_999_999_999), escape(message_id))
+}
+/// Finds a dead-letter row by message id (sort key: the message id; the item holds the row's
+/// sort key).
+pub fn dead_letter_index_pk(queue: &str) -> String {
+    format!("DEADIDX#{}", escape(queue))
 }
 
 pub fn init_pk(job: &str, map: &str) -> String {
@@ -121,6 +131,13 @@ mod tests {
         for bad in ["", "x-abc", "12", "12-", "12-a#b"] {
             assert_eq!(error_sk(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn dead_letter_sort_keys_sort_newest_first() {
+        assert!(dead_letter_sk(1000, "z") < dead_letter_sk(999, "a"));
+        assert!(dead_letter_sk(1000, "a") < dead_letter_sk(1000, "b"));
+        assert_eq!(dead_letter_sk(1, "m#1"), r"999999999999998#m\#1");
     }
 
     #[test]

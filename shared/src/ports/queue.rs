@@ -2,7 +2,8 @@
 //!
 //! Semantics follow SQS: a received message is invisible for the queue's visibility timeout;
 //! unacknowledged, it comes back with its receive count raised, and past the queue's maximum it
-//! moves to the dead-letter queue. On a FIFO queue, messages of one group are handed out in
+//! moves to the dead-letter queue, keeping its id and group (a dead-letter queue is a queue like
+//! any other: an operator receives from it to send messages back). On a FIFO queue, messages of one group are handed out in
 //! order and never while an earlier one of the group is in flight; a deduplication id seen
 //! within the deduplication window drops the message.
 use async_trait::async_trait;

@@ -230,7 +230,11 @@ impl LocalRuntime {
 
     /// The operators' service over this runtime's state and queues.
     pub fn admin(&self) -> crate::admin::Admin {
+        let work = [&self.capture, &self.sequence, &self.deliver, &self.reconcile];
+        let queues = work.iter().zip(&self.dead_letters);
+        let queues = queues.map(|(w, d)| crate::admin::DeadLetterQueue { work: (*w).clone(), dead: d.clone() });
         crate::admin::Admin::new(self.state.clone(), self.deliver.clone(), self.reconcile.clone())
+            .with_dead_letter_queues(queues.collect())
     }
 
     /// Runs one batch of one step in this task; returns the messages handled.

@@ -1,17 +1,19 @@
 //! Typed access to the items of the one key-value table (DESIGN §4), over the [`KvStore`] port.
+mod dead_letters;
 mod errors;
 mod parking;
 mod requests;
 mod waiters;
 
 pub use crate::domain::requests::ErrorFilter;
+pub use dead_letters::{job_of, DeadLetterCursor, DEAD_LETTER_RETENTION_MS};
 pub use errors::{ErrorCounts, NewError, ERROR_RETENTION_MS};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::sync::Arc;
 
 use crate::domain::change::Key;
 use crate::domain::config::{compile, ConfigErrors, JobDef};
-use crate::domain::errors::{ConflictRecord, DeadLetter};
+use crate::domain::errors::ConflictRecord;
 use crate::domain::job::{Job, JobStatus};
 use crate::domain::keys;
 use crate::domain::link::LinkState;
@@ -250,54 +252,6 @@ impl State {
             expect: Expect::Any,
         };
         self.kv.put(put).await.map(|_| ())
-    }
-
-    // ---- dead letters ----
-
-    /// Records a message on its last receive, before it moves to the dead-letter queue. Keyed
-    /// by message id, so handling the same receive twice leaves one row.
-    pub async fn record_dead_letter(
-        &self,
-        queue: &str,
-        m: &crate::ports::InMessage,
-        reason: &str,
-    ) -> Result<(), KvError> {
-        let job = serde_json::from_str::<serde_json::Value>(&m.body)
-            .ok()
-            .and_then(|v| v.get("job").and_then(|j| j.as_str()).map(str::to_string));
-        let row = DeadLetter {
-            queue: queue.to_string(),
-            message_id: m.id.clone(),
-            job,
-            receive_count: m.receive_count,
-            reason: reason.to_string(),
-            body: m.body.clone(),
-            at_ms: self.now_ms(),
-        };
-        let put = Put {
-            pk: keys::dead_letters_pk(queue),
-            sk: keys::escape(&m.id),
-            body: encode(&row),
-            expires_at: None,
-            expect: Expect::Any,
-        };
-        self.kv.put(put).await.map(|_| ())
-    }
-
-    /// The dead-letter rows of a queue, oldest first.
-    pub async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetter>, KvError> {
-        let mut rows: Vec<DeadLetter> = Vec::new();
-        let mut after = None;
-        loop {
-            let page = self.kv.query(&keys::dead_letters_pk(queue), &SkRange::default(), 500, after.as_deref()).await?;
-            rows.extend(page.items.iter().map(decode).collect::<Result<Vec<DeadLetter>, _>>()?);
-            match page.next {
-                Some(n) => after = Some(n),
-                None => break,
-            }
-        }
-        rows.sort_by_key(|r| r.at_ms);
-        Ok(rows)
     }
 
     // ---- conflicts ----

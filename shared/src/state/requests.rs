@@ -16,6 +16,11 @@ use crate::ports::{Expect, KvError, Put, SkRange};
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct RequestQueue {
     ids: Vec<String>,
+    /// Places taken whose run message is not known to be on the reconcile queue yet: the admin
+    /// that took the place sends it, then clears it here. One left behind (that admin died in
+    /// between) is sent by a later call (see [`State::unsent_requests`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unsent: Vec<String>,
     /// Requests created so far, and when the last one was: they order the next id.
     #[serde(default)]
     created: u64,
@@ -68,6 +73,7 @@ impl State {
             };
             self.save_request(&request).await?;
             queue.ids.push(id.clone());
+            queue.unsent.push(id.clone());
             queue.created += 1;
             queue.last_ms = created_ms;
             let put =
@@ -98,8 +104,37 @@ impl State {
                 live.push(id);
             }
         }
+        queue.unsent.retain(|id| live.contains(id));
         queue.ids = live;
         Ok((queue, expect))
+    }
+
+    /// Requests that took a place at least `min_age_ms` ago and are still not known to be on
+    /// the reconcile queue: their admin died between taking the place and sending. Sending one
+    /// again is harmless (the message is deduplicated by request id, and a request that ran
+    /// does not run again), so the caller sends these and marks them sent.
+    pub async fn unsent_requests(&self, job: &str, min_age_ms: i64) -> Result<Vec<ReconcileRequest>, KvError> {
+        let (queue, _) = self.request_queue(job).await?;
+        let mut out = Vec::new();
+        for id in &queue.unsent {
+            match self.request(job, id).await? {
+                Some(r) if r.status == RequestStatus::Queued && r.created_ms <= self.now_ms() - min_age_ms => {
+                    out.push(r)
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Notes that a request's run message is on the reconcile queue.
+    pub async fn mark_request_sent(&self, job: &str, id: &str) -> Result<(), KvError> {
+        self.update_places(job, |q| {
+            let before = q.unsent.len();
+            q.unsent.retain(|i| i != id);
+            q.unsent.len() != before
+        })
+        .await
     }
 
     /// How many of the job's requests are queued or running.
@@ -170,14 +205,25 @@ impl State {
 
     /// Frees a request's queue place once it has run (or was refused).
     pub async fn release_request_place(&self, job: &str, id: &str) -> Result<(), KvError> {
+        self.update_places(job, |q| {
+            let before = q.ids.len() + q.unsent.len();
+            q.ids.retain(|i| i != id);
+            q.unsent.retain(|i| i != id);
+            q.ids.len() + q.unsent.len() != before
+        })
+        .await
+    }
+
+    /// Changes the job's places item as stored (`change` says whether it changed anything),
+    /// conditionally, again if another writer came first.
+    async fn update_places(&self, job: &str, change: impl Fn(&mut RequestQueue) -> bool) -> Result<(), KvError> {
         let pk = keys::requests_pk(job);
         loop {
             let Some(item) = self.kv.get(&pk, keys::REQUEST_QUEUE).await? else { return Ok(()) };
             let mut queue: RequestQueue = decode(&item)?;
-            if !queue.ids.iter().any(|i| i == id) {
+            if !change(&mut queue) {
                 return Ok(());
             }
-            queue.ids.retain(|i| i != id);
             let put = Put {
                 pk: pk.clone(),
                 sk: keys::REQUEST_QUEUE.into(),

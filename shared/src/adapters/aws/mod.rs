@@ -29,23 +29,51 @@ pub fn queue_name(url: &str) -> String {
     url.rsplit('/').next().unwrap_or(url).to_string()
 }
 
-/// The operators' service over a state table and the deliver and reconcile queues (by URL):
+/// The operators' service over a state table and the four work queues (by URL, in pipeline
+/// order: capture, sequence, deliver, reconcile), each with the dead-letter queue named after it:
 /// what the CLI on AWS and the admin function both use.
 pub fn admin(
     sdk: &SdkConfig,
     table: &str,
-    deliver_url: &str,
-    reconcile_url: &str,
+    queue_urls: &[String; 4],
     usage: std::sync::Arc<Usage>,
 ) -> crate::admin::Admin {
     use std::sync::Arc;
     let clock = Arc::new(crate::ports::SystemClock);
     let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(sdk), table.to_string(), clock.clone(), usage.clone());
     let sqs = aws_sdk_sqs::Client::new(sdk);
-    let queue = |url: &str| {
-        Arc::new(SqsQueue::new(sqs.clone(), queue_name(url), url.to_string(), MAX_RECEIVE_COUNT, usage.clone()))
+    let queue = |url: &str, max_receive_count: u32| {
+        Arc::new(SqsQueue::new(sqs.clone(), queue_name(url), url.to_string(), max_receive_count, usage.clone()))
     };
-    crate::admin::Admin::new(crate::state::State::new(Arc::new(kv), clock), queue(deliver_url), queue(reconcile_url))
+    // A dead-letter queue has no redrive policy of its own.
+    let dead_letter_queues = queue_urls
+        .iter()
+        .map(|url| crate::admin::DeadLetterQueue {
+            work: queue(url, MAX_RECEIVE_COUNT),
+            dead: queue(&dead_letter_url(url), 0),
+        })
+        .collect();
+    let [_, _, deliver, reconcile] = queue_urls;
+    crate::admin::Admin::new(
+        crate::state::State::new(Arc::new(kv), clock),
+        queue(deliver, MAX_RECEIVE_COUNT),
+        queue(reconcile, MAX_RECEIVE_COUNT),
+    )
+    .with_dead_letter_queues(dead_letter_queues)
+}
+
+/// `...-capture-dlq`, `...-deliver-dlq.fifo`: a FIFO queue's dead-letter queue is FIFO too.
+pub fn dead_letter_queue_name(queue: &str) -> String {
+    match queue.strip_suffix(".fifo") {
+        Some(base) => format!("{base}-dlq.fifo"),
+        None => format!("{queue}-dlq"),
+    }
+}
+
+/// The URL of a work queue's dead-letter queue: in the same account and region, named after it.
+pub fn dead_letter_url(queue_url: &str) -> String {
+    let name = queue_name(queue_url);
+    format!("{}{}", &queue_url[..queue_url.len() - name.len()], dead_letter_queue_name(&name))
 }
 
 /// The SDK configuration from the environment; `endpoint_url` points it at an emulator.
@@ -98,10 +126,7 @@ impl Names {
     }
     /// `...-capture-dlq`, `...-deliver-dlq.fifo`: a FIFO queue's dead-letter queue is FIFO too.
     pub fn dead_letter_queue(&self, queue: &str) -> String {
-        match queue.strip_suffix(".fifo") {
-            Some(base) => format!("{base}-dlq.fifo"),
-            None => format!("{queue}-dlq"),
-        }
+        dead_letter_queue_name(queue)
     }
     /// The four work queues in pipeline order.
     pub fn queues(&self) -> [String; 4] {
@@ -167,7 +192,8 @@ impl Resources {
 
     /// The operators' service over this stage's table, deliver and reconcile queues.
     pub fn admin(&self, sdk: &SdkConfig, usage: std::sync::Arc<Usage>) -> crate::admin::Admin {
-        admin(sdk, &self.table, &self.deliver_url, &self.reconcile_url, usage)
+        let urls = [&self.capture_url, &self.sequence_url, &self.deliver_url, &self.reconcile_url];
+        admin(sdk, &self.table, &urls.map(String::clone), usage)
     }
 
     /// Every queue's name and URL.
@@ -317,6 +343,12 @@ mod tests {
         assert_eq!(n.deliver_queue(), "dualsync-dev-deliver.fifo");
         assert_eq!(n.dead_letter_queue(&n.deliver_queue()), "dualsync-dev-deliver-dlq.fifo");
         assert_eq!(n.dead_letter_queue(&n.capture_queue()), "dualsync-dev-capture-dlq");
+        let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/dualsync-dev-deliver.fifo";
+        assert_eq!(
+            dead_letter_url(url),
+            "https://sqs.eu-west-1.amazonaws.com/123456789012/dualsync-dev-deliver-dlq.fifo"
+        );
+        assert_eq!(dead_letter_url("http://127.0.0.1:5000/000000000000/q"), "http://127.0.0.1:5000/000000000000/q-dlq");
         let r = Resources::from_urls(&n, (0..8).map(|i| format!("u{i}")).collect());
         assert_eq!((r.capture_url.as_str(), r.reconcile_url.as_str()), ("u0", "u6"));
         assert_eq!(r.dead_letter_urls, ["u1", "u3", "u5", "u7"].map(String::from));

@@ -296,17 +296,13 @@ impl EmbeddedQueue {
         let Some(dlq) = &self.config.dead_letter else {
             return Ok(());
         };
-        let mut copy = tx
-            .prepare_cached(
-                "INSERT INTO queue_messages (queue, grp, body, sent_at, visible_at, receive_count)
-                 SELECT ?1, grp, body, sent_at, NULL, 0 FROM queue_messages WHERE id = ?2",
-            )
+        // Moved, not copied: it keeps its id (as SQS keeps the MessageId), which its dead-letter
+        // row is keyed by. Receipts name the queue, so none from before the move matches it.
+        let mut move_row = tx
+            .prepare_cached("UPDATE queue_messages SET queue = ?1, visible_at = NULL, receive_count = 0 WHERE id = ?2")
             .map_err(|e| self.unavailable(e))?;
-        let mut delete =
-            tx.prepare_cached("DELETE FROM queue_messages WHERE id = ?1").map_err(|e| self.unavailable(e))?;
         for c in dead {
-            copy.execute(params![dlq, c.id]).map_err(|e| self.unavailable(e))?;
-            delete.execute([c.id]).map_err(|e| self.unavailable(e))?;
+            move_row.execute(params![dlq, c.id]).map_err(|e| self.unavailable(e))?;
             tracing::warn!(
                 queue = %self.config.name,
                 dead_letter = %dlq,
@@ -742,10 +738,11 @@ mod tests {
         let dlq = db.queue(config("q-dlq", true));
         q.send(fifo_msgs(&["a1", "a2"])).await.expect("send");
 
+        let mut last = Vec::new();
         for count in 1..=2 {
-            let got = q.receive(10).await.expect("receive");
-            assert_eq!(bodies(&got), ["a1", "a2"]);
-            assert_eq!(got[0].receive_count, count);
+            last = q.receive(10).await.expect("receive");
+            assert_eq!(bodies(&last), ["a1", "a2"]);
+            assert_eq!(last[0].receive_count, count);
             clock.advance(millis(VIS));
         }
         let got = q.receive(10).await.expect("receive");
@@ -759,6 +756,10 @@ mod tests {
         );
         let from_dlq = dlq.receive(10).await.expect("receive dlq");
         assert_eq!(bodies(&from_dlq), ["a1", "a2"], "FIFO order kept in the dead-letter queue");
+        let ids = |m: &[InMessage]| m.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&from_dlq), ids(&last), "a message keeps its id in the dead-letter queue");
+        q.ack(&receipts(&last)).await.expect("a receipt from before the move");
+        assert_eq!(dlq.depth().expect("depth").in_flight, 2, "does not touch the moved messages");
         assert!(from_dlq.iter().all(|m| m.receive_count == 1), "receive count starts over");
     }
 
