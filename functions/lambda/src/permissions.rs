@@ -86,7 +86,7 @@ pub const INPUT_ACTIONS: [&str; 4] =
 pub const SEND_ACTIONS: [&str; 1] = ["sqs:SendMessage"];
 /// Taking messages off a queue the function reads itself (no event source mapping): receive,
 /// then delete once handled (SqsQueue's DeleteMessageBatch needs DeleteMessage).
-pub const DRAIN_ACTIONS: [&str; 2] = ["sqs:ReceiveMessage", "sqs:DeleteMessage"];
+pub const DRAIN_ACTIONS: [&str; 3] = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"];
 /// On the state table, the same for every function: each one holds a `State` over `DynamoKv`,
 /// and these are the calls DynamoKv makes (get, get_many, put and put_many as conditional
 /// updates, delete, query; a test here reads them from its source).
@@ -102,7 +102,7 @@ pub struct Needs {
     pub input: Option<QueueId>,
     /// Where it sends ([`SEND_ACTIONS`]).
     pub sends_to: &'static [QueueId],
-    /// What it receives from and deletes from itself ([`DRAIN_ACTIONS`]).
+    /// What it receives from, deletes from and releases itself ([`DRAIN_ACTIONS`]).
     pub drains: &'static [QueueId],
 }
 
@@ -135,8 +135,19 @@ pub fn needs(function: Function) -> Needs {
         // steps/reconcile.rs: a retry puts the rows' changes back on deliver.fifo.
         Function::Reconcile => Needs { input: Some(Work(Reconcile)), sends_to: &[Work(Deliver)], drains: &[] },
         // admin.rs: a retry or dismiss request is queued on reconcile.fifo; a resume hands the
-        // kept deliveries back to deliver.fifo (steps/pause.rs `resume`).
-        Function::Admin => Needs { input: None, sends_to: &[Work(Reconcile), Work(Deliver)], drains: &[] },
+        // kept deliveries back to deliver.fifo (steps/pause.rs `resume`); a redrive receives
+        // from each dead-letter queue, sends back to its work queue, deletes what it sent and
+        // makes the rest visible again (admin.rs `redrive`).
+        Function::Admin => Needs {
+            input: None,
+            sends_to: &[Work(Capture), Work(Sequence), Work(Deliver), Work(Reconcile)],
+            drains: &[
+                QueueId::DeadLetter(Capture),
+                QueueId::DeadLetter(Sequence),
+                QueueId::DeadLetter(Deliver),
+                QueueId::DeadLetter(Reconcile),
+            ],
+        },
     }
 }
 
