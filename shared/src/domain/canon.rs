@@ -48,7 +48,8 @@ pub fn comparable(v: &Value) -> Value {
         Value::String(s) => match s.parse::<serde_json::Number>() {
             Ok(n) => {
                 let n = normalize(&Value::Number(n));
-                if n.to_string() == *s {
+                let text = n.to_string();
+                if text == *s {
                     n
                 } else {
                     v.clone()
