@@ -462,9 +462,13 @@ pub async fn initial_sync(data_dir: &Path, backend: &BackendArgs, args: InitialS
         return Ok(());
     };
     let report = rt.steps.initial_sync(&args.job, side, 500, |map, n| eprintln!("{map}: {n} records")).await?;
-    println!(
-        "{} records in {} pages; {} deferred by system failures (run again to resume)",
-        report.records, report.pages, report.deferred
-    );
+    println!("{} records in {} pages", report.records, report.pages);
+    if report.system_errors > 0 {
+        println!(
+            "{} record(s) not synced for a system failure, each with a retriable error row: \
+             `dualsync errors retry {} --category system` once the app is back",
+            report.system_errors, args.job
+        );
+    }
     Ok(())
 }

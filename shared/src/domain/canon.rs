@@ -1,7 +1,13 @@
 //! The canonical form of a record under a table map: the map's key and field pairs, named by
 //! side A's field names, with values in side A's value space, normalized. Two records are in
-//! step exactly when their canonical forms are equal; the hash of the form is what link state
-//! remembers.
+//! step exactly when their canonical forms are equal (value by value, see [`same_value`]); the
+//! hash of the form is what link state remembers.
+//!
+//! Values compare by their text, whatever type each app gives them: a number equals a string
+//! only when the string is the number's canonical text (`7` = `"7"`, `1.5` = `"1.5"`), never
+//! when the text differs (`"007"`, `"1.50"`, `" 7"`, `"7.0"` are not `7`). A connector whose
+//! storage would change a written value out of its class (SQLite's column affinity) refuses the
+//! write instead (DESIGN §3, "no silent coercion").
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -35,6 +41,31 @@ pub fn normalize(v: &Value) -> Value {
     v.clone()
 }
 
+/// The form two values are compared and hashed in: normalized, and a string that is exactly
+/// a number's canonical text taken as that number.
+pub fn comparable(v: &Value) -> Value {
+    match v {
+        Value::String(s) => match s.parse::<serde_json::Number>() {
+            Ok(n) => {
+                let n = normalize(&Value::Number(n));
+                let text = n.to_string();
+                if text == *s {
+                    n
+                } else {
+                    v.clone()
+                }
+            }
+            Err(_) => v.clone(),
+        },
+        other => normalize(other),
+    }
+}
+
+/// Whether two values are the same canonical value (see the module doc).
+pub fn same_value(a: &Value, b: &Value) -> bool {
+    a == b || comparable(a) == comparable(b)
+}
+
 /// Canonical text of a key component: strings as they are, other scalars as JSON text.
 pub fn key_text(v: &Value) -> Option<String> {
     match normalize(v) {
@@ -59,11 +90,11 @@ pub fn canon(map: &TableMap, side: Side, fields: &Fields) -> Result<Canon, Canon
             (Some(vm), Side::B) if !v.is_null() => vm
                 .pairs
                 .iter()
-                .find(|(_, b)| *b == v)
+                .find(|(_, b)| same_value(b, &v))
                 .map(|(a, _)| a.clone())
                 .ok_or_else(|| CanonError::UnmappedValue { field: f.names[1].clone() })?,
             (Some(vm), Side::A) if !v.is_null() => {
-                if !vm.pairs.iter().any(|(a, _)| *a == v) {
+                if !vm.pairs.iter().any(|(a, _)| same_value(a, &v)) {
                     return Err(CanonError::UnmappedValue { field: f.names[0].clone() });
                 }
                 v
@@ -88,7 +119,7 @@ pub fn to_side(map: &TableMap, side: Side, canon: &Canon) -> Fields {
         let v = match (&f.values, side) {
             // `canon` only holds values that are in the value map (checked when it was made).
             (Some(vm), Side::B) if !v.is_null() => {
-                vm.pairs.iter().find(|(a, _)| *a == v).map(|(_, b)| b.clone()).unwrap_or(v)
+                vm.pairs.iter().find(|(a, _)| same_value(a, &v)).map(|(_, b)| b.clone()).unwrap_or(v)
             }
             _ => v,
         };
@@ -97,9 +128,11 @@ pub fn to_side(map: &TableMap, side: Side, canon: &Canon) -> Fields {
     out
 }
 
-/// Hash of canonical content: hex of the first 16 bytes of SHA-256 over its JSON (sorted keys).
+/// Hash of canonical content: hex of the first 16 bytes of SHA-256 over the JSON (sorted keys)
+/// of its [`comparable`] form, so that values the same canonically hash the same.
 pub fn hash(canon: &Canon) -> String {
-    let bytes = serde_json::to_vec(canon).unwrap_or_default();
+    let form: BTreeMap<&String, Value> = canon.iter().map(|(k, v)| (k, comparable(v))).collect();
+    let bytes = serde_json::to_vec(&form).unwrap_or_default();
     let digest = Sha256::digest(&bytes);
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -175,6 +208,37 @@ mod tests {
         let err = canon(&m, Side::B, &fields(json!({"id": "C1", "name": "x", "type": 9}))).unwrap_err();
         assert_eq!(err, CanonError::UnmappedValue { field: "type".into() });
         assert!(!err.to_string().contains('9'));
+    }
+
+    #[test]
+    fn a_number_equals_only_its_canonical_text() {
+        for (a, b) in
+            [(json!("7"), json!(7)), (json!("-7"), json!(-7.0)), (json!("1.5"), json!(1.5)), (json!(3.0), json!(3))]
+        {
+            assert!(same_value(&a, &b), "{a} = {b}");
+        }
+        for (a, b) in [
+            (json!("007"), json!(7)),
+            (json!(" 7"), json!(7)),
+            (json!("7.0"), json!(7)),
+            (json!("1.50"), json!(1.5)),
+            (json!("+7"), json!(7)),
+            (json!("1e2"), json!(100)),
+            (json!(true), json!(1)),
+            (json!(null), json!("")),
+        ] {
+            assert!(!same_value(&a, &b), "{a} != {b}");
+        }
+    }
+
+    #[test]
+    fn text_and_number_forms_of_one_record_hash_equal() {
+        let m = map();
+        let a = canon(&m, Side::A, &fields(json!({"Id": "C1", "Name": "7", "Type": "Org"}))).unwrap();
+        let b = canon(&m, Side::B, &fields(json!({"id": "C1", "name": 7, "type": "2"}))).unwrap();
+        assert_eq!(hash(&a), hash(&b), "a value map entry matches its text form too");
+        let padded = canon(&m, Side::A, &fields(json!({"Id": "C1", "Name": "007", "Type": "Org"}))).unwrap();
+        assert_ne!(hash(&padded), hash(&b));
     }
 
     #[test]

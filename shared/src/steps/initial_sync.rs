@@ -3,12 +3,20 @@
 //! changes and against running twice), with a checkpoint after every page so that a crash
 //! resumes where it stopped. Every failure is an ordinary error row: all are visible, and a
 //! retry re-runs only the failed records.
+//!
+//! That includes system failures (an app throttled or down while a page is written): a page's
+//! records that failed that way get retriable system error rows before its checkpoint moves,
+//! so the checkpoint never passes a record that is neither synced nor on record. The pages go
+//! on (an outage does not stall the whole copy), and `dualsync errors retry` puts the recorded
+//! records through the deliver queue, whose backoff rides out the outage. A crash between the
+//! rows and the checkpoint runs the page again, which is harmless (§3 is safe to repeat).
 use serde::{Deserialize, Serialize};
 
 use super::deliver::ChangeResult;
-use super::{StepError, Steps};
+use super::{Metrics, StepError, Steps};
 use crate::domain::canon::record_key;
 use crate::domain::change::ChangeRef;
+use crate::domain::errors::ErrorCategory;
 use crate::domain::job::{JobStatus, Side};
 use crate::domain::keys;
 use crate::ports::{Expect, Put};
@@ -17,8 +25,9 @@ use crate::ports::{Expect, Put};
 pub struct InitialSyncReport {
     pub pages: usize,
     pub records: usize,
-    /// Records that hit a system failure; run the initial sync again to resume them.
-    pub deferred: usize,
+    /// Records that hit a system failure: each has a retriable error row (retry the job's
+    /// errors to sync them).
+    pub system_errors: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,7 +87,13 @@ impl Steps {
                     .collect();
                 let refs: Vec<&ChangeRef> = changes.iter().collect();
                 let results = self.deliver_wave(&lj, &refs).await?;
-                report.deferred += results.iter().filter(|r| matches!(r, ChangeResult::System { .. })).count();
+                for (c, r) in changes.iter().zip(&results) {
+                    if let ChangeResult::System { message, .. } = r {
+                        self.record(&lj, c, ErrorCategory::System, message.clone()).await?;
+                        Metrics::add(&self.metrics.system_recorded, 1);
+                        report.system_errors += 1;
+                    }
+                }
                 report.records += changes.len();
                 report.pages += 1;
                 cp.records += changes.len();

@@ -18,7 +18,11 @@
 //! null), TEXT to a string, NULL to null and BLOB to an array of byte values (0..=255).
 //! Writing maps null to NULL, a bool to 0/1, an integer to INTEGER, any other number to REAL, a
 //! string to TEXT, an array of byte values to a BLOB when the column is declared BLOB, and any
-//! other array or object to its JSON text.
+//! other array or object to its JSON text. A write that SQLite would store changed (column
+//! affinity turns TEXT `'007'` into INTEGER 7 and `'1.50'` into REAL 1.5, a REAL in a TEXT column
+//! keeps 15 digits) is read back, undone and refused for that op, naming the field and never the
+//! value: no silent coercion (DESIGN §3). `'7'` stored as 7 is the same value (see
+//! [`crate::domain::canon::same_value`]).
 //!
 //! Keys are [`Key`]s: the canonical text of each key value (see [`key_text`]). They are bound as
 //! TEXT; SQLite's column affinity converts them for INTEGER/REAL/NUMERIC key columns. A key
@@ -42,6 +46,7 @@ use rusqlite::{ffi, params_from_iter, Connection, ErrorCode, OptionalExtension, 
 use rusqlite::{Row, TransactionBehavior};
 use serde_json::Value;
 
+use crate::domain::canon;
 use crate::domain::change::{Key, Operation};
 use crate::ports::connector::{
     ChangeFeed, Connector, ConnectorError, EntitySpec, ListPage, Precondition, RawChange, Record, WriteFailure, WriteOp,
@@ -819,7 +824,7 @@ impl SqliteApp {
                     results.push(Err(failure.clone()));
                     continue;
                 }
-                match apply_op(&tx, &info, entity, op) {
+                match apply_exact(&tx, &info, entity, op) {
                     OpOutcome::Done(result) => results.push(result),
                     OpOutcome::RolledBack(failure) => {
                         settled[i] = Some(failure);
@@ -1092,6 +1097,86 @@ fn apply_op(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteO
                 Err(e) => fail(e),
             }
         }
+    }
+}
+
+/// Applies one op under a savepoint and reads back what it wrote: a field whose stored value
+/// is not the value written (SQLite's column affinity turned TEXT `'007'` into INTEGER 7, or
+/// `'1.50'` into REAL 1.5) undoes the op and refuses it, naming the field and never the value.
+/// The comparison is [`canon::same_value`], so `'7'` stored as 7 is the same value. A bool and
+/// an array or object are compared as the connector binds them (0/1, JSON text: module doc).
+fn apply_exact(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteOp) -> OpOutcome {
+    if let Err(e) = tx.execute_batch("SAVEPOINT ds_op") {
+        return OpOutcome::Done(Err(op_failure(&entity.name, &op.key, &e)));
+    }
+    let outcome = apply_op(tx, info, entity, op);
+    if tx.is_autocommit() {
+        // SQLite ended the transaction (and the savepoint with it).
+        return outcome;
+    }
+    let changed = match &outcome {
+        OpOutcome::Done(Ok(_)) => changed_field(tx, info, entity, op),
+        _ => Ok(None),
+    };
+    let undo = !matches!(changed, Ok(None));
+    let end = if undo { "ROLLBACK TO ds_op; RELEASE ds_op" } else { "RELEASE ds_op" };
+    if let Err(e) = tx.execute_batch(end) {
+        return OpOutcome::Done(Err(op_failure(&entity.name, &op.key, &e)));
+    }
+    match changed {
+        Ok(None) => outcome,
+        Ok(Some(column)) => OpOutcome::Done(Err(WriteFailure::Rejected(format!(
+            "{} {}: field `{}` cannot hold the value exactly (its {} column would store it changed)",
+            entity.name,
+            op.key,
+            column.name,
+            if column.decl_type.is_empty() { "untyped" } else { column.decl_type.as_str() }
+        )))),
+        Err(e) => OpOutcome::Done(Err(op_failure(&entity.name, &op.key, &e))),
+    }
+}
+
+/// The first written field whose stored value differs from the value written.
+fn changed_field<'i>(
+    tx: &Transaction,
+    info: &'i TableInfo,
+    entity: &EntitySpec,
+    op: &WriteOp,
+) -> rusqlite::Result<Option<&'i Column>> {
+    if op.fields.is_empty() {
+        return Ok(None);
+    }
+    let names: Vec<&String> = op.fields.keys().collect();
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {} LIMIT 1",
+        names.iter().map(|f| ident(f)).collect::<Vec<_>>().join(", "),
+        ident(&info.name),
+        key_match(&entity.key_fields, 1)
+    );
+    let stored: Vec<Value> =
+        tx.prepare_cached(&sql)?.query_row(params_from_iter(op.key.0.iter().map(|k| Bind::Text(k))), |r| {
+            (0..names.len()).map(|i| r.get_ref(i).map(value_to_json)).collect()
+        })?;
+    for (name, stored) in names.into_iter().zip(stored) {
+        let written = &op.fields[name];
+        let blob = info.is_blob_column(name);
+        let expected = match written {
+            Value::Bool(_) | Value::Array(_) | Value::Object(_) => bound_json(written, blob),
+            _ => written.clone(),
+        };
+        if !canon::same_value(&expected, &stored) {
+            return Ok(info.column(name));
+        }
+    }
+    Ok(None)
+}
+
+/// A JSON value as the connector binds it, read back as JSON.
+fn bound_json(v: &Value, blob_column: bool) -> Value {
+    match json_to_sql(v, blob_column) {
+        ToSqlOutput::Borrowed(r) => value_to_json(r),
+        ToSqlOutput::Owned(o) => value_to_json(ValueRef::from(&o)),
+        _ => v.clone(),
     }
 }
 
@@ -1596,6 +1681,47 @@ mod tests {
         assert_eq!(record.fields["price"], Value::from(9.75));
         assert_eq!(record.fields["name"], Value::from("{\"nested\":[1,\"x\"]}"));
         assert_eq!(record.fields["qty"], Value::from(1));
+    }
+
+    #[tokio::test]
+    async fn a_value_the_column_would_store_changed_is_refused_alone_and_undone() {
+        let fx = fixture();
+        let with = |code: &str, field: &str, v: Value| {
+            let mut op = item_op(code, "n", 1, Precondition::CreateOnly);
+            op.fields.insert(field.into(), v);
+            op
+        };
+        let ops = [
+            with("A", "qty", "007".into()),
+            with("B", "qty", "7".into()),
+            with("C", "price", "1.50".into()),
+            with("D", "price", "1.5".into()),
+            with("E", "qty", " 7".into()),
+            with("F", "name", Value::from(0.1 + 0.2)),
+            with("G", "name", Value::from(2.25)),
+            with("H", "qty", Value::from(u64::MAX)),
+        ];
+        let out = fx.app.write(&items(), &ops).await.unwrap();
+        let refused: Vec<&str> =
+            ops.iter().zip(&out).filter(|(_, r)| r.is_err()).map(|(op, _)| op.key.0[1].as_str()).collect();
+        assert_eq!(refused, ["A", "C", "E", "F", "H"], "{out:?}");
+        let Err(WriteFailure::Rejected(m)) = &out[0] else { panic!("{:?}", out[0]) };
+        assert_eq!(
+            m,
+            "items acme/A: field `qty` cannot hold the value exactly (its INTEGER column would store it changed)"
+        );
+        let conn = fx.app_conn();
+        assert_eq!(count(&conn, "SELECT count(*) FROM items"), 3);
+        assert_eq!(count(&conn, "SELECT count(*) FROM items WHERE code IN ('A', 'C', 'E', 'F', 'H')"), 0);
+        assert_eq!(count(&conn, "SELECT count(*) FROM _dualsync_changes"), 3, "a refused op logs nothing");
+        // An update is refused the same way and leaves the record as it was.
+        let mut op = with("B", "qty", "08".into());
+        op.precondition = Precondition::IfMatch(
+            fx.app.read(&items(), &[key(&["acme", "B"])]).await.unwrap()[0].as_ref().unwrap().version.clone(),
+        );
+        let out = fx.app.write(&items(), &[op]).await.unwrap();
+        assert!(matches!(&out[0], Err(WriteFailure::Rejected(m)) if m.contains("`qty`")), "{out:?}");
+        assert_eq!(count(&conn, "SELECT qty FROM items WHERE code = 'B'"), 7);
     }
 
     #[tokio::test]
