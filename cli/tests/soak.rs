@@ -170,7 +170,9 @@ enum Rec {
 
 impl Rec {
     fn all() -> Vec<Rec> {
-        (0..PARENTS).flat_map(|p| std::iter::once(Rec::Parent(p)).chain((1..=CHILDREN).map(move |c| Rec::Child(p, c)))).collect()
+        (0..PARENTS)
+            .flat_map(|p| std::iter::once(Rec::Parent(p)).chain((1..=CHILDREN).map(move |c| Rec::Child(p, c))))
+            .collect()
     }
     fn parent(self) -> u8 {
         match self {
@@ -367,8 +369,26 @@ fn run_ok(cmd: &mut Command) -> String {
     stdout
 }
 
+/// A `dualsync run` process, SIGKILLed when dropped (so a failing test leaves none behind).
+struct Runner(Child);
+
+impl Runner {
+    /// SIGKILL (what `Child::kill` sends on Unix), and reap it.
+    fn kill(mut self) {
+        self.0.kill().expect("SIGKILL the runner");
+        self.0.wait().expect("reap the runner");
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `dualsync run` on the job, its stderr appended to `runner.log`.
-fn runner(dir: &Path, until_idle: bool) -> Child {
+fn runner(dir: &Path, until_idle: bool) -> Runner {
     let log = OpenOptions::new().create(true).append(true).open(dir.join("runner.log")).expect("runner log");
     let mut cmd = dualsync(dir);
     cmd.args(["run", "--admin-addr", "127.0.0.1:0", "--config"])
@@ -381,7 +401,7 @@ fn runner(dir: &Path, until_idle: bool) -> Child {
     if until_idle {
         cmd.arg("--until-idle");
     }
-    cmd.spawn().expect("spawn dualsync run")
+    Runner(cmd.spawn().expect("spawn dualsync run"))
 }
 
 fn log_tail(dir: &Path) -> String {
@@ -511,15 +531,13 @@ fn kill_9_soak_converges() {
     while Instant::now() < end {
         let now = Instant::now();
         match &mut child {
-            Some(c) if now >= next_kill => {
-                c.kill().expect("SIGKILL the runner");
-                c.wait().expect("reap the runner");
-                child = None;
+            Some(_) if now >= next_kill => {
+                child.take().expect("a runner").kill();
                 kills.push(started.elapsed().as_millis());
                 restart_at = now + Duration::from_millis(rng.random_range(0..500));
             }
             Some(c) => {
-                if let Some(status) = c.try_wait().expect("runner status") {
+                if let Some(status) = c.0.try_wait().expect("runner status") {
                     panic!("seed {seed}: the runner exited by itself ({status}):\n{}", log_tail(&dir));
                 }
             }
@@ -559,9 +577,8 @@ fn kill_9_soak_converges() {
         }
         std::thread::sleep(Duration::from_millis(rng.random_range(0..20)));
     }
-    if let Some(mut c) = child.take() {
-        c.kill().expect("SIGKILL the runner");
-        c.wait().expect("reap the runner");
+    if let Some(c) = child.take() {
+        c.kill();
         kills.push(started.elapsed().as_millis());
     }
     let edit_secs = started.elapsed().as_secs_f64();
@@ -570,12 +587,10 @@ fn kill_9_soak_converges() {
     let drain_started = Instant::now();
     let mut drain = runner(&dir, true);
     let status = loop {
-        if let Some(status) = drain.try_wait().expect("runner status") {
+        if let Some(status) = drain.0.try_wait().expect("runner status") {
             break status;
         }
         if drain_started.elapsed() > DRAIN_LIMIT {
-            let _ = drain.kill();
-            let _ = drain.wait();
             panic!(
                 "seed {seed}: the pipeline did not drain in {DRAIN_LIMIT:?}; data kept in {}:\n{}",
                 dir.display(),
@@ -590,12 +605,13 @@ fn kill_9_soak_converges() {
     let outcome = read_state(&dir);
     let exempt: HashSet<(String, Key)> = outcome.open.iter().map(|e| (e.map.clone(), e.key.clone())).collect();
     let mut failures = Vec::new();
-    let (mut in_step, mut exempted) = (0, 0);
+    let (mut in_step, mut exempted, mut exempt_in_step) = (0, 0, 0);
     for &rec in &recs {
         let held = [rec.read(&apps[0], Side::A), rec.read(&apps[1], Side::B)];
         let is_exempt = exempt.contains(&(rec.map().to_string(), rec.key()));
         in_step += usize::from(held[0] == held[1]);
         exempted += usize::from(is_exempt);
+        exempt_in_step += usize::from(is_exempt && held[0] == held[1]);
         if let Err(why) = check(&model, rec, held, is_exempt) {
             let history: Vec<String> = model
                 .history
@@ -613,7 +629,7 @@ fn kill_9_soak_converges() {
     println!(
         "soak: seed {seed}: {edit_secs:.0} s of edits: {} transactions, {} writes ({} deletes, {} concurrent \
          pairs), {} kills; drained in {drain_secs:.1} s; {} keys checked, {in_step} in step, {exempted} named by \
-         {} open error(s); {} conflict(s) logged; {} dead letter(s)",
+         {} open error(s) ({exempt_in_step} of these keys in step); {} conflict(s) logged; {} dead letter(s)",
         model.transactions,
         model.writes,
         model.deletes,
