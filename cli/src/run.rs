@@ -1,4 +1,5 @@
-//! `dualsync run --config FILE`: the long-running local runner on the user's own sqlite apps,
+//! `dualsync run --config FILE`: the long-running local runner on the user's own sqlite apps (until
+//! Ctrl-C, or with `--until-idle` until everything captured is delivered),
 //! with the admin API on a loopback address behind a bearer token.
 use anyhow::{bail, Context, Result};
 use clap::Args;
