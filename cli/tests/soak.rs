@@ -11,7 +11,8 @@
 //! `DUALSYNC_SOAK_SEED` sets the seed (printed either way), `DUALSYNC_SOAK_SECS` the edit phase
 //! (default 75 s; the drain takes up to the 30 s a killed runner's messages stay invisible,
 //! and then some). On a failure the data folder is kept and its path printed: `state/state.db`
-//! (links, error rows, queues), the apps' `_dualsync_changes` logs and `runner.log`.
+//! (links, error rows, queues), each app's `soak_audit` (every write to its tables, users' and
+//! dualsync's, with the transaction it was made in) and `runner.log`.
 //!
 //! # What the test knows
 //!
@@ -33,10 +34,6 @@
 //!     exempt. (DESIGN §3: once edits stop and queues drain, every link with no open error has
 //!     canon(A) = canon(B).) A parent's two fields come from one write on each side (no torn
 //!     write), checked wherever a parent is read.
-//! (c) **No value that was not someone's last write**: for a key in step (exempt or not), its
-//!     content (a value, or absent) is the content of the last write of `a` or of `b` to it
-//!     (absent for a delete); absent if neither side ever wrote it. Values only come from users'
-//!     writes, so anything else is an older value coming back: a lost update.
 //! (b) For keys in step and not exempt, with `lastA`, `lastB` each side's last write:
 //!     - **No lost update**: if one side's last write was made on top of the other side's last
 //!       value (that value is in its past), it is causally newer: the key holds its content (for
@@ -49,8 +46,13 @@
 //!       (parents `p0..p3` and their children): where a delete has been made, a record absent on
 //!       one side may be absent from a delete whose live path has not yet run, and what a late
 //!       delete does to a later concurrent insert is not settled by the design. The deletable
-//!       keys (`p4..p7` and their children) get (a), (c) and the lost-update check, which holds
-//!       whatever a late delete does: such a delete comes before the other side's last value.
+//!       keys (`p4..p7` and their children) get (a), (c) and the lost-update check, which no
+//!       late delete excuses: the other side's deletes all came before its last value, which the
+//!       newer write was made on, so a delete that undoes that write is a stale one.
+//! (c) **No value that was not someone's last write**: for a key in step (exempt or not), its
+//!     content (a value, or absent) is the content of the last write of `a` or of `b` to it
+//!     (absent for a delete); absent if neither side ever wrote it. Values only come from users'
+//!     writes, so anything else is an older value coming back: a lost update.
 //! Deletes: a delete that is a side's last write, made on top of the other side's last value,
 //! must leave the record absent on both sides (the lost-update rule); a delete racing an insert
 //! the other side never saw must still leave both sides alike (a) with one of the two (c).
@@ -410,6 +412,64 @@ fn log_tail(dir: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
+/// Each app's tables as the audit triggers see them: (table, key expression, value column).
+const AUDITED: [[(&str, &str, &str); 2]; 2] = [
+    [("parents", "{r}.pid", "n"), ("children", "{r}.pid || '/' || {r}.cno", "label")],
+    [("owners", "{r}.owner_id", "num"), ("items", "{r}.owner_id || '/' || {r}.item_no", "caption")],
+];
+
+/// Test-only triggers that keep every write to the mapped tables, users' and dualsync's alike,
+/// in `soak_audit` (the change log is trimmed as it is consumed): the failure report's evidence.
+/// The transaction id is the one in `_dualsync_tx` (this test's `soak-*`, dualsync's
+/// `dualsync-write-*`), or none for a write outside a marked transaction.
+fn install_audit(conn: &Connection, side: Side) {
+    let mut sql = String::from(
+        "CREATE TABLE soak_audit (id INTEGER PRIMARY KEY, tbl TEXT, k TEXT, op TEXT, val TEXT, txid TEXT, at_ms INTEGER);",
+    );
+    let now = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+    let txid = "(SELECT txid FROM _dualsync_tx LIMIT 1)";
+    for (table, key, value) in AUDITED[side.index()] {
+        for (op, when, row) in [("insert", "INSERT", "NEW"), ("update", "UPDATE", "NEW"), ("delete", "DELETE", "OLD")] {
+            let val = if row == "OLD" { "NULL".to_string() } else { format!("NEW.{value}") };
+            // An update of the mapped columns only: not capture's own version bump.
+            let when = if when == "UPDATE" { format!("UPDATE OF {value}") } else { when.to_string() };
+            sql.push_str(&format!(
+                "CREATE TRIGGER soak_{table}_{op} AFTER {when} ON {table} BEGIN \
+                 INSERT INTO soak_audit (tbl, k, op, val, txid, at_ms) \
+                 VALUES ('{table}', {}, '{op}', {val}, {txid}, {now}); END;",
+                key.replace("{r}", row)
+            ));
+        }
+    }
+    conn.execute_batch(&sql).expect("audit triggers");
+}
+
+/// Every write to a record on one side, from the audit table: ms into the run, op, value,
+/// transaction.
+fn audit(conn: &Connection, side: Side, rec: Rec, epoch_ms: i64) -> Vec<String> {
+    let table = AUDITED[side.index()][usize::from(matches!(rec, Rec::Child(..)))].0;
+    let key = match rec {
+        Rec::Parent(_) => rec.pid(),
+        Rec::Child(_, c) => format!("{}/{c}", rec.pid()),
+    };
+    let mut stmt = conn
+        .prepare("SELECT at_ms, op, val, txid FROM soak_audit WHERE tbl = ?1 AND k = ?2 ORDER BY id")
+        .expect("audit");
+    stmt.query_map(params![table, key], |r| {
+        let (at, op, val, txid): (i64, String, Option<String>, Option<String>) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+        let by = txid.unwrap_or_else(|| "no marked transaction".into());
+        Ok(format!("    {:>6} ms {} {op} {} by {by}", at - epoch_ms, side_name(side), val.unwrap_or_default()))
+    })
+    .expect("audit")
+    .collect::<Result<_, _>>()
+    .expect("audit")
+}
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|s| s.parse().unwrap_or_else(|_| panic!("{name}={s}: not a whole number")))
 }
@@ -519,10 +579,13 @@ fn kill_9_soak_converges() {
     // Started before the soak: capture is installed, so no edit goes uncaptured.
     run_ok(dualsync(&dir).arg("job").arg("apply").arg(dir.join("job.yaml")));
     run_ok(dualsync(&dir).args(["job", "start", JOB]));
+    for side in Side::BOTH {
+        install_audit(&apps[side.index()], side);
+    }
 
     let recs = Rec::all();
     let mut model = Model::default();
-    let started = Instant::now();
+    let (started, started_ms) = (Instant::now(), epoch_ms());
     let end = started + Duration::from_secs(secs);
     let mut kills: Vec<u128> = Vec::new();
     let mut child = Some(runner(&dir, false));
@@ -623,7 +686,15 @@ fn kill_9_soak_converges() {
                     format!("    {ms:>6} ms {} {what} (on {on:?})", side_name(*side))
                 })
                 .collect();
-            failures.push(format!("{} {}: {why}\n  writes:\n{}", rec.map(), rec.key(), history.join("\n")));
+            let log: Vec<String> =
+                Side::BOTH.iter().flat_map(|&s| audit(&apps[s.index()], s, rec, started_ms)).collect();
+            failures.push(format!(
+                "{} {}: {why}\n  writes:\n{}\n  every write on a, then on b (soak_audit):\n{}",
+                rec.map(),
+                rec.key(),
+                history.join("\n"),
+                log.join("\n")
+            ));
         }
     }
     println!(
@@ -641,7 +712,18 @@ fn kill_9_soak_converges() {
         outcome.dead_letters
     );
     for e in &outcome.open {
-        println!("soak: open {} error on {} {} from {}: {}", e.category.as_str(), e.map, e.key, e.app, e.message);
+        let held = recs
+            .iter()
+            .find(|r| r.map() == e.map && r.key() == e.key)
+            .map(|&r| [r.read(&apps[0], Side::A), r.read(&apps[1], Side::B)]);
+        println!(
+            "soak: open {} error on {} {} from {}: {}; (a, b) hold {held:?}",
+            e.category.as_str(),
+            e.map,
+            e.key,
+            e.app,
+            e.message
+        );
     }
     if !failures.is_empty() {
         panic!(
