@@ -4,7 +4,8 @@
 //! child map that looks its parent up, `a` primary. `dualsync run` syncs them while this test
 //! edits both apps: updates, inserts, deletes, multi-row transactions (a parent and its
 //! children), and the same record on both sides back to back (concurrent edits). Every 0.5 to
-//! 5 s the runner is SIGKILLed and restarted (after up to half a second, edits going on). Then
+//! 5 s the runner is SIGKILLed and restarted (after up to half a second, edits going on); after
+//! some deletes sooner, within 20 to 400 ms, while the delete is likely in flight. Then
 //! editing stops, `dualsync run --until-idle` drains the pipeline, and every key of both maps is
 //! checked.
 //!
@@ -625,10 +626,14 @@ fn kill_9_soak_converges() {
                     std::iter::once(Rec::Parent(p)).chain((1..=CHILDREN).map(|c| Rec::Child(p, c))).collect();
                 model.upsert(&mut apps[side.index()], side, &family, started);
             }
-            // A delete (a parent with its children).
+            // A delete (a parent with its children); now and then the runner dies soon after,
+            // likely while the delete is on its way through capture.
             55..65 => {
                 let deletable: Vec<Rec> = recs.iter().copied().filter(|r| r.deletable()).collect();
-                model.delete(&mut apps[side.index()], side, deletable[rng.random_range(0..deletable.len())], started);
+                let pick = deletable[rng.random_range(0..deletable.len())];
+                if model.delete(&mut apps[side.index()], side, pick, started) > 0 && rng.random_bool(0.3) {
+                    next_kill = next_kill.min(Instant::now() + Duration::from_millis(rng.random_range(20..400)));
+                }
             }
             // The same record on both sides at once.
             _ => {
