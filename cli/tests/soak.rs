@@ -255,6 +255,10 @@ impl Write {
     }
 }
 
+/// A write as the failure report shows it: ms into the run, side, the write, the value it was
+/// made on.
+type Logged = (u128, Side, Write, Option<u64>);
+
 /// What users wrote, as the test knows it.
 #[derive(Default)]
 struct Model {
@@ -265,7 +269,7 @@ struct Model {
     /// Per write id: the values it was written on top of, directly or through the one it replaced.
     past: HashMap<u64, BTreeSet<u64>>,
     /// Per record, every write for the failure report: (ms into the run, side, write, made on).
-    history: BTreeMap<Rec, Vec<(u128, Side, Write, Option<u64>)>>,
+    history: BTreeMap<Rec, Vec<Logged>>,
     transactions: u64,
     writes: u64,
     deletes: u64,
