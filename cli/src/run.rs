@@ -1,5 +1,5 @@
 //! `dualsync run --config FILE`: the long-running local runner on the user's own sqlite apps (until
-//! Ctrl-C, or with `--until-idle` until everything captured is delivered),
+//! Ctrl-C, or with `--until-idle` until every change log is read and every queue empty),
 //! with the admin API on a loopback address behind a bearer token.
 use anyhow::{bail, Context, Result};
 use clap::Args;
