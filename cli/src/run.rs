@@ -1,4 +1,5 @@
-//! `dualsync run --config FILE`: the long-running local runner on the user's own sqlite apps,
+//! `dualsync run --config FILE`: the long-running local runner on the user's own sqlite apps (until
+//! Ctrl-C, or with `--until-idle` until every change log is read and every queue empty),
 //! with the admin API on a loopback address behind a bearer token.
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -23,6 +24,10 @@ pub struct RunArgs {
     /// DATA_DIR/admin-token (readable by this user only).
     #[arg(long, env = "DUALSYNC_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Stop once the pipeline is idle (every change log read, every queue empty) instead of
+    /// waiting for Ctrl-C: drains what is queued, for scripts and tests.
+    #[arg(long)]
+    until_idle: bool,
 }
 
 pub async fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
@@ -64,7 +69,17 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
         };
         axum::serve(listener, api).with_graceful_shutdown(stopped).await
     });
-    tokio::signal::ctrl_c().await?;
+    if args.until_idle {
+        tokio::select! {
+            idle = wait_idle(&rt) => {
+                idle?;
+                eprintln!("dualsync: idle; stopping");
+            }
+            c = tokio::signal::ctrl_c() => c?,
+        }
+    } else {
+        tokio::signal::ctrl_c().await?;
+    }
     eprintln!("dualsync: stopping after the current batches; queued work stays in {}", data_dir.display());
     stop.send(true)?;
     for t in tasks {
@@ -72,6 +87,14 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
     }
     server.await?.context("admin API")?;
     eprintln!("dualsync: stopped");
+    Ok(())
+}
+
+/// Returns once the runtime is idle (checked every 100 ms while its workers run).
+async fn wait_idle(rt: &LocalRuntime) -> Result<()> {
+    while !rt.is_idle().await? {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 
