@@ -1,6 +1,7 @@
 //! Typed access to the items of the one key-value table (DESIGN §4), over the [`KvStore`] port.
 mod errors;
 mod parking;
+mod parts;
 mod requests;
 
 pub use crate::domain::requests::ErrorFilter;
