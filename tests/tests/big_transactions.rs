@@ -18,9 +18,7 @@ mod common;
 use common::{exec, query, Flaky};
 use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Usage};
 use dualsync::adapters::embedded::EmbeddedDb;
-use dualsync::domain::change::{
-    ChangeNotification, Key, Operation, Parts, TransactionNotification, MAX_MESSAGE_BYTES,
-};
+use dualsync::domain::change::{ChangeNotification, Key, Operation, Parts, TransactionNotification, MAX_MESSAGE_BYTES};
 use dualsync::domain::config::{parse_job, JobDef};
 use dualsync::domain::errors::{ErrorCategory, SyncError};
 use dualsync::ports::{ManualClock, OutMessage, Queue};
@@ -201,7 +199,14 @@ impl H {
     async fn assert_converged(&self) {
         let lj = self.steps().load_job("j").await.unwrap().unwrap();
         for c in compare(&lj).await.unwrap() {
-            assert!(c.all_in_step(), "{}: {} differ, {:?} only in a, {:?} only in b", c.map, c.differ.len(), c.only[0].len(), c.only[1].len());
+            assert!(
+                c.all_in_step(),
+                "{}: {} differ, {:?} only in a, {:?} only in b",
+                c.map,
+                c.differ.len(),
+                c.only[0].len(),
+                c.only[1].len()
+            );
         }
     }
 
@@ -275,7 +280,10 @@ macro_rules! on_both_backends {
     };
 }
 
-on_both_backends!(a_transaction_several_times_the_queue_limit_syncs, a_key_too_long_to_store_is_an_error_row_of_its_own);
+on_both_backends!(
+    a_transaction_several_times_the_queue_limit_syncs,
+    a_key_too_long_to_store_is_an_error_row_of_its_own
+);
 
 // Thousands of rows each: on the embedded runner only, as they take minutes on moto.
 mod local_only {

@@ -7,8 +7,8 @@ use crate::adapters::connectors::sqlite::OWN_WRITE_TXID_PREFIX;
 use crate::domain::change::{ChangeNotification, Parts, TooLargeItem, TransactionNotification, MAX_MESSAGE_BYTES};
 use crate::domain::errors::ErrorCategory;
 use crate::domain::job::Side;
-use crate::state::NewError;
 use crate::ports::{ChangeFeed, OutMessage, Queue, RawChange};
+use crate::state::NewError;
 use crate::state::State;
 use crate::steps::StepError;
 
@@ -63,26 +63,28 @@ pub async fn pump_feed(
     let mut msgs: Vec<OutMessage> = Vec::new();
     for g in theirs {
         let tx = TransactionNotification {
-                job: job.to_string(),
-                app: app.to_string(),
-                // The first seq makes a transaction split over pages two distinct notifications.
-                txid: format!("{}@{}", g[0].txid, g[0].seq),
-                changes: g
-                    .into_iter()
-                    .map(|r| ChangeNotification {
-                        app: app.to_string(),
-                        entity: r.entity,
-                        key: r.key,
-                        op: r.op,
-                        seq: r.seq,
-                        version: r.version,
-                        company: r.company,
-                        at_ms: r.at_ms,
-                    })
-                    .collect(),
-                parts: Parts::default(),
-            };
-        msgs.extend(fit(state, tx).await?.iter().map(|p| OutMessage::standard(serde_json::to_string(p).unwrap_or_default())));
+            job: job.to_string(),
+            app: app.to_string(),
+            // The first seq makes a transaction split over pages two distinct notifications.
+            txid: format!("{}@{}", g[0].txid, g[0].seq),
+            changes: g
+                .into_iter()
+                .map(|r| ChangeNotification {
+                    app: app.to_string(),
+                    entity: r.entity,
+                    key: r.key,
+                    op: r.op,
+                    seq: r.seq,
+                    version: r.version,
+                    company: r.company,
+                    at_ms: r.at_ms,
+                })
+                .collect(),
+            parts: Parts::default(),
+        };
+        msgs.extend(
+            fit(state, tx).await?.iter().map(|p| OutMessage::standard(serde_json::to_string(p).unwrap_or_default())),
+        );
     }
     if !msgs.is_empty() {
         capture.send(msgs).await?;
