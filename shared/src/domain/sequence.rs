@@ -43,22 +43,42 @@ pub fn plan(job: &Job, tx: &CapturedTransaction, limit: usize) -> Vec<DeliveryBa
     }
     let position: BTreeMap<(usize, &Key), usize> =
         changes.iter().enumerate().map(|(pos, (i, c))| ((*i, &c.key), pos)).collect();
+    fn union(p: &mut [usize], x: usize, y: usize) {
+        let (a, b) = (find(p, x), find(p, y));
+        if a != b {
+            // The earlier change (the parent side) stays the representative.
+            p[a.max(b)] = a.min(b);
+        }
+    }
+    // The changes of one map are contiguous (sorted by map index).
+    let span = |m: usize| changes.partition_point(|(i, _)| *i < m)..changes.partition_point(|(i, _)| *i <= m);
+    // Maps whose changes in this transaction are already joined in one set.
+    let mut joined: Vec<bool> = vec![false; job.maps.len()];
     let mut roots: Vec<(usize, Key)> = Vec::with_capacity(changes.len());
     for (pos, (map_idx, c)) in changes.iter().enumerate() {
         roots.push(root_of(job, *map_idx, &c.key));
         let map = &job.maps[*map_idx];
         for lookup in &map.lookups {
-            let members: Vec<usize> = match derived_parent_key(map, &lookup.fields, &c.key) {
-                Some(k) => position.get(&(lookup.map, &k)).copied().into_iter().collect(),
+            match derived_parent_key(map, &lookup.fields, &c.key) {
+                Some(k) => {
+                    if let Some(&m) = position.get(&(lookup.map, &k)) {
+                        union(&mut parent, pos, m);
+                    }
+                }
                 // The parent cannot be told from the key: keep every change of the referenced
                 // map in this transaction in one group with this change, which is always safe.
-                None => changes.iter().enumerate().filter(|(_, (i, _))| *i == lookup.map).map(|(p, _)| p).collect(),
-            };
-            for m in members {
-                let (a, b) = (find(&mut parent, pos), find(&mut parent, m));
-                if a != b {
-                    // The earlier change (the parent side) stays the representative.
-                    parent[a.max(b)] = a.min(b);
+                // (They are joined once, so a large transaction costs no more than a small one.)
+                None => {
+                    let members = span(lookup.map);
+                    if !joined[lookup.map] {
+                        for m in members.clone().skip(1) {
+                            union(&mut parent, members.start, m);
+                        }
+                        joined[lookup.map] = true;
+                    }
+                    if !members.is_empty() {
+                        union(&mut parent, pos, members.start);
+                    }
                 }
             }
         }
