@@ -390,26 +390,30 @@ async fn parts_of_a_transaction_are_deduped_each_on_its_own(backend: Backend) {
     h.assert_converged().await;
 }
 
-/// A key longer than the table's keys can hold fails that change alone, with a row saying why.
+/// A key longer than the table's keys can hold fails that change alone, with a row saying why;
+/// so does one longer than a queue message.
 async fn a_key_too_long_to_store_is_an_error_row_of_its_own(backend: Backend) {
     let h = harness(backend, "").await;
-    let long = "k".repeat(2100);
+    let (long, huge) = ("k".repeat(2100), "h".repeat(300_000));
     exec(
         &h.a,
         &format!(
             "INSERT INTO entries (co, eno, label) VALUES ('X', 'fine', 'x'), ('X', '{long}', 'too long');
-             INSERT INTO children (pid, cno, label) VALUES ('{long}', 1, 'too long');"
+             INSERT INTO children (pid, cno, label) VALUES ('{long}', 1, 'too long');
+             INSERT INTO entries (co, eno, label) VALUES ('X', '{huge}', 'larger than a message');"
         ),
     );
     exec(&h.a, "INSERT INTO entries (co, eno, label) VALUES ('X', 'other', 'y')");
     h.drain().await;
     let errors = h.errors().await;
-    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert_eq!(errors.len(), 3, "{errors:#?}");
     for e in &errors {
         assert_eq!(e.category, ErrorCategory::Application);
-        assert!(e.message.contains("too long to store"), "{}", e.message);
         assert!(e.key.display().len() < 200, "the row's key is abbreviated");
     }
+    let told = |what: &str| errors.iter().filter(|e| e.message.contains(what)).count();
+    assert_eq!(told("too long to store"), 2, "{errors:#?}");
+    assert_eq!(told("more than a queue message holds"), 1, "{errors:#?}");
     assert_eq!(query(&h.b, "SELECT count(*) FROM records"), 2, "the other changes synced");
     h.assert_no_dead_letters().await;
 }

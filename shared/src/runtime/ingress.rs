@@ -18,10 +18,9 @@ use crate::steps::StepError;
 /// The position is saved after the send, so a crash in between sends the same transactions
 /// again, which capture's dedupe drops. A page never ends inside a transaction, so the same
 /// rows always form the same notification: one that fills the page is read on to its end and
-/// goes alone, in parts if it does not fit in one message. Rows of
-/// dualsync's own writes (their transaction id says so) are echoes: they stop here, counted in
-/// `echoes`; capture's version check and delivery's content check catch the echoes of apps that
-/// cannot mark their writes.
+/// goes alone, in parts if it does not fit in one message. Rows of dualsync's own writes (their
+/// transaction id says so) are echoes: they stop here, counted in `echoes`; capture's version
+/// check and delivery's content check catch the echoes of apps that cannot mark their writes.
 pub async fn pump_feed(
     state: &State,
     job: &str,
@@ -65,7 +64,7 @@ pub async fn pump_feed(
         let tx = TransactionNotification {
             job: job.to_string(),
             app: app.to_string(),
-            // The first seq makes a transaction split over pages two distinct notifications.
+            // The first seq tells apart app transactions that reuse an id.
             txid: format!("{}@{}", g[0].txid, g[0].seq),
             changes: g
                 .into_iter()
