@@ -5,7 +5,7 @@
 //! sample (groups, roots, deduplication ids).
 use std::path::PathBuf;
 
-use dualsync::domain::change::{CapturedTransaction, DeliveryBatch, TransactionNotification};
+use dualsync::domain::change::{CapturedTransaction, DeliveryBatch, TransactionNotification, MAX_MESSAGE_BYTES};
 use dualsync::domain::config::{compile, parse_job};
 use dualsync::domain::job::{Job, Side};
 use dualsync::domain::sequence::{dedup_id, plan};
@@ -133,7 +133,7 @@ fn sequence_sample_is_the_capture_sample_captured() {
 #[test]
 fn deliver_sample_is_what_sequence_plans() {
     let job = job();
-    let planned: Vec<DeliveryBatch> = captured(&job).iter().flat_map(|tx| plan(&job, tx)).collect();
+    let planned: Vec<DeliveryBatch> = captured(&job).iter().flat_map(|tx| plan(&job, tx, MAX_MESSAGE_BYTES)).collect();
     let records = records("deliver", "deliver.fifo");
     assert_eq!(records.len(), planned.len(), "deliver: one record per planned batch");
     for (r, want) in records.iter().zip(&planned) {

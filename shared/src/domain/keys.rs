@@ -19,6 +19,32 @@ fn key_part(key: &Key) -> String {
     key.0.iter().map(|c| escape(c)).collect::<Vec<_>>().join("#")
 }
 
+/// DynamoDB's limits on an item's partition and sort keys (bytes, UTF-8).
+pub const MAX_PK_BYTES: usize = 2048;
+pub const MAX_SK_BYTES: usize = 1024;
+
+/// Why a record key cannot be stored, if it is too long for an item keyed by it (its link, or
+/// the index entry of its error rows).
+pub fn record_key_too_long(job: &str, map: &str, key: &Key) -> Option<String> {
+    let link = link_pk(job, map, key).len();
+    let index = error_index_sk(map, key, Side::A, ErrorCategory::Concurrency).len();
+    (link > MAX_PK_BYTES || index > MAX_SK_BYTES).then(|| {
+        format!(
+            "key of {map} is too long to store: {} bytes; a link's partition key holds at most {MAX_PK_BYTES} \
+             bytes and an error row's index key at most {MAX_SK_BYTES} (with the map name)",
+            key.display().len()
+        )
+    })
+}
+
+/// Why a transaction id cannot be stored for capture's dedupe, if it is too long.
+pub fn txid_too_long(job: &str, app: &str, txid: &str) -> Option<String> {
+    let bytes = tx_pk(job, app, txid).len();
+    (bytes > MAX_PK_BYTES).then(|| {
+        format!("transaction id is too long to store: {} bytes; its item's partition key holds at most {MAX_PK_BYTES} bytes (with the job and app names)", txid.len())
+    })
+}
+
 pub const CONFIG: &str = "CONFIG";
 pub const STATE: &str = "STATE";
 pub const CAPTURED: &str = "CAPTURED";
@@ -36,6 +62,18 @@ pub fn link_pk(job: &str, map: &str, key: &Key) -> String {
 
 pub fn tx_pk(job: &str, app: &str, txid: &str) -> String {
     format!("TX#{}#{}#{}", escape(job), escape(app), escape(txid))
+}
+
+/// In a transaction's partition: capture's dedupe mark of one part of a split transaction.
+pub fn part_captured_sk(index: u32) -> String {
+    format!("{CAPTURED}#{index:010}")
+}
+/// In a transaction's partition: which parts of a large transaction capture has kept.
+pub const PARTS: &str = "PARTS";
+/// In a transaction's partition: one piece of one kept part, in order.
+pub const PIECE_PREFIX: &str = "PIECE#";
+pub fn piece_sk(part: u32, piece: usize) -> String {
+    format!("{PIECE_PREFIX}{part:010}#{piece:010}")
 }
 
 pub fn errors_pk(job: &str) -> String {
@@ -138,6 +176,18 @@ mod tests {
         assert!(dead_letter_sk(1000, "z") < dead_letter_sk(999, "a"));
         assert!(dead_letter_sk(1000, "a") < dead_letter_sk(1000, "b"));
         assert_eq!(dead_letter_sk(1, "m#1"), r"999999999999998#m\#1");
+    }
+
+    #[test]
+    fn keys_too_long_for_the_table_are_told() {
+        let short = Key(vec!["x".repeat(500), "y".into()]);
+        assert_eq!(record_key_too_long("j", "m", &short), None);
+        let long = Key(vec!["x".repeat(1100), "y".into()]);
+        let why = record_key_too_long("j", "m", &long).unwrap();
+        assert!(why.contains("1102 bytes"), "{why}");
+        assert!(record_key_too_long("j", "m", &long.abbreviated()).is_none());
+        assert_eq!(txid_too_long("j", "a", &"t".repeat(2000)), None);
+        assert!(txid_too_long("j", "a", &"t".repeat(2100)).is_some());
     }
 
     #[test]

@@ -5,20 +5,21 @@
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-use super::change::{CapturedTransaction, ChangeRef, DeliveryBatch, Key, Lane};
+use super::change::{encoded_len, CapturedTransaction, ChangeRef, DeliveryBatch, Key, Lane};
 use super::job::{Job, TableMap};
 
 /// FIFO message groups per job: enough for parallel delivery, few enough to pack messages.
 pub const GROUPS: u64 = 16;
-/// Changes per deliver message at most (a lane is never split), well under the 256 KB limit.
+/// Changes per deliver message at most, to bound one message's work; bytes are bounded too.
 pub const MAX_CHANGES_PER_MESSAGE: usize = 400;
 
-/// Orders the transaction's changes into lanes and packs them into delivery batches.
+/// Orders the transaction's changes into lanes and packs them into delivery batches of at most
+/// `limit` bytes encoded each (the whole transaction: parent-before-child holds across it).
 ///
 /// Order: table group, then sequence (the job's map order); lookups always point to an earlier
 /// map (validated), so this is also a topological order. Of several changes to one record only
 /// the latest is kept: delivery reads the record fresh anyway.
-pub fn plan(job: &Job, tx: &CapturedTransaction) -> Vec<DeliveryBatch> {
+pub fn plan(job: &Job, tx: &CapturedTransaction, limit: usize) -> Vec<DeliveryBatch> {
     let mut latest: BTreeMap<(usize, &Key), &ChangeRef> = BTreeMap::new();
     for c in &tx.changes {
         let Some((idx, _)) = job.map(&c.map) else { continue };
@@ -42,22 +43,42 @@ pub fn plan(job: &Job, tx: &CapturedTransaction) -> Vec<DeliveryBatch> {
     }
     let position: BTreeMap<(usize, &Key), usize> =
         changes.iter().enumerate().map(|(pos, (i, c))| ((*i, &c.key), pos)).collect();
+    fn union(p: &mut [usize], x: usize, y: usize) {
+        let (a, b) = (find(p, x), find(p, y));
+        if a != b {
+            // The earlier change (the parent side) stays the representative.
+            p[a.max(b)] = a.min(b);
+        }
+    }
+    // The changes of one map are contiguous (sorted by map index).
+    let span = |m: usize| changes.partition_point(|(i, _)| *i < m)..changes.partition_point(|(i, _)| *i <= m);
+    // Maps whose changes in this transaction are already joined in one set.
+    let mut joined: Vec<bool> = vec![false; job.maps.len()];
     let mut roots: Vec<(usize, Key)> = Vec::with_capacity(changes.len());
     for (pos, (map_idx, c)) in changes.iter().enumerate() {
         roots.push(root_of(job, *map_idx, &c.key));
         let map = &job.maps[*map_idx];
         for lookup in &map.lookups {
-            let members: Vec<usize> = match derived_parent_key(map, &lookup.fields, &c.key) {
-                Some(k) => position.get(&(lookup.map, &k)).copied().into_iter().collect(),
+            match derived_parent_key(map, &lookup.fields, &c.key) {
+                Some(k) => {
+                    if let Some(&m) = position.get(&(lookup.map, &k)) {
+                        union(&mut parent, pos, m);
+                    }
+                }
                 // The parent cannot be told from the key: keep every change of the referenced
                 // map in this transaction in one group with this change, which is always safe.
-                None => changes.iter().enumerate().filter(|(_, (i, _))| *i == lookup.map).map(|(p, _)| p).collect(),
-            };
-            for m in members {
-                let (a, b) = (find(&mut parent, pos), find(&mut parent, m));
-                if a != b {
-                    // The earlier change (the parent side) stays the representative.
-                    parent[a.max(b)] = a.min(b);
+                // (They are joined once, so a large transaction costs no more than a small one.)
+                None => {
+                    let members = span(lookup.map);
+                    if !joined[lookup.map] {
+                        for m in members.clone().skip(1) {
+                            union(&mut parent, members.start, m);
+                        }
+                        joined[lookup.map] = true;
+                    }
+                    if !members.is_empty() {
+                        union(&mut parent, pos, members.start);
+                    }
                 }
             }
         }
@@ -72,21 +93,55 @@ pub fn plan(job: &Job, tx: &CapturedTransaction) -> Vec<DeliveryBatch> {
             .or_insert_with(|| Lane { root: group_id(&job.maps[*root_map].name, root_key), changes: Vec::new() });
         lane.changes.push((*c).clone());
     }
-    let mut batches: BTreeMap<String, Vec<DeliveryBatch>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Vec<Lane>> = BTreeMap::new();
     for lane in lanes.into_values() {
-        let group = bucket(&lane.root);
-        let list = batches.entry(group.clone()).or_default();
-        match list.last_mut() {
-            Some(b)
-                if b.lanes.iter().map(|l| l.changes.len()).sum::<usize>() + lane.changes.len()
-                    <= MAX_CHANGES_PER_MESSAGE =>
-            {
-                b.lanes.push(lane)
+        groups.entry(bucket(&lane.root)).or_default().push(lane);
+    }
+    groups.into_iter().flat_map(|(group, lanes)| pack(&tx.job, &group, lanes, limit)).collect()
+}
+
+/// Packs one group's lanes, in order, into deliver messages of at most `limit` bytes encoded
+/// and [`MAX_CHANGES_PER_MESSAGE`] changes. A lane that fits in one message is never split; a
+/// longer one goes on in the next messages of the group, in order (FIFO keeps a group's order
+/// and deliver runs a root's lane across the messages of a batch). A single change larger than
+/// a message alone (capture keeps keys far shorter) gets a message of its own.
+fn pack(job: &str, group: &str, lanes: Vec<Lane>, limit: usize) -> Vec<DeliveryBatch> {
+    let empty = DeliveryBatch { job: job.to_string(), group: group.to_string(), lanes: vec![] };
+    let overhead = encoded_len(&empty);
+    let mut out = vec![empty.clone()];
+    // Bytes and changes of the last message.
+    let (mut bytes, mut count) = (overhead, 0usize);
+    for lane in lanes {
+        let lane_overhead = encoded_len(&Lane { root: lane.root.clone(), changes: vec![] });
+        let sizes: Vec<usize> = lane.changes.iter().map(encoded_len).collect();
+        let whole = lane_overhead + sizes.iter().sum::<usize>() + sizes.len().saturating_sub(1);
+        let started = |out: &[DeliveryBatch]| out.last().is_some_and(|b| !b.lanes.is_empty());
+        let sep = usize::from(started(&out));
+        if started(&out) && (bytes + sep + whole > limit || count + sizes.len() > MAX_CHANGES_PER_MESSAGE) {
+            out.push(empty.clone());
+            (bytes, count) = (overhead, 0);
+        }
+        // Whether the last message's last lane is a piece of this lane.
+        let mut piece = false;
+        for (c, size) in lane.changes.into_iter().zip(sizes) {
+            let mut add = if piece { 1 + size } else { usize::from(started(&out)) + lane_overhead + size };
+            if started(&out) && (bytes + add > limit || count + 1 > MAX_CHANGES_PER_MESSAGE) {
+                out.push(empty.clone());
+                (bytes, count, piece) = (overhead, 0, false);
+                add = lane_overhead + size;
             }
-            _ => list.push(DeliveryBatch { job: tx.job.clone(), group, lanes: vec![lane] }),
+            let last = out.last_mut().expect("one message at least");
+            if !piece {
+                last.lanes.push(Lane { root: lane.root.clone(), changes: vec![] });
+                piece = true;
+            }
+            last.lanes.last_mut().expect("a lane was pushed").changes.push(c);
+            bytes += add;
+            count += 1;
         }
     }
-    batches.into_values().flatten().collect()
+    out.retain(|b| !b.lanes.is_empty());
+    out
 }
 
 /// The FIFO message group of a root: a stable bucket of its id.
@@ -149,6 +204,7 @@ pub fn short_hash(parts: &[&[u8]]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::change::MAX_MESSAGE_BYTES;
     use crate::domain::job::{App, ConnectorSpec, Lookup, Mode, Side};
 
     fn map(name: &str, keys: &[&str], lookups: Vec<Lookup>) -> TableMap {
@@ -200,7 +256,74 @@ mod tests {
     }
 
     fn tx(changes: Vec<ChangeRef>) -> CapturedTransaction {
-        CapturedTransaction { job: "j".into(), source: Side::A, txid: "t".into(), changes }
+        CapturedTransaction { job: "j".into(), source: Side::A, txid: "t".into(), changes, stored: None }
+    }
+
+    fn planned(t: &CapturedTransaction) -> Vec<DeliveryBatch> {
+        plan(&job(), t, MAX_MESSAGE_BYTES)
+    }
+
+    /// Every message within `limit`, every change exactly once, and each root's changes in
+    /// the order one unsplit lane would have them.
+    fn assert_split_well(batches: &[DeliveryBatch], limit: usize, unsplit: &[Lane]) {
+        for b in batches {
+            let len = serde_json::to_string(b).unwrap().len();
+            assert!(len <= limit, "message of {len} bytes over {limit}");
+            assert!(b.lanes.iter().all(|l| bucket(&l.root) == b.group));
+            assert!(b.lanes.iter().map(|l| l.changes.len()).sum::<usize>() <= MAX_CHANGES_PER_MESSAGE);
+        }
+        let mut by_root: BTreeMap<&str, Vec<&ChangeRef>> = BTreeMap::new();
+        for l in batches.iter().flat_map(|b| &b.lanes) {
+            by_root.entry(&l.root).or_default().extend(&l.changes);
+        }
+        assert_eq!(by_root.len(), unsplit.len());
+        for l in unsplit {
+            let got = &by_root[l.root.as_str()];
+            assert_eq!(got.len(), l.changes.len(), "root {}", l.root);
+            assert!(got.iter().zip(&l.changes).all(|(a, b)| *a == b), "root {} out of order", l.root);
+        }
+    }
+
+    fn order(n: usize, lines: usize) -> Vec<ChangeRef> {
+        let o = format!("O{n}");
+        let mut v = vec![change("headers", &[&o], 1)];
+        v.extend((0..lines).map(|i| change("lines", &[&o, &format!("{i:05}")], 2 + i as u64)));
+        v
+    }
+
+    #[test]
+    fn a_lane_longer_than_a_message_goes_on_in_the_next_messages_of_its_group_in_order() {
+        let t = tx(order(1, 3000));
+        // One lane: the header, then its lines in key order.
+        let whole = vec![Lane { root: group_id("headers", &Key(vec!["O1".into()])), changes: order(1, 3000) }];
+        for limit in [MAX_MESSAGE_BYTES, 4096, 600] {
+            let batches = plan(&job(), &t, limit);
+            assert!(batches.len() > 1, "limit {limit}");
+            assert!(batches.iter().all(|b| b.group == batches[0].group));
+            assert_split_well(&batches, limit, &whole);
+            assert_eq!(batches[0].lanes[0].changes[0].map, "headers", "the header goes first");
+        }
+    }
+
+    #[test]
+    fn lanes_that_fit_stay_whole_and_big_ones_split_among_many_roots() {
+        let mut changes = Vec::new();
+        for n in 0..40 {
+            changes.extend(order(n, (n * 37) % 90));
+        }
+        let t = tx(changes);
+        let whole = lanes(plan(&job(), &t, usize::MAX));
+        let limit = 3000;
+        let batches = plan(&job(), &t, limit);
+        assert_split_well(&batches, limit, &whole);
+        // A lane that fits in one message is in one message.
+        for l in &whole {
+            let alone = DeliveryBatch { job: "j".into(), group: bucket(&l.root), lanes: vec![l.clone()] };
+            if serde_json::to_string(&alone).unwrap().len() <= limit {
+                let holding = batches.iter().filter(|b| b.lanes.iter().any(|x| x.root == l.root)).count();
+                assert_eq!(holding, 1, "root {}", l.root);
+            }
+        }
     }
 
     #[test]
@@ -212,7 +335,7 @@ mod tests {
             change("lines", &["O1", "1"], 4),
             change("headers", &["O2"], 7),
         ]);
-        let lanes = lanes(plan(&job(), &t));
+        let lanes = lanes(planned(&t));
         assert_eq!(lanes.len(), 2, "{lanes:?}");
         for l in &lanes {
             assert_eq!(l.changes[0].map, "headers");
@@ -223,8 +346,8 @@ mod tests {
 
     #[test]
     fn a_line_alone_queues_behind_its_header_across_transactions() {
-        let alone = plan(&job(), &tx(vec![change("lines", &["O1", "3"], 9)]));
-        let header = plan(&job(), &tx(vec![change("headers", &["O1"], 1)]));
+        let alone = planned(&tx(vec![change("lines", &["O1", "3"], 9)]));
+        let header = planned(&tx(vec![change("headers", &["O1"], 1)]));
         assert_eq!(alone[0].lanes[0].root, header[0].lanes[0].root);
         assert_eq!(alone[0].group, header[0].group);
     }
@@ -233,7 +356,7 @@ mod tests {
     fn non_key_lookups_within_a_transaction_share_a_group() {
         let t =
             tx(vec![change("headers", &["O1"], 2), change("customers", &["C1"], 1), change("customers", &["C2"], 3)]);
-        let lanes = lanes(plan(&job(), &t));
+        let lanes = lanes(planned(&t));
         assert_eq!(lanes.len(), 1);
         let maps: Vec<&str> = lanes[0].changes.iter().map(|c| c.map.as_str()).collect();
         assert_eq!(maps, ["customers", "customers", "headers"]);
@@ -241,7 +364,7 @@ mod tests {
 
     #[test]
     fn only_the_latest_change_of_a_record_is_kept() {
-        let lanes = lanes(plan(&job(), &tx(vec![change("customers", &["C1"], 1), change("customers", &["C1"], 4)])));
+        let lanes = lanes(planned(&tx(vec![change("customers", &["C1"], 1), change("customers", &["C1"], 4)])));
         assert_eq!(lanes.len(), 1);
         assert_eq!(lanes[0].changes.len(), 1);
         assert_eq!(lanes[0].changes[0].seq, 4);
@@ -250,7 +373,7 @@ mod tests {
     #[test]
     fn unrelated_roots_share_few_messages_and_each_root_one_group() {
         let changes: Vec<ChangeRef> = (0..200).map(|i| change("customers", &[&format!("C{i}")], i)).collect();
-        let batches = plan(&job(), &tx(changes));
+        let batches = planned(&tx(changes));
         assert!(batches.len() <= GROUPS as usize, "{}", batches.len());
         assert_eq!(batches.iter().map(|b| b.lanes.len()).sum::<usize>(), 200);
         for b in &batches {
@@ -264,8 +387,8 @@ mod tests {
 
     #[test]
     fn dedup_id_depends_on_the_changes() {
-        let a = plan(&job(), &tx(vec![change("customers", &["C1"], 1)]));
-        let b = plan(&job(), &tx(vec![change("customers", &["C1"], 2)]));
+        let a = planned(&tx(vec![change("customers", &["C1"], 1)]));
+        let b = planned(&tx(vec![change("customers", &["C1"], 2)]));
         assert_eq!(dedup_id(&a[0]), dedup_id(&a[0].clone()));
         assert_ne!(dedup_id(&a[0]), dedup_id(&b[0]));
     }

@@ -1,10 +1,14 @@
 //! Local ingress: reads a local app's change log and puts one notification per transaction on
-//! the capture queue, like a webhook or business event would on AWS.
+//! the capture queue (in parts when it does not fit in one message), like a webhook or business
+//! event would on AWS.
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::adapters::connectors::sqlite::OWN_WRITE_TXID_PREFIX;
-use crate::domain::change::{ChangeNotification, TransactionNotification};
+use crate::domain::change::{ChangeNotification, Parts, TooLargeItem, TransactionNotification, MAX_MESSAGE_BYTES};
+use crate::domain::errors::ErrorCategory;
+use crate::domain::job::Side;
 use crate::ports::{ChangeFeed, OutMessage, Queue, RawChange};
+use crate::state::NewError;
 use crate::state::State;
 use crate::steps::StepError;
 
@@ -13,10 +17,10 @@ use crate::steps::StepError;
 ///
 /// The position is saved after the send, so a crash in between sends the same transactions
 /// again, which capture's dedupe drops. A page never ends inside a transaction, so the same
-/// rows always form the same notification (one larger than the page goes alone). Rows of
-/// dualsync's own writes (their transaction id says so) are echoes: they stop here, counted in
-/// `echoes`; capture's version check and delivery's content check catch the echoes of apps that
-/// cannot mark their writes.
+/// rows always form the same notification: one that fills the page is read on to its end and
+/// goes alone, in parts if it does not fit in one message. Rows of dualsync's own writes (their
+/// transaction id says so) are echoes: they stop here, counted in `echoes`; capture's version
+/// check and delivery's content check catch the echoes of apps that cannot mark their writes.
 pub async fn pump_feed(
     state: &State,
     job: &str,
@@ -27,11 +31,19 @@ pub async fn pump_feed(
     echoes: &AtomicU64,
 ) -> Result<usize, StepError> {
     let pos = state.feed_position(job, app).await?;
-    let rows = feed.changes_after(pos, limit).await?;
+    let mut rows = feed.changes_after(pos, limit).await?;
     if rows.is_empty() {
         return Ok(0);
     }
-    let full = rows.len() == limit;
+    let mut full = rows.len() == limit;
+    // One transaction fills the page: read on to its end, so that sequence sees all of it.
+    while full && rows.iter().all(|r| r.txid == rows[0].txid) {
+        let after = rows.last().map_or(pos, |r| r.seq);
+        let more = feed.changes_after(after, limit).await?;
+        let same = more.iter().take_while(|r| r.txid == rows[0].txid).count();
+        full = same == limit;
+        rows.extend(more.into_iter().take(same));
+    }
     let mut groups: Vec<Vec<RawChange>> = Vec::new();
     for r in rows {
         match groups.last_mut() {
@@ -47,34 +59,69 @@ pub async fn pump_feed(
     let (own, theirs): (Vec<_>, Vec<_>) =
         groups.into_iter().partition(|g| g[0].txid.starts_with(OWN_WRITE_TXID_PREFIX));
     echoes.fetch_add(own.iter().map(|g| g.len() as u64).sum(), Ordering::Relaxed);
-    let msgs: Vec<OutMessage> = theirs
-        .into_iter()
-        .map(|g| {
-            let tx = TransactionNotification {
-                job: job.to_string(),
-                app: app.to_string(),
-                // The first seq makes a transaction split over pages two distinct notifications.
-                txid: format!("{}@{}", g[0].txid, g[0].seq),
-                changes: g
-                    .into_iter()
-                    .map(|r| ChangeNotification {
-                        app: app.to_string(),
-                        entity: r.entity,
-                        key: r.key,
-                        op: r.op,
-                        seq: r.seq,
-                        version: r.version,
-                        company: r.company,
-                        at_ms: r.at_ms,
-                    })
-                    .collect(),
-            };
-            OutMessage::standard(serde_json::to_string(&tx).unwrap_or_default())
-        })
-        .collect();
+    let mut msgs: Vec<OutMessage> = Vec::new();
+    for g in theirs {
+        let tx = TransactionNotification {
+            job: job.to_string(),
+            app: app.to_string(),
+            // The first seq tells apart app transactions that reuse an id.
+            txid: format!("{}@{}", g[0].txid, g[0].seq),
+            changes: g
+                .into_iter()
+                .map(|r| ChangeNotification {
+                    app: app.to_string(),
+                    entity: r.entity,
+                    key: r.key,
+                    op: r.op,
+                    seq: r.seq,
+                    version: r.version,
+                    company: r.company,
+                    at_ms: r.at_ms,
+                })
+                .collect(),
+            parts: Parts::default(),
+        };
+        msgs.extend(
+            fit(state, tx).await?.iter().map(|p| OutMessage::standard(serde_json::to_string(p).unwrap_or_default())),
+        );
+    }
     if !msgs.is_empty() {
         capture.send(msgs).await?;
     }
     state.set_feed_position(job, app, last).await?;
     Ok(count)
+}
+
+/// The transaction as notifications that fit in a message each. A change too large for a
+/// message on its own (its key alone is that long) cannot be captured: it leaves an application
+/// error row, under an abbreviated key, and the rest of the transaction goes on.
+async fn fit(state: &State, mut tx: TransactionNotification) -> Result<Vec<TransactionNotification>, StepError> {
+    loop {
+        match tx.clone().split(MAX_MESSAGE_BYTES) {
+            Ok(parts) => return Ok(parts),
+            Err(TooLargeItem { index, bytes, .. }) => {
+                let ch = tx.changes.remove(index);
+                let (job, _) = state.job(&tx.job).await?;
+                let source = job.side_of(&tx.app).unwrap_or(Side::A);
+                let map = job.map_for_entity(source, &ch.entity).map_or(ch.entity.clone(), |(_, m)| m.name.clone());
+                let error = NewError {
+                    map,
+                    entity: ch.entity.clone(),
+                    app: tx.app.clone(),
+                    source,
+                    key: ch.key.abbreviated(),
+                    seq: ch.seq,
+                    txid: tx.txid.clone(),
+                    category: ErrorCategory::Application,
+                    message: format!(
+                        "change of {} not captured: it takes {bytes} bytes, more than a queue message holds \
+                         (its key is {} bytes)",
+                        ch.entity,
+                        ch.key.display().len()
+                    ),
+                };
+                state.record_error(&tx.job, error).await?;
+            }
+        }
+    }
 }

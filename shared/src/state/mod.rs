@@ -2,6 +2,7 @@
 mod dead_letters;
 mod errors;
 mod parking;
+mod parts;
 mod requests;
 mod waiters;
 

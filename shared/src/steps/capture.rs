@@ -12,11 +12,15 @@ use tracing::warn;
 use super::deliver::ChangeResult;
 use super::{LoadedJob, Metrics, Outcome, StepError, Steps};
 use crate::domain::canon;
-use crate::domain::change::{CapturedTransaction, ChangeRef, Key, Operation, TransactionNotification};
+use crate::domain::change::{
+    split_by_size, CapturedTransaction, ChangeRef, Key, Operation, StoredTransaction, TransactionNotification,
+    MAX_MESSAGE_BYTES,
+};
 use crate::domain::errors::ErrorCategory;
 use crate::domain::job::{JobStatus, Mode, Side};
+use crate::domain::keys;
 use crate::domain::link::LinkState;
-use crate::ports::{ConnectorError, InMessage, KvError, OutMessage, Put, Record};
+use crate::ports::{ConnectorError, InMessage, KvError, OutMessage, Put, QueueError, Record};
 use crate::state::State;
 
 /// How often capture re-reads links whose seen-seq update lost a race before giving up.
@@ -26,9 +30,18 @@ impl Steps {
     pub async fn capture(&self, msgs: &[InMessage]) -> Result<Vec<Outcome>, StepError> {
         let mut outcomes = Vec::with_capacity(msgs.len());
         let mut alert: BTreeSet<String> = BTreeSet::new();
+        // One message's failure is its own: the others of the batch go on.
         for m in msgs {
             let before = Metrics::get(&self.metrics.application);
-            outcomes.push(self.capture_one(m).await?);
+            outcomes.push(match self.capture_one(m).await {
+                Ok(outcome) => outcome,
+                Err(e @ StepError::Crashed(_)) => return Err(e),
+                Err(StepError::Queue(e @ QueueError::TooLarge { .. })) => Outcome::Poison { reason: e.to_string() },
+                Err(e) => {
+                    warn!(message = %m.id, error = %e, "capture failed; the message will be retried");
+                    Outcome::Retry { delay: self.backoff.delay(m.receive_count, None), reason: e.to_string() }
+                }
+            });
             if Metrics::get(&self.metrics.application) > before {
                 alert.extend(serde_json::from_str::<TransactionNotification>(&m.body).ok().map(|tx| tx.job));
             }
@@ -55,7 +68,14 @@ impl Steps {
                 reason: format!("app '{}' is not an app of job '{}' (apps: {apps})", tx.app, job.name),
             });
         };
-        if self.state.tx_captured(&job.name, &tx.app, &tx.txid).await? {
+        if let Some(why) = keys::txid_too_long(&job.name, &tx.app, &tx.txid) {
+            return Ok(Outcome::Poison { reason: format!("{why}; app '{}'", tx.app) });
+        }
+        let captured = match tx.parts.is_whole() {
+            true => self.state.tx_captured(&job.name, &tx.app, &tx.txid).await?,
+            false => self.state.part_captured(&job.name, &tx.app, &tx.txid, tx.parts.index).await?,
+        };
+        if captured {
             return Ok(Outcome::Done);
         }
         if lj.status == JobStatus::Starting {
@@ -79,18 +99,27 @@ impl Steps {
                 retry_of: None,
                 waited: false,
             };
+            let mapped = job.map_for_entity(source, &ch.entity);
+            if let Some((_, map)) = mapped {
+                c.map = map.name.clone();
+            }
+            // Every item keyed by a record key must be storable, the error row's too.
+            if let Some(why) = keys::record_key_too_long(&job.name, &c.map, &c.key) {
+                c.key = c.key.abbreviated();
+                self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, why).await?;
+                continue;
+            }
             if ch.app != tx.app {
                 let msg =
                     format!("change of {} names app '{}' inside a transaction of app '{}'", ch.entity, ch.app, tx.app);
                 self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, msg).await?;
                 continue;
             }
-            let Some((_, map)) = job.map_for_entity(source, &ch.entity) else {
+            let Some((_, map)) = mapped else {
                 let msg = format!("entity '{}' of app '{}' is not mapped in job '{}'", ch.entity, tx.app, job.name);
                 self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, msg).await?;
                 continue;
             };
-            c.map = map.name.clone();
             if let Err(msg) = check_key(&ch.key, &map.key_fields(source), &ch.entity) {
                 self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, msg).await?;
                 continue;
@@ -116,7 +145,7 @@ impl Steps {
             for c in all {
                 self.record(&lj, c, ErrorCategory::Application, msg.clone()).await?;
             }
-            return self.finish(&lj, &tx, None).await;
+            return self.finish(&lj, source, &tx, Vec::new()).await;
         }
 
         let live_entities = entities(&lj, upserts.iter().filter(|u| u.1 == Mode::Live).map(|u| &u.0));
@@ -131,7 +160,7 @@ impl Steps {
             for c in all {
                 self.record(&lj, c, ErrorCategory::Application, msg.clone()).await?;
             }
-            return self.finish(&lj, &tx, None).await;
+            return self.finish(&lj, source, &tx, Vec::new()).await;
         }
 
         // The live path: deletes and live maps, done now.
@@ -150,29 +179,49 @@ impl Steps {
 
         let changes = self.raise_seen(&lj, queued).await?;
         Metrics::add(&self.metrics.captured, changes.len() as u64);
-        let captured = (!changes.is_empty()).then(|| CapturedTransaction {
-            job: job.name.clone(),
-            source,
-            txid: tx.txid.clone(),
-            changes,
-        });
-        self.finish(&lj, &tx, captured).await
+        self.finish(&lj, source, &tx, changes).await
     }
 
-    /// Sends the captured transaction on, then remembers the transaction id. A crash between the
-    /// two repeats the send, which delivery absorbs (deduplication id, loopback control).
+    /// Sends the captured changes on, then remembers the transaction id (or part). A crash
+    /// between the two repeats the send, which delivery absorbs (deduplication id, loopback
+    /// control).
+    ///
+    /// A transaction that fits in one message goes to sequence in it. One that does not (or
+    /// came in parts) is kept in the state table part by part, and once every part is kept a
+    /// message naming it goes to sequence, which orders the whole transaction: a child's
+    /// parent may be in another part (see docs/design-notes.md, "Transactions of any size").
     async fn finish(
         &self,
         lj: &LoadedJob,
+        source: Side,
         tx: &TransactionNotification,
-        captured: Option<CapturedTransaction>,
+        changes: Vec<ChangeRef>,
     ) -> Result<Outcome, StepError> {
-        if let Some(c) = captured {
-            let body = serde_json::to_string(&c).unwrap_or_default();
-            self.sequence_queue.send(vec![OutMessage::standard(body)]).await?;
+        let job = &lj.job.name;
+        let mut captured =
+            CapturedTransaction { job: job.clone(), source, txid: tx.txid.clone(), changes, stored: None };
+        let body = serde_json::to_string(&captured).unwrap_or_default();
+        if tx.parts.is_whole() && body.len() <= MAX_MESSAGE_BYTES {
+            if !captured.changes.is_empty() {
+                self.sequence_queue.send(vec![OutMessage::standard(body)]).await?;
+            }
+        } else {
+            let pieces = match split_by_size(std::mem::take(&mut captured.changes), 2, MAX_MESSAGE_BYTES) {
+                Ok(p) => p,
+                Err(e) => return Ok(Outcome::Poison { reason: format!("transaction {}: {e}", tx.txid) }),
+            };
+            if self.state.keep_part(job, &tx.app, &tx.txid, tx.parts, pieces).await? {
+                captured.stored = Some(StoredTransaction { app: tx.app.clone() });
+                let body = serde_json::to_string(&captured).unwrap_or_default();
+                self.sequence_queue.send(vec![OutMessage::standard(body)]).await?;
+            }
         }
         self.failpoints.check("capture.after_send")?;
-        self.state.kv().put(self.state.tx_mark(&lj.job.name, &tx.app, &tx.txid)).await?;
+        let mark = match tx.parts.is_whole() {
+            true => self.state.tx_mark(job, &tx.app, &tx.txid),
+            false => self.state.part_mark(job, &tx.app, &tx.txid, tx.parts.index),
+        };
+        self.state.kv().put(mark).await?;
         Ok(Outcome::Done)
     }
 

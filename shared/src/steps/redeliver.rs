@@ -5,7 +5,7 @@
 //! its header would otherwise fail again behind it.
 use std::collections::HashSet;
 
-use crate::domain::change::{CapturedTransaction, ChangeRef, Key};
+use crate::domain::change::{CapturedTransaction, ChangeRef, Key, MAX_MESSAGE_BYTES};
 use crate::domain::job::Job;
 use crate::domain::sequence::{plan, short_hash};
 use crate::ports::OutMessage;
@@ -31,8 +31,14 @@ pub fn redelivery(job: &Job, changes: Vec<ChangeRef>, tag: &str) -> Vec<OutMessa
     let mut out = Vec::new();
     for (n, (_, changes)) in rounds.into_iter().enumerate() {
         let source = changes[0].source;
-        let tx = CapturedTransaction { job: job.name.clone(), source, txid: format!("redeliver-{tag}"), changes };
-        for (b, batch) in plan(job, &tx).into_iter().enumerate() {
+        let tx = CapturedTransaction {
+            job: job.name.clone(),
+            source,
+            txid: format!("redeliver-{tag}"),
+            changes,
+            stored: None,
+        };
+        for (b, batch) in plan(job, &tx, MAX_MESSAGE_BYTES).into_iter().enumerate() {
             let body = serde_json::to_string(&batch).unwrap_or_default();
             let dedup = short_hash(&[tag.as_bytes(), format!("{n}/{b}").as_bytes(), body.as_bytes()]);
             out.push(OutMessage::fifo(body, batch.group, dedup));

@@ -109,6 +109,26 @@ impl SqsQueue {
     }
 }
 
+/// Consecutive runs of messages, in order, of at most ten messages and 256 KiB in total each
+/// (SendMessageBatch's limits); every size must be within 256 KiB.
+fn batches(sizes: impl IntoIterator<Item = usize>) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut bytes = 0;
+    for (i, size) in sizes.into_iter().enumerate() {
+        match out.last_mut() {
+            Some(r) if r.len() < BATCH && bytes + size <= MAX_BYTES => {
+                r.end = i + 1;
+                bytes += size;
+            }
+            _ => {
+                out.push(i..i + 1);
+                bytes = size;
+            }
+        }
+    }
+    out
+}
+
 #[async_trait]
 impl Queue for SqsQueue {
     fn name(&self) -> &str {
@@ -123,17 +143,8 @@ impl Queue for SqsQueue {
         if let Some(m) = msgs.iter().find(|m| m.body.len() > MAX_BYTES) {
             return Err(QueueError::TooLarge { queue: self.name.clone(), bytes: m.body.len() });
         }
-        // Batches of at most ten messages and 256 KiB, in order.
-        let mut start = 0;
-        while start < msgs.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < msgs.len() && end - start < BATCH && bytes + msgs[end].body.len() <= MAX_BYTES {
-                bytes += msgs[end].body.len();
-                end += 1;
-            }
-            self.send_batch(&msgs[start..end]).await?;
-            start = end;
+        for range in batches(msgs.iter().map(|m| m.body.len())) {
+            self.send_batch(&msgs[range]).await?;
         }
         Ok(())
     }
@@ -217,5 +228,22 @@ impl Queue for SqsQueue {
             .await
             .map_err(|e| self.unavailable("ChangeMessageVisibility", DisplayErrorContext(e)))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_keep_order_and_stay_within_ten_messages_and_256_kib() {
+        let sizes = [100, 200_000, 62_044, 1, 250_000, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 262_144];
+        let runs = batches(sizes);
+        assert_eq!(runs, vec![0..3, 3..13, 13..16, 16..17]);
+        for r in &runs {
+            assert!(r.len() <= BATCH);
+            assert!(sizes[r.clone()].iter().sum::<usize>() <= MAX_BYTES, "{r:?}");
+        }
+        assert!(batches([]).is_empty());
     }
 }
