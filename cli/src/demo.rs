@@ -145,7 +145,8 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
     dv_edits.await??;
     wait_idle(rt, &pb, &metrics).await?;
 
-    // 6. Mend the missing references: create the customer, then retry the failed records.
+    // 6. Mend the missing references: create the customer. The order waiting for it, and the
+    //    line waiting for the order, go again by themselves once it syncs.
     apps::in_transaction(&mut dv, "dv-mend", |tx| {
         tx.execute(
             "INSERT INTO accounts (msdyn_company, accountnumber, name, msdyn_customergroupid, creditlimit, customertypecode) VALUES ('USMF', ?1, 'Late customer', 'G01', 1000, 2)",
@@ -154,9 +155,17 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
         .map(|_| ())
     })?;
     wait_idle(rt, &pb, &metrics).await?;
+    // What is still open is retried, as an operator would (nothing, when all went well).
     let retry = ErrorFilter { category: Some(ErrorCategory::Application), ..Default::default() };
-    let retried = rt.retry(JOB, retry).await?;
-    wait_idle(rt, &pb, &metrics).await?;
+    let still_open =
+        rt.state().error_counts(JOB, &ErrorFilter { status: Some(ErrorStatus::Open), ..retry.clone() }).await?;
+    let retried = if still_open.total > 0 {
+        let r = rt.retry(JOB, retry).await?;
+        wait_idle(rt, &pb, &metrics).await?;
+        r
+    } else {
+        "nothing left to retry".to_string()
+    };
     pb.finish_and_clear();
     stop.send(true)?;
     for t in tasks {
@@ -228,7 +237,7 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
     let missing: Vec<_> = rows.iter().filter(|(_, r)| r.message.starts_with("missing reference")).collect();
     if missing.len() < 2 || missing.iter().any(|(_, r)| r.status != ErrorStatus::Resolved) {
         failed.push(format!(
-            "expected the orphan order's header and line as missing references, resolved by the retry; saw {}",
+            "expected the orphan order's header and line as missing references, mended once the customer synced; saw {}",
             missing.len()
         ));
     }
@@ -251,7 +260,7 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
     if !failed.is_empty() {
         bail!("demo checks failed:\n  {}", failed.join("\n  "));
     }
-    println!("all checks passed: every link in step, conflict decided by fno, missing references mended by a retry, delete applied, echoes suppressed");
+    println!("all checks passed: every link in step, conflict decided by fno, missing references mended once the parent synced, delete applied, echoes suppressed");
     Ok(())
 }
 
