@@ -53,7 +53,8 @@ fn demo_converges_on_the_aws_backend() {
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("running on the Lambda handlers on DynamoDB table"), "{stdout}");
     assert!(stdout.contains("all checks passed"), "{stdout}");
-    assert!(stdout.contains("retry: request ") && stdout.contains("error(s) queued"), "{stdout}");
+    // The orphan order mends itself once its customer syncs: nothing is left to retry.
+    assert!(stdout.contains("retry: nothing left to retry"), "{stdout}");
 }
 
 fn run_ok(cmd: &mut Command) -> String {

@@ -188,7 +188,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     rows_repeat_filter_page_and_count,
     a_retry_syncs_the_latest_and_reports_progress,
-    a_retry_of_a_record_that_is_gone_is_a_concurrency_skip,
+    a_row_whose_record_is_gone_from_both_sides_is_closed,
     dismiss_is_permanent,
     requests_need_an_active_job,
     requests_queue_up_to_five_and_run_in_order,
@@ -271,47 +271,35 @@ async fn a_retry_syncs_the_latest_and_reports_progress(backend: Backend) {
     assert_eq!((r.progress.selected, r.progress.done, r.progress.succeeded, r.progress.still_failing), (3, 3, 0, 3));
     assert!(h.rows(ErrorFilter::default()).await.iter().all(|r| r.status == ErrorStatus::Open && r.attempts == 2));
 
-    // The parent arrives: a retry syncs the children and resolves their rows.
+    // The parent arrives: the children waiting for it go again by themselves, and their rows
+    // are resolved; nothing is left for an operator to retry.
     h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p9', 'n', 'X', 'small')");
-    h.drain().await;
-    let id = h.submit(RequestAction::Retry, application()).await.unwrap();
     h.drain().await;
     assert_eq!(h.count(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p9'"), 3);
     assert!(h.rows(ErrorFilter::default()).await.iter().all(|r| r.status == ErrorStatus::Resolved));
+    let refused = h.submit(RequestAction::Retry, application()).await.unwrap_err();
+    assert_eq!(refused, "no open errors of job 'j' match the filter");
     let r = h.admin.request("j", &id).await.unwrap();
-    assert_eq!((r.progress.selected, r.progress.done, r.progress.succeeded, r.progress.still_failing), (3, 3, 3, 0));
     assert!(r.settled);
     let list = h.admin.requests("j").await.unwrap();
-    assert_eq!(list.len(), 2);
-    assert_eq!(list[1], r);
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0], r);
 }
 
-async fn a_retry_of_a_record_that_is_gone_is_a_concurrency_skip(backend: Backend) {
+async fn a_row_whose_record_is_gone_from_both_sides_is_closed(backend: Backend) {
     let h = harness(backend, None).await;
     h.orphans("p9", 1).await;
-    // The record is deleted at its source (a delete takes the live path).
+    assert_eq!(h.rows(application()).await[0].status, ErrorStatus::Open);
+    // The record is deleted at its source (a delete takes the live path): it exists nowhere now,
+    // and its row can never sync. It is closed with that reason, and nothing is left to retry.
     h.exec(Side::A, "DELETE FROM children WHERE pid = 'p9'");
-    h.drain().await;
-    let id = h.submit(RequestAction::Retry, application()).await.unwrap();
     h.drain().await;
     let rows = h.rows(application()).await;
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].status, rows[0].attempts), (ErrorStatus::Open, 2), "{rows:#?}");
-    assert!(rows[0].message.starts_with("retried:"), "{}", rows[0].message);
-    let skips = h.rows(ErrorFilter { category: Some(ErrorCategory::Concurrency), ..Default::default() }).await;
-    assert_eq!(skips.len(), 1, "{skips:#?}");
-    assert!(!skips[0].retriable);
-    let r = h.admin.request("j", &id).await.unwrap();
-    assert_eq!((r.progress.done, r.progress.succeeded, r.progress.still_failing), (1, 0, 1));
-    // A concurrency skip is not retried.
-    let id = h.submit(RequestAction::Retry, ErrorFilter::default()).await.unwrap();
-    h.drain().await;
-    let r = h.admin.request("j", &id).await.unwrap();
-    assert_eq!((r.progress.selected, r.progress.not_retriable), (2, 1));
-    assert_eq!(
-        h.rows(ErrorFilter { category: Some(ErrorCategory::Concurrency), ..Default::default() }).await[0].status,
-        ErrorStatus::Open
-    );
+    assert_eq!(rows[0].status, ErrorStatus::Resolved, "{rows:#?}");
+    assert!(rows[0].message.contains("no longer exists on either side"), "{}", rows[0].message);
+    let refused = h.submit(RequestAction::Retry, ErrorFilter::default()).await.unwrap_err();
+    assert_eq!(refused, "no open errors of job 'j' match the filter");
 }
 
 async fn dismiss_is_permanent(backend: Backend) {

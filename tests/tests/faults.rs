@@ -258,8 +258,10 @@ async fn a_retry_request_delivers_parents_before_children() {
     assert!(open[0].first_seen_ms < open[1].first_seen_ms);
     assert_eq!(open[0].map, "children");
     h.controls[1].set(Writes::Work);
-    h.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.unwrap();
+    let id = h.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.unwrap().id;
     h.drain().await;
+    let r = h.rt.admin().request("j", &id).await.unwrap();
+    assert_eq!((r.progress.selected, r.progress.done, r.progress.succeeded, r.progress.still_failing), (2, 2, 2, 0));
     assert_eq!(h.count(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p8'"), 1);
     assert_eq!(h.count(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p8'"), 1);
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
