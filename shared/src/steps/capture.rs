@@ -263,7 +263,20 @@ impl Steps {
         }
         match lj.connector(target).delete(lj.spec(m, target), std::slice::from_ref(&c.key)).await {
             Ok(()) => {
-                self.state.delete_link(&job.name, &c.map, &c.key).await?;
+                let link = self.state.links(&job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
+                let creating =
+                    link.and_then(|l| l.state.pending).is_some_and(|p| p.side == target && p.from_version.is_none());
+                if creating {
+                    // Our create of the record may be under way, between its read and its write:
+                    // this delete found nothing to delete then. A check goes down the record's
+                    // lane, behind that delivery: it finds the source gone and undoes a create
+                    // that landed (deliver, `created_here`). The link stays for it to judge.
+                    let check = ChangeRef { retry_of: None, waited: false, ..c.clone() };
+                    let tag = format!("delete-check-{}-{}", c.txid, c.seq);
+                    self.deliver_queue.send(super::redeliver::redelivery(job, vec![check], &tag)).await?;
+                } else {
+                    self.state.delete_link(&job.name, &c.map, &c.key).await?;
+                }
                 Metrics::add(&self.metrics.live_deletes, 1);
                 Ok(None)
             }

@@ -262,8 +262,6 @@ impl Steps {
             let mut gone: Vec<(usize, Vec<String>)> = Vec::new();
             // Changes whose create on the other side must be undone: the source record is gone.
             let mut undo: Vec<usize> = Vec::new();
-            // Changes whose write created the record on the other side.
-            let mut created: Vec<usize> = Vec::new();
             let mut writes: Vec<Plan> = Vec::new();
             for (((i, link), rs), ro) in live.into_iter().zip(src).zip(dst) {
                 let c = changes[i];
@@ -282,13 +280,11 @@ impl Steps {
                         undo.push(i);
                         continue;
                     }
-                    if ro.is_none() {
-                        // On neither side: its open rows can never sync now.
+                    if ro.is_none() && link.is_some() {
+                        // On neither side: the link goes, and its open rows can never sync now.
                         let mut rows = open_errors(link.as_ref());
                         rows.extend(c.retry_of.clone());
-                        if !rows.is_empty() {
-                            gone.push((i, rows));
-                        }
+                        gone.push((i, rows));
                     }
                     let msg = format!("skipped: {}/{} no longer exists in {}", c.map, c.key, job.app_name(c.source));
                     failures.push((i, ErrorCategory::Concurrency, msg));
@@ -515,9 +511,6 @@ impl Steps {
                     };
                     match r {
                         Ok(_) => {
-                            if plan.other.is_none() {
-                                created.push(i);
-                            }
                             release.push((i, marked_rev, marked[p].2.clone()));
                             synced.extend(c.retry_of.clone());
                             results[i] = Some(ChangeResult::Done);
@@ -556,26 +549,6 @@ impl Steps {
                 }
             }
             self.failpoints.check("deliver.after_write")?;
-            // A delete at the source that came between the read and a create found nothing to
-            // delete on the other side: read the source again. Gone now: undo the create. A
-            // delete after this read finds the created record and deletes it itself.
-            let again = self
-                .read_grouped(
-                    lj,
-                    created.iter().map(|&i| (map_idx[i].unwrap_or(0), changes[i].source, &changes[i].key)),
-                )
-                .await;
-            for (&i, r) in created.iter().zip(again) {
-                match r {
-                    Ok(Some(_)) => {}
-                    Ok(None) => undo.push(i),
-                    // Cannot tell: deliver it again; its fresh read finds out (see `created_here`).
-                    Err(e) => {
-                        let (message, retry_after) = (e.message().to_string(), e.retry_after());
-                        results[i] = Some(ChangeResult::System { message, retry_after })
-                    }
-                }
-            }
             self.undo_creates(lj, &map_idx, changes, &undo, &mut results, &mut failures).await?;
             for (i, rows) in gone {
                 self.state.close_errors(&job.name, &rows, "the record no longer exists on either side").await?;
