@@ -52,7 +52,8 @@ async fn harness() -> H {
     let def = create_apps(&a, &b);
     let fail_b_writes = Arc::new(AtomicBool::new(false));
     let apps = Arc::new(Flaky::new(fail_b_writes.clone()));
-    let stack = Arc::new(Stack::with_apps(&sdk, &resources, Arc::new(Usage::default()), apps).with_backoff(Backoff::QUICK));
+    let stack =
+        Arc::new(Stack::with_apps(&sdk, &resources, Arc::new(Usage::default()), apps).with_backoff(Backoff::QUICK));
     stack.state().apply_job(def).await.unwrap();
     stack.start("j").await.unwrap();
     H { _dir: dir, a, b, sdk, names, resources, stack, fail_b_writes }

@@ -416,6 +416,9 @@ fn fault_action() -> impl Strategy<Value = Action> {
 // ---------------------------------------------------------------------------------------------
 // The harness
 
+/// A user's write made by an armed hook: (side, record, value (`None`: deleted), value replaced).
+type HookEdit = (Side, Rec, Option<u64>, Option<u64>);
+
 struct Harness {
     _dir: tempfile::TempDir,
     rt: LocalRuntime,
@@ -448,7 +451,7 @@ struct Harness {
     controls: [Control; 2],
     /// Edits made by armed [`Action::DuringWrite`] hooks: (side, record, value, value replaced;
     /// `None` values for deletes), merged into the history after each action.
-    hook_edits: Arc<Mutex<Vec<(Side, Rec, Option<u64>, Option<u64>)>>>,
+    hook_edits: Arc<Mutex<Vec<HookEdit>>>,
     paths: [std::path::PathBuf; 2],
 }
 
@@ -1259,4 +1262,3 @@ fn found_a_job_stopped_mid_flight_loses_nothing() {
     ];
     run(block_on(convergence_under_faults(Side::A, true, &actions)));
 }
-

@@ -177,23 +177,6 @@ impl Backoff {
     }
 }
 
-#[cfg(test)]
-mod backoff_tests {
-    use super::*;
-
-    #[test]
-    fn the_default_rides_out_a_fifteen_minute_outage_over_five_receives() {
-        let b = Backoff::default();
-        assert_eq!(b.delay(1, None), Duration::from_secs(3));
-        assert_eq!(b.delay(2, None), Duration::from_secs(24));
-        assert!(b.ride_out(5) >= Duration::from_secs(15 * 60), "{:?}", b.ride_out(5));
-        // Retry-After is honoured past the cap, within what SQS allows.
-        assert_eq!(b.delay(1, Some(Duration::from_secs(3600))), Duration::from_secs(3600));
-        assert_eq!(b.delay(1, Some(Duration::from_secs(100_000))), MAX_VISIBILITY);
-        assert_eq!(b.delay(40, None), b.cap);
-    }
-}
-
 /// A job ready to run: compiled, with its connectors and entity specs.
 pub struct LoadedJob {
     pub job: Job,
@@ -278,5 +261,22 @@ impl Steps {
         let loaded = Arc::new(LoadedJob { job, status: record.status, connectors, specs });
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), (record.revision, loaded.clone()));
         Ok(Some(loaded))
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn the_default_rides_out_a_fifteen_minute_outage_over_five_receives() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(1, None), Duration::from_secs(3));
+        assert_eq!(b.delay(2, None), Duration::from_secs(24));
+        assert!(b.ride_out(5) >= Duration::from_secs(15 * 60), "{:?}", b.ride_out(5));
+        // Retry-After is honoured past the cap, within what SQS allows.
+        assert_eq!(b.delay(1, Some(Duration::from_secs(3600))), Duration::from_secs(3600));
+        assert_eq!(b.delay(1, Some(Duration::from_secs(100_000))), MAX_VISIBILITY);
+        assert_eq!(b.delay(40, None), b.cap);
     }
 }

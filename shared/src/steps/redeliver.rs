@@ -10,6 +10,9 @@ use crate::domain::job::Job;
 use crate::domain::sequence::{plan, short_hash};
 use crate::ports::OutMessage;
 
+/// One transaction's worth of changes, with the records it holds (each at most once).
+type Round = (HashSet<(String, Key)>, Vec<ChangeRef>);
+
 /// Deliver-queue messages for `changes`, planned as one transaction so that parents go before
 /// their children and a parent and its children share a lane. `tag` names the redelivery (a
 /// request id, a parent link) and makes the deduplication ids its own: a redelivery must not be
@@ -17,7 +20,7 @@ use crate::ports::OutMessage;
 pub fn redelivery(job: &Job, changes: Vec<ChangeRef>, tag: &str) -> Vec<OutMessage> {
     // Sequence keeps one change per record (it reads fresh anyway); a redelivery must send every
     // change, since each settles its own row. Records that repeat go in later rounds.
-    let mut rounds: Vec<(HashSet<(String, Key)>, Vec<ChangeRef>)> = Vec::new();
+    let mut rounds: Vec<Round> = Vec::new();
     for c in changes {
         let record = (c.map.clone(), c.key.clone());
         match rounds.iter_mut().find(|(seen, _)| !seen.contains(&record)) {

@@ -332,7 +332,9 @@ fn op_failure(entity: &str, key: &Key, e: &rusqlite::Error) -> WriteFailure {
 /// capture installed there is no marker table: `false`, nothing to unmark.
 fn mark_own_write(tx: &rusqlite::Transaction<'_>) -> bool {
     let batch_txid = format!("{OWN_WRITE_TXID_PREFIX}{}", uuid::Uuid::new_v4().simple());
-    tx.prepare_cached("INSERT INTO \"_dualsync_tx\" (txid) VALUES (?1)").and_then(|mut st| st.execute([&batch_txid])).is_ok()
+    tx.prepare_cached("INSERT INTO \"_dualsync_tx\" (txid) VALUES (?1)")
+        .and_then(|mut st| st.execute([&batch_txid]))
+        .is_ok()
 }
 
 fn unmark_own_write(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
