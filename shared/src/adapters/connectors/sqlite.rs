@@ -1108,6 +1108,10 @@ fn apply_op(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteO
 /// The comparison is [`canon::same_value`], so `'7'` stored as 7 is the same value. A bool and
 /// an array or object are compared as the connector binds them (0/1, JSON text: module doc).
 fn apply_exact(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &WriteOp) -> OpOutcome {
+    if op.fields.iter().all(|(f, v)| stored_as_written(info, f, v)) {
+        // Nothing the columns could change: no savepoint, no read-back (most writes).
+        return apply_op(tx, info, entity, op);
+    }
     if let Err(e) = tx.execute_batch("SAVEPOINT ds_op") {
         return OpOutcome::Done(Err(op_failure(&entity.name, &op.key, &e)));
     }
@@ -1136,6 +1140,17 @@ fn apply_exact(tx: &Transaction, info: &TableInfo, entity: &EntitySpec, op: &Wri
         )))),
         Err(e) => OpOutcome::Done(Err(op_failure(&entity.name, &op.key, &e))),
     }
+}
+
+/// Whether `value` is stored in column `field` exactly as bound, whatever it is: text (or null)
+/// in a column of TEXT or BLOB affinity, which SQLite never converts (its affinity rules: a
+/// declared type containing CHAR, CLOB or TEXT is TEXT; an empty one or BLOB stores as given).
+fn stored_as_written(info: &TableInfo, field: &str, value: &Value) -> bool {
+    let Some(column) = info.column(field) else { return false };
+    let t = column.decl_type.as_str();
+    let text_affinity = !t.contains("INT") && (t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT"));
+    let no_affinity = t.is_empty() || (!t.contains("INT") && t.contains("BLOB"));
+    matches!(value, Value::String(_) | Value::Null) && (text_affinity || no_affinity)
 }
 
 /// The first written field whose stored value differs from the value written.
