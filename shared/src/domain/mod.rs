@@ -3,6 +3,7 @@ pub mod canon;
 pub mod change;
 pub mod config;
 pub mod decide;
+pub mod delivery;
 pub mod errors;
 pub mod job;
 pub mod keys;
