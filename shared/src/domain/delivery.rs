@@ -276,7 +276,7 @@ impl Progress {
         let Progress::ToWrite(w, rev) = self else { return (self, None) };
         match answer {
             Ok(()) => {
-                let release = (!w.mark.waiters.is_empty()).then(|| (rev, w.mark));
+                let release = (!w.mark.waiters.is_empty()).then_some((rev, w.mark));
                 (Progress::Done(Done { end: End::Synced { wrote: true }, release }), None)
             }
             // Someone changed the record since the read: the write did not land, but the
@@ -306,7 +306,7 @@ impl Progress {
     pub fn committed(self, rev: Option<u64>) -> Progress {
         match (self, rev) {
             (Progress::ToCommit(commit), Some(rev)) => {
-                let release = (!commit.next.waiters.is_empty()).then(|| (rev, commit.next));
+                let release = (!commit.next.waiters.is_empty()).then_some((rev, commit.next));
                 Progress::Done(Done { end: End::Synced { wrote: false }, release })
             }
             (Progress::ToCommit(_), None) => Progress::Again,
@@ -458,9 +458,10 @@ mod tests {
         }
         assert!(matches!(end(&Progress::read(&CX, &c, None, None, None)), End::Failed { .. }));
         // Our pending create is what the other side holds: undone.
-        let mut creating = LinkState::default();
-        creating.pending =
-            Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: None, uncertain: false });
+        let mut creating = LinkState {
+            pending: Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: None, uncertain: false }),
+            ..Default::default()
+        };
         assert_eq!(Progress::read(&CX, &c, at(&creating), None, seen("h1")), Progress::ToUndo);
         // Someone else's record with other content: not ours to delete.
         assert!(matches!(end(&Progress::read(&CX, &c, at(&creating), None, seen("h2"))), End::Failed { .. }));
@@ -580,7 +581,7 @@ mod tests {
         // Written: released with the mark, at its revision.
         let (p, _) = to_write(&l).written(&CX, &c, Ok(()));
         match p {
-            Progress::Done(Done { release: Some((8, state)), .. }) => assert_eq!(state.waiters, [waiter.clone()]),
+            Progress::Done(Done { release: Some((8, state)), .. }) => assert_eq!(state.waiters, std::slice::from_ref(&waiter)),
             other => panic!("{other:?}"),
         }
         // In step with nothing new, or decided without a write: released with the link as read.
