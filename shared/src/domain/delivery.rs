@@ -581,7 +581,9 @@ mod tests {
         // Written: released with the mark, at its revision.
         let (p, _) = to_write(&l).written(&CX, &c, Ok(()));
         match p {
-            Progress::Done(Done { release: Some((8, state)), .. }) => assert_eq!(state.waiters, std::slice::from_ref(&waiter)),
+            Progress::Done(Done { release: Some((8, state)), .. }) => {
+                assert_eq!(state.waiters, std::slice::from_ref(&waiter))
+            }
             other => panic!("{other:?}"),
         }
         // In step with nothing new, or decided without a write: released with the link as read.
