@@ -129,7 +129,7 @@ pub fn needs(function: Function) -> Needs {
         Function::Capture => Needs { input: Some(Work(Capture)), sends_to: &[Work(Sequence)], drains: &[] },
         // steps/sequence.rs: delivery groups go to deliver.fifo.
         Function::Sequence => Needs { input: Some(Work(Sequence)), sends_to: &[Work(Deliver)], drains: &[] },
-        // steps/deliver.rs: a job resumed while delivery was keeping its messages aside gets them
+        // steps/deliver/mod.rs: a job resumed while delivery was keeping its messages aside gets them
         // handed back to deliver.fifo (steps/pause.rs `hand_back`), its own input queue.
         Function::Deliver => Needs { input: Some(Work(Deliver)), sends_to: &[Work(Deliver)], drains: &[] },
         // steps/reconcile.rs: a retry puts the rows' changes back on deliver.fifo.
