@@ -87,7 +87,7 @@ impl Steps {
 
         // Validate and resolve every change against the job.
         let mut upserts: Vec<(ChangeRef, Mode, Option<String>)> = Vec::new();
-        let mut deletes: Vec<ChangeRef> = Vec::new();
+        let mut deletes: Vec<(usize, ChangeRef)> = Vec::new();
         for ch in &tx.changes {
             let mut c = ChangeRef {
                 map: ch.entity.clone(),
@@ -115,7 +115,7 @@ impl Steps {
                 self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, msg).await?;
                 continue;
             }
-            let Some((_, map)) = mapped else {
+            let Some((m, map)) = mapped else {
                 let msg = format!("entity '{}' of app '{}' is not mapped in job '{}'", ch.entity, tx.app, job.name);
                 self.record_raw(&job.name, &c, &ch.entity, &tx.app, ErrorCategory::Application, msg).await?;
                 continue;
@@ -129,11 +129,11 @@ impl Steps {
                 continue;
             }
             match ch.op {
-                Operation::Delete => deletes.push(c),
+                Operation::Delete => deletes.push((m, c)),
                 Operation::Upsert => upserts.push((c, map.mode, ch.version.clone())),
             }
         }
-        let all: Vec<&ChangeRef> = upserts.iter().map(|(c, _, _)| c).chain(&deletes).collect();
+        let all: Vec<&ChangeRef> = upserts.iter().map(|(c, _, _)| c).chain(deletes.iter().map(|(_, c)| c)).collect();
 
         // A paused job keeps capturing: delivery keeps its changes until it resumes.
         if !(lj.status == JobStatus::Active || lj.status.holds_deliveries()) {
@@ -164,8 +164,8 @@ impl Steps {
         }
 
         // The live path: deletes and live maps, done now.
-        for c in &deletes {
-            if let Some(outcome) = self.delete_now(&lj, c, m.receive_count).await? {
+        for (map, c) in &deletes {
+            if let Some(outcome) = self.delete_now(&lj, *map, c, m.receive_count).await? {
                 return Ok(outcome);
             }
         }
@@ -225,15 +225,16 @@ impl Steps {
         Ok(Outcome::Done)
     }
 
-    /// Deletes the counterpart now; `Some(outcome)` when the message must be retried.
+    /// Deletes the counterpart of a change of map `m` now; `Some(outcome)` when the message
+    /// must be retried.
     async fn delete_now(
         &self,
         lj: &LoadedJob,
+        m: usize,
         c: &ChangeRef,
         receive_count: u32,
     ) -> Result<Option<Outcome>, StepError> {
         let job = &lj.job;
-        let (m, _) = job.map(&c.map).unwrap_or((0, &job.maps[0]));
         let target = c.source.other();
         // Like any change, a delete is read fresh: a record that exists again at its source
         // (created again since, by a user or by our own create that raced the delete) makes it
