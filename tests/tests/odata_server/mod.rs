@@ -57,6 +57,8 @@ pub enum Fault {
 
 #[derive(Debug, Clone)]
 pub struct Logged {
+    /// When the request came in, and when its answer went out.
+    pub arrived: Instant,
     pub at: Instant,
     pub method: String,
     pub path: String,
@@ -164,10 +166,11 @@ impl Server {
         let origin = format!("http://{addr}");
         *shared.origin.lock().unwrap() = origin.clone();
         let s = shared.clone();
-        let app = Router::new().fallback(move |method: Method, uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
-            let s = s.clone();
-            async move { s.serve(method, uri, headers, body).await }
-        });
+        let app =
+            Router::new().fallback(move |method: Method, uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+                let s = s.clone();
+                async move { s.serve(method, uri, headers, body).await }
+            });
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
@@ -180,7 +183,11 @@ impl Server {
         let mut st = self.shared.store.lock().unwrap();
         st.sets.insert(
             name.to_string(),
-            Set { keys: keys.iter().map(|s| s.to_string()).collect(), id_field: id_field.map(str::to_string), ..Default::default() },
+            Set {
+                keys: keys.iter().map(|s| s.to_string()).collect(),
+                id_field: id_field.map(str::to_string),
+                ..Default::default()
+            },
         );
     }
 
@@ -190,13 +197,17 @@ impl Server {
 
     /// Puts a record as a user of the app would (new etag).
     pub fn put(&self, set: &str, record: Value) {
+        self.put_raw(set, &record.to_string());
+    }
+
+    /// As [`Self::put`], from JSON text: numbers are kept as written.
+    pub fn put_raw(&self, set: &str, json_text: &str) {
         let mut st = self.shared.store.lock().unwrap();
         st.etag += 1;
         let etag = st.etag;
         let kind = self.shared.kind;
         let s = st.sets.get_mut(set).unwrap();
-        let props: BTreeMap<String, String> =
-            record.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        let props = parse_props(json_text.as_bytes()).unwrap();
         let key: Vec<String> = s.keys.iter().map(|k| props.get(k).cloned().unwrap_or_default()).collect();
         if let Some(row) = s.rows.iter_mut().find(|r| row_key(r, &s.keys, kind) == norm_key(&key, kind)) {
             row.props.extend(props);
@@ -211,7 +222,10 @@ impl Server {
         let st = self.shared.store.lock().unwrap();
         let s = st.sets.get(set)?;
         let key: Vec<String> = key.iter().map(|v| v.to_string()).collect();
-        s.rows.iter().find(|r| row_key(r, &s.keys, self.shared.kind) == norm_key(&key, self.shared.kind)).map(|r| r.props.clone())
+        s.rows
+            .iter()
+            .find(|r| row_key(r, &s.keys, self.shared.kind) == norm_key(&key, self.shared.kind))
+            .map(|r| r.props.clone())
     }
 
     pub fn count(&self, set: &str) -> usize {
@@ -247,7 +261,10 @@ fn norm_key(key: &[String], kind: Kind) -> Vec<String> {
 fn canon_json(raw: &str) -> String {
     match serde_json::from_str::<Value>(raw) {
         Ok(Value::String(s)) => format!("s:{s}"),
-        Ok(Value::Number(_)) => format!("n:{}", dualsync::adapters::connectors::odata::values::canonical_decimal(raw.trim()).unwrap_or_default()),
+        Ok(Value::Number(_)) => format!(
+            "n:{}",
+            dualsync::adapters::connectors::odata::values::canonical_decimal(raw.trim()).unwrap_or_default()
+        ),
         Ok(other) => format!("o:{other}"),
         Err(_) => format!("x:{raw}"),
     }
@@ -268,10 +285,18 @@ struct Ans {
 
 impl Ans {
     fn json(status: u16, v: Value) -> Ans {
-        Ans { status, headers: vec![("Content-Type".into(), "application/json; odata.metadata=minimal".into())], body: v.to_string().into_bytes() }
+        Ans {
+            status,
+            headers: vec![("Content-Type".into(), "application/json; odata.metadata=minimal".into())],
+            body: v.to_string().into_bytes(),
+        }
     }
     fn text(status: u16, text: String) -> Ans {
-        Ans { status, headers: vec![("Content-Type".into(), "application/json; odata.metadata=minimal".into())], body: text.into_bytes() }
+        Ans {
+            status,
+            headers: vec![("Content-Type".into(), "application/json; odata.metadata=minimal".into())],
+            body: text.into_bytes(),
+        }
     }
     fn empty(status: u16) -> Ans {
         Ans { status, headers: vec![], body: vec![] }
@@ -301,6 +326,7 @@ impl Shared {
     }
 
     async fn serve(self: Arc<Self>, method: Method, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+        let arrived = Instant::now();
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
         let path = uri.path().to_string();
@@ -320,7 +346,11 @@ impl Shared {
         } else {
             match fault {
                 Some(Fault::Throttle(secs)) => {
-                    let mut a = self.err(429, "0x80072322", "Number of requests exceeded the limit of 6000 over time window of 300 seconds.");
+                    let mut a = self.err(
+                        429,
+                        "0x80072322",
+                        "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
+                    );
                     a.headers.push(("Retry-After".into(), secs.to_string()));
                     a
                 }
@@ -333,7 +363,11 @@ impl Shared {
                         stall = Some(d);
                     }
                     if path == format!("{}$batch", self.base) && method == Method::POST {
-                        let (a, n) = self.batch(hdr("content-type").unwrap_or_default(), hdr("prefer").unwrap_or_default(), &body);
+                        let (a, n) = self.batch(
+                            hdr("content-type").unwrap_or_default(),
+                            hdr("prefer").unwrap_or_default(),
+                            &body,
+                        );
                         parts = n;
                         a
                     } else {
@@ -349,7 +383,14 @@ impl Shared {
         if let Some(d) = stall {
             tokio::time::sleep(d).await;
         }
-        self.log.lock().unwrap().push(Logged { at: Instant::now(), method: method.to_string(), path: format!("{path}?{query}"), status: ans.status, parts });
+        self.log.lock().unwrap().push(Logged {
+            arrived,
+            at: Instant::now(),
+            method: method.to_string(),
+            path: format!("{path}?{query}"),
+            status: ans.status,
+            parts,
+        });
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let mut resp = (StatusCode::from_u16(ans.status).unwrap(), ans.body).into_response();
         for (k, v) in ans.headers {
@@ -371,7 +412,10 @@ impl Shared {
             || form.get("client_secret") != Some(secret)
             || !form.get("scope").is_some_and(|s| s.ends_with("/.default"))
         {
-            return Ans::json(401, json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."}));
+            return Ans::json(
+                401,
+                json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."}),
+            );
         }
         let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
         self.tokens.lock().unwrap().push(token.clone());
@@ -398,10 +442,13 @@ impl Shared {
             Ok(i) => i,
             Err(e) => return (self.err(400, "0x80060891", &format!("malformed batch: {e}")), 0),
         };
-        let count: usize = items.iter().map(|i| match i {
-            batch::ParsedItem::Single(_) => 1,
-            batch::ParsedItem::ChangeSet(r) => r.len(),
-        }).sum();
+        let count: usize = items
+            .iter()
+            .map(|i| match i {
+                batch::ParsedItem::Single(_) => 1,
+                batch::ParsedItem::ChangeSet(r) => r.len(),
+            })
+            .sum();
         if count > 1000 {
             return (self.err(400, "0x8006088a", "The number of requests in a batch exceeds 1000."), count);
         }
@@ -436,7 +483,12 @@ impl Shared {
             out.push(
                 answers
                     .into_iter()
-                    .map(|(a, id)| batch::Response { status: a.status, headers: a.headers, body: a.body, content_id: id })
+                    .map(|(a, id)| batch::Response {
+                        status: a.status,
+                        headers: a.headers,
+                        body: a.body,
+                        content_id: id,
+                    })
                     .collect::<Vec<_>>(),
             );
             is_cs.push(cs);
@@ -512,19 +564,30 @@ impl Shared {
                 }
                 let skip = q.get("$skiptoken").and_then(|t| t.parse::<usize>().ok()).unwrap_or(0);
                 let asked = hdr("prefer")
-                    .and_then(|p| p.split(',').find_map(|x| x.trim().strip_prefix("odata.maxpagesize=").map(str::to_string)))
+                    .and_then(|p| {
+                        p.split(',').find_map(|x| x.trim().strip_prefix("odata.maxpagesize=").map(str::to_string))
+                    })
                     .and_then(|n| n.parse::<usize>().ok());
                 let page = asked.unwrap_or(self.max_page).min(self.max_page).max(1);
                 let total = rows.len();
                 let rows: Vec<&Row> = rows.into_iter().skip(skip).take(page).collect();
-                let value: Vec<String> = rows.iter().map(|r| self.entity(&set_name, &set, r, select.as_deref(), full)).collect();
+                let value: Vec<String> =
+                    rows.iter().map(|r| self.entity(&set_name, &set, r, select.as_deref(), full)).collect();
                 let context = format!("{}{}$metadata#{set_name}", self.origin.lock().unwrap(), self.base);
                 let mut out = format!("{{\"@odata.context\":{},\"value\":[{}]", json!(context), value.join(","));
                 if skip + page < total {
-                    let mut qs: Vec<String> = query.split('&').filter(|p| !p.starts_with("$skiptoken=") && !p.is_empty()).map(str::to_string).collect();
+                    let mut qs: Vec<String> = query
+                        .split('&')
+                        .filter(|p| !p.starts_with("$skiptoken=") && !p.is_empty())
+                        .map(str::to_string)
+                        .collect();
                     qs.push(format!("$skiptoken={}", skip + page));
                     let rel = format!("{set_name}?{}", qs.join("&"));
-                    let link = if kind == Kind::Dataverse { format!("{}{}{rel}", self.origin.lock().unwrap(), self.base) } else { rel };
+                    let link = if kind == Kind::Dataverse {
+                        format!("{}{}{rel}", self.origin.lock().unwrap(), self.base)
+                    } else {
+                        rel
+                    };
                     out.push_str(&format!(",\"@odata.nextLink\":{}", json!(link)));
                 }
                 out.push('}');
@@ -568,14 +631,21 @@ impl Shared {
                 };
                 // fno without cross-company sees its default company only.
                 let found = found.filter(|&i| {
-                    kind != Kind::Fno || cross || set.rows[i].props.get("dataAreaId").map(|c| c.to_lowercase()) == Some(format!("\"{}\"", self.default_company))
+                    kind != Kind::Fno
+                        || cross
+                        || set.rows[i].props.get("dataAreaId").map(|c| c.to_lowercase())
+                            == Some(format!("\"{}\"", self.default_company))
                 });
                 let if_match = hdr("if-match");
                 let if_none = hdr("if-none-match");
                 if let (Some(im), Some(i)) = (&if_match, found) {
                     if im != "*" && *im != etag(set.rows[i].etag) {
                         return match kind {
-                            Kind::Dataverse => self.err(412, "0x80060882", "The version of the existing record doesn't match the RowVersion property provided."),
+                            Kind::Dataverse => self.err(
+                                412,
+                                "0x80060882",
+                                "The version of the existing record doesn't match the RowVersion property provided.",
+                            ),
                             _ => self.err(412, "", "The etag of the entity does not match the If-Match header."),
                         };
                     }
@@ -583,7 +653,8 @@ impl Shared {
                 match m {
                     "GET" => match found {
                         Some(i) => {
-                            let mut a = Ans::text(200, self.entity(&set_name, &set, &set.rows[i], select.as_deref(), full));
+                            let mut a =
+                                Ans::text(200, self.entity(&set_name, &set, &set.rows[i], select.as_deref(), full));
                             a.headers.push(("ETag".into(), etag(set.rows[i].etag)));
                             a
                         }
@@ -616,7 +687,11 @@ impl Shared {
                         match found {
                             Some(i) => {
                                 if if_none.as_deref() == Some("*") {
-                                    return self.err(412, "0x80060892", "A record with matching key values already exists.");
+                                    return self.err(
+                                        412,
+                                        "0x80060892",
+                                        "A record with matching key values already exists.",
+                                    );
                                 }
                                 st.etag += 1;
                                 let e = st.etag;
@@ -650,7 +725,11 @@ impl Shared {
 
     fn not_found(&self, set: &str) -> Ans {
         match self.kind {
-            Kind::Dataverse => self.err(404, "0x80060891", &format!("A record with the specified key values does not exist in {set} entity")),
+            Kind::Dataverse => self.err(
+                404,
+                "0x80060891",
+                &format!("A record with the specified key values does not exist in {set} entity"),
+            ),
             _ => self.err(404, "", "No resource was found for the key."),
         }
     }
@@ -688,14 +767,18 @@ impl Shared {
         match &set.id_field {
             Some(_) => format!("{origin}{}{set_name}({})", self.base, row.id),
             None => {
-                let pred: Vec<String> = set.keys.iter().map(|k| {
-                    let raw = row.props.get(k).cloned().unwrap_or_default();
-                    let lit = match serde_json::from_str::<Value>(&raw) {
-                        Ok(Value::String(s)) => format!("'{}'", s.replace('\'', "''")),
-                        _ => raw,
-                    };
-                    format!("{k}={}", dualsync::adapters::connectors::odata::keys::encode(&lit))
-                }).collect();
+                let pred: Vec<String> = set
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        let raw = row.props.get(k).cloned().unwrap_or_default();
+                        let lit = match serde_json::from_str::<Value>(&raw) {
+                            Ok(Value::String(s)) => format!("'{}'", s.replace('\'', "''")),
+                            _ => raw,
+                        };
+                        format!("{k}={}", dualsync::adapters::connectors::odata::keys::encode(&lit))
+                    })
+                    .collect();
                 format!("{origin}{}{set_name}({})", self.base, pred.join(","))
             }
         }
@@ -737,7 +820,11 @@ impl Shared {
                 _ => value.clone(),
             };
             if self.kind != Kind::Generic && text.contains(UNADDRESSABLE) {
-                return Err(self.err(400, "0x80060888", "The key value contains characters that are not allowed in a URL."));
+                return Err(self.err(
+                    400,
+                    "0x80060888",
+                    "The key value contains characters that are not allowed in a URL.",
+                ));
             }
             match name {
                 Some(n) => out.push((n, value)),
@@ -754,7 +841,10 @@ impl Shared {
         let vals = self.pred_values(set, pred)?;
         if let Some(idf) = &set.id_field {
             if vals.len() == 1 && vals[0].0 == *idf {
-                let id = serde_json::from_str::<Value>(&vals[0].1).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| vals[0].1.clone());
+                let id = serde_json::from_str::<Value>(&vals[0].1)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| vals[0].1.clone());
                 return Ok(set.rows.iter().position(|r| r.id.eq_ignore_ascii_case(&id)));
             }
         }
@@ -765,7 +855,11 @@ impl Shared {
         if names != keys {
             return Err(self.err(400, "0x80060888", "The key does not match an alternate key of the entity."));
         }
-        let want: Vec<String> = set.keys.iter().map(|k| vals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default()).collect();
+        let want: Vec<String> = set
+            .keys
+            .iter()
+            .map(|k| vals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default())
+            .collect();
         Ok(set.rows.iter().position(|r| row_key(r, &set.keys, self.kind) == norm_key(&want, self.kind)))
     }
 }
@@ -775,7 +869,8 @@ fn etag(n: u64) -> String {
 }
 
 fn parse_props(body: &[u8]) -> Result<BTreeMap<String, String>, String> {
-    let m: HashMap<String, Box<serde_json::value::RawValue>> = serde_json::from_slice(body).map_err(|e| format!("bad JSON body: {e}"))?;
+    let m: HashMap<String, Box<serde_json::value::RawValue>> =
+        serde_json::from_slice(body).map_err(|e| format!("bad JSON body: {e}"))?;
     Ok(m.into_iter().filter(|(k, _)| !k.contains('@')).map(|(k, v)| (k, v.get().to_string())).collect())
 }
 
@@ -798,10 +893,13 @@ fn decode(s: &str) -> String {
 }
 
 fn parse_query(q: &str) -> HashMap<String, String> {
-    q.split('&').filter(|p| !p.is_empty()).map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        (decode(k), decode(v))
-    }).collect()
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
 }
 
 /// `name='v',n=7` or `'v'` / `guid` → (name, literal).
@@ -926,7 +1024,9 @@ impl Filter {
     }
     fn matches(&self, r: &Row, kind: Kind) -> bool {
         match self {
-            Filter::Eq(f, v) => r.props.get(f).is_some_and(|x| norm(&canon_json(x), kind) == norm(&canon_json(v), kind)),
+            Filter::Eq(f, v) => {
+                r.props.get(f).is_some_and(|x| norm(&canon_json(x), kind) == norm(&canon_json(v), kind))
+            }
             Filter::And(a, b) => a.matches(r, kind) && b.matches(r, kind),
             Filter::Or(a, b) => a.matches(r, kind) || b.matches(r, kind),
         }

@@ -80,8 +80,10 @@ impl Transport {
                 .client
                 .request(method.clone(), url)
                 .header("OData-Version", "4.0")
-                .header("OData-MaxVersion", "4.0")
-                .header("Accept", "application/json");
+                .header("OData-MaxVersion", "4.0");
+            if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("accept")) {
+                req = req.header("Accept", "application/json");
+            }
             if let Some(a) = &auth {
                 req = req.header("Authorization", a.expose());
             }
