@@ -504,3 +504,130 @@ async fn the_test_server_applies_change_sets_atomically_and_stops_without_contin
     assert_eq!(rs.iter().map(|r| r.status).collect::<Vec<_>>(), [400, 204]);
     assert!(s.get("accounts", &[json!("A-3")]).is_some());
 }
+
+mod local_sync {
+    //! A sqlite app and a Dataverse-like app kept in step by the local runtime's real steps:
+    //! sqlite changes captured from its change log and written to the service in `$batch`es
+    //! with their preconditions; the service's records copied by an initial sync; a change on
+    //! the service side (a notification in the project's own JSON) delivered back.
+    use super::*;
+    use dualsync::adapters::embedded::EmbeddedDb;
+    use dualsync::domain::change::{ChangeNotification, Operation, Parts, TransactionNotification};
+    use dualsync::domain::config::parse_job;
+    use dualsync::domain::job::Side;
+    use dualsync::ports::{ManualClock, OutMessage, Queue};
+    use dualsync::runtime::local::{LocalRuntime, SqliteRegistry};
+    use dualsync::state::ErrorFilter;
+    use dualsync::steps::Failpoints;
+
+    const JOB: &str = "job: s
+apps:
+  - { name: a, connector: sqlite, path: A }
+  - { name: dv, connector: odata, url: URL, flavor: dataverse, auth: { kind: none }, batch_size: 50 }
+primary: a
+table_groups:
+  - name: g
+    maps:
+      - name: customers
+        sequence: 1
+        entities: { a: customers, dv: accounts }
+        keys: [{ a: id, dv: accountnumber }]
+        fields:
+          - { a: name, dv: name }
+          - { a: credit, dv: creditlimit }
+";
+
+    fn sql(path: &std::path::Path, s: &str) {
+        rusqlite::Connection::open(path).unwrap().execute_batch(s).unwrap();
+    }
+
+    fn row(path: &std::path::Path, id: &str) -> Option<(String, f64)> {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.query_row("SELECT name, credit FROM customers WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?))).ok()
+    }
+
+    async fn drain(rt: &LocalRuntime, clock: &ManualClock) {
+        for _ in 0..50 {
+            while rt.pump().await.unwrap() > 0 {}
+            if rt.is_idle().await.unwrap() {
+                return;
+            }
+            clock.advance(301_000);
+        }
+        panic!("pipeline did not drain");
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_app_and_a_dataverse_app_stay_in_step() {
+        let s = dataverse().await;
+        s.put("accounts", json!({"accountnumber": "D-1", "name": "from dataverse", "creditlimit": 7.25}));
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        sql(&a, "CREATE TABLE customers (id TEXT PRIMARY KEY, name TEXT, credit REAL);");
+        let mut def = parse_job("job.yaml", &JOB.replace("URL", &s.url)).unwrap();
+        def.apps[0].path = Some(a.display().to_string());
+        let clock = ManualClock::new(1_700_000_000_000);
+        let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
+        let rt = LocalRuntime::with_registry(
+            db,
+            Arc::new(clock.clone()),
+            Failpoints::default(),
+            Arc::new(SqliteRegistry::default()),
+        );
+        rt.apply(def).await.unwrap();
+        rt.start("s").await.unwrap();
+
+        // What Dataverse holds before the job: an initial sync copies it.
+        let report = rt.steps.initial_sync("s", Side::B, 100, |_, _| {}).await.unwrap();
+        assert_eq!(report.records, 1, "{report:?}");
+        drain(&rt, &clock).await;
+        assert_eq!(row(&a, "D-1"), Some(("from dataverse".into(), 7.25)));
+
+        // sqlite edits: created in Dataverse (create-only), in few requests.
+        s.clear_log();
+        let mut inserts = String::new();
+        for n in 0..60 {
+            inserts.push_str(&format!("INSERT INTO customers (id, name, credit) VALUES ('C-{n}', 'c{n}', {n}.5);"));
+        }
+        sql(&a, &inserts);
+        drain(&rt, &clock).await;
+        assert_eq!(s.count("accounts"), 61);
+        assert_eq!(s.get("accounts", &[json!("C-7")]).unwrap()["creditlimit"], "7.5");
+        let requests = s.log().len();
+        assert!(requests <= 8, "60 records in {requests} requests: {:#?}", s.log());
+
+        // An update goes with If-Match, the key left out of the body.
+        sql(&a, "UPDATE customers SET name = 'renamed' WHERE id = 'C-3';");
+        drain(&rt, &clock).await;
+        assert_eq!(s.get("accounts", &[json!("C-3")]).unwrap()["name"], "\"renamed\"");
+
+        // A change on the Dataverse side, told in the project's own JSON notification.
+        s.put("accounts", json!({"accountnumber": "C-4", "name": "edited in dataverse"}));
+        let tx = TransactionNotification {
+            job: "s".into(),
+            app: "dv".into(),
+            txid: "dv-tx-1".into(),
+            changes: vec![ChangeNotification {
+                app: "dv".into(),
+                entity: "accounts".into(),
+                key: key(&["C-4"]),
+                op: Operation::Upsert,
+                seq: 100,
+                version: None,
+                company: None,
+                at_ms: 1_700_000_000_000,
+            }],
+            parts: Parts::default(),
+        };
+        rt.capture.send(vec![OutMessage::standard(serde_json::to_string(&tx).unwrap())]).await.unwrap();
+        drain(&rt, &clock).await;
+        assert_eq!(row(&a, "C-4"), Some(("edited in dataverse".into(), 4.5)));
+
+        // Its echo back to Dataverse is in step: nothing more is written.
+        s.clear_log();
+        drain(&rt, &clock).await;
+        assert!(s.log().iter().all(|l| l.method == "GET" || l.parts == 0), "{:#?}", s.log());
+        let errors = rt.state.error_rows("s", &ErrorFilter::default()).await.unwrap();
+        assert!(errors.is_empty(), "{errors:#?}");
+    }
+}
