@@ -106,6 +106,11 @@ async fn an_empty_entity_set_is_read_without_a_key_literal() {
     let c = connect(&s, Flavor::Dataverse);
     let got = c.read(&accounts(), &[key(&["A-1"])]).await.unwrap();
     assert_eq!(got, vec![None]);
+    // A record without a key tells no key type; one with a key does.
+    s.put("accounts", json!({"accountnumber": null, "name": "no key"}));
+    s.put("accounts", json!({"accountnumber": "A-1", "name": "keyed"}));
+    let got = c.read(&accounts(), &[key(&["A-1"])]).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().fields["name"], json!("keyed"));
 }
 
 #[tokio::test]
@@ -392,7 +397,7 @@ async fn dataverse_keys_a_url_cannot_carry_go_through_filter_and_the_record_id()
         fields: fields(&[("accountnumber", json!(k)), ("name", json!("odd"))]),
         precondition: Precondition::CreateOnly,
     };
-    assert!(c.write(&accounts(), &[create.clone()]).await.unwrap()[0].is_ok());
+    assert!(c.write(&accounts(), std::slice::from_ref(&create)).await.unwrap()[0].is_ok());
     assert_eq!(c.write(&accounts(), &[create]).await.unwrap()[0], Err(WriteFailure::PreconditionFailed));
     let r = c.read(&accounts(), &[key(&[k])]).await.unwrap()[0].clone().expect("read by $filter");
     let update = |v: String| WriteOp {

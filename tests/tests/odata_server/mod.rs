@@ -972,6 +972,8 @@ fn cmp_json(a: Option<&String>, b: Option<&String>) -> std::cmp::Ordering {
 /// `$filter` expressions: `eq` comparisons joined by `and`, `or` and parentheses.
 enum Filter {
     Eq(String, String),
+    /// Only `ne null` is spoken.
+    NotNull(String),
     And(Box<Filter>, Box<Filter>),
     Or(Box<Filter>, Box<Filter>),
 }
@@ -1015,10 +1017,13 @@ impl Filter {
         let (Some(name), Some(op), Some(lit)) = (t.get(*p), t.get(*p + 1), t.get(*p + 2)) else {
             return Err("incomplete comparison".into());
         };
+        *p += 3;
+        if op == "ne" && lit == "null" {
+            return Ok(Filter::NotNull(name.clone()));
+        }
         if op != "eq" {
             return Err(format!("unsupported operator '{op}'"));
         }
-        *p += 3;
         let json = literal_json(lit).ok_or_else(|| format!("bad literal {lit}"))?;
         Ok(Filter::Eq(name.clone(), json))
     }
@@ -1027,6 +1032,7 @@ impl Filter {
             Filter::Eq(f, v) => {
                 r.props.get(f).is_some_and(|x| norm(&canon_json(x), kind) == norm(&canon_json(v), kind))
             }
+            Filter::NotNull(f) => r.props.get(f).is_some_and(|x| x != "null"),
             Filter::And(a, b) => a.matches(r, kind) && b.matches(r, kind),
             Filter::Or(a, b) => a.matches(r, kind) || b.matches(r, kind),
         }

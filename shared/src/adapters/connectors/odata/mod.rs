@@ -170,12 +170,22 @@ impl OdataApp {
             return Ok(Some(k));
         }
         let select = format!("$select={}", keys::encode(&spec.key_fields.join(",")));
-        let url = self.url(&keys::encode(&spec.name), &[select, "$top=1".into()]);
+        // A record with a key: one whose key fields are null tells no type.
+        let not_null: Vec<String> = spec.key_fields.iter().map(|f| format!("{f} ne null")).collect();
+        let filter = format!("$filter={}", keys::encode(&not_null.join(" and ")));
+        let url = self.url(&keys::encode(&spec.name), &[select, filter, "$top=1".into()]);
         let page = self.get_page(&url, 1).await?;
         match page.value.first() {
             Some(e) => {
                 self.learn(spec, e);
-                Ok(self.cached_kinds(&spec.name))
+                match self.cached_kinds(&spec.name) {
+                    Some(k) => Ok(Some(k)),
+                    None => Err(self.t.rejected(format!(
+                        "{}: the service sent a record without its key fields {}",
+                        spec.name,
+                        spec.key_fields.join(", ")
+                    ))),
+                }
             }
             None => Ok(None),
         }

@@ -109,9 +109,13 @@ pub fn etag(entity: &RawEntity) -> Option<String> {
     entity.get("@odata.etag").and_then(|r| serde_json::from_str::<String>(r.get()).ok())
 }
 
-/// The kinds of the key fields as this entity shows them; `None` where a key field is absent.
+/// The kinds of the key fields as this entity shows them; `None` when a key field is absent or
+/// null (its type cannot be told).
 pub fn key_kinds(entity: &RawEntity, spec: &EntitySpec, flavor: Flavor) -> Option<Vec<KeyKind>> {
-    spec.key_fields.iter().map(|f| entity.get(f).map(|r| KeyKind::of_json(r.get(), flavor))).collect()
+    spec.key_fields
+        .iter()
+        .map(|f| entity.get(f).filter(|r| r.get().trim() != "null").map(|r| KeyKind::of_json(r.get(), flavor)))
+        .collect()
 }
 
 /// The record and its integration key; `None` for the key when a key field is missing or
@@ -195,6 +199,9 @@ mod tests {
         assert_eq!(r.fields["revenue"], json!("922337203685477.5807"));
         assert!(!r.fields.contains_key("other"));
         assert_eq!(key_kinds(&e, &spec, Flavor::Dataverse), Some(vec![KeyKind::String]));
+        let null_key = parse_entity(br#"{"accountnumber":null}"#).unwrap();
+        assert_eq!(key_kinds(&null_key, &spec, Flavor::Dataverse), None);
+        assert_eq!(to_record(&null_key, &spec).unwrap().0, None, "no integration key");
     }
 
     #[test]
