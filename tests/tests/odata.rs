@@ -635,4 +635,68 @@ table_groups:
         let errors = rt.state.error_rows("s", &ErrorFilter::default()).await.unwrap();
         assert!(errors.is_empty(), "{errors:#?}");
     }
+
+    const FNO_DATAVERSE: &str = "job: fd
+apps:
+  - { name: fno, connector: odata, url: FNO, flavor: fno, auth: { kind: none } }
+  - { name: dv, connector: odata, url: DV, flavor: dataverse, auth: { kind: none } }
+primary: fno
+table_groups:
+  - name: g
+    maps:
+      - name: customers
+        sequence: 1
+        entities: { fno: CustomersV3, dv: accounts }
+        company: { fno: dataAreaId, dv: msdyn_company }
+        keys:
+          - { fno: dataAreaId, dv: msdyn_company }
+          - { fno: CustomerAccount, dv: accountnumber }
+        fields:
+          - { fno: Name, dv: name }
+          - { fno: CreditLimit, dv: creditlimit }
+";
+
+    #[tokio::test]
+    async fn fno_and_dataverse_stay_in_step_with_exact_decimals() {
+        let f = fno().await;
+        let d = Server::start(Kind::Dataverse, Options::default()).await;
+        d.add_set("accounts", &["msdyn_company", "accountnumber"], Some("accountid"));
+        for n in 0..30 {
+            let company = if n % 2 == 0 { "usmf" } else { "demf" };
+            f.put_raw(
+                "CustomersV3",
+                &format!(
+                    r#"{{"dataAreaId":"{company}","CustomerAccount":"C-{n}","Name":"c{n}","CreditLimit":{n}.50}}"#
+                ),
+            );
+        }
+        let def = parse_job("job.yaml", &FNO_DATAVERSE.replace("FNO", &f.url).replace("DV", &d.url)).unwrap();
+        let clock = ManualClock::new(1_700_000_000_000);
+        let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
+        let rt = LocalRuntime::with_registry(
+            db,
+            Arc::new(clock.clone()),
+            Failpoints::default(),
+            Arc::new(SqliteRegistry::default()),
+        );
+        rt.apply(def).await.unwrap();
+        rt.start("fd").await.unwrap();
+        let report = rt.steps.initial_sync("fd", Side::A, 10, |_, _| {}).await.unwrap();
+        assert_eq!(report.records, 30, "{report:?}");
+        drain(&rt, &clock).await;
+        assert_eq!(d.count("accounts"), 30);
+        let c7 = d.get("accounts", &[json!("demf"), json!("C-7")]).unwrap();
+        assert_eq!((c7["name"].as_str(), c7["creditlimit"].as_str()), ("\"c7\"", "7.5"));
+
+        // Run again: every record is in step (12.50 in fno, 12.5 in Dataverse): nothing written.
+        d.clear_log();
+        dualsync::steps::initial_sync::reset_checkpoints(&rt.state, "fd", "fno").await.unwrap();
+        let again = rt.steps.initial_sync("fd", Side::A, 10, |_, _| {}).await.unwrap();
+        assert_eq!(again.records, 30, "{again:?}");
+        drain(&rt, &clock).await;
+        assert!(!d.log().is_empty(), "the second run read Dataverse");
+        assert!(d.log().iter().all(|l| l.method == "GET"), "nothing written: {:#?}", d.log());
+        let errors = rt.state.error_rows("fd", &ErrorFilter::default()).await.unwrap();
+        assert!(errors.is_empty(), "{errors:#?}");
+    }
 }
