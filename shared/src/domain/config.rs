@@ -9,7 +9,9 @@ use std::path::Path;
 use thiserror::Error;
 
 use super::canon::normalize;
-use super::job::{AlertRule, App, ConnectorSpec, FieldMap, Job, Lookup, Mode, Side, TableMap, ValueMap};
+use super::job::{
+    AlertRule, App, AuthSpec, ConnectorSpec, FieldMap, Flavor, Job, Lookup, Mode, OdataSpec, Side, TableMap, ValueMap,
+};
 
 /// The file form of an integration job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +45,21 @@ pub struct AppDef {
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// odata: `dataverse`, `fno` or `generic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flavor: Option<Flavor>,
+    /// odata: how to authenticate (secrets by environment variable name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// odata: operations per `$batch` request (default 100, at most 1,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// odata: requests in flight at most (default 52 for Dataverse, 16 otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<usize>,
+    /// odata: records per page asked of the service (default 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +183,22 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
                 &format!("{at}.connector"),
                 format!("unknown connector '{other}' (connectors are: sqlite, odata)"),
             ),
+        }
+        if app.connector == "odata" {
+            v.odata(&at, app);
+        } else {
+            let odata_only = [
+                ("flavor", app.flavor.is_some()),
+                ("auth", app.auth.is_some()),
+                ("batch_size", app.batch_size.is_some()),
+                ("max_concurrency", app.max_concurrency.is_some()),
+                ("page_size", app.page_size.is_some()),
+            ];
+            for (key, set) in odata_only {
+                if set {
+                    v.push(&format!("{at}.{key}"), format!("'{key}' is for odata apps only"));
+                }
+            }
         }
     }
     if let Some(rule) = &def.alert {
@@ -340,7 +373,17 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
     let app = |i: usize| {
         let a = &def.apps[i];
         let connector = match a.connector.as_str() {
-            "odata" => ConnectorSpec::Odata { url: a.url.clone().unwrap_or_default() },
+            "odata" => {
+                let flavor = a.flavor.unwrap_or(Flavor::Generic);
+                ConnectorSpec::Odata(OdataSpec {
+                    url: a.url.clone().unwrap_or_default(),
+                    flavor,
+                    auth: a.auth.clone().unwrap_or(AuthSpec::None),
+                    batch_size: a.batch_size.unwrap_or(OdataSpec::DEFAULT_BATCH_SIZE),
+                    max_concurrency: a.max_concurrency.unwrap_or(OdataSpec::default_concurrency(flavor)),
+                    page_size: a.page_size.unwrap_or(OdataSpec::DEFAULT_PAGE_SIZE),
+                })
+            }
             _ => ConnectorSpec::Sqlite { path: a.path.clone().unwrap_or_default() },
         };
         App { name: a.name.clone(), connector }
@@ -369,6 +412,77 @@ impl Validator {
             self.push(path, "empty name".into());
         } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             self.push(path, format!("'{name}' may hold only letters, digits, '-' and '_'"));
+        }
+    }
+
+    /// An odata app's flavor, auth and sizes.
+    fn odata(&mut self, at: &str, app: &AppDef) {
+        if app.flavor.is_none() {
+            self.push(&format!("{at}.flavor"), "an odata app needs a flavor: dataverse, fno or generic".into());
+        }
+        match &app.auth {
+            None => self.push(
+                &format!("{at}.auth"),
+                "an odata app needs auth: client_credentials, basic, bearer or none".into(),
+            ),
+            Some(auth) => self.auth(&format!("{at}.auth"), auth),
+        }
+        let sizes = [
+            ("batch_size", app.batch_size, OdataSpec::MAX_BATCH_SIZE),
+            ("max_concurrency", app.max_concurrency, 1000),
+            ("page_size", app.page_size, 5000),
+        ];
+        for (key, n, max) in sizes {
+            match n {
+                Some(n) if n == 0 || n > max => {
+                    self.push(&format!("{at}.{key}"), format!("must be from 1 to {max}, found {n}"))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn auth(&mut self, at: &str, auth: &AuthSpec) {
+        let mut env = |key: &str, name: &str| {
+            let ok = !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            if !ok {
+                self.push(
+                    &format!("{at}.{key}"),
+                    format!(
+                        "'{name}' is not an environment variable name (A-Z, 0-9 and '_', not starting with a digit)"
+                    ),
+                );
+            }
+        };
+        match auth {
+            AuthSpec::ClientCredentials { tenant, token_url, client_id, client_id_env, client_secret_env, .. } => {
+                env("client_secret_env", client_secret_env);
+                if let Some(e) = client_id_env {
+                    env("client_id_env", e);
+                }
+                match (tenant, token_url) {
+                    (Some(_), None) => {}
+                    (None, Some(u)) if u.starts_with("https://") || u.starts_with("http://") => {}
+                    (None, Some(_)) => self.push(&format!("{at}.token_url"), "must be an http(s) url".into()),
+                    _ => self.push(at, "client_credentials needs either tenant or token_url".into()),
+                }
+                if client_id.is_some() == client_id_env.is_some() {
+                    self.push(at, "client_credentials needs either client_id or client_id_env".into());
+                }
+            }
+            AuthSpec::Basic { username, username_env, password_env } => {
+                env("password_env", password_env);
+                if let Some(e) = username_env {
+                    env("username_env", e);
+                }
+                if username.is_some() == username_env.is_some() {
+                    self.push(at, "basic needs either username or username_env".into());
+                }
+            }
+            AuthSpec::Bearer { token_env } => env("token_env", token_env),
+            AuthSpec::None => {}
         }
     }
 
@@ -528,6 +642,57 @@ table_groups:
             "http(s) url",
         );
         assert_problem("  - { name: b, connector: sqlite, path: b.db }\n", "", "apps", "exactly two apps, found 1");
+    }
+
+    #[test]
+    fn odata_apps_need_flavor_and_auth() {
+        let odata =
+            "{ name: b, connector: odata, url: 'https://x/api/data/v9.2/', flavor: dataverse, auth: { kind: none } }";
+        assert!(problems("{ name: b, connector: sqlite, path: b.db }", odata).is_empty());
+        let def = parse_job("f.yaml", &GOOD.replace("{ name: b, connector: sqlite, path: b.db }", odata)).unwrap();
+        let job = compile("f.yaml", &def).unwrap();
+        match &job.apps[1].connector {
+            ConnectorSpec::Odata(s) => {
+                assert_eq!((s.flavor, s.batch_size, s.max_concurrency), (Flavor::Dataverse, 100, 52));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: b, connector: odata, url: 'https://x/' }",
+            "apps[1].flavor",
+            "needs a flavor",
+        );
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: b, connector: odata, url: 'https://x/', flavor: fno }",
+            "apps[1].auth",
+            "needs auth",
+        );
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: b, connector: odata, url: 'https://x/', flavor: fno, auth: { kind: none }, batch_size: 5000 }",
+            "apps[1].batch_size",
+            "from 1 to 1000",
+        );
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: b, connector: odata, url: 'https://x/', flavor: fno, auth: { kind: client_credentials, tenant: t, client_id: c, client_secret_env: 'my secret' } }",
+            "apps[1].auth.client_secret_env",
+            "not an environment variable name",
+        );
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: b, connector: odata, url: 'https://x/', flavor: fno, auth: { kind: client_credentials, client_id: c, client_secret_env: S } }",
+            "apps[1].auth",
+            "either tenant or token_url",
+        );
+        assert_problem(
+            "{ name: b, connector: sqlite, path: b.db }",
+            "{ name: b, connector: sqlite, path: b.db, flavor: fno }",
+            "apps[1].flavor",
+            "for odata apps only",
+        );
     }
 
     #[test]

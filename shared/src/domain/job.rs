@@ -40,7 +40,97 @@ pub enum ConnectorSpec {
     /// A local app database: a file path (relative paths resolve against the job file's folder).
     Sqlite { path: String },
     /// An OData v4 service (Dataverse Web API, fno data entities).
-    Odata { url: String },
+    Odata(OdataSpec),
+}
+
+/// Which OData service an `odata` app is: where Dataverse and fno differ from plain OData v4
+/// (how a create is made exclusive, company scope, which key values a URL can carry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// Dataverse Web API v9.2: alternate keys, upsert by key with `If-None-Match: *`.
+    Dataverse,
+    /// finance and operations data entities: keys with `dataAreaId`, `cross-company=true`.
+    Fno,
+    /// Any OData v4 service.
+    Generic,
+}
+
+impl Flavor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavor::Dataverse => "dataverse",
+            Flavor::Fno => "fno",
+            Flavor::Generic => "generic",
+        }
+    }
+}
+
+/// How an `odata` app authenticates. Secrets are named by environment variable, never written
+/// in the job file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthSpec {
+    /// OAuth2 client credentials (Microsoft Entra ID): the token endpoint is the tenant's
+    /// (`https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token`) unless `token_url` says.
+    ClientCredentials {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tenant: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_url: Option<String>,
+        /// The application (client) id, or the variable that holds it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id_env: Option<String>,
+        client_secret_env: String,
+        /// Defaults to `<origin of url>/.default`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope: Option<String>,
+    },
+    /// HTTP basic: the user name as written or from a variable, the password from a variable.
+    Basic {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        username: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        username_env: Option<String>,
+        password_env: String,
+    },
+    /// A bearer token taken as it is from a variable.
+    Bearer { token_env: String },
+    /// No authentication (test servers).
+    None,
+}
+
+/// An `odata` app: the service root and how to talk to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OdataSpec {
+    /// The service root, like `https://org.crm.dynamics.com/api/data/v9.2/`.
+    pub url: String,
+    pub flavor: Flavor,
+    pub auth: AuthSpec,
+    /// Operations per `$batch` request.
+    pub batch_size: usize,
+    /// Requests in flight at most (the adaptive limiter never goes above it).
+    pub max_concurrency: usize,
+    /// Records per page asked with `Prefer: odata.maxpagesize`.
+    pub page_size: usize,
+}
+
+impl OdataSpec {
+    pub const DEFAULT_BATCH_SIZE: usize = 100;
+    /// Dataverse allows 1,000 operations in one `$batch`.
+    pub const MAX_BATCH_SIZE: usize = 1000;
+    pub const DEFAULT_PAGE_SIZE: usize = 500;
+
+    /// Dataverse's service protection allows 52 concurrent requests per user; the others get a
+    /// cautious default the limiter ramps within.
+    pub fn default_concurrency(flavor: Flavor) -> usize {
+        match flavor {
+            Flavor::Dataverse => 52,
+            Flavor::Fno | Flavor::Generic => 16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

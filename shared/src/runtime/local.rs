@@ -1,5 +1,5 @@
 //! The local runtime: the embedded table and queues in one SQLite file under a data folder,
-//! `sqlite` apps as connectors, and the four steps driven by tokio tasks.
+//! `sqlite` and `odata` apps as connectors, and the four steps driven by tokio tasks.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,10 +24,13 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 /// Messages a worker takes per receive.
 pub const BATCH: usize = 500;
 
-/// Opens each `sqlite` app once and shares it.
+/// Opens each app once and shares it: `sqlite` apps by path, `odata` apps by name and service
+/// root (their requests share the process's limiter of that service either way).
 #[derive(Default)]
 pub struct SqliteRegistry {
     open: Mutex<HashMap<PathBuf, Arc<SqliteApp>>>,
+    #[cfg(feature = "odata")]
+    odata: Mutex<HashMap<(String, String), Arc<crate::adapters::connectors::odata::OdataApp>>>,
 }
 
 impl SqliteRegistry {
@@ -45,12 +48,41 @@ impl SqliteRegistry {
         let app = &job.apps[side.index()];
         match &app.connector {
             ConnectorSpec::Sqlite { path } => self.app(&app.name, Path::new(path)),
-            ConnectorSpec::Odata { .. } => Err(ConnectorError::Rejected {
+            ConnectorSpec::Odata(_) => Err(ConnectorError::Rejected {
                 app: app.name.clone(),
-                message: "the odata connector is not available in this build; use sqlite apps locally".into(),
+                message: "an odata app has no local change log".into(),
             }),
         }
     }
+
+    fn connector(&self, job: &Job, side: Side) -> Result<Arc<dyn Connector>, ConnectorError> {
+        let app = &job.apps[side.index()];
+        match &app.connector {
+            ConnectorSpec::Sqlite { .. } => Ok(self.side(job, side)? as Arc<dyn Connector>),
+            #[cfg(feature = "odata")]
+            ConnectorSpec::Odata(spec) => {
+                use crate::adapters::connectors::odata::OdataApp;
+                let mut open = self.odata.lock().unwrap_or_else(|e| e.into_inner());
+                let id = (app.name.clone(), spec.url.clone());
+                if let Some(a) = open.get(&id) {
+                    return Ok(a.clone() as Arc<dyn Connector>);
+                }
+                let a = Arc::new(OdataApp::open(&app.name, spec)?);
+                open.insert(id, a.clone());
+                Ok(a as Arc<dyn Connector>)
+            }
+            #[cfg(not(feature = "odata"))]
+            ConnectorSpec::Odata(_) => Err(ConnectorError::Rejected {
+                app: app.name.clone(),
+                message: "the odata connector is not in this build (cargo feature `odata`)".into(),
+            }),
+        }
+    }
+}
+
+/// Whether a side of the job is a local `sqlite` app, with a change log to read.
+pub fn has_change_log(job: &Job, side: Side) -> bool {
+    matches!(job.apps[side.index()].connector, ConnectorSpec::Sqlite { .. })
 }
 
 /// The apps of the local runner: connectors, plus the local sqlite app behind each side for
@@ -67,14 +99,14 @@ impl AppRegistry for SqliteRegistry {
 
 impl ConnectorRegistry for SqliteRegistry {
     fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
-        Ok([self.side(job, Side::A)? as Arc<dyn Connector>, self.side(job, Side::B)? as Arc<dyn Connector>])
+        Ok([self.connector(job, Side::A)?, self.connector(job, Side::B)?])
     }
 }
 
-/// Installs change capture (triggers and change log) for every mapped entity in both of a
-/// job's sqlite apps.
+/// Installs change capture (triggers and change log) for every mapped entity in each of a
+/// job's sqlite apps (an odata app's changes come through ingress).
 pub fn install_capture(apps: &dyn AppRegistry, job: &Job) -> Result<(), ConnectorError> {
-    for side in Side::BOTH {
+    for side in Side::BOTH.into_iter().filter(|s| has_change_log(job, *s)) {
         let specs: Vec<CaptureSpec> = job
             .maps
             .iter()
@@ -201,7 +233,7 @@ impl LocalRuntime {
     pub async fn pump_feeds(&self, limit: usize) -> Result<usize, RuntimeError> {
         let mut n = 0;
         for job in self.active_jobs().await? {
-            for side in Side::BOTH {
+            for side in Side::BOTH.into_iter().filter(|s| has_change_log(&job, *s)) {
                 let app = self.apps.sqlite_app(&job, side)?;
                 n += pump_feed(
                     &self.state,
@@ -262,7 +294,7 @@ impl LocalRuntime {
     pub async fn housekeeping(&self) -> Result<(), RuntimeError> {
         let mut consumed: HashMap<PathBuf, (u64, Arc<SqliteApp>)> = HashMap::new();
         for job in self.active_jobs().await? {
-            for side in Side::BOTH {
+            for side in Side::BOTH.into_iter().filter(|s| has_change_log(&job, *s)) {
                 let app = self.apps.sqlite_app(&job, side)?;
                 let pos = self.state.feed_position(&job.name, job.app_name(side)).await.map_err(StepError::from)?;
                 // An app shared by several jobs keeps what the slowest of them has not read.
@@ -283,7 +315,7 @@ impl LocalRuntime {
     /// two of them is always seen.
     pub async fn is_idle(&self) -> Result<bool, RuntimeError> {
         for job in self.active_jobs().await? {
-            for side in Side::BOTH {
+            for side in Side::BOTH.into_iter().filter(|s| has_change_log(&job, *s)) {
                 let app = self.apps.sqlite_app(&job, side)?;
                 let pos = self.state.feed_position(&job.name, job.app_name(side)).await.map_err(StepError::from)?;
                 if !crate::ports::ChangeFeed::changes_after(app.as_ref(), pos, 1).await?.is_empty() {

@@ -1,2 +1,4 @@
 //! App connectors.
+#[cfg(feature = "odata")]
+pub mod odata;
 pub mod sqlite;

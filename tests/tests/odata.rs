@@ -1,0 +1,702 @@
+//! The `odata` connector against a test server that behaves like Dataverse, fno or a plain OData
+//! v4 service (issue 10 items 1 to 4 and 9): reads of many keys in few requests, conditional
+//! writes in `$batch`, paging by next link, exact decimals, errors classified by what the
+//! service says, service protection, OAuth; and a local sync between a sqlite app and an odata
+//! app through the real steps.
+mod odata_server;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use dualsync::adapters::connectors::odata::OdataApp;
+use dualsync::domain::change::Key;
+use dualsync::domain::job::{AuthSpec, Flavor, OdataSpec};
+use dualsync::ports::{Connector, ConnectorError, EntitySpec, Precondition, WriteFailure, WriteOp};
+use odata_server::{Fault, Kind, Options, Server};
+
+fn spec(server: &Server, flavor: Flavor) -> OdataSpec {
+    OdataSpec {
+        url: server.url.clone(),
+        flavor,
+        auth: AuthSpec::None,
+        batch_size: 100,
+        max_concurrency: OdataSpec::default_concurrency(flavor),
+        page_size: 500,
+    }
+}
+
+fn connect(server: &Server, flavor: Flavor) -> OdataApp {
+    OdataApp::with_env("app", &spec(server, flavor), Duration::from_secs(30), &|_| None).unwrap()
+}
+
+fn accounts() -> EntitySpec {
+    EntitySpec {
+        name: "accounts".into(),
+        key_fields: vec!["accountnumber".into()],
+        fields: vec!["name".into(), "creditlimit".into()],
+    }
+}
+
+fn customers() -> EntitySpec {
+    EntitySpec {
+        name: "CustomersV3".into(),
+        key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
+        fields: vec!["Name".into(), "CreditLimit".into()],
+    }
+}
+
+fn key(parts: &[&str]) -> Key {
+    Key(parts.iter().map(|s| s.to_string()).collect())
+}
+
+fn fields(pairs: &[(&str, Value)]) -> BTreeMap<String, Value> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+}
+
+async fn dataverse() -> Server {
+    let s = Server::start(Kind::Dataverse, Options::default()).await;
+    s.add_set("accounts", &["accountnumber"], Some("accountid"));
+    s
+}
+
+async fn fno() -> Server {
+    let s = Server::start(Kind::Fno, Options::default()).await;
+    s.add_set("CustomersV3", &["dataAreaId", "CustomerAccount"], None);
+    s
+}
+
+#[tokio::test]
+async fn many_keys_are_read_in_few_requests_with_only_the_mapped_fields() {
+    let s = dataverse().await;
+    for n in 0..120 {
+        s.put(
+            "accounts",
+            json!({"accountnumber": format!("A-{n}"), "name": format!("n{n}"), "creditlimit": n, "secret": "x"}),
+        );
+    }
+    let c = connect(&s, Flavor::Dataverse);
+    let mut keys: Vec<Key> = (0..120).rev().map(|n| key(&[&format!("A-{n}")])).collect();
+    keys.insert(7, key(&["missing"]));
+    keys.push(key(&["it's"]));
+    let got = c.read(&accounts(), &keys).await.unwrap();
+    assert_eq!(got.len(), keys.len());
+    assert!(got[7].is_none() && got[121].is_none());
+    let r = got[0].as_ref().unwrap();
+    assert_eq!(r.fields["accountnumber"], json!("A-119"));
+    assert_eq!(r.fields["creditlimit"], json!(119));
+    assert!(!r.fields.contains_key("secret"), "only the mapped fields: {:?}", r.fields);
+    assert!(r.version.starts_with("W/\""), "{}", r.version);
+    let log = s.log();
+    // One query to learn the key's type, then one $batch holding the three $filter queries.
+    assert_eq!(log.len(), 2, "{log:#?}");
+    assert!(log[1].path.contains("$batch") && log[1].parts == 3, "{log:#?}");
+    // Once the key's type is known, a read is one request.
+    s.clear_log();
+    c.read(&accounts(), &keys[..10]).await.unwrap();
+    assert_eq!(s.log().len(), 1);
+    assert!(s.log()[0].path.contains("$select=accountnumber,name,creditlimit"), "{:?}", s.log());
+}
+
+#[tokio::test]
+async fn an_empty_entity_set_is_read_without_a_key_literal() {
+    let s = dataverse().await;
+    let c = connect(&s, Flavor::Dataverse);
+    let got = c.read(&accounts(), &[key(&["A-1"])]).await.unwrap();
+    assert_eq!(got, vec![None]);
+    // A record without a key tells no key type; one with a key does.
+    s.put("accounts", json!({"accountnumber": null, "name": "no key"}));
+    s.put("accounts", json!({"accountnumber": "A-1", "name": "keyed"}));
+    let got = c.read(&accounts(), &[key(&["A-1"])]).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().fields["name"], json!("keyed"));
+}
+
+#[tokio::test]
+async fn dataverse_writes_are_conditional_and_batched_with_each_result_mapped_back() {
+    let s = dataverse().await;
+    s.put("accounts", json!({"accountnumber": "A-1", "name": "one", "creditlimit": 1}));
+    s.put("accounts", json!({"accountnumber": "A-2", "name": "two", "creditlimit": 2}));
+    let c = connect(&s, Flavor::Dataverse);
+    let read = c.read(&accounts(), &[key(&["A-1"]), key(&["A-2"])]).await.unwrap();
+    let (v1, v2) = (read[0].as_ref().unwrap().version.clone(), read[1].as_ref().unwrap().version.clone());
+    s.put("accounts", json!({"accountnumber": "A-2", "name": "edited by a user"}));
+    let op = |k: &str, name: &str, p: Precondition| WriteOp {
+        key: key(&[k]),
+        fields: fields(&[("accountnumber", json!(k)), ("name", json!(name)), ("creditlimit", json!(12.5))]),
+        precondition: p,
+    };
+    s.clear_log();
+    let out = c
+        .write(
+            &accounts(),
+            &[
+                op("A-1", "updated", Precondition::IfMatch(v1)),
+                op("A-2", "lost", Precondition::IfMatch(v2)),
+                op("A-3", "created", Precondition::CreateOnly),
+                op("A-1", "raced", Precondition::CreateOnly),
+                op("A-9", "gone", Precondition::IfMatch("W/\"1\"".into())),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(&out[0], Ok(v) if v.starts_with("W/")), "{out:?}");
+    assert_eq!(out[1], Err(WriteFailure::PreconditionFailed), "a stale etag");
+    assert!(out[2].is_ok(), "{out:?}");
+    assert_eq!(out[3], Err(WriteFailure::PreconditionFailed), "create-only on an existing record");
+    assert_eq!(out[4], Err(WriteFailure::PreconditionFailed), "an update of a record gone");
+    let log = s.log();
+    assert_eq!(log.len(), 1, "one $batch: {log:#?}");
+    assert_eq!(log[0].parts, 5);
+    let a1 = s.get("accounts", &[json!("A-1")]).unwrap();
+    assert_eq!((a1["name"].as_str(), a1["creditlimit"].as_str()), ("\"updated\"", "12.5"));
+    assert_eq!(s.get("accounts", &[json!("A-2")]).unwrap()["name"], "\"edited by a user\"");
+    assert_eq!(s.get("accounts", &[json!("A-3")]).unwrap()["name"], "\"created\"");
+}
+
+#[tokio::test]
+async fn fno_creates_by_post_across_companies_and_reads_its_500s() {
+    let s = fno().await;
+    s.max_len("CustomersV3", "Name", 10);
+    s.put("CustomersV3", json!({"dataAreaId": "demf", "CustomerAccount": "C-1", "Name": "one", "CreditLimit": 5}));
+    let c = connect(&s, Flavor::Fno);
+    // Another company than the user's default: cross-company=true finds it.
+    let got = c.read(&customers(), &[key(&["demf", "C-1"])]).await.unwrap();
+    let r = got[0].clone().expect("read across companies");
+    let op = |k: &str, name: &str, p: Precondition| WriteOp {
+        key: key(&["usmf", k]),
+        fields: fields(&[("dataAreaId", json!("usmf")), ("CustomerAccount", json!(k)), ("Name", json!(name))]),
+        precondition: p,
+    };
+    let out = c
+        .write(
+            &customers(),
+            &[
+                op("C-2", "two", Precondition::CreateOnly),
+                op("C-3", "Secret Corp Intl", Precondition::CreateOnly),
+                WriteOp {
+                    key: key(&["demf", "C-1"]),
+                    fields: fields(&[
+                        ("dataAreaId", json!("demf")),
+                        ("CustomerAccount", json!("C-1")),
+                        ("Name", json!("uno")),
+                    ]),
+                    precondition: Precondition::IfMatch(r.version.clone()),
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(out[0].is_ok(), "{out:?}");
+    match &out[1] {
+        Err(WriteFailure::Rejected(m)) => {
+            assert!(m.starts_with("HTTP 500"), "{m}");
+            assert!(m.contains("is too long"), "the Infolog text is kept: {m}");
+            assert!(!m.contains("Secret Corp"), "never a field value: {m}");
+            assert!(!m.contains("AxODataDelegatingHandler"), "no stack trace: {m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(out[2].is_ok(), "{out:?}");
+    assert_eq!(s.get("CustomersV3", &[json!("demf"), json!("C-1")]).unwrap()["Name"], "\"uno\"");
+    // A second create of C-2: fno's duplicate is a 500 with "already exists": a lost race.
+    let again = c.write(&customers(), &[op("C-2", "two", Precondition::CreateOnly)]).await.unwrap();
+    assert_eq!(again[0], Err(WriteFailure::PreconditionFailed));
+    assert!(s.log().iter().all(|l| l.path.contains("cross-company=true") || l.path.contains("$batch")));
+}
+
+#[tokio::test]
+async fn a_generic_service_answers_duplicates_with_409() {
+    let s = Server::start(Kind::Generic, Options::default()).await;
+    s.add_set("Things", &["Id"], None);
+    s.put("Things", json!({"Id": 7, "Label": "seven"}));
+    let c = connect(&s, Flavor::Generic);
+    let spec = EntitySpec { name: "Things".into(), key_fields: vec!["Id".into()], fields: vec!["Label".into()] };
+    // Integer keys: learnt from the service, written bare.
+    let got = c.read(&spec, &[key(&["7"]), key(&["8"])]).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().fields["Label"], json!("seven"));
+    assert!(got[1].is_none());
+    let op = WriteOp {
+        key: key(&["7"]),
+        fields: fields(&[("Id", json!(7)), ("Label", json!("x"))]),
+        precondition: Precondition::CreateOnly,
+    };
+    assert_eq!(c.write(&spec, &[op]).await.unwrap(), vec![Err(WriteFailure::PreconditionFailed)]);
+    c.delete(&spec, &[key(&["7"]), key(&["8"])]).await.unwrap();
+    assert_eq!(s.count("Things"), 0);
+}
+
+#[tokio::test]
+async fn lists_follow_next_links_and_never_build_skip() {
+    for kind in [Kind::Dataverse, Kind::Fno] {
+        let s = match kind {
+            Kind::Dataverse => dataverse().await,
+            _ => fno().await,
+        };
+        let (entity, flavor) = match kind {
+            Kind::Dataverse => (accounts(), Flavor::Dataverse),
+            _ => (customers(), Flavor::Fno),
+        };
+        for n in 0..25 {
+            let rec = match kind {
+                Kind::Dataverse => json!({"accountnumber": format!("A-{n:02}"), "name": "x"}),
+                _ => {
+                    json!({"dataAreaId": if n % 2 == 0 { "usmf" } else { "demf" }, "CustomerAccount": format!("C-{n:02}"), "Name": "x"})
+                }
+            };
+            s.put(&entity.name, rec);
+        }
+        let c = connect(&s, flavor);
+        let mut cursor: Option<String> = None;
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let page = c.list(&entity, cursor.as_deref(), 10).await.unwrap();
+            pages += 1;
+            seen.extend(page.records.into_iter().map(|(k, _)| k));
+            match page.next {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!((pages, seen.len()), (3, 25), "{kind:?}");
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 25);
+        assert!(s.log().iter().all(|l| !l.path.contains("$skip=")), "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn decimals_round_trip_exactly() {
+    let s = dataverse().await;
+    s.put("accounts", json!({"accountnumber": "A-1", "name": "x"}));
+    let c = connect(&s, Flavor::Dataverse);
+    let mut spec = accounts();
+    spec.fields.push("revenue".into());
+    let v = c.read(&spec, &[key(&["A-1"])]).await.unwrap()[0].clone().unwrap().version;
+    let big = json!("922337203685477.5807");
+    let op = WriteOp {
+        key: key(&["A-1"]),
+        fields: fields(&[("accountnumber", json!("A-1")), ("creditlimit", json!(0.1)), ("revenue", big.clone())]),
+        precondition: Precondition::IfMatch(v),
+    };
+    assert!(c.write(&spec, &[op]).await.unwrap()[0].is_ok());
+    let back = c.read(&spec, &[key(&["A-1"])]).await.unwrap()[0].clone().unwrap();
+    assert_eq!(back.fields["creditlimit"], json!(0.1));
+    assert_eq!(back.fields["revenue"], big);
+    // Numbers as a service may send them: trailing zeros, more digits than a float holds.
+    s.put_raw("accounts", r#"{"accountnumber":"A-2","creditlimit":1000.0000,"revenue":12345678901234567890.12}"#);
+    let a2 = c.read(&spec, &[key(&["A-2"])]).await.unwrap()[0].clone().unwrap();
+    assert_eq!(a2.fields["creditlimit"], json!(1000));
+    assert_eq!(a2.fields["revenue"], json!("12345678901234567890.12"));
+}
+
+#[tokio::test]
+async fn a_429_is_waited_out_and_no_request_goes_before_its_retry_after() {
+    let s = dataverse().await;
+    s.put("accounts", json!({"accountnumber": "A-1", "name": "x"}));
+    let c = connect(&s, Flavor::Dataverse);
+    c.read(&accounts(), &[key(&["A-1"])]).await.unwrap();
+    s.clear_log();
+    s.fault(Fault::Throttle(1));
+    let got = c.read(&accounts(), &[key(&["A-1"])]).await.unwrap();
+    assert!(got[0].is_some());
+    let log = s.log();
+    assert_eq!(log.iter().map(|l| l.status).collect::<Vec<_>>(), [429, 200]);
+    assert!(log[1].arrived >= log[0].at + Duration::from_secs(1), "sent before Retry-After passed");
+    assert_eq!(c.limiter().throttled(), 1);
+}
+
+#[tokio::test]
+async fn a_long_retry_after_is_a_system_failure_carrying_it() {
+    let s = dataverse().await;
+    s.put("accounts", json!({"accountnumber": "A-1"}));
+    let c = connect(&s, Flavor::Dataverse);
+    c.read(&accounts(), &[key(&["A-1"])]).await.unwrap();
+    s.fault(Fault::Throttle(300));
+    match c.read(&accounts(), &[key(&["A-1"])]).await {
+        Err(ConnectorError::Transient { message, retry_after, .. }) => {
+            assert_eq!(retry_after, Some(Duration::from_secs(300)));
+            assert!(message.contains("0x80072322"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn concurrent_requests_stay_within_the_service_limit() {
+    let s = dataverse().await;
+    for n in 0..10 {
+        s.put("accounts", json!({"accountnumber": format!("A-{n}")}));
+    }
+    for _ in 0..200 {
+        s.fault(Fault::Delay(Duration::from_millis(5)));
+    }
+    let c = Arc::new(connect(&s, Flavor::Dataverse));
+    c.read(&accounts(), &[key(&["A-0"])]).await.unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|n| {
+            let c = c.clone();
+            tokio::spawn(async move { c.read(&accounts(), &[key(&[&format!("A-{}", n % 10)])]).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap()[0].is_some());
+    }
+    assert!(s.shared.most_in_flight.load(std::sync::atomic::Ordering::SeqCst) <= 52);
+    assert!(s.log().iter().all(|l| l.status != 429), "no request over the concurrency limit");
+}
+
+#[tokio::test]
+async fn oauth_tokens_are_cached_renewed_when_refused_and_never_shown() {
+    let opts = Options { auth: Some(("client-1".into(), "s3cret-value".into())), ..Default::default() };
+    let s = Server::start(Kind::Dataverse, opts).await;
+    s.add_set("accounts", &["accountnumber"], Some("accountid"));
+    s.put("accounts", json!({"accountnumber": "A-1"}));
+    let mut sp = spec(&s, Flavor::Dataverse);
+    sp.auth = AuthSpec::ClientCredentials {
+        tenant: None,
+        token_url: Some(s.token_url.clone()),
+        client_id: Some("client-1".into()),
+        client_id_env: None,
+        client_secret_env: "DV_SECRET".into(),
+        scope: None,
+    };
+    let env = |secret: &'static str| move |k: &str| (k == "DV_SECRET").then(|| secret.to_string());
+    let c = OdataApp::with_env("dv", &sp, Duration::from_secs(30), &env("s3cret-value")).unwrap();
+    for _ in 0..3 {
+        assert!(c.read(&accounts(), &[key(&["A-1"])]).await.unwrap()[0].is_some());
+    }
+    assert_eq!(s.shared.token_requests.load(std::sync::atomic::Ordering::SeqCst), 1, "one token, cached");
+    s.shared.revoke_tokens();
+    assert!(c.read(&accounts(), &[key(&["A-1"])]).await.unwrap()[0].is_some(), "a refused token is renewed once");
+    assert_eq!(s.shared.token_requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    let wrong = OdataApp::with_env("dv", &sp, Duration::from_secs(30), &env("not-the-secret")).unwrap();
+    match wrong.read(&accounts(), &[key(&["A-1"])]).await {
+        Err(ConnectorError::Rejected { message, .. }) => {
+            assert!(message.contains("invalid_client") && message.contains("DV_SECRET"), "{message}");
+            assert!(!message.contains("not-the-secret"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let missing = OdataApp::with_env("dv", &sp, Duration::from_secs(30), &|_| None).err().unwrap();
+    assert_eq!(missing.message(), "environment variable DV_SECRET is not set (auth)");
+}
+
+#[tokio::test]
+async fn dataverse_keys_a_url_cannot_carry_go_through_filter_and_the_record_id() {
+    let s = dataverse().await;
+    let c = connect(&s, Flavor::Dataverse);
+    let k = "A/1+2:3";
+    let create = WriteOp {
+        key: key(&[k]),
+        fields: fields(&[("accountnumber", json!(k)), ("name", json!("odd"))]),
+        precondition: Precondition::CreateOnly,
+    };
+    assert!(c.write(&accounts(), std::slice::from_ref(&create)).await.unwrap()[0].is_ok());
+    assert_eq!(c.write(&accounts(), &[create]).await.unwrap()[0], Err(WriteFailure::PreconditionFailed));
+    let r = c.read(&accounts(), &[key(&[k])]).await.unwrap()[0].clone().expect("read by $filter");
+    let update = |v: String| WriteOp {
+        key: key(&[k]),
+        fields: fields(&[("accountnumber", json!(k)), ("name", json!("odder"))]),
+        precondition: Precondition::IfMatch(v),
+    };
+    let out = c.write(&accounts(), &[update(r.version.clone())]).await.unwrap();
+    assert!(out[0].is_ok(), "{out:?} {:#?}", s.log());
+    assert_eq!(s.get("accounts", &[json!(k)]).unwrap()["name"], "\"odder\"");
+    assert_eq!(c.write(&accounts(), &[update(r.version)]).await.unwrap()[0], Err(WriteFailure::PreconditionFailed));
+    c.delete(&accounts(), &[key(&[k])]).await.unwrap();
+    assert_eq!(s.count("accounts"), 0);
+    // fno has no second address: a clear refusal, not a failed request.
+    let f = fno().await;
+    f.put("CustomersV3", json!({"dataAreaId": "usmf", "CustomerAccount": "C-0"}));
+    let fc = connect(&f, Flavor::Fno);
+    let op = WriteOp {
+        key: key(&["usmf", "C/1"]),
+        fields: fields(&[("Name", json!("x"))]),
+        precondition: Precondition::IfMatch("W/\"1\"".into()),
+    };
+    match &fc.write(&customers(), &[op]).await.unwrap()[0] {
+        Err(WriteFailure::Rejected(m)) => assert!(m.contains("cannot take in a URL"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn validation_and_outages_are_told_apart() {
+    let s = dataverse().await;
+    s.max_len("accounts", "name", 5);
+    let c = connect(&s, Flavor::Dataverse);
+    let op = |k: &str, name: &str| WriteOp {
+        key: key(&[k]),
+        fields: fields(&[("accountnumber", json!(k)), ("name", json!(name))]),
+        precondition: Precondition::CreateOnly,
+    };
+    let out = c.write(&accounts(), &[op("A-1", "far too long"), op("A-2", "ok")]).await.unwrap();
+    match &out[0] {
+        Err(WriteFailure::Rejected(m)) => assert!(m.starts_with("HTTP 400 0x80044331: A validation error"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(out[1].is_ok(), "continue-on-error: the next operation still ran");
+    s.fault(Fault::Status(503));
+    match c.write(&accounts(), &[op("A-3", "x"), op("A-4", "y")]).await {
+        Err(ConnectorError::Transient { message, .. }) => assert!(message.starts_with("HTTP 503"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    s.fault(Fault::Status(404));
+    match c.read(&accounts(), &[key(&["A-2"])]).await {
+        Err(ConnectorError::Rejected { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_time_out_after_the_write_landed_is_a_system_failure() {
+    let s = dataverse().await;
+    let c = OdataApp::with_env("app", &spec(&s, Flavor::Dataverse), Duration::from_millis(300), &|_| None).unwrap();
+    s.fault(Fault::LandThenStall(Duration::from_secs(3)));
+    let op = WriteOp {
+        key: key(&["A-1"]),
+        fields: fields(&[("accountnumber", json!("A-1")), ("name", json!("x"))]),
+        precondition: Precondition::CreateOnly,
+    };
+    match c.write(&accounts(), &[op]).await {
+        Ok(r) => assert!(matches!(r[0], Err(WriteFailure::Transient { .. })), "{r:?}"),
+        Err(e) => assert!(matches!(e, ConnectorError::Transient { .. }), "{e:?}"),
+    }
+    assert!(s.get("accounts", &[json!("A-1")]).is_some(), "it landed all the same");
+}
+
+#[tokio::test]
+async fn the_test_server_applies_change_sets_atomically_and_stops_without_continue_on_error() {
+    use dualsync::adapters::connectors::odata::batch::{decode, encode, Item, Request};
+    let s = dataverse().await;
+    s.put("accounts", json!({"accountnumber": "A-1"}));
+    let post = |n: &str| Request {
+        method: "POST",
+        url: format!("{}accounts", s.url),
+        headers: vec![("Content-Type".into(), "application/json".into())],
+        body: Some(json!({"accountnumber": n}).to_string().into_bytes()),
+    };
+    let send = |items: Vec<Item>, prefer: Option<&'static str>| {
+        let body = encode("b", &items);
+        let url = format!("{}$batch", s.url);
+        async move {
+            let mut req =
+                reqwest::Client::new().post(url).header("Content-Type", "multipart/mixed;boundary=b").body(body);
+            if let Some(p) = prefer {
+                req = req.header("Prefer", p);
+            }
+            let resp = req.send().await.unwrap();
+            let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+            decode(&ct, &resp.bytes().await.unwrap()).unwrap()
+        }
+    };
+    // A change set whose second create is a duplicate: neither lands, one error answers it.
+    let rs = send(vec![Item::ChangeSet(vec![post("A-2"), post("A-1")]), Item::Single(post("A-3"))], None).await;
+    assert_eq!(rs.iter().map(|r| r.status).collect::<Vec<_>>(), [400], "stops at the failed change set");
+    assert!(s.get("accounts", &[json!("A-2")]).is_none(), "the change set was undone");
+    assert!(s.get("accounts", &[json!("A-3")]).is_none());
+    let rs = send(
+        vec![Item::ChangeSet(vec![post("A-2"), post("A-1")]), Item::Single(post("A-3"))],
+        Some("odata.continue-on-error"),
+    )
+    .await;
+    assert_eq!(rs.iter().map(|r| r.status).collect::<Vec<_>>(), [400, 204]);
+    assert!(s.get("accounts", &[json!("A-3")]).is_some());
+}
+
+mod local_sync {
+    //! A sqlite app and a Dataverse-like app kept in step by the local runtime's real steps:
+    //! sqlite changes captured from its change log and written to the service in `$batch`es
+    //! with their preconditions; the service's records copied by an initial sync; a change on
+    //! the service side (a notification in the project's own JSON) delivered back.
+    use super::*;
+    use dualsync::adapters::embedded::EmbeddedDb;
+    use dualsync::domain::change::{ChangeNotification, Operation, Parts, TransactionNotification};
+    use dualsync::domain::config::parse_job;
+    use dualsync::domain::job::Side;
+    use dualsync::ports::{ManualClock, OutMessage, Queue};
+    use dualsync::runtime::local::{LocalRuntime, SqliteRegistry};
+    use dualsync::state::ErrorFilter;
+    use dualsync::steps::Failpoints;
+
+    const JOB: &str = "job: s
+apps:
+  - { name: a, connector: sqlite, path: A }
+  - { name: dv, connector: odata, url: URL, flavor: dataverse, auth: { kind: none }, batch_size: 50 }
+primary: a
+table_groups:
+  - name: g
+    maps:
+      - name: customers
+        sequence: 1
+        entities: { a: customers, dv: accounts }
+        keys: [{ a: id, dv: accountnumber }]
+        fields:
+          - { a: name, dv: name }
+          - { a: credit, dv: creditlimit }
+";
+
+    fn sql(path: &std::path::Path, s: &str) {
+        rusqlite::Connection::open(path).unwrap().execute_batch(s).unwrap();
+    }
+
+    fn row(path: &std::path::Path, id: &str) -> Option<(String, f64)> {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.query_row("SELECT name, credit FROM customers WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?))).ok()
+    }
+
+    async fn drain(rt: &LocalRuntime, clock: &ManualClock) {
+        for _ in 0..50 {
+            while rt.pump().await.unwrap() > 0 {}
+            if rt.is_idle().await.unwrap() {
+                return;
+            }
+            clock.advance(301_000);
+        }
+        panic!("pipeline did not drain");
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_app_and_a_dataverse_app_stay_in_step() {
+        let s = dataverse().await;
+        s.put("accounts", json!({"accountnumber": "D-1", "name": "from dataverse", "creditlimit": 7.25}));
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        sql(&a, "CREATE TABLE customers (id TEXT PRIMARY KEY, name TEXT, credit REAL);");
+        let mut def = parse_job("job.yaml", &JOB.replace("URL", &s.url)).unwrap();
+        def.apps[0].path = Some(a.display().to_string());
+        let clock = ManualClock::new(1_700_000_000_000);
+        let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
+        let rt = LocalRuntime::with_registry(
+            db,
+            Arc::new(clock.clone()),
+            Failpoints::default(),
+            Arc::new(SqliteRegistry::default()),
+        );
+        rt.apply(def).await.unwrap();
+        rt.start("s").await.unwrap();
+
+        // What Dataverse holds before the job: an initial sync copies it.
+        let report = rt.steps.initial_sync("s", Side::B, 100, |_, _| {}).await.unwrap();
+        assert_eq!(report.records, 1, "{report:?}");
+        drain(&rt, &clock).await;
+        assert_eq!(row(&a, "D-1"), Some(("from dataverse".into(), 7.25)));
+
+        // sqlite edits: created in Dataverse (create-only), in few requests.
+        s.clear_log();
+        let mut inserts = String::new();
+        for n in 0..60 {
+            inserts.push_str(&format!("INSERT INTO customers (id, name, credit) VALUES ('C-{n}', 'c{n}', {n}.5);"));
+        }
+        sql(&a, &inserts);
+        drain(&rt, &clock).await;
+        assert_eq!(s.count("accounts"), 61);
+        assert_eq!(s.get("accounts", &[json!("C-7")]).unwrap()["creditlimit"], "7.5");
+        let requests = s.log().len();
+        assert!(requests <= 8, "60 records in {requests} requests: {:#?}", s.log());
+
+        // An update goes with If-Match, the key left out of the body.
+        sql(&a, "UPDATE customers SET name = 'renamed' WHERE id = 'C-3';");
+        drain(&rt, &clock).await;
+        assert_eq!(s.get("accounts", &[json!("C-3")]).unwrap()["name"], "\"renamed\"");
+
+        // A change on the Dataverse side, told in the project's own JSON notification.
+        s.put("accounts", json!({"accountnumber": "C-4", "name": "edited in dataverse"}));
+        let tx = TransactionNotification {
+            job: "s".into(),
+            app: "dv".into(),
+            txid: "dv-tx-1".into(),
+            changes: vec![ChangeNotification {
+                app: "dv".into(),
+                entity: "accounts".into(),
+                key: key(&["C-4"]),
+                op: Operation::Upsert,
+                seq: 100,
+                version: None,
+                company: None,
+                at_ms: 1_700_000_000_000,
+            }],
+            parts: Parts::default(),
+        };
+        rt.capture.send(vec![OutMessage::standard(serde_json::to_string(&tx).unwrap())]).await.unwrap();
+        drain(&rt, &clock).await;
+        assert_eq!(row(&a, "C-4"), Some(("edited in dataverse".into(), 4.5)));
+
+        // Its echo back to Dataverse is in step: nothing more is written.
+        s.clear_log();
+        drain(&rt, &clock).await;
+        assert!(s.log().iter().all(|l| l.method == "GET" || l.parts == 0), "{:#?}", s.log());
+        let errors = rt.state.error_rows("s", &ErrorFilter::default()).await.unwrap();
+        assert!(errors.is_empty(), "{errors:#?}");
+    }
+
+    const FNO_DATAVERSE: &str = "job: fd
+apps:
+  - { name: fno, connector: odata, url: FNO, flavor: fno, auth: { kind: none } }
+  - { name: dv, connector: odata, url: DV, flavor: dataverse, auth: { kind: none } }
+primary: fno
+table_groups:
+  - name: g
+    maps:
+      - name: customers
+        sequence: 1
+        entities: { fno: CustomersV3, dv: accounts }
+        company: { fno: dataAreaId, dv: msdyn_company }
+        keys:
+          - { fno: dataAreaId, dv: msdyn_company }
+          - { fno: CustomerAccount, dv: accountnumber }
+        fields:
+          - { fno: Name, dv: name }
+          - { fno: CreditLimit, dv: creditlimit }
+";
+
+    #[tokio::test]
+    async fn fno_and_dataverse_stay_in_step_with_exact_decimals() {
+        let f = fno().await;
+        let d = Server::start(Kind::Dataverse, Options::default()).await;
+        d.add_set("accounts", &["msdyn_company", "accountnumber"], Some("accountid"));
+        for n in 0..30 {
+            let company = if n % 2 == 0 { "usmf" } else { "demf" };
+            f.put_raw(
+                "CustomersV3",
+                &format!(
+                    r#"{{"dataAreaId":"{company}","CustomerAccount":"C-{n}","Name":"c{n}","CreditLimit":{n}.50}}"#
+                ),
+            );
+        }
+        let def = parse_job("job.yaml", &FNO_DATAVERSE.replace("FNO", &f.url).replace("DV", &d.url)).unwrap();
+        let clock = ManualClock::new(1_700_000_000_000);
+        let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
+        let rt = LocalRuntime::with_registry(
+            db,
+            Arc::new(clock.clone()),
+            Failpoints::default(),
+            Arc::new(SqliteRegistry::default()),
+        );
+        rt.apply(def).await.unwrap();
+        rt.start("fd").await.unwrap();
+        let report = rt.steps.initial_sync("fd", Side::A, 10, |_, _| {}).await.unwrap();
+        assert_eq!(report.records, 30, "{report:?}");
+        drain(&rt, &clock).await;
+        assert_eq!(d.count("accounts"), 30);
+        let c7 = d.get("accounts", &[json!("demf"), json!("C-7")]).unwrap();
+        assert_eq!((c7["name"].as_str(), c7["creditlimit"].as_str()), ("\"c7\"", "7.5"));
+
+        // Run again: every record is in step (12.50 in fno, 12.5 in Dataverse): nothing written.
+        d.clear_log();
+        dualsync::steps::initial_sync::reset_checkpoints(&rt.state, "fd", "fno").await.unwrap();
+        let again = rt.steps.initial_sync("fd", Side::A, 10, |_, _| {}).await.unwrap();
+        assert_eq!(again.records, 30, "{again:?}");
+        drain(&rt, &clock).await;
+        assert!(!d.log().is_empty(), "the second run read Dataverse");
+        assert!(d.log().iter().all(|l| l.method == "GET"), "nothing written: {:#?}", d.log());
+        let errors = rt.state.error_rows("fd", &ErrorFilter::default()).await.unwrap();
+        assert!(errors.is_empty(), "{errors:#?}");
+    }
+}

@@ -1,0 +1,1087 @@
+//! An OData v4 test server that behaves like Dataverse or fno where they differ (issue 10 item 9),
+//! on a loopback port, with faults on demand.
+//!
+//! - Dataverse (`/api/data/v9.2/`): records have a GUID id (`<set>id`, always returned) and an
+//!   alternate key; `PATCH` by key is an upsert (`If-None-Match: *` makes it create-only, an
+//!   existing record answers 412 `0x80060892`); `If-Match` with a stale etag answers 412
+//!   `0x80060882`, on a missing record 404 `0x80060891`; a `POST` with a taken key answers
+//!   `0x80040237`; string comparisons ignore case; key values holding `/ < > * % & : \ ? +` are
+//!   refused in a URL; more than `max_concurrent` requests in flight answer 429 `0x80072326`
+//!   with Retry-After; validation failures are 400 `0x80044331`.
+//! - fno (`/data/`): keys include `dataAreaId`; collections show the default company's records
+//!   unless `cross-company=true`; `PATCH` on a missing record is 404 (no upsert); a duplicate
+//!   `POST` and validation failures answer 500 with the Infolog in `innererror` (naming the
+//!   value, as fno does: the connector must keep it out of its messages).
+//! - generic: a duplicate `POST` is 409; validation 400.
+//!
+//! Every flavor: weak etags (`W/"n"`), `$select`, `$filter` (`eq`, `and`, `or`, parentheses),
+//! `$orderby`, `$top`, server-driven paging (`Prefer: odata.maxpagesize`, `$skiptoken` in
+//! `@odata.nextLink`: absolute for Dataverse, relative for the others), `return=representation`,
+//! `odata.metadata=full` (`@odata.id`), multipart `$batch` with change sets (atomic) and
+//! `odata.continue-on-error`, OAuth2 client credentials at `/token`. Numbers are stored as the
+//! text they came in, so a decimal is never rounded here either.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde_json::{json, Value};
+
+use dualsync::adapters::connectors::odata::batch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dataverse,
+    Fno,
+    Generic,
+}
+
+/// A fault the next matching request meets.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// 429 with this Retry-After (seconds), Dataverse's request-count code.
+    Throttle(u64),
+    /// This status with a plain error body.
+    Status(u16),
+    /// Answer after this delay.
+    Delay(Duration),
+    /// Do the work, then stall this long before answering (a time-out after the write landed).
+    LandThenStall(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// When the request came in, and when its answer went out.
+    pub arrived: Instant,
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// Requests inside a `$batch` (0 for others).
+    pub parts: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    id: String,
+    etag: u64,
+    /// Property → raw JSON text.
+    props: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Set {
+    keys: Vec<String>,
+    /// Dataverse's primary id property.
+    id_field: Option<String>,
+    rows: Vec<Row>,
+    /// Field → longest text accepted.
+    max_len: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Store {
+    sets: BTreeMap<String, Set>,
+    etag: u64,
+}
+
+pub struct Shared {
+    pub kind: Kind,
+    base: String,
+    origin: Mutex<String>,
+    store: Mutex<Store>,
+    faults: Mutex<VecDeque<Fault>>,
+    pub log: Mutex<Vec<Logged>>,
+    in_flight: AtomicUsize,
+    pub most_in_flight: AtomicUsize,
+    pub max_concurrent: usize,
+    pub max_page: usize,
+    /// (client id, secret) when OAuth is on.
+    auth: Option<(String, String)>,
+    tokens: Mutex<Vec<String>>,
+    pub token_requests: AtomicUsize,
+    pub token_lifetime_secs: u64,
+    pub default_company: String,
+}
+
+pub struct Server {
+    pub shared: Arc<Shared>,
+    /// The service root, ending in `/`.
+    pub url: String,
+    pub token_url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct Options {
+    pub max_concurrent: usize,
+    pub max_page: usize,
+    pub auth: Option<(String, String)>,
+    pub token_lifetime_secs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { max_concurrent: 52, max_page: 5000, auth: None, token_lifetime_secs: 3600 }
+    }
+}
+
+impl Server {
+    pub async fn start(kind: Kind, opts: Options) -> Server {
+        let base = match kind {
+            Kind::Dataverse => "/api/data/v9.2/",
+            Kind::Fno => "/data/",
+            Kind::Generic => "/odata/",
+        };
+        let shared = Arc::new(Shared {
+            kind,
+            base: base.to_string(),
+            origin: Mutex::new(String::new()),
+            store: Mutex::new(Store::default()),
+            faults: Mutex::new(VecDeque::new()),
+            log: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
+            max_concurrent: opts.max_concurrent,
+            max_page: opts.max_page,
+            auth: opts.auth,
+            tokens: Mutex::new(Vec::new()),
+            token_requests: AtomicUsize::new(0),
+            token_lifetime_secs: opts.token_lifetime_secs,
+            default_company: "usmf".into(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let origin = format!("http://{addr}");
+        *shared.origin.lock().unwrap() = origin.clone();
+        let s = shared.clone();
+        let app =
+            Router::new().fallback(move |method: Method, uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+                let s = s.clone();
+                async move { s.serve(method, uri, headers, body).await }
+            });
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Server { url: format!("{origin}{base}"), token_url: format!("{origin}/token"), shared, task }
+    }
+
+    /// Declares an entity set with its key fields (Dataverse: the alternate key; its id field
+    /// is `<singular>id`, given here).
+    pub fn add_set(&self, name: &str, keys: &[&str], id_field: Option<&str>) {
+        let mut st = self.shared.store.lock().unwrap();
+        st.sets.insert(
+            name.to_string(),
+            Set {
+                keys: keys.iter().map(|s| s.to_string()).collect(),
+                id_field: id_field.map(str::to_string),
+                ..Default::default()
+            },
+        );
+    }
+
+    pub fn max_len(&self, set: &str, field: &str, n: usize) {
+        self.shared.store.lock().unwrap().sets.get_mut(set).unwrap().max_len.insert(field.to_string(), n);
+    }
+
+    /// Puts a record as a user of the app would (new etag).
+    pub fn put(&self, set: &str, record: Value) {
+        self.put_raw(set, &record.to_string());
+    }
+
+    /// As [`Self::put`], from JSON text: numbers are kept as written.
+    pub fn put_raw(&self, set: &str, json_text: &str) {
+        let mut st = self.shared.store.lock().unwrap();
+        st.etag += 1;
+        let etag = st.etag;
+        let kind = self.shared.kind;
+        let s = st.sets.get_mut(set).unwrap();
+        let props = parse_props(json_text.as_bytes()).unwrap();
+        let key: Vec<String> = s.keys.iter().map(|k| props.get(k).cloned().unwrap_or_default()).collect();
+        if let Some(row) = s.rows.iter_mut().find(|r| row_key(r, &s.keys, kind) == norm_key(&key, kind)) {
+            row.props.extend(props);
+            row.etag = etag;
+        } else {
+            s.rows.push(Row { id: uuid::Uuid::new_v4().to_string(), etag, props });
+        }
+    }
+
+    /// Raw JSON text of a record's properties, by key values (JSON text each).
+    pub fn get(&self, set: &str, key: &[Value]) -> Option<BTreeMap<String, String>> {
+        let st = self.shared.store.lock().unwrap();
+        let s = st.sets.get(set)?;
+        let key: Vec<String> = key.iter().map(|v| v.to_string()).collect();
+        s.rows
+            .iter()
+            .find(|r| row_key(r, &s.keys, self.shared.kind) == norm_key(&key, self.shared.kind))
+            .map(|r| r.props.clone())
+    }
+
+    pub fn count(&self, set: &str) -> usize {
+        self.shared.store.lock().unwrap().sets.get(set).map_or(0, |s| s.rows.len())
+    }
+
+    pub fn fault(&self, f: Fault) {
+        self.shared.faults.lock().unwrap().push_back(f);
+    }
+
+    pub fn log(&self) -> Vec<Logged> {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    pub fn clear_log(&self) {
+        self.shared.log.lock().unwrap().clear();
+    }
+}
+
+fn norm(text: &str, kind: Kind) -> String {
+    if kind == Kind::Dataverse {
+        text.to_lowercase()
+    } else {
+        text.to_string()
+    }
+}
+
+fn norm_key(key: &[String], kind: Kind) -> Vec<String> {
+    key.iter().map(|k| norm(&canon_json(k), kind)).collect()
+}
+
+/// JSON text compared by value: numbers by their decimal value, strings by their text.
+fn canon_json(raw: &str) -> String {
+    match serde_json::from_str::<Value>(raw) {
+        Ok(Value::String(s)) => format!("s:{s}"),
+        Ok(Value::Number(_)) => format!(
+            "n:{}",
+            dualsync::adapters::connectors::odata::values::canonical_decimal(raw.trim()).unwrap_or_default()
+        ),
+        Ok(other) => format!("o:{other}"),
+        Err(_) => format!("x:{raw}"),
+    }
+}
+
+fn row_key(r: &Row, keys: &[String], kind: Kind) -> Vec<String> {
+    let key: Vec<String> = keys.iter().map(|k| r.props.get(k).cloned().unwrap_or_default()).collect();
+    norm_key(&key, kind)
+}
+
+/// An answer inside the server: status, headers, JSON body (or none).
+#[derive(Debug, Clone)]
+struct Ans {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Ans {
+    fn json(status: u16, v: Value) -> Ans {
+        Ans {
+            status,
+            headers: vec![("Content-Type".into(), "application/json; odata.metadata=minimal".into())],
+            body: v.to_string().into_bytes(),
+        }
+    }
+    fn text(status: u16, text: String) -> Ans {
+        Ans {
+            status,
+            headers: vec![("Content-Type".into(), "application/json; odata.metadata=minimal".into())],
+            body: text.into_bytes(),
+        }
+    }
+    fn empty(status: u16) -> Ans {
+        Ans { status, headers: vec![], body: vec![] }
+    }
+    fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+const UNADDRESSABLE: &[char] = &['/', '<', '>', '*', '%', '&', ':', '\\', '?', '+'];
+
+impl Shared {
+    fn err(&self, status: u16, code: &str, message: &str) -> Ans {
+        Ans::json(status, json!({"error": {"code": code, "message": message}}))
+    }
+
+    /// fno's way of failing a write: 500 with the Infolog in innererror.
+    fn fno_write_error(&self, infolog: &str) -> Ans {
+        Ans::json(
+            500,
+            json!({"error": {"code": "", "message": "An error has occurred.", "innererror": {
+                "message": format!("Write failed for table row. Infolog: {infolog}"),
+                "type": "Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataWriteException",
+                "stacktrace": "   at Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataDelegatingHandler.SendAsync"
+            }}}),
+        )
+    }
+
+    async fn serve(self: Arc<Self>, method: Method, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+        let arrived = Instant::now();
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        let path = uri.path().to_string();
+        let query = uri.query().unwrap_or_default().to_string();
+        let hdr = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let fault = if path == "/token" { None } else { self.faults.lock().unwrap().pop_front() };
+        let mut stall = None;
+        let mut parts = 0;
+        let ans = if path == "/token" {
+            self.token(&body)
+        } else if !self.authorized(hdr("authorization")) {
+            self.err(401, "0x80072560", "The user is not a member of the organization.")
+        } else if self.kind == Kind::Dataverse && now > self.max_concurrent {
+            let mut a = self.err(429, "0x80072326", "Number of concurrent requests exceeded the limit of 52.");
+            a.headers.push(("Retry-After".into(), "1".into()));
+            a
+        } else {
+            match fault {
+                Some(Fault::Throttle(secs)) => {
+                    let mut a = self.err(
+                        429,
+                        "0x80072322",
+                        "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
+                    );
+                    a.headers.push(("Retry-After".into(), secs.to_string()));
+                    a
+                }
+                Some(Fault::Status(s)) => self.err(s, "", "The service is unavailable."),
+                f => {
+                    if let Some(Fault::Delay(d)) = f {
+                        tokio::time::sleep(d).await;
+                    }
+                    if let Some(Fault::LandThenStall(d)) = f {
+                        stall = Some(d);
+                    }
+                    if path == format!("{}$batch", self.base) && method == Method::POST {
+                        let (a, n) = self.batch(
+                            hdr("content-type").unwrap_or_default(),
+                            hdr("prefer").unwrap_or_default(),
+                            &body,
+                        );
+                        parts = n;
+                        a
+                    } else {
+                        let h: Vec<(String, String)> = headers
+                            .iter()
+                            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
+                            .collect();
+                        self.handle(method.as_str(), &path, &query, &h, &body)
+                    }
+                }
+            }
+        };
+        if let Some(d) = stall {
+            tokio::time::sleep(d).await;
+        }
+        self.log.lock().unwrap().push(Logged {
+            arrived,
+            at: Instant::now(),
+            method: method.to_string(),
+            path: format!("{path}?{query}"),
+            status: ans.status,
+            parts,
+        });
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let mut resp = (StatusCode::from_u16(ans.status).unwrap(), ans.body).into_response();
+        for (k, v) in ans.headers {
+            resp.headers_mut().insert(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        resp
+    }
+
+    fn token(&self, body: &[u8]) -> Ans {
+        self.token_requests.fetch_add(1, Ordering::SeqCst);
+        let form: HashMap<String, String> = String::from_utf8_lossy(body)
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.to_string(), decode(&v.replace('+', " "))))
+            .collect();
+        let Some((id, secret)) = &self.auth else { return Ans::json(400, json!({"error": "unsupported"})) };
+        if form.get("grant_type").map(String::as_str) != Some("client_credentials")
+            || form.get("client_id") != Some(id)
+            || form.get("client_secret") != Some(secret)
+            || !form.get("scope").is_some_and(|s| s.ends_with("/.default"))
+        {
+            return Ans::json(
+                401,
+                json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."}),
+            );
+        }
+        let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
+        self.tokens.lock().unwrap().push(token.clone());
+        Ans::json(200, json!({"token_type": "Bearer", "expires_in": self.token_lifetime_secs, "access_token": token}))
+    }
+
+    fn authorized(&self, header: Option<String>) -> bool {
+        if self.auth.is_none() {
+            return true;
+        }
+        match header.and_then(|h| h.strip_prefix("Bearer ").map(str::to_string)) {
+            Some(t) => self.tokens.lock().unwrap().contains(&t),
+            None => false,
+        }
+    }
+
+    /// Revokes every token issued so far (the next request with one answers 401).
+    pub fn revoke_tokens(&self) {
+        self.tokens.lock().unwrap().clear();
+    }
+
+    fn batch(&self, content_type: String, prefer: String, body: &[u8]) -> (Ans, usize) {
+        let items = match batch::decode_requests(&content_type, body) {
+            Ok(i) => i,
+            Err(e) => return (self.err(400, "0x80060891", &format!("malformed batch: {e}")), 0),
+        };
+        let count: usize = items
+            .iter()
+            .map(|i| match i {
+                batch::ParsedItem::Single(_) => 1,
+                batch::ParsedItem::ChangeSet(r) => r.len(),
+            })
+            .sum();
+        if count > 1000 {
+            return (self.err(400, "0x8006088a", "The number of requests in a batch exceeds 1000."), count);
+        }
+        let go_on = prefer.contains("odata.continue-on-error");
+        let mut out = Vec::new();
+        let mut is_cs = Vec::new();
+        for item in items {
+            let (answers, cs, failed) = match item {
+                batch::ParsedItem::Single(r) => {
+                    let a = self.part(&r);
+                    let failed = !a.ok();
+                    (vec![(a, r.content_id)], false, failed)
+                }
+                batch::ParsedItem::ChangeSet(rs) => {
+                    let snapshot = self.store.lock().unwrap().clone();
+                    let mut answers = Vec::new();
+                    let mut failed = false;
+                    for r in &rs {
+                        let a = self.part(r);
+                        if !a.ok() {
+                            // A change set fails whole: undo it, answer its failure alone.
+                            *self.store.lock().unwrap() = snapshot.clone();
+                            answers = vec![(a, r.content_id.clone())];
+                            failed = true;
+                            break;
+                        }
+                        answers.push((a, r.content_id.clone()));
+                    }
+                    (answers, !failed, failed)
+                }
+            };
+            out.push(
+                answers
+                    .into_iter()
+                    .map(|(a, id)| batch::Response {
+                        status: a.status,
+                        headers: a.headers,
+                        body: a.body,
+                        content_id: id,
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            is_cs.push(cs);
+            if failed && !go_on {
+                break;
+            }
+        }
+        let boundary = format!("batchresponse_{}", uuid::Uuid::new_v4().simple());
+        let mut a = Ans {
+            status: 200,
+            headers: vec![("Content-Type".into(), format!("multipart/mixed; boundary={boundary}"))],
+            body: batch::encode_responses(&boundary, &out, &is_cs),
+        };
+        if go_on {
+            a.headers.push(("Preference-Applied".into(), "odata.continue-on-error".into()));
+        }
+        (a, count)
+    }
+
+    fn part(&self, r: &batch::ParsedRequest) -> Ans {
+        let origin = self.origin.lock().unwrap().clone();
+        let url = r.url.strip_prefix(&origin).unwrap_or(&r.url);
+        let (path, query) = url.split_once('?').unwrap_or((url, ""));
+        self.handle(&r.method, path, query, &r.headers, &r.body)
+    }
+
+    fn handle(&self, method: &str, path: &str, query: &str, headers: &[(String, String)], body: &[u8]) -> Ans {
+        let hdr = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+        let Some(rest) = path.strip_prefix(&self.base) else { return self.err(404, "", "no such path") };
+        let rest = decode(rest);
+        let q = parse_query(query);
+        let cross = q.get("cross-company").map(String::as_str) == Some("true");
+        let (set_name, pred) = match rest.find('(') {
+            Some(i) if rest.ends_with(')') => (rest[..i].to_string(), Some(rest[i + 1..rest.len() - 1].to_string())),
+            _ => (rest.clone(), None),
+        };
+        let mut st = self.store.lock().unwrap();
+        let Some(set) = st.sets.get(&set_name).cloned() else {
+            return self.err(404, "0x80060888", &format!("Resource not found for the segment '{set_name}'."));
+        };
+        let full = hdr("accept").is_some_and(|a| a.contains("odata.metadata=full"));
+        let repr = hdr("prefer").is_some_and(|p| p.contains("return=representation"));
+        let select: Option<Vec<String>> = q.get("$select").map(|s| s.split(',').map(str::to_string).collect());
+        let kind = self.kind;
+        match (method, pred) {
+            ("GET", None) => {
+                let mut rows: Vec<&Row> = set.rows.iter().collect();
+                if kind == Kind::Fno && !cross {
+                    let company = format!("\"{}\"", self.default_company);
+                    rows.retain(|r| r.props.get("dataAreaId").map(|c| c.to_lowercase()) == Some(company.clone()));
+                }
+                if let Some(f) = q.get("$filter") {
+                    let expr = match Filter::parse(f) {
+                        Ok(e) => e,
+                        Err(m) => return self.err(400, "0x80060888", &format!("Syntax error in $filter: {m}")),
+                    };
+                    rows.retain(|r| expr.matches(r, kind));
+                }
+                if let Some(o) = q.get("$orderby") {
+                    let fields: Vec<&str> = o.split(',').map(str::trim).collect();
+                    rows.sort_by(|a, b| {
+                        for f in &fields {
+                            let c = cmp_json(a.props.get(*f), b.props.get(*f));
+                            if c != std::cmp::Ordering::Equal {
+                                return c;
+                            }
+                        }
+                        std::cmp::Ordering::Equal
+                    });
+                }
+                if let Some(t) = q.get("$top").and_then(|t| t.parse::<usize>().ok()) {
+                    rows.truncate(t);
+                }
+                let skip = q.get("$skiptoken").and_then(|t| t.parse::<usize>().ok()).unwrap_or(0);
+                let asked = hdr("prefer")
+                    .and_then(|p| {
+                        p.split(',').find_map(|x| x.trim().strip_prefix("odata.maxpagesize=").map(str::to_string))
+                    })
+                    .and_then(|n| n.parse::<usize>().ok());
+                let page = asked.unwrap_or(self.max_page).min(self.max_page).max(1);
+                let total = rows.len();
+                let rows: Vec<&Row> = rows.into_iter().skip(skip).take(page).collect();
+                let value: Vec<String> =
+                    rows.iter().map(|r| self.entity(&set_name, &set, r, select.as_deref(), full)).collect();
+                let context = format!("{}{}$metadata#{set_name}", self.origin.lock().unwrap(), self.base);
+                let mut out = format!("{{\"@odata.context\":{},\"value\":[{}]", json!(context), value.join(","));
+                if skip + page < total {
+                    let mut qs: Vec<String> = query
+                        .split('&')
+                        .filter(|p| !p.starts_with("$skiptoken=") && !p.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    qs.push(format!("$skiptoken={}", skip + page));
+                    let rel = format!("{set_name}?{}", qs.join("&"));
+                    let link = if kind == Kind::Dataverse {
+                        format!("{}{}{rel}", self.origin.lock().unwrap(), self.base)
+                    } else {
+                        rel
+                    };
+                    out.push_str(&format!(",\"@odata.nextLink\":{}", json!(link)));
+                }
+                out.push('}');
+                let mut a = Ans::text(200, out);
+                if asked.is_some() {
+                    a.headers.push(("Preference-Applied".into(), format!("odata.maxpagesize={page}")));
+                }
+                a
+            }
+            ("POST", None) => {
+                let props = match parse_props(body) {
+                    Ok(p) => p,
+                    Err(m) => return self.err(400, "0x80048d19", &m),
+                };
+                let key: Vec<String> = set.keys.iter().map(|k| props.get(k).cloned().unwrap_or_default()).collect();
+                if key.iter().any(|k| k.is_empty()) {
+                    return self.err(400, "0x80040203", "A key field is missing.");
+                }
+                if let Some(a) = self.validate(&set, &props) {
+                    return a;
+                }
+                if set.rows.iter().any(|r| row_key(r, &set.keys, kind) == norm_key(&key, kind)) {
+                    return match kind {
+                        Kind::Dataverse => self.err(400, "0x80040237", "Cannot insert duplicate key."),
+                        Kind::Fno => self.fno_write_error(&format!(
+                            "Cannot create a record in {set_name}. The record already exists."
+                        )),
+                        Kind::Generic => self.err(409, "Conflict", "An entity with this key already exists."),
+                    };
+                }
+                st.etag += 1;
+                let row = Row { id: uuid::Uuid::new_v4().to_string(), etag: st.etag, props };
+                let s = st.sets.get_mut(&set_name).unwrap();
+                s.rows.push(row.clone());
+                self.written(201, &set_name, &set, &row, repr, select.as_deref())
+            }
+            (m, Some(pred)) => {
+                let found = match self.find(&set, &pred) {
+                    Ok(i) => i,
+                    Err(a) => return a,
+                };
+                // fno without cross-company sees its default company only.
+                let found = found.filter(|&i| {
+                    kind != Kind::Fno
+                        || cross
+                        || set.rows[i].props.get("dataAreaId").map(|c| c.to_lowercase())
+                            == Some(format!("\"{}\"", self.default_company))
+                });
+                let if_match = hdr("if-match");
+                let if_none = hdr("if-none-match");
+                if let (Some(im), Some(i)) = (&if_match, found) {
+                    if im != "*" && *im != etag(set.rows[i].etag) {
+                        return match kind {
+                            Kind::Dataverse => self.err(
+                                412,
+                                "0x80060882",
+                                "The version of the existing record doesn't match the RowVersion property provided.",
+                            ),
+                            _ => self.err(412, "", "The etag of the entity does not match the If-Match header."),
+                        };
+                    }
+                }
+                match m {
+                    "GET" => match found {
+                        Some(i) => {
+                            let mut a =
+                                Ans::text(200, self.entity(&set_name, &set, &set.rows[i], select.as_deref(), full));
+                            a.headers.push(("ETag".into(), etag(set.rows[i].etag)));
+                            a
+                        }
+                        None => self.not_found(&set_name),
+                    },
+                    "DELETE" => match found {
+                        Some(i) => {
+                            st.sets.get_mut(&set_name).unwrap().rows.remove(i);
+                            Ans::empty(204)
+                        }
+                        None => self.not_found(&set_name),
+                    },
+                    "PATCH" => {
+                        let props = match parse_props(body) {
+                            Ok(p) => p,
+                            Err(m) => return self.err(400, "0x80048d19", &m),
+                        };
+                        if let Some(a) = self.validate(&set, &props) {
+                            return a;
+                        }
+                        let url_key = match self.pred_values(&set, &pred) {
+                            Ok(v) => v,
+                            Err(a) => return a,
+                        };
+                        for (k, v) in &url_key {
+                            if props.get(k).is_some_and(|b| norm(&canon_json(b), kind) != norm(&canon_json(v), kind)) {
+                                return self.err(400, "0x80040203", "A key value in the body differs from the URL.");
+                            }
+                        }
+                        match found {
+                            Some(i) => {
+                                if if_none.as_deref() == Some("*") {
+                                    return self.err(
+                                        412,
+                                        "0x80060892",
+                                        "A record with matching key values already exists.",
+                                    );
+                                }
+                                st.etag += 1;
+                                let e = st.etag;
+                                let row = &mut st.sets.get_mut(&set_name).unwrap().rows[i];
+                                row.props.extend(props);
+                                row.etag = e;
+                                let row = row.clone();
+                                self.written(200, &set_name, &set, &row, repr, select.as_deref())
+                            }
+                            None if if_match.is_some() || kind != Kind::Dataverse => self.not_found(&set_name),
+                            None => {
+                                // Dataverse upsert: create from the URL's key and the body.
+                                if url_key.iter().any(|(k, _)| !set.keys.contains(k)) {
+                                    return self.not_found(&set_name);
+                                }
+                                let mut all = props;
+                                all.extend(url_key);
+                                st.etag += 1;
+                                let row = Row { id: uuid::Uuid::new_v4().to_string(), etag: st.etag, props: all };
+                                st.sets.get_mut(&set_name).unwrap().rows.push(row.clone());
+                                self.written(201, &set_name, &set, &row, repr, select.as_deref())
+                            }
+                        }
+                    }
+                    _ => self.err(405, "", "method not allowed"),
+                }
+            }
+            _ => self.err(405, "", "method not allowed"),
+        }
+    }
+
+    fn not_found(&self, set: &str) -> Ans {
+        match self.kind {
+            Kind::Dataverse => self.err(
+                404,
+                "0x80060891",
+                &format!("A record with the specified key values does not exist in {set} entity"),
+            ),
+            _ => self.err(404, "", "No resource was found for the key."),
+        }
+    }
+
+    fn validate(&self, set: &Set, props: &BTreeMap<String, String>) -> Option<Ans> {
+        for (field, max) in &set.max_len {
+            let Some(Value::String(v)) = props.get(field).and_then(|r| serde_json::from_str(r).ok()) else { continue };
+            if v.chars().count() > *max {
+                return Some(match self.kind {
+                    Kind::Dataverse => self.err(400, "0x80044331", &format!("A validation error occurred. The length of the '{field}' attribute exceeded the maximum allowed length of '{max}'.")),
+                    // fno's Infolog names the value: the connector must not pass it on.
+                    Kind::Fno => self.fno_write_error(&format!("Error: The value '{v}' in field {field} is too long.")),
+                    Kind::Generic => self.err(400, "InvalidValue", &format!("Value '{v}' of {field} is too long.")),
+                });
+            }
+        }
+        None
+    }
+
+    fn written(&self, status: u16, set_name: &str, set: &Set, row: &Row, repr: bool, select: Option<&[String]>) -> Ans {
+        if repr {
+            let mut a = Ans::text(status, self.entity(set_name, set, row, select, false));
+            a.headers.push(("ETag".into(), etag(row.etag)));
+            a
+        } else {
+            let mut a = Ans::empty(204);
+            a.headers.push(("ETag".into(), etag(row.etag)));
+            a.headers.push(("OData-EntityId".into(), self.id_url(set_name, set, row)));
+            a
+        }
+    }
+
+    fn id_url(&self, set_name: &str, set: &Set, row: &Row) -> String {
+        let origin = self.origin.lock().unwrap().clone();
+        match &set.id_field {
+            Some(_) => format!("{origin}{}{set_name}({})", self.base, row.id),
+            None => {
+                let pred: Vec<String> = set
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        let raw = row.props.get(k).cloned().unwrap_or_default();
+                        let lit = match serde_json::from_str::<Value>(&raw) {
+                            Ok(Value::String(s)) => format!("'{}'", s.replace('\'', "''")),
+                            _ => raw,
+                        };
+                        format!("{k}={}", dualsync::adapters::connectors::odata::keys::encode(&lit))
+                    })
+                    .collect();
+                format!("{origin}{}{set_name}({})", self.base, pred.join(","))
+            }
+        }
+    }
+
+    /// The entity as JSON text: numbers as the text they came in (never through a float).
+    fn entity(&self, set_name: &str, set: &Set, row: &Row, select: Option<&[String]>, full: bool) -> String {
+        let mut m: BTreeMap<String, String> = BTreeMap::new();
+        m.insert("@odata.etag".into(), json!(etag(row.etag)).to_string());
+        if full {
+            m.insert("@odata.id".into(), json!(self.id_url(set_name, set, row)).to_string());
+        }
+        for (k, raw) in &row.props {
+            if select.is_none_or(|s| s.iter().any(|f| f == k)) {
+                m.insert(k.clone(), raw.clone());
+            }
+        }
+        if let Some(s) = select {
+            for f in s {
+                m.entry(f.clone()).or_insert_with(|| "null".into());
+            }
+        }
+        if let Some(idf) = &set.id_field {
+            // Dataverse returns the primary id whatever $select says.
+            m.insert(idf.clone(), json!(row.id).to_string());
+        }
+        let fields: Vec<String> = m.iter().map(|(k, v)| format!("{}:{v}", json!(k))).collect();
+        format!("{{{}}}", fields.join(","))
+    }
+
+    /// Key values named in a predicate: (field, raw JSON text).
+    fn pred_values(&self, set: &Set, pred: &str) -> Result<Vec<(String, String)>, Ans> {
+        let parts = split_pred(pred).map_err(|m| self.err(400, "0x80060888", &m))?;
+        let mut out = Vec::new();
+        for (name, lit) in parts {
+            let value = literal_json(&lit).ok_or_else(|| self.err(400, "0x80060888", "bad literal in key"))?;
+            let text = match serde_json::from_str::<Value>(&value) {
+                Ok(Value::String(s)) => s,
+                _ => value.clone(),
+            };
+            if self.kind != Kind::Generic && text.contains(UNADDRESSABLE) {
+                return Err(self.err(
+                    400,
+                    "0x80060888",
+                    "The key value contains characters that are not allowed in a URL.",
+                ));
+            }
+            match name {
+                Some(n) => out.push((n, value)),
+                None => match &set.id_field {
+                    Some(idf) => out.push((idf.clone(), value)),
+                    None => out.push((set.keys.first().cloned().unwrap_or_default(), value)),
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    fn find(&self, set: &Set, pred: &str) -> Result<Option<usize>, Ans> {
+        let vals = self.pred_values(set, pred)?;
+        if let Some(idf) = &set.id_field {
+            if vals.len() == 1 && vals[0].0 == *idf {
+                let id = serde_json::from_str::<Value>(&vals[0].1)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| vals[0].1.clone());
+                return Ok(set.rows.iter().position(|r| r.id.eq_ignore_ascii_case(&id)));
+            }
+        }
+        let mut names: Vec<&String> = vals.iter().map(|(n, _)| n).collect();
+        names.sort();
+        let mut keys: Vec<&String> = set.keys.iter().collect();
+        keys.sort();
+        if names != keys {
+            return Err(self.err(400, "0x80060888", "The key does not match an alternate key of the entity."));
+        }
+        let want: Vec<String> = set
+            .keys
+            .iter()
+            .map(|k| vals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default())
+            .collect();
+        Ok(set.rows.iter().position(|r| row_key(r, &set.keys, self.kind) == norm_key(&want, self.kind)))
+    }
+}
+
+fn etag(n: u64) -> String {
+    format!("W/\"{n}\"")
+}
+
+fn parse_props(body: &[u8]) -> Result<BTreeMap<String, String>, String> {
+    let m: HashMap<String, Box<serde_json::value::RawValue>> =
+        serde_json::from_slice(body).map_err(|e| format!("bad JSON body: {e}"))?;
+    Ok(m.into_iter().filter(|(k, _)| !k.contains('@')).map(|(k, v)| (k, v.get().to_string())).collect())
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_query(q: &str) -> HashMap<String, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// `name='v',n=7` or `'v'` / `guid` → (name, literal).
+fn split_pred(pred: &str) -> Result<Vec<(Option<String>, String)>, String> {
+    let mut out = Vec::new();
+    let mut chars = pred.chars().peekable();
+    loop {
+        let mut name = String::new();
+        let mut lit = String::new();
+        let mut in_str = false;
+        let mut seen_eq = false;
+        while let Some(c) = chars.next() {
+            if in_str {
+                lit.push(c);
+                if c == '\'' {
+                    if chars.peek() == Some(&'\'') {
+                        lit.push(chars.next().unwrap_or('\''));
+                    } else {
+                        in_str = false;
+                    }
+                }
+                continue;
+            }
+            match c {
+                '\'' => {
+                    in_str = true;
+                    lit.push(c);
+                }
+                '=' if !seen_eq => {
+                    seen_eq = true;
+                    name = std::mem::take(&mut lit);
+                }
+                ',' => break,
+                c => lit.push(c),
+            }
+        }
+        if in_str {
+            return Err("unterminated string".into());
+        }
+        out.push((seen_eq.then(|| name.trim().to_string()), lit.trim().to_string()));
+        if chars.peek().is_none() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// An OData literal as JSON text: `'a''b'` → `"a'b"`, `7` → `7`, a GUID → its JSON string.
+fn literal_json(lit: &str) -> Option<String> {
+    if let Some(s) = lit.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
+        return Some(Value::String(s.replace("''", "'")).to_string());
+    }
+    if lit == "true" || lit == "false" || lit == "null" {
+        return Some(lit.to_string());
+    }
+    if dualsync::adapters::connectors::odata::keys::is_guid(lit) {
+        return Some(Value::String(lit.to_string()).to_string());
+    }
+    dualsync::adapters::connectors::odata::keys::is_number(lit).then(|| lit.to_string())
+}
+
+fn cmp_json(a: Option<&String>, b: Option<&String>) -> std::cmp::Ordering {
+    let num = |x: Option<&String>| x.and_then(|s| s.parse::<f64>().ok());
+    match (num(a), num(b)) {
+        (Some(x), Some(y)) => x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal),
+        _ => a.cmp(&b),
+    }
+}
+
+/// `$filter` expressions: `eq` comparisons joined by `and`, `or` and parentheses.
+enum Filter {
+    Eq(String, String),
+    /// Only `ne null` is spoken.
+    NotNull(String),
+    And(Box<Filter>, Box<Filter>),
+    Or(Box<Filter>, Box<Filter>),
+}
+
+impl Filter {
+    fn parse(text: &str) -> Result<Filter, String> {
+        let toks = tokens(text)?;
+        let mut pos = 0;
+        let f = Self::or(&toks, &mut pos)?;
+        if pos != toks.len() {
+            return Err(format!("unexpected '{}'", toks[pos]));
+        }
+        Ok(f)
+    }
+    fn or(t: &[String], p: &mut usize) -> Result<Filter, String> {
+        let mut left = Self::and(t, p)?;
+        while t.get(*p).map(String::as_str) == Some("or") {
+            *p += 1;
+            left = Filter::Or(Box::new(left), Box::new(Self::and(t, p)?));
+        }
+        Ok(left)
+    }
+    fn and(t: &[String], p: &mut usize) -> Result<Filter, String> {
+        let mut left = Self::atom(t, p)?;
+        while t.get(*p).map(String::as_str) == Some("and") {
+            *p += 1;
+            left = Filter::And(Box::new(left), Box::new(Self::atom(t, p)?));
+        }
+        Ok(left)
+    }
+    fn atom(t: &[String], p: &mut usize) -> Result<Filter, String> {
+        if t.get(*p).map(String::as_str) == Some("(") {
+            *p += 1;
+            let f = Self::or(t, p)?;
+            if t.get(*p).map(String::as_str) != Some(")") {
+                return Err("missing ')'".into());
+            }
+            *p += 1;
+            return Ok(f);
+        }
+        let (Some(name), Some(op), Some(lit)) = (t.get(*p), t.get(*p + 1), t.get(*p + 2)) else {
+            return Err("incomplete comparison".into());
+        };
+        *p += 3;
+        if op == "ne" && lit == "null" {
+            return Ok(Filter::NotNull(name.clone()));
+        }
+        if op != "eq" {
+            return Err(format!("unsupported operator '{op}'"));
+        }
+        let json = literal_json(lit).ok_or_else(|| format!("bad literal {lit}"))?;
+        Ok(Filter::Eq(name.clone(), json))
+    }
+    fn matches(&self, r: &Row, kind: Kind) -> bool {
+        match self {
+            Filter::Eq(f, v) => {
+                r.props.get(f).is_some_and(|x| norm(&canon_json(x), kind) == norm(&canon_json(v), kind))
+            }
+            Filter::NotNull(f) => r.props.get(f).is_some_and(|x| x != "null"),
+            Filter::And(a, b) => a.matches(r, kind) && b.matches(r, kind),
+            Filter::Or(a, b) => a.matches(r, kind) || b.matches(r, kind),
+        }
+    }
+}
+
+fn tokens(text: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        match c {
+            ' ' => {
+                chars.next();
+            }
+            '(' | ')' => {
+                out.push(c.to_string());
+                chars.next();
+            }
+            '\'' => {
+                let mut s = String::from("'");
+                chars.next();
+                loop {
+                    match chars.next() {
+                        Some('\'') if chars.peek() == Some(&'\'') => {
+                            chars.next();
+                            s.push_str("''");
+                        }
+                        Some('\'') => {
+                            s.push('\'');
+                            break;
+                        }
+                        Some(x) => s.push(x),
+                        None => return Err("unterminated string".into()),
+                    }
+                }
+                out.push(s);
+            }
+            _ => {
+                let mut s = String::new();
+                while let Some(&x) = chars.peek() {
+                    if x == ' ' || x == '(' || x == ')' {
+                        break;
+                    }
+                    s.push(x);
+                    chars.next();
+                }
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
+}
