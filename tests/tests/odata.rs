@@ -37,6 +37,7 @@ fn accounts() -> EntitySpec {
         name: "accounts".into(),
         key_fields: vec!["accountnumber".into()],
         fields: vec!["name".into(), "creditlimit".into()],
+        binds: vec![],
     }
 }
 
@@ -45,6 +46,7 @@ fn customers() -> EntitySpec {
         name: "CustomersV3".into(),
         key_fields: vec!["dataAreaId".into(), "CustomerAccount".into()],
         fields: vec!["Name".into(), "CreditLimit".into()],
+        binds: vec![],
     }
 }
 
@@ -212,7 +214,12 @@ async fn a_generic_service_answers_duplicates_with_409() {
     s.add_set("Things", &["Id"], None);
     s.put("Things", json!({"Id": 7, "Label": "seven"}));
     let c = connect(&s, Flavor::Generic);
-    let spec = EntitySpec { name: "Things".into(), key_fields: vec!["Id".into()], fields: vec!["Label".into()] };
+    let spec = EntitySpec {
+        name: "Things".into(),
+        key_fields: vec!["Id".into()],
+        fields: vec!["Label".into()],
+        binds: vec![],
+    };
     // Integer keys: learnt from the service, written bare.
     let got = c.read(&spec, &[key(&["7"]), key(&["8"])]).await.unwrap();
     assert_eq!(got[0].as_ref().unwrap().fields["Label"], json!("seven"));
@@ -510,6 +517,94 @@ async fn the_test_server_applies_change_sets_atomically_and_stops_without_contin
     assert!(s.get("accounts", &[json!("A-3")]).is_some());
 }
 
+fn contacts() -> EntitySpec {
+    EntitySpec {
+        name: "contacts".into(),
+        key_fields: vec!["emailaddress1".into()],
+        fields: vec!["fullname".into(), "parentcustomerid".into()],
+        binds: vec![dualsync::ports::Bind {
+            fields: vec!["parentcustomerid".into()],
+            navigation: "parentcustomerid_account".into(),
+            entity: "accounts".into(),
+            key_fields: vec!["accountnumber".into()],
+        }],
+    }
+}
+
+/// Dataverse keeps a lookup as the parent's id (`_parentcustomerid_value`) and takes it only
+/// through `@odata.bind`: the connector reads the parent's alternate key by `$expand` and
+/// writes the bind to the parent's address by that key.
+#[tokio::test]
+async fn dataverse_lookups_are_read_by_expand_and_written_by_odata_bind() {
+    let s = dataverse().await;
+    s.add_set("contacts", &["emailaddress1"], Some("contactid"));
+    s.add_lookup("contacts", "parentcustomerid", "parentcustomerid_account", "accounts");
+    s.put("accounts", json!({"accountnumber": "A-1", "name": "one"}));
+    s.put("accounts", json!({"accountnumber": "A-2", "name": "two"}));
+    let c = connect(&s, Flavor::Dataverse);
+    let op = |parent: Value, p: Precondition| WriteOp {
+        key: key(&["ann@x"]),
+        fields: fields(&[("emailaddress1", json!("ann@x")), ("fullname", json!("Ann")), ("parentcustomerid", parent)]),
+        precondition: p,
+    };
+    let out = c.write(&contacts(), &[op(json!("A-1"), Precondition::CreateOnly)]).await.unwrap();
+    assert!(out[0].is_ok(), "{out:?}");
+    let stored = s.get("contacts", &[json!("ann@x")]).unwrap();
+    let a1 = s.id_of("accounts", &[json!("A-1")]).unwrap();
+    assert_eq!(stored["_parentcustomerid_value"], json!(a1).to_string(), "held as the parent's id");
+    assert!(!stored.contains_key("parentcustomerid"));
+
+    let read = c.read(&contacts(), &[key(&["ann@x"])]).await.unwrap();
+    let r = read[0].clone().unwrap();
+    assert_eq!(r.fields["parentcustomerid"], json!("A-1"), "read as the parent's key: {r:?}");
+
+    // Moved to another parent, then emptied: each an update by If-Match.
+    let out = c.write(&contacts(), &[op(json!("A-2"), Precondition::IfMatch(r.version))]).await.unwrap();
+    let v = out[0].clone().unwrap();
+    let listed = c.list(&contacts(), None, 10).await.unwrap();
+    assert_eq!(listed.records[0].1.fields["parentcustomerid"], json!("A-2"));
+    c.write(&contacts(), &[op(Value::Null, Precondition::IfMatch(v))]).await.unwrap()[0].clone().unwrap();
+    let r = c.read(&contacts(), &[key(&["ann@x"])]).await.unwrap()[0].clone().unwrap();
+    assert_eq!(r.fields["parentcustomerid"], Value::Null);
+
+    // A parent the service does not have: refused, naming the parent entity, not a system failure.
+    let out = c.write(&contacts(), &[op(json!("A-404"), Precondition::IfMatch(r.version))]).await.unwrap();
+    assert_eq!(out[0], Err(WriteFailure::PreconditionFailed), "delivery reads again and checks its parents");
+    let mut bob = op(json!("A-404"), Precondition::CreateOnly);
+    bob.key = key(&["bob@x"]);
+    bob.fields.insert("emailaddress1".into(), json!("bob@x"));
+    match &c.write(&contacts(), &[bob]).await.unwrap()[0] {
+        Err(WriteFailure::Rejected(m)) => assert!(m.contains("0x80060891") && m.contains("accounts"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The test server refuses what Dataverse refuses: a lookup written as a property or selected
+/// by its name.
+#[tokio::test]
+async fn the_test_server_takes_a_dataverse_lookup_only_by_bind() {
+    let s = dataverse().await;
+    s.add_set("contacts", &["emailaddress1"], Some("contactid"));
+    s.add_lookup("contacts", "parentcustomerid", "parentcustomerid_account", "accounts");
+    let http = reqwest::Client::new();
+    let post = |body: Value| {
+        http.post(format!("{}contacts", s.url)).header("Content-Type", "application/json").body(body.to_string()).send()
+    };
+    let a = post(json!({"emailaddress1": "a@x", "_parentcustomerid_value": "00000000-0000-0000-0000-000000000001"}))
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 400);
+    assert!(a.text().await.unwrap().contains("Invalid property '_parentcustomerid_value'"));
+    let a = post(json!({"emailaddress1": "a@x", "parentcustomerid_contact@odata.bind": "contacts(emailaddress1='x')"}))
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 400);
+    let a = http.get(format!("{}contacts?$select=parentcustomerid", s.url)).send().await.unwrap();
+    assert_eq!(a.status(), 400);
+    let a = http.get(format!("{}contacts?$select=_parentcustomerid_value", s.url)).send().await.unwrap();
+    assert_eq!(a.status(), 200);
+}
+
 mod local_sync {
     //! A sqlite app and a Dataverse-like app kept in step by the local runtime's real steps:
     //! sqlite changes captured from its change log and written to the service in `$batch`es
@@ -519,6 +614,7 @@ mod local_sync {
     use dualsync::adapters::embedded::EmbeddedDb;
     use dualsync::domain::change::{ChangeNotification, Operation, Parts, TransactionNotification};
     use dualsync::domain::config::parse_job;
+    use dualsync::domain::errors::ErrorStatus;
     use dualsync::domain::job::Side;
     use dualsync::ports::{ManualClock, OutMessage, Queue};
     use dualsync::runtime::local::{LocalRuntime, SqliteRegistry};
@@ -698,5 +794,97 @@ table_groups:
         assert!(d.log().iter().all(|l| l.method == "GET"), "nothing written: {:#?}", d.log());
         let errors = rt.state.error_rows("fd", &ErrorFilter::default()).await.unwrap();
         assert!(errors.is_empty(), "{errors:#?}");
+    }
+
+    const LOOKUPS: &str = "job: lk
+apps:
+  - { name: a, connector: sqlite, path: A }
+  - { name: dv, connector: odata, url: URL, flavor: dataverse, auth: { kind: none } }
+primary: a
+table_groups:
+  - name: g
+    maps:
+      - name: customers
+        sequence: 1
+        entities: { a: customers, dv: accounts }
+        keys: [{ a: id, dv: accountnumber }]
+        fields: [{ a: name, dv: name }]
+      - name: people
+        sequence: 2
+        entities: { a: people, dv: contacts }
+        keys: [{ a: email, dv: emailaddress1 }]
+        fields:
+          - { a: name, dv: fullname }
+          - { a: customer, dv: parentcustomerid }
+        lookups:
+          - map: customers
+            fields: [{ a: customer, dv: parentcustomerid }]
+            bind: { dv: parentcustomerid_account }
+";
+
+    /// A child map whose Dataverse side is a lookup: sqlite's plain column becomes an
+    /// `@odata.bind` to the parent's alternate key, and Dataverse's lookup (a parent id) comes
+    /// back as that key; a second pass finds both sides in step.
+    #[tokio::test]
+    async fn a_child_map_with_a_dataverse_lookup_stays_in_step() {
+        let s = dataverse().await;
+        s.add_set("contacts", &["emailaddress1"], Some("contactid"));
+        s.add_lookup("contacts", "parentcustomerid", "parentcustomerid_account", "accounts");
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        sql(
+            &a,
+            "CREATE TABLE customers (id TEXT PRIMARY KEY, name TEXT);
+             CREATE TABLE people (email TEXT PRIMARY KEY, name TEXT, customer TEXT);",
+        );
+        let mut def = parse_job("job.yaml", &LOOKUPS.replace("URL", &s.url)).unwrap();
+        def.apps[0].path = Some(a.display().to_string());
+        let clock = ManualClock::new(1_700_000_000_000);
+        let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
+        let rt = LocalRuntime::with_registry(
+            db,
+            Arc::new(clock.clone()),
+            Failpoints::default(),
+            Arc::new(SqliteRegistry::default()),
+        );
+        rt.apply(def).await.unwrap();
+        rt.start("lk").await.unwrap();
+
+        // Parent and child created in sqlite in one transaction: the child binds to the parent.
+        sql(
+            &a,
+            "BEGIN; INSERT INTO customers (id, name) VALUES ('A-1', 'one'), ('A-2', 'two');
+             INSERT INTO people (email, name, customer) VALUES ('ann@x', 'Ann', 'A-1'), ('bob@x', 'Bob', NULL);
+             COMMIT;",
+        );
+        drain(&rt, &clock).await;
+        // A child may reach delivery before its parent (the lookup is not part of its key, so
+        // they are in different lanes): it waits, and its row is resolved once the parent is in.
+        let errors = rt.state.error_rows("lk", &ErrorFilter::default()).await.unwrap();
+        assert!(errors.iter().all(|(_, e)| e.status == ErrorStatus::Resolved), "{errors:#?}");
+        let a1 = s.id_of("accounts", &[json!("A-1")]).unwrap();
+        let ann = s.get("contacts", &[json!("ann@x")]).unwrap();
+        assert_eq!(ann["_parentcustomerid_value"], json!(a1).to_string());
+        let bob = s.get("contacts", &[json!("bob@x")]).unwrap();
+        assert!(matches!(bob.get("_parentcustomerid_value").map(String::as_str), None | Some("null")), "{bob:?}");
+
+        // Moved to another parent in sqlite: the bind follows.
+        sql(&a, "UPDATE people SET customer = 'A-2' WHERE email = 'ann@x';");
+        drain(&rt, &clock).await;
+        let a2 = s.id_of("accounts", &[json!("A-2")]).unwrap();
+        assert_eq!(s.get("contacts", &[json!("ann@x")]).unwrap()["_parentcustomerid_value"], json!(a2).to_string());
+
+        // An initial sync from Dataverse finds every record in step: nothing is written.
+        s.clear_log();
+        let report = rt.steps.initial_sync("lk", Side::B, 100, |_, _| {}).await.unwrap();
+        assert_eq!(report.records, 4, "{report:?}");
+        drain(&rt, &clock).await;
+        assert!(s.log().iter().all(|l| l.method == "GET"), "nothing written: {:#?}", s.log());
+        let c = rusqlite::Connection::open(&a).unwrap();
+        let customer: Option<String> =
+            c.query_row("SELECT customer FROM people WHERE email = 'ann@x'", [], |r| r.get(0)).unwrap();
+        assert_eq!(customer.as_deref(), Some("A-2"));
+        let errors = rt.state.error_rows("lk", &ErrorFilter::default()).await.unwrap();
+        assert!(errors.iter().all(|(_, e)| e.status == ErrorStatus::Resolved), "{errors:#?}");
     }
 }

@@ -108,6 +108,11 @@ pub struct LookupDef {
     pub map: String,
     /// The fields holding the referenced key, in the referenced map's key order.
     pub fields: Vec<PairDef>,
+    /// odata apps: the single-valued navigation property each app reads and writes this
+    /// lookup through (`{ dv: parentcustomerid_account }`), for services where a lookup is a
+    /// reference (Dataverse) rather than a column holding the parent's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<PairDef>,
 }
 
 /// One problem in a job file.
@@ -349,7 +354,8 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
                             format!("map '{}' has {key_len} key field(s); the lookup gives {}", lk.map, lfields.len()),
                         );
                     }
-                    lookups.push(Lookup { map: t, fields: lfields });
+                    let bind = v.bind(&lat, lk, &def.apps, &apps, &keys, &lfields);
+                    lookups.push(Lookup { map: t, fields: lfields, bind });
                 }
             }
         }
@@ -440,6 +446,59 @@ impl Validator {
                 _ => {}
             }
         }
+    }
+
+    /// A lookup's `bind`: per side, a navigation property name, on odata apps only, over
+    /// mapped fields (a key field is part of the record's address, not a reference).
+    fn bind(
+        &mut self,
+        at: &str,
+        lk: &LookupDef,
+        app_defs: &[AppDef],
+        apps: &[&str],
+        keys: &[[String; 2]],
+        fields: &[[String; 2]],
+    ) -> [Option<String>; 2] {
+        let mut out = [None, None];
+        let Some(bind) = &lk.bind else { return out };
+        let at = format!("{at}.bind");
+        if bind.is_empty() {
+            self.push(&at, "name the navigation property of at least one app, or leave 'bind' out".into());
+        }
+        for (app, nav) in bind {
+            let Some(side) = apps.iter().take(2).position(|a| a == app) else {
+                self.push(&at, format!("unknown app '{app}' (apps are: {})", apps.join(", ")));
+                continue;
+            };
+            let path = format!("{at}.{app}");
+            if app_defs.get(side).is_some_and(|d| d.connector != "odata") {
+                self.push(&path, format!("'bind' is for odata apps; '{app}' is a {} app", app_defs[side].connector));
+                continue;
+            }
+            let ident = !nav.is_empty()
+                && !nav.starts_with(|c: char| c.is_ascii_digit())
+                && nav.chars().all(|c| c.is_alphanumeric() || c == '_');
+            if !ident {
+                self.push(
+                    &path,
+                    format!("'{nav}' is not a navigation property name (letters, digits and '_', not starting with a digit)"),
+                );
+                continue;
+            }
+            for f in fields {
+                if keys.iter().any(|k| k[side] == f[side]) {
+                    self.push(
+                        &path,
+                        format!(
+                            "lookup field '{}' is a key field of this map: a key cannot be a bound lookup",
+                            f[side]
+                        ),
+                    );
+                }
+            }
+            out[side] = Some(nav.clone());
+        }
+        out
     }
 
     fn auth(&mut self, at: &str, auth: &AuthSpec) {
@@ -751,6 +810,41 @@ table_groups:
             "{ a: large }",
             "table_groups[0].maps[1].fields[0].values[1]",
             "needs a value for both apps",
+        );
+    }
+
+    #[test]
+    fn a_bind_names_a_navigation_property_of_an_odata_app_over_mapped_fields() {
+        let odata =
+            "{ name: b, connector: odata, url: 'https://x/api/data/v9.2/', flavor: dataverse, auth: { kind: none } }";
+        let with = |lookup: &str| {
+            let text = GOOD.replacen("{ name: b, connector: sqlite, path: b.db }", odata, 1).replacen(
+                "lookups: [{ map: parents, fields: [{ a: pid, b: p }] }]",
+                lookup,
+                1,
+            );
+            let def = parse_job("f.yaml", &text).unwrap();
+            compile("f.yaml", &def).map_err(|e| e.problems)
+        };
+        let job =
+            with("lookups: [{ map: parents, fields: [{ a: label, b: caption }], bind: { b: parent_o } }]").unwrap();
+        assert_eq!(job.maps[1].lookups[0].bind, [None, Some("parent_o".to_string())]);
+        let path = "table_groups[0].maps[0].lookups[0].bind";
+        let cases = [
+            ("bind: { a: parent_o }", format!("{path}.a"), "'bind' is for odata apps; 'a' is a sqlite app"),
+            ("bind: { z: parent_o }", path.to_string(), "unknown app 'z'"),
+            ("bind: { b: 'parent/o' }", format!("{path}.b"), "'parent/o' is not a navigation property name"),
+            ("bind: {}", path.to_string(), "name the navigation property of at least one app"),
+        ];
+        for (bind, at, message) in cases {
+            let ps = with(&format!("lookups: [{{ map: parents, fields: [{{ a: label, b: caption }}], {bind} }}]"))
+                .unwrap_err();
+            assert!(ps.iter().any(|p| p.path == at && p.message.contains(message)), "{bind}: {ps:#?}");
+        }
+        let ps = with("lookups: [{ map: parents, fields: [{ a: pid, b: p }], bind: { b: parent_o } }]").unwrap_err();
+        assert!(
+            ps.iter().any(|p| p.path == format!("{path}.b") && p.message.contains("'p' is a key field")),
+            "{ps:#?}"
         );
     }
 

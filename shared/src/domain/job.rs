@@ -160,6 +160,9 @@ pub struct Lookup {
     pub map: usize,
     /// Field names on A and B, in the referenced map's key-pair order.
     pub fields: Vec<[String; 2]>,
+    /// Per side, the navigation property the lookup is read and written through (an odata
+    /// app's `<navigation>@odata.bind`); `None` where the fields are plain columns.
+    pub bind: [Option<String>; 2],
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -232,11 +232,15 @@ mod tests {
             alert: None,
             maps: vec![
                 map("customers", &["Cust"], vec![]),
-                map("headers", &["Order"], vec![Lookup { map: 0, fields: vec![["Cust".into(), "Cust".into()]] }]),
+                map(
+                    "headers",
+                    &["Order"],
+                    vec![Lookup { map: 0, fields: vec![["Cust".into(), "Cust".into()]], bind: [None, None] }],
+                ),
                 map(
                     "lines",
                     &["Order", "Line"],
-                    vec![Lookup { map: 1, fields: vec![["Order".into(), "Order".into()]] }],
+                    vec![Lookup { map: 1, fields: vec![["Order".into(), "Order".into()]], bind: [None, None] }],
                 ),
             ],
         }

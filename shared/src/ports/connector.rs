@@ -10,11 +10,34 @@ use crate::domain::errors::ErrorCategory;
 
 /// What a connector needs to know of an entity: its name, its integration key fields (in key
 /// order) and the fields dualsync reads and writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EntitySpec {
     pub name: String,
     pub key_fields: Vec<String>,
     pub fields: Vec<String>,
+    /// Fields that are a reference to a parent record rather than a column (OData navigation
+    /// properties); only connectors that declare binds get any.
+    pub binds: Vec<Bind>,
+}
+
+/// A lookup held as a reference: record fields that carry the parent's integration key, read
+/// and written through a navigation property (Dataverse `<navigation>@odata.bind`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// The record fields holding the parent's key, in the parent key's order.
+    pub fields: Vec<String>,
+    /// The single-valued navigation property.
+    pub navigation: String,
+    /// The parent's entity (set) and its key fields: the parent's address.
+    pub entity: String,
+    pub key_fields: Vec<String>,
+}
+
+impl EntitySpec {
+    /// The bind a field belongs to, if any.
+    pub fn bind_of(&self, field: &str) -> Option<&Bind> {
+        self.binds.iter().find(|b| b.fields.iter().any(|f| f == field))
+    }
 }
 
 /// A record as read: the requested fields and the record's version (etag).

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::domain::job::{Job, JobStatus, Side};
-use crate::ports::{Connector, ConnectorError, EntitySpec, Queue};
+use crate::ports::{Bind, Connector, ConnectorError, EntitySpec, Queue};
 use crate::state::{State, StateError};
 
 /// What became of one message.
@@ -255,6 +255,7 @@ impl Steps {
                     name: m.entity(s).to_string(),
                     key_fields: m.key_fields(s),
                     fields: m.read_fields(s),
+                    binds: binds(&job, m, s),
                 })
             })
             .collect();
@@ -262,6 +263,23 @@ impl Steps {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), (record.revision, loaded.clone()));
         Ok(Some(loaded))
     }
+}
+
+/// The map's lookups that `side` reads and writes through a navigation property.
+fn binds(job: &crate::domain::job::Job, map: &crate::domain::job::TableMap, side: Side) -> Vec<Bind> {
+    map.lookups
+        .iter()
+        .filter_map(|l| {
+            let navigation = l.bind[side.index()].clone()?;
+            let parent = &job.maps[l.map];
+            Some(Bind {
+                fields: l.fields.iter().map(|f| f[side.index()].clone()).collect(),
+                navigation,
+                entity: parent.entity(side).to_string(),
+                key_fields: parent.key_fields(side),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

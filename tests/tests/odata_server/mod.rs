@@ -83,6 +83,23 @@ struct Set {
     rows: Vec<Row>,
     /// Field → longest text accepted.
     max_len: BTreeMap<String, usize>,
+    /// Dataverse lookups: held as the parent's id in `_<name>_value`.
+    lookups: Vec<LookupDecl>,
+}
+
+/// A Dataverse lookup: the property `_<name>_value` (the parent's GUID, read-only), written
+/// only through `<navigation>@odata.bind`, read as the parent by `$expand=<navigation>`.
+#[derive(Debug, Clone)]
+struct LookupDecl {
+    name: String,
+    navigation: String,
+    target: String,
+}
+
+impl LookupDecl {
+    fn property(&self) -> String {
+        format!("_{}_value", self.name)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -189,6 +206,28 @@ impl Server {
                 ..Default::default()
             },
         );
+    }
+
+    /// Declares a Dataverse lookup of `set`: `_<name>_value` holds a record id of `target`,
+    /// set only by `<navigation>@odata.bind`.
+    pub fn add_lookup(&self, set: &str, name: &str, navigation: &str, target: &str) {
+        let mut st = self.shared.store.lock().unwrap();
+        st.sets.get_mut(set).unwrap().lookups.push(LookupDecl {
+            name: name.into(),
+            navigation: navigation.into(),
+            target: target.into(),
+        });
+    }
+
+    /// The id of a record (Dataverse's primary id), by key values.
+    pub fn id_of(&self, set: &str, key: &[Value]) -> Option<String> {
+        let st = self.shared.store.lock().unwrap();
+        let s = st.sets.get(set)?;
+        let key: Vec<String> = key.iter().map(|v| v.to_string()).collect();
+        s.rows
+            .iter()
+            .find(|r| row_key(r, &s.keys, self.shared.kind) == norm_key(&key, self.shared.kind))
+            .map(|r| r.id.clone())
     }
 
     pub fn max_len(&self, set: &str, field: &str, n: usize) {
@@ -533,6 +572,17 @@ impl Shared {
         let repr = hdr("prefer").is_some_and(|p| p.contains("return=representation"));
         let select: Option<Vec<String>> = q.get("$select").map(|s| s.split(',').map(str::to_string).collect());
         let kind = self.kind;
+        // A navigation property, or a lookup's own name, is not a property: Dataverse refuses
+        // it in $select (its `_<name>_value` may be selected).
+        if let Some(bad) =
+            select.iter().flatten().find(|f| set.lookups.iter().any(|l| **f == l.name || **f == l.navigation))
+        {
+            return self.err(
+                400,
+                "0x80060888",
+                &format!("Could not find a property named '{bad}' on type 'Microsoft.Dynamics.CRM.{set_name}'."),
+            );
+        }
         match (method, pred) {
             ("GET", None) => {
                 let mut rows: Vec<&Row> = set.rows.iter().collect();
@@ -571,8 +621,14 @@ impl Shared {
                 let page = asked.unwrap_or(self.max_page).min(self.max_page).max(1);
                 let total = rows.len();
                 let rows: Vec<&Row> = rows.into_iter().skip(skip).take(page).collect();
-                let value: Vec<String> =
-                    rows.iter().map(|r| self.entity(&set_name, &set, r, select.as_deref(), full)).collect();
+                let expand = match self.expand(&set, &q) {
+                    Ok(e) => e,
+                    Err(a) => return a,
+                };
+                let value: Vec<String> = rows
+                    .iter()
+                    .map(|r| self.entity(&set_name, &set, r, select.as_deref(), full, &self.expanded(&st, r, &expand)))
+                    .collect();
                 let context = format!("{}{}$metadata#{set_name}", self.origin.lock().unwrap(), self.base);
                 let mut out = format!("{{\"@odata.context\":{},\"value\":[{}]", json!(context), value.join(","));
                 if skip + page < total {
@@ -598,9 +654,12 @@ impl Shared {
                 a
             }
             ("POST", None) => {
-                let props = match parse_props(body) {
+                let props = match parse_props(body)
+                    .map_err(|m| self.err(400, "0x80048d19", &m))
+                    .and_then(|p| self.bind(&st, &set, body, p))
+                {
                     Ok(p) => p,
-                    Err(m) => return self.err(400, "0x80048d19", &m),
+                    Err(a) => return a,
                 };
                 let key: Vec<String> = set.keys.iter().map(|k| props.get(k).cloned().unwrap_or_default()).collect();
                 if key.iter().any(|k| k.is_empty()) {
@@ -653,8 +712,14 @@ impl Shared {
                 match m {
                     "GET" => match found {
                         Some(i) => {
+                            let expand = match self.expand(&set, &q) {
+                                Ok(e) => e,
+                                Err(a) => return a,
+                            };
+                            let row = &set.rows[i];
+                            let extra = self.expanded(&st, row, &expand);
                             let mut a =
-                                Ans::text(200, self.entity(&set_name, &set, &set.rows[i], select.as_deref(), full));
+                                Ans::text(200, self.entity(&set_name, &set, row, select.as_deref(), full, &extra));
                             a.headers.push(("ETag".into(), etag(set.rows[i].etag)));
                             a
                         }
@@ -668,9 +733,12 @@ impl Shared {
                         None => self.not_found(&set_name),
                     },
                     "PATCH" => {
-                        let props = match parse_props(body) {
+                        let props = match parse_props(body)
+                            .map_err(|m| self.err(400, "0x80048d19", &m))
+                            .and_then(|p| self.bind(&st, &set, body, p))
+                        {
                             Ok(p) => p,
-                            Err(m) => return self.err(400, "0x80048d19", &m),
+                            Err(a) => return a,
                         };
                         if let Some(a) = self.validate(&set, &props) {
                             return a;
@@ -723,6 +791,117 @@ impl Shared {
         }
     }
 
+    /// The body's lookups: `<navigation>@odata.bind` (a record URL by id or key, absolute or
+    /// relative to the service root, or null) sets `_<name>_value`; writing the lookup as a
+    /// property is refused, as Dataverse does.
+    fn bind(
+        &self,
+        st: &Store,
+        set: &Set,
+        body: &[u8],
+        mut props: BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, Ans> {
+        let invalid = |p: &str| self.err(400, "0x80060888", &format!("Invalid property '{p}' was found in entity."));
+        for l in &set.lookups {
+            for p in [l.property(), l.name.clone(), l.navigation.clone()] {
+                if props.contains_key(&p) {
+                    return Err(invalid(&p));
+                }
+            }
+        }
+        let m: HashMap<String, Value> = serde_json::from_slice(body).unwrap_or_default();
+        let origin = self.origin.lock().unwrap().clone();
+        for (k, v) in m {
+            let Some(nav) = k.strip_suffix("@odata.bind") else { continue };
+            let Some(l) = set.lookups.iter().find(|l| l.navigation == nav) else {
+                return Err(self.err(400, "0x80060888", &format!("An undeclared property '{nav}' which only has property annotations in the payload but no property value was found in the payload.")));
+            };
+            let id = match v {
+                Value::Null => "null".to_string(),
+                Value::String(url) => {
+                    let rel = url.strip_prefix(&origin).unwrap_or(&url);
+                    let rel = rel.strip_prefix(self.base.as_str()).or_else(|| rel.strip_prefix('/')).unwrap_or(rel);
+                    let rel = decode(rel);
+                    let (target, pred) = match rel.find('(') {
+                        Some(i) if rel.ends_with(')') => (&rel[..i], &rel[i + 1..rel.len() - 1]),
+                        _ => return Err(self.err(400, "0x80060888", &format!("Bad reference for {nav}."))),
+                    };
+                    if target != l.target {
+                        return Err(self.err(
+                            400,
+                            "0x80060888",
+                            &format!("{nav} refers to {}, not {target}.", l.target),
+                        ));
+                    }
+                    let Some(tset) = st.sets.get(target) else { return Err(self.not_found(target)) };
+                    match self.find(tset, pred)? {
+                        Some(i) => json!(tset.rows[i].id).to_string(),
+                        None => return Err(self.not_found(target)),
+                    }
+                }
+                _ => return Err(self.err(400, "0x80060888", &format!("The value of {k} must be a URL."))),
+            };
+            props.insert(l.property(), id);
+        }
+        Ok(props)
+    }
+
+    /// `$expand=nav($select=a,b),...` → (lookup, selected fields of the parent).
+    fn expand(&self, set: &Set, q: &HashMap<String, String>) -> Result<Vec<(LookupDecl, Vec<String>)>, Ans> {
+        let Some(text) = q.get("$expand") else { return Ok(vec![]) };
+        let mut items = Vec::new();
+        let (mut depth, mut start) = (0, 0);
+        for (i, c) in text.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    items.push(&text[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        items.push(&text[start..]);
+        let mut out = Vec::new();
+        for item in items {
+            let (nav, opts) = match item.find('(') {
+                Some(i) if item.ends_with(')') => (&item[..i], &item[i + 1..item.len() - 1]),
+                _ => (item, ""),
+            };
+            let Some(l) = set.lookups.iter().find(|l| l.navigation == nav) else {
+                return Err(self.err(400, "0x80060888", &format!("Could not find a property named '{nav}'.")));
+            };
+            let fields = match opts.strip_prefix("$select=") {
+                Some(f) => f.split(',').map(str::to_string).collect(),
+                None if opts.is_empty() => vec![],
+                None => return Err(self.err(400, "0x80060888", "only $select is spoken inside $expand")),
+            };
+            out.push((l.clone(), fields));
+        }
+        Ok(out)
+    }
+
+    /// The expanded parents of a row: (navigation, entity JSON text or `null`).
+    fn expanded(&self, st: &Store, row: &Row, expand: &[(LookupDecl, Vec<String>)]) -> Vec<(String, String)> {
+        expand
+            .iter()
+            .map(|(l, fields)| {
+                let id = row.props.get(&l.property()).and_then(|raw| serde_json::from_str::<String>(raw).ok());
+                let tset = st.sets.get(&l.target);
+                let parent = id.zip(tset).and_then(|(id, t)| t.rows.iter().find(|r| r.id == id).map(|r| (t, r)));
+                let text = match parent {
+                    Some((t, r)) => {
+                        let sel = if fields.is_empty() { None } else { Some(fields.as_slice()) };
+                        self.entity(&l.target, t, r, sel, false, &[])
+                    }
+                    None => "null".to_string(),
+                };
+                (l.navigation.clone(), text)
+            })
+            .collect()
+    }
+
     fn not_found(&self, set: &str) -> Ans {
         match self.kind {
             Kind::Dataverse => self.err(
@@ -751,7 +930,7 @@ impl Shared {
 
     fn written(&self, status: u16, set_name: &str, set: &Set, row: &Row, repr: bool, select: Option<&[String]>) -> Ans {
         if repr {
-            let mut a = Ans::text(status, self.entity(set_name, set, row, select, false));
+            let mut a = Ans::text(status, self.entity(set_name, set, row, select, false, &[]));
             a.headers.push(("ETag".into(), etag(row.etag)));
             a
         } else {
@@ -785,7 +964,15 @@ impl Shared {
     }
 
     /// The entity as JSON text: numbers as the text they came in (never through a float).
-    fn entity(&self, set_name: &str, set: &Set, row: &Row, select: Option<&[String]>, full: bool) -> String {
+    fn entity(
+        &self,
+        set_name: &str,
+        set: &Set,
+        row: &Row,
+        select: Option<&[String]>,
+        full: bool,
+        expanded: &[(String, String)],
+    ) -> String {
         let mut m: BTreeMap<String, String> = BTreeMap::new();
         m.insert("@odata.etag".into(), json!(etag(row.etag)).to_string());
         if full {
@@ -804,6 +991,9 @@ impl Shared {
         if let Some(idf) = &set.id_field {
             // Dataverse returns the primary id whatever $select says.
             m.insert(idf.clone(), json!(row.id).to_string());
+        }
+        for (nav, text) in expanded {
+            m.insert(nav.clone(), text.clone());
         }
         let fields: Vec<String> = m.iter().map(|(k, v)| format!("{}:{v}", json!(k))).collect();
         format!("{{{}}}", fields.join(","))

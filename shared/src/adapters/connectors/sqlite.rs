@@ -1425,11 +1425,12 @@ mod tests {
             name: "items".into(),
             key_fields: vec!["company".into(), "code".into()],
             fields: vec!["company".into(), "code".into(), "name".into(), "qty".into()],
+            binds: vec![],
         }
     }
 
     fn parts() -> EntitySpec {
-        EntitySpec { name: "parts".into(), key_fields: vec!["id".into()], fields: vec!["label".into()] }
+        EntitySpec { name: "parts".into(), key_fields: vec!["id".into()], fields: vec!["label".into()], binds: vec![] }
     }
 
     fn key(parts: &[&str]) -> Key {
@@ -1736,7 +1737,8 @@ mod tests {
         let app = SqliteApp::open("local", &path).unwrap();
         app.install_capture(&[CaptureSpec { entity: "t".into(), key_fields: vec!["id".into()], company_field: None }])
             .unwrap();
-        let entity = EntitySpec { name: "t".into(), key_fields: vec!["id".into()], fields: vec!["v".into()] };
+        let entity =
+            EntitySpec { name: "t".into(), key_fields: vec!["id".into()], fields: vec!["v".into()], binds: vec![] };
         let op = |id: i64, v: Value| WriteOp {
             key: key(&[&id.to_string()]),
             fields: fields(&[("v", v)]),
@@ -1955,7 +1957,8 @@ mod tests {
             [0.1 + 0.2],
         )
         .unwrap();
-        let entity = EntitySpec { name: "r".into(), key_fields: vec!["k".into()], fields: vec!["v".into()] };
+        let entity =
+            EntitySpec { name: "r".into(), key_fields: vec!["k".into()], fields: vec!["v".into()], binds: vec![] };
         let changes = app.changes_after(0, 10).await.unwrap();
         let keys: Vec<Key> = changes.into_iter().map(|c| c.key).collect();
         let listed: Vec<Key> = app.list(&entity, None, 10).await.unwrap().records.into_iter().map(|(k, _)| k).collect();
@@ -2006,7 +2009,8 @@ mod tests {
             company_field: None,
         }])
         .unwrap();
-        let entity = EntitySpec { name, key_fields: vec!["the key".into()], fields: vec!["it's".into()] };
+        let entity =
+            EntitySpec { name, key_fields: vec!["the key".into()], fields: vec!["it's".into()], binds: vec![] };
         let op = WriteOp {
             key: key(&["k1"]),
             fields: fields(&[("it's", "v".into())]),
@@ -2041,6 +2045,7 @@ mod tests {
             name: "customers".into(),
             key_fields: vec!["id".into()],
             fields: ["id", "company", "name", "email", "city", "balance", "active"].map(String::from).to_vec(),
+            binds: vec![],
         };
         let record = |i: i64, n: i64| {
             fields(&[

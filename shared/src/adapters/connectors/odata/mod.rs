@@ -9,6 +9,7 @@
 //! - [`errors`]: what an error answer means (status, service code, `innererror`), and messages
 //!   that keep the service's words but no field value.
 //! - [`batch`]: the multipart `$batch` format, both ways.
+//! - [`binds`]: lookups held as references: `$expand` to read, `@odata.bind` to write.
 //! - [`paging`]: `@odata.nextLink` and `Prefer: odata.maxpagesize`.
 //! - [`auth`]: client credentials with a cached token, basic, bearer, none.
 //! - [`limiter`]: one adaptive concurrency limiter per service in the process.
@@ -34,10 +35,14 @@
 //! service sends (a record read, or the values being written); while it knows nothing of an
 //! entity, one `$top=1` query teaches it (an empty entity set needs no literal at all).
 //!
-//! Not here yet (issue 10): change capture, Dataverse lookups written as `@odata.bind`,
-//! secrets from AWS Secrets Manager or SSM, JSON `$batch`.
+//! A lookup the job binds (`bind` in the job file) is not a column: it is read by `$expand`ing
+//! its navigation property with the parent's key fields, and written as
+//! `<navigation>@odata.bind` to the parent's address by key (see [`binds`]).
+//!
+//! Not here yet (issue 10): change capture, secrets from AWS Secrets Manager or SSM, JSON `$batch`.
 pub mod auth;
 pub mod batch;
+pub mod binds;
 pub mod errors;
 pub mod flavor;
 pub mod http;
@@ -141,16 +146,6 @@ impl OdataApp {
             url.push_str(&q.join("&"));
         }
         url
-    }
-
-    fn select(&self, entity: &EntitySpec) -> String {
-        let mut fields: Vec<&str> = entity.key_fields.iter().map(String::as_str).collect();
-        for f in &entity.fields {
-            if !fields.contains(&f.as_str()) {
-                fields.push(f);
-            }
-        }
-        format!("$select={}", keys::encode(&fields.join(",")))
     }
 
     fn cached_kinds(&self, entity: &str) -> Option<Vec<KeyKind>> {
@@ -489,7 +484,7 @@ impl Connector for OdataApp {
         let mut unique: Vec<&Key> = keys.iter().collect();
         unique.sort();
         unique.dedup();
-        let urls = self.filter_queries(entity, &kinds, &unique, &[self.select(entity)]);
+        let urls = self.filter_queries(entity, &kinds, &unique, &binds::projection(entity));
         let found = if urls.is_empty() { vec![] } else { self.run_queries(urls).await? };
         let mut by_key: HashMap<Key, Record> = HashMap::new();
         for e in &found {
@@ -540,22 +535,23 @@ impl Connector for OdataApp {
         for (i, op) in ops.iter().enumerate() {
             let prefer = ("Prefer".to_string(), "return=representation".to_string());
             let create_by = if keys::addressable(flavor, &op.key) { flavor::create_by(flavor) } else { CreateBy::Post };
+            let body = |leave_out: &[String]| binds::body(&op.fields, leave_out, entity, flavor);
             let plan = match (&op.precondition, create_by) {
-                (Precondition::CreateOnly, CreateBy::Post) => Ok(Planned {
+                (Precondition::CreateOnly, CreateBy::Post) => body(&[]).map(|body| Planned {
                     method: Method::POST,
                     url: self.url(&keys::encode(&entity.name), &key_select),
                     headers: vec![prefer],
-                    body: Some(values::body(&op.fields, &[])),
+                    body: Some(body),
                 }),
-                (Precondition::CreateOnly, CreateBy::UpsertIfNoneMatch) => {
+                (Precondition::CreateOnly, CreateBy::UpsertIfNoneMatch) => body(&entity.key_fields).and_then(|body| {
                     self.record_url(entity, &kinds[i], &op.key, &ids, &key_select).map(|url| Planned {
                         method: Method::PATCH,
                         url,
                         headers: vec![prefer, ("If-None-Match".into(), "*".into())],
-                        body: Some(values::body(&op.fields, &entity.key_fields)),
+                        body: Some(body),
                     })
-                }
-                (Precondition::IfMatch(version), _) => {
+                }),
+                (Precondition::IfMatch(version), _) => body(&entity.key_fields).and_then(|body| {
                     self.record_url(entity, &kinds[i], &op.key, &ids, &key_select).map(|url| Planned {
                         method: Method::PATCH,
                         url,
@@ -565,9 +561,9 @@ impl Connector for OdataApp {
                             prefer,
                             ("If-Match".into(), if version.is_empty() { "*".into() } else { version.clone() }),
                         ],
-                        body: Some(values::body(&op.fields, &entity.key_fields)),
+                        body: Some(body),
                     })
-                }
+                }),
             };
             match plan {
                 Ok(p) => {
@@ -640,8 +636,9 @@ impl Connector for OdataApp {
         let url = match after {
             Some(link) => paging::resolve(&self.t.root, link).map_err(|m| self.t.rejected(m))?.to_string(),
             None => {
-                let order = format!("$orderby={}", keys::encode(&entity.key_fields.join(",")));
-                self.url(&keys::encode(&entity.name), &[self.select(entity), order])
+                let mut query = binds::projection(entity);
+                query.push(format!("$orderby={}", keys::encode(&entity.key_fields.join(","))));
+                self.url(&keys::encode(&entity.name), &query)
             }
         };
         let page = self.get_page(&url, limit).await?;
