@@ -5,6 +5,7 @@ pub mod config;
 pub mod decide;
 pub mod delivery;
 pub mod errors;
+pub mod ingress;
 pub mod job;
 pub mod keys;
 pub mod link;
