@@ -10,8 +10,9 @@
 //!   object with `__type` (`OptionSetValue`, `Money`: its `Value`; an `EntityReference` cannot
 //!   be an integration key).
 //! - When the key fields are not all there (an update's `Target` holds only what changed; with
-//!   `x-ms-dynamics-msg-size-exceeded` Dataverse strips the images and parameters), the record
-//!   is named by id ([`RecordRef::Id`]): its key must be read back.
+//!   `x-ms-dynamics-msg-size-exceeded` Dataverse strips the images and parameters, and what is
+//!   left is not trusted for the key), the record is named by id ([`RecordRef::Id`]): its key
+//!   must be read back.
 //! - `CorrelationId` is the transaction: one user action and the plug-in steps it sets off share
 //!   it. Capture takes one message per transaction id, so the operation's own id follows it
 //!   (`<CorrelationId>/<OperationId or RequestId>`): two operations of one action stay two
@@ -116,11 +117,11 @@ pub fn parse(
         }
     }
     let record = match found.into_iter().collect::<Option<Vec<String>>>() {
-        Some(key) => RecordRef::Key(Key(key)),
+        // A context cut for size is not trusted for the key, whatever is left of it.
+        Some(key) if !size_exceeded => RecordRef::Key(Key(key)),
         // Stripped or partial: named by id, its key read back from Dataverse.
-        None => RecordRef::Id(id.to_ascii_lowercase()),
+        _ => RecordRef::Id(id.to_ascii_lowercase()),
     };
-    let _ = size_exceeded; // the images are simply absent then: the id names the record
     Ok(Event {
         txid,
         changes: vec![Reference {
@@ -252,12 +253,17 @@ mod tests {
         let e = parse_value(&context("Update", target.clone(), post)).unwrap();
         assert_eq!(e.changes[0].record, RecordRef::Key(Key(vec!["7".into()])));
         assert_eq!(e.changes[0].seq, Some(9));
-        // Images stripped (x-ms-dynamics-msg-size-exceeded): named by id, to be read back.
+        // Images stripped (x-ms-dynamics-msg-size-exceeded): named by id, to be read back,
+        // even if what is left of the context holds the key fields.
         let mut ctx = context("Update", target, json!([]));
         ctx["InputParameters"] = json!([]);
         let e = parse(ctx.to_string().as_bytes(), &mapped, true, 5).unwrap();
         assert_eq!(e.changes[0].record, RecordRef::Id(ID.into()));
         assert!(e.notification("j", "dv", 0).is_err());
+        let whole = entity(json!([{"key": "accountnumber", "value": "A-1"}]), Value::Null);
+        let cut = context("Update", whole, json!([]));
+        let e = parse(cut.to_string().as_bytes(), &mapped, true, 5).unwrap();
+        assert_eq!(e.changes[0].record, RecordRef::Id(ID.into()));
     }
 
     #[test]
