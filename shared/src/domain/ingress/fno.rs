@@ -57,7 +57,8 @@ fn event(e: &Value, at: &str, mapped: &dyn Fn(&str) -> Option<EntityKeys>, now_m
         None if id.ends_with("Delete") || id.ends_with("Deleted") => Operation::Delete,
         None => Operation::Upsert,
     };
-    let legal_entity = opt_string(e, at, "BusinessEventLegalEntity")?;
+    // An empty legal entity names none (it would make an empty key value).
+    let legal_entity = opt_string(e, at, "BusinessEventLegalEntity")?.filter(|l| !l.is_empty());
     let mut key = Vec::with_capacity(keys.key_fields.len());
     for f in &keys.key_fields {
         let value = match e.get(f) {
