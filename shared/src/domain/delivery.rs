@@ -96,8 +96,10 @@ pub struct Write {
     pub conflict: bool,
     /// The link revision read; `None`: no link yet.
     pub rev: Option<u64>,
-    /// The link with its last pending write settled: what a failed write puts back.
-    pub settled: LinkState,
+    /// The link as read: what a write that did not land puts back over its mark. Not as
+    /// settled then: a mark it held is judged again next time, since its write may still be
+    /// landing from another delivery of the change (a redelivery racing it).
+    pub unmarked: LinkState,
     /// The link with this write pending.
     pub mark: LinkState,
     /// Error rows the mark drops from the link: resolved just before it.
@@ -203,13 +205,14 @@ impl Progress {
         let unchanged = Done { end: End::Synced { wrote: false }, release: release(link) };
         match decide(state, c.source, cx.primary, source.observed(), other.map(Seen::observed)) {
             Decision::InStep => {
-                // Committed only when it says something new: an echo of a landed write costs no
-                // link write. An uncertain mark seen landed is committed too: left, it would
-                // judge a later edit of its target as unknown.
-                let uncertain = state.and_then(|s| s.pending.as_ref()).is_some_and(|p| p.uncertain);
-                if link.is_none() || settled.hash.as_deref() != Some(source.hash) || !rows.is_empty() || uncertain {
+                // Committed only when it says something new, or when a mark must not be left
+                // (`LinkState::commit_when_in_step`): an echo of a landed write costs no link
+                // write. A create mark of this content stays on (`LinkState::kept_in_step`).
+                let must = state.is_some_and(|s| s.commit_when_in_step(c.source, c.seq));
+                if link.is_none() || settled.hash.as_deref() != Some(source.hash) || !rows.is_empty() || must {
                     let mut next = synced_link(&settled, c, source.hash, source.version);
                     next.version[c.source.other().index()] = other.map(|o| o.version.to_string());
+                    next.pending = state.and_then(|s| s.kept_in_step(source.hash));
                     Progress::ToCommit(Commit { next, rev: link.map(|l| l.rev), resolves: rows })
                 } else {
                     Progress::Done(unchanged)
@@ -232,7 +235,14 @@ impl Progress {
                     from_version: if_match.clone(),
                     uncertain: false,
                 });
-                Progress::ToCheck(Write { conflict, rev: link.map(|l| l.rev), settled, mark, resolves: rows, if_match })
+                Progress::ToCheck(Write {
+                    conflict,
+                    rev: link.map(|l| l.rev),
+                    unmarked: state.cloned().unwrap_or_default(),
+                    mark,
+                    resolves: rows,
+                    if_match,
+                })
             }
         }
     }
@@ -281,7 +291,7 @@ impl Progress {
             }
             // Someone changed the record since the read: the write did not land, but the
             // record no longer shows that. Take the mark back and read again.
-            Err(WriteFailure::PreconditionFailed) => (Progress::Again, Some(w.settled)),
+            Err(WriteFailure::PreconditionFailed) => (Progress::Again, Some(w.unmarked)),
             // Refused: it did not land. Take the mark back, or a later edit of the target would
             // pass for one made on top of this write.
             Err(WriteFailure::Rejected(message)) => (
@@ -289,7 +299,7 @@ impl Progress {
                     ErrorCategory::Application,
                     format!("{} refused {}/{}: {message}", cx.target_app, c.map, c.key),
                 ),
-                Some(w.settled),
+                Some(w.unmarked),
             ),
             // It may or may not have landed: say so on the mark before anything reads it.
             Err(WriteFailure::Transient { message, retry_after }) => {
@@ -499,6 +509,33 @@ mod tests {
         uncertain.pending =
             Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: Some("h1".into()), uncertain: true });
         assert!(matches!(Progress::read(&CX, &c, at(&uncertain), seen("h1"), seen("h1")), Progress::ToCommit(_)));
+    }
+
+    #[test]
+    fn a_mark_is_never_left_to_lie() {
+        // A's change seq 6 created h1 on B; the mark as its delivery left it.
+        let mut created = synced("h0");
+        created.hash = None;
+        created.synced = [6, 0];
+        created.pending = Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: None, uncertain: false });
+        // The echo from B costs no link write: the mark, landed, is the last sync.
+        let echo = Progress::read(&CX, &change(Side::B, 2), at(&created), seen("h1"), seen("h1"));
+        assert!(matches!(echo, Progress::Done(_)), "{echo:?}");
+        // The change that made the mark, coming again (a redelivery racing the first), commits,
+        // so the first cannot mark the landed write uncertain after this one is acknowledged;
+        // the create mark stays on, made certain: a live delete still finds the create ours.
+        match Progress::read(&CX, &change(Side::A, 6), at(&created), seen("h1"), seen("h1")) {
+            Progress::ToCommit(commit) => {
+                let kept = commit.next.pending.expect("create mark kept");
+                assert_eq!((kept.hash.as_str(), kept.uncertain), ("h1", false));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A write taken back leaves the link as read, with the mark it held to judge again.
+        let c = change(Side::A, 7);
+        let p = Progress::read(&CX, &c, at(&created), seen("h2"), seen("h1")).checked(&c, None).marked(Some(9));
+        let (_, put) = p.written(&CX, &c, Err(WriteFailure::PreconditionFailed));
+        assert_eq!(put.expect("unmark"), created);
     }
 
     #[test]
