@@ -90,6 +90,22 @@ impl PendingWrite {
     }
 }
 
+impl PendingWrite {
+    /// Whether a delivery from `source` that finds both records in step must commit the link
+    /// (dropping this mark) rather than leave it: when the mark is uncertain (left, it would
+    /// judge a later edit of its target as unknown), and when the change comes from the side the
+    /// write came from, which is the change that made the mark coming again (a retry, or a
+    /// redelivery racing the delivery still under way). That delivery may be waiting for the
+    /// write's answer, and a time-out makes it mark the write uncertain, conditional on the
+    /// link's revision: without a commit here, that mark would land on a link whose write is
+    /// known to have landed, and a later edit of its target would be judged unknown, a conflict
+    /// whose primary side has no change left to send. The echo of a landed write comes from the
+    /// write's target and still costs no link write.
+    pub fn commit_when_in_step(&self, source: Side) -> bool {
+        self.uncertain || self.side != source
+    }
+}
+
 impl LinkState {
     pub fn is_synced(&self) -> bool {
         self.hash.is_some()

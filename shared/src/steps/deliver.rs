@@ -324,12 +324,14 @@ impl Steps {
                 match decision {
                     Decision::InStep => {
                         // Written only when it says something new: a first link, a sync its
-                        // stored state does not show yet, error rows to resolve, or an uncertain
-                        // mark now known to have landed (left, it would judge a later edit of its
-                        // target as unknown). An echo of a landed write costs no link write.
+                        // stored state does not show yet, error rows to resolve, or a mark now
+                        // known to have landed that must not be left (`commit_when_in_step`).
+                        // An echo of a landed write costs no link write.
                         let errors = open_errors(link.as_ref());
-                        let uncertain =
-                            link.as_ref().and_then(|l| l.state.pending.as_ref()).is_some_and(|p| p.uncertain);
+                        let uncertain = link
+                            .as_ref()
+                            .and_then(|l| l.state.pending.as_ref())
+                            .is_some_and(|p| p.commit_when_in_step(c.source));
                         if link.is_none()
                             || settled.hash.as_deref() != Some(h_s.as_str())
                             || !errors.is_empty()

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -167,6 +167,10 @@ pub struct Control {
     /// Whether reads give each record's latest change seq (the sqlite connector's do); off, the
     /// steps take capture's link-state path instead.
     pub reads_change_seq: bool,
+    /// A schedule of yields, one bit per connector call (read, write, delete), lowest first: a
+    /// set bit makes that call yield to the other tasks of its thread before it runs. Two
+    /// deliveries joined on one thread then interleave their reads and writes as the bits say.
+    pub yields: Arc<AtomicU64>,
 }
 
 impl Control {
@@ -175,6 +179,7 @@ impl Control {
             writes: Arc::new(Mutex::new(Writes::Work)),
             before_write: Arc::new(Mutex::new(None)),
             reads_change_seq: true,
+            yields: Arc::default(),
         }
     }
     pub fn set(&self, w: Writes) {
@@ -188,6 +193,16 @@ pub struct Faulty {
     control: Control,
 }
 
+impl Faulty {
+    /// Yields first if the next bit of the schedule says so (see [`Control::yields`]).
+    async fn next_call(&self) {
+        let bits = self.control.yields.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| Some(b >> 1));
+        if bits.is_ok_and(|b| b & 1 == 1) {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 #[async_trait]
 impl Connector for Faulty {
     fn app(&self) -> &str {
@@ -197,6 +212,7 @@ impl Connector for Faulty {
         self.control.reads_change_seq && self.inner.reads_change_seq()
     }
     async fn read(&self, e: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
+        self.next_call().await;
         self.inner.read(e, keys).await
     }
     async fn write(
@@ -204,6 +220,7 @@ impl Connector for Faulty {
         e: &EntitySpec,
         ops: &[WriteOp],
     ) -> Result<Vec<Result<String, WriteFailure>>, ConnectorError> {
+        self.next_call().await;
         let hook = self.control.before_write.lock().unwrap().take();
         if let Some(hook) = hook {
             hook().await;
@@ -227,6 +244,7 @@ impl Connector for Faulty {
         }
     }
     async fn delete(&self, e: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError> {
+        self.next_call().await;
         self.inner.delete(e, keys).await
     }
     async fn list(&self, e: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
