@@ -1425,3 +1425,48 @@ fn a_transaction_over_the_queue_limit_converges_under_faults() {
         }));
     }
 }
+
+/// Primary A. A's p1 is created on B by a write that lands and answers like a time-out; B's
+/// user edits it there and then deletes it; A's change comes again (the delete not yet
+/// captured), finds B without p1 and creates it again, and that write too lands and times out;
+/// its retry finds p1 in step and committed the link, dropping the create mark. The live delete
+/// then found p1 on B with nothing saying it was dualsync's own create, and skipped the delete
+/// as stale: p1 came back on B with the value B's user had replaced, then deleted (a lost
+/// update). An in-step commit now keeps a create mark of the content it commits
+/// (`LinkState::kept_in_step`). The first list is what the property shrank a related case to
+/// while the redelivery commit (`LinkState::commit_when_in_step`) still dropped the mark.
+#[test]
+fn found_a_create_that_timed_out_after_landing_is_still_known_as_ours_to_a_racing_delete() {
+    use Action::*;
+    let mut actions = vec![
+        Edit { side: Side::A, recs: vec![Rec::Parent(2), Rec::Parent(1)] },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Step { step: StepKind::Sequence, batch: 1 },
+        Fault { side: Side::B, writes: Writes::LandThenFail },
+        Step { step: StepKind::Deliver, batch: 1 },
+        Edit { side: Side::B, recs: vec![Rec::Parent(1)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
+        Delete { side: Side::B, rec: Rec::Parent(1) },
+        Crash { point: 2, batch: 1 },
+    ];
+    run(block_on(convergence_under_faults(Side::A, false, &actions)));
+    // The same with the second create timing out too: all but the live delete captured, then
+    // deliver, then its retry in step.
+    actions.extend([
+        Feeds { limit: 9 },
+        Step { step: StepKind::Capture, batch: 8 },
+        Step { step: StepKind::Sequence, batch: 8 },
+        Step { step: StepKind::Deliver, batch: 8 },
+        Fault { side: Side::B, writes: Writes::Work },
+        Advance { ms: 400_000 },
+        Step { step: StepKind::Deliver, batch: 8 },
+    ]);
+    run(block_on(convergence_under_faults(Side::A, false, &actions)));
+}

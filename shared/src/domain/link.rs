@@ -90,25 +90,34 @@ impl PendingWrite {
     }
 }
 
-impl PendingWrite {
-    /// Whether a delivery from `source` that finds both records in step must commit the link
-    /// (dropping this mark) rather than leave it: when the mark is uncertain (left, it would
-    /// judge a later edit of its target as unknown), and when the change comes from the side the
-    /// write came from, which is the change that made the mark coming again (a retry, or a
-    /// redelivery racing the delivery still under way). That delivery may be waiting for the
-    /// write's answer, and a time-out makes it mark the write uncertain, conditional on the
-    /// link's revision: without a commit here, that mark would land on a link whose write is
-    /// known to have landed, and a later edit of its target would be judged unknown, a conflict
-    /// whose primary side has no change left to send. The echo of a landed write comes from the
-    /// write's target and still costs no link write.
-    pub fn commit_when_in_step(&self, source: Side) -> bool {
-        self.uncertain || self.side != source
-    }
-}
-
 impl LinkState {
     pub fn is_synced(&self) -> bool {
         self.hash.is_some()
+    }
+
+    /// Whether delivering change `seq` from `source`, which finds both records in step, must
+    /// commit the link even though its settled state says nothing new: when the pending mark is
+    /// uncertain (left, it would judge a later edit of its target as unknown), and when the
+    /// change is the one that made the mark, coming again (a retry, or a redelivery racing the
+    /// delivery still under way). That delivery may still be waiting for the write's answer,
+    /// and a time-out makes it mark the write uncertain, conditional on the link's revision:
+    /// without a commit here, that mark would land after the message was acknowledged, on a
+    /// link whose write is known to have landed, and a later edit of its target would be judged
+    /// unknown, a conflict whose primary has no change left to send. An echo of a landed write
+    /// (from the write's target) and later changes of the source still cost no link write.
+    pub fn commit_when_in_step(&self, source: Side, seq: u64) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.uncertain || (p.side != source && self.synced[source.index()] == seq))
+    }
+
+    /// What a commit of content `hash`, in step on both sides, keeps of the pending mark: a
+    /// create of that content, now certain (its target holds it). It is what tells a live delete
+    /// from the create's target that the record there is dualsync's own create, made after the
+    /// user's delete from the other side's older state (capture's `ours`), and a delete from the
+    /// other side that our create may be under way (`creating`). Dropped by a commit, the create
+    /// passed for the user's record, and the delete was skipped as stale: the record came back.
+    pub fn kept_in_step(&self, hash: &str) -> Option<PendingWrite> {
+        let p = self.pending.as_ref().filter(|p| p.from_version.is_none() && p.hash == hash)?;
+        Some(PendingWrite { uncertain: false, ..p.clone() })
     }
 
     /// This state with its pending write settled against the records now (indexed by side):
@@ -151,5 +160,40 @@ impl LinkState {
         } else {
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A's change seq 5 wrote content h1 to B as a create; the mark as delivery left it.
+    fn created_on_b(uncertain: bool) -> LinkState {
+        LinkState {
+            synced: [5, 0],
+            pending: Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: None, uncertain }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_in_step_delivery_commits_when_the_mark_is_uncertain_or_its_own_change_comes_again() {
+        let certain = created_on_b(false);
+        assert!(certain.commit_when_in_step(Side::A, 5), "the change that made the mark, again");
+        assert!(!certain.commit_when_in_step(Side::A, 6), "a later change of the source");
+        assert!(!certain.commit_when_in_step(Side::B, 3), "the echo of the write");
+        let uncertain = created_on_b(true);
+        assert!(uncertain.commit_when_in_step(Side::B, 3) && uncertain.commit_when_in_step(Side::A, 6));
+        assert!(!LinkState::default().commit_when_in_step(Side::A, 5));
+    }
+
+    #[test]
+    fn an_in_step_commit_keeps_a_create_mark_of_its_content_made_certain() {
+        let kept = created_on_b(true).kept_in_step("h1").expect("kept");
+        assert!(!kept.uncertain && kept.side == Side::B && kept.from_version.is_none());
+        assert_eq!(created_on_b(false).kept_in_step("h2"), None, "other content");
+        let mut update = created_on_b(false);
+        update.pending.as_mut().expect("mark").from_version = Some("v1".into());
+        assert_eq!(update.kept_in_step("h1"), None, "an update");
     }
 }

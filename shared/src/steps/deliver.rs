@@ -325,13 +325,11 @@ impl Steps {
                     Decision::InStep => {
                         // Written only when it says something new: a first link, a sync its
                         // stored state does not show yet, error rows to resolve, or a mark now
-                        // known to have landed that must not be left (`commit_when_in_step`).
-                        // An echo of a landed write costs no link write.
+                        // known to have landed that must not be left (`commit_when_in_step`); a
+                        // create mark of this content stays on (`kept_in_step`). An echo of a
+                        // landed write costs no link write.
                         let errors = open_errors(link.as_ref());
-                        let uncertain = link
-                            .as_ref()
-                            .and_then(|l| l.state.pending.as_ref())
-                            .is_some_and(|p| p.commit_when_in_step(c.source));
+                        let uncertain = link.as_ref().is_some_and(|l| l.state.commit_when_in_step(c.source, c.seq));
                         if link.is_none()
                             || settled.hash.as_deref() != Some(h_s.as_str())
                             || !errors.is_empty()
@@ -339,6 +337,7 @@ impl Steps {
                         {
                             let mut next = next_link(&settled, c, &h_s, &rs.version);
                             next.version[c.source.other().index()] = ro.as_ref().map(|r| r.version.clone());
+                            next.pending = link.as_ref().and_then(|l| l.state.kept_in_step(&h_s));
                             commits.push((i, next, link.as_ref().map(|l| l.rev), errors));
                         } else if let Some(l) = &link {
                             release.push((i, l.rev, l.state.clone()));
