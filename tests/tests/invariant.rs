@@ -1470,3 +1470,26 @@ fn found_a_create_that_timed_out_after_landing_is_still_known_as_ours_to_a_racin
     ]);
     run(block_on(convergence_under_faults(Side::A, false, &actions)));
 }
+
+/// Primary B. Two deliver workers on A's first change of p1 (the second received it again once
+/// the visibility timeout passed), both reading before either writes. The first marks its
+/// create of p1 on B; the second reads that mark before the create is made, judges it not
+/// landed, and marks its own; then the first one's create lands, the second one's is refused (B
+/// has p1 now) and it took its mark back to the link as settled when it read, with no mark and
+/// no last sync: the content the first one wrote to B was dualsync's, and the link no longer
+/// said so. A's next edit then met B "changed" too, a conflict that B won with A's older
+/// value. A mark taken back now leaves the link as it was read, the first mark in it.
+#[test]
+fn found_two_workers_creating_one_record_leave_the_link_knowing_the_create_that_landed() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::A, recs: vec![Rec::Child(0, 1), Rec::Parent(1)] },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
+        Crash { point: 1, batch: 1 },
+        TwoWorkers { batch: 2, yields: 0x9a71_b9ee_c208_957a },
+        Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
+    ];
+    run(block_on(convergence_under_faults(Side::B, false, &actions)));
+}

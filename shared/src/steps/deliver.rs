@@ -253,6 +253,11 @@ impl Steps {
                 other: Option<Record>,
                 conflict: bool,
             }
+            // A mark taken back leaves the link as it was read, not as settled against the
+            // records then: a mark it held is judged again next time, since its write may still
+            // be under way in another delivery of the change (a redelivery racing it) and land
+            // after this read found it had not (dropped, that landing passed for an edit).
+            let unmarked = |plan: &Plan| plan.link.as_ref().map(|l| l.state.clone()).unwrap_or_default();
             // (change, next link state, revision read, error rows the commit resolves)
             let mut commits: Vec<(usize, LinkState, Option<u64>, Vec<String>)> = Vec::new();
             // Records that exist on both sides now, with their link (revision, state): children
@@ -522,13 +527,13 @@ impl Steps {
                             // Someone changed the record since the read: the write did not land,
                             // but the record no longer shows that. Take the mark back before
                             // trying again (if that loses a race, the next round re-reads).
-                            unmark.push(State::link_put(&job.name, &c.map, &c.key, &plan.settled, Some(marked_rev)));
+                            unmark.push(State::link_put(&job.name, &c.map, &c.key, &unmarked(plan), Some(marked_rev)));
                             retry.push(i);
                         }
                         Err(WriteFailure::Rejected(message)) => {
                             // Refused: it did not land. Take the mark back, or a later edit of
                             // the target would pass for one made on top of this write.
-                            unmark.push(State::link_put(&job.name, &c.map, &c.key, &plan.settled, Some(marked_rev)));
+                            unmark.push(State::link_put(&job.name, &c.map, &c.key, &unmarked(plan), Some(marked_rev)));
                             failures.push((
                                 i,
                                 ErrorCategory::Application,
