@@ -5,12 +5,11 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{create_apps, exec, query, Flaky};
-use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Resources, SqsQueue, Usage, MAX_RECEIVE_COUNT};
+use common::{create_apps, emulator, exec, query, Control, FaultyRegistry, Writes};
+use dualsync::adapters::aws::{bootstrap, Names, Resources, SqsQueue, Usage, MAX_RECEIVE_COUNT};
 use dualsync::domain::errors::ErrorCategory;
 use dualsync::ports::{OutMessage, Queue};
 use dualsync::runtime::verify::compare;
@@ -18,19 +17,6 @@ use dualsync::state::ErrorFilter;
 use dualsync::steps::{Backoff, Metrics};
 use dualsync_lambda::poller::sqs_event;
 use dualsync_lambda::stack::{Stack, LAMBDA_BATCH};
-
-/// The emulator `./scripts/test` started; a failure, not a skip, without it.
-pub async fn emulator() -> aws_config::SdkConfig {
-    let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT")
-        .expect("DUALSYNC_TEST_AWS_ENDPOINT is not set: run the tests with ./scripts/test, which starts moto server");
-    for (k, v) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")]
-    {
-        if std::env::var_os(k).is_none() {
-            std::env::set_var(k, v);
-        }
-    }
-    sdk_config(Some(&endpoint)).await
-}
 
 struct H {
     _dir: tempfile::TempDir,
@@ -40,7 +26,8 @@ struct H {
     names: Names,
     resources: Resources,
     stack: Arc<Stack>,
-    fail_b_writes: Arc<AtomicBool>,
+    /// Side B's connector faults.
+    b_writes: Control,
 }
 
 async fn harness() -> H {
@@ -50,13 +37,12 @@ async fn harness() -> H {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
     let def = create_apps(&a, &b);
-    let fail_b_writes = Arc::new(AtomicBool::new(false));
-    let apps = Arc::new(Flaky::new(fail_b_writes.clone()));
+    let (apps, [_, b_writes]) = FaultyRegistry::fresh();
     let stack =
         Arc::new(Stack::with_apps(&sdk, &resources, Arc::new(Usage::default()), apps).with_backoff(Backoff::QUICK));
     stack.state().apply_job(def).await.unwrap();
     stack.start("j").await.unwrap();
-    H { _dir: dir, a, b, sdk, names, resources, stack, fail_b_writes }
+    H { _dir: dir, a, b, sdk, names, resources, stack, b_writes }
 }
 
 impl H {
@@ -164,7 +150,7 @@ async fn deliver_fails_a_group_from_its_first_failure_and_other_groups_go_on() {
     for h_ in &h.stack.handlers[..2] {
         while dualsync_lambda::poller::poll_once(h_, LAMBDA_BATCH).await.unwrap().is_some() {}
     }
-    h.fail_b_writes.store(true, Ordering::SeqCst);
+    h.b_writes.set(Writes::Fail);
     let deliver = &h.stack.handlers[2];
     let msgs = deliver.input().receive(10).await.unwrap();
     assert_eq!(msgs.len(), 3, "{msgs:#?}");
@@ -182,7 +168,7 @@ async fn deliver_fails_a_group_from_its_first_failure_and_other_groups_go_on() {
     deliver.input().ack(&done).await.unwrap();
     assert!(deliver.input().receive(10).await.unwrap().is_empty(), "the group is held back by its backoff");
     // Once the app is back, the group delivers in order.
-    h.fail_b_writes.store(false, Ordering::SeqCst);
+    h.b_writes.set(Writes::Work);
     h.drain().await;
     h.assert_converged().await;
     assert_eq!(query(&h.b, "SELECT count(*) FROM owners WHERE owner_id = 'p1' AND title = 'v2'"), 1);
@@ -191,7 +177,7 @@ async fn deliver_fails_a_group_from_its_first_failure_and_other_groups_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_system_failure_past_its_retries_is_an_error_row_not_a_loss() {
     let h = harness().await;
-    h.fail_b_writes.store(true, Ordering::SeqCst);
+    h.b_writes.set(Writes::Fail);
     exec(&h.a, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'v1', 'X', 'small')");
     h.drain().await;
     let rows = h.stack.state().error_rows("j", &ErrorFilter::default()).await.unwrap();

@@ -3,69 +3,20 @@
 //! runner's housekeeping, which must never trim what is not yet read.
 mod common;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-use common::{create_apps, Flaky};
-use dualsync::adapters::embedded::EmbeddedDb;
+use common::{Local, Writes};
 use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
 use dualsync::domain::job::Side;
 use dualsync::domain::requests::RequestAction;
-use dualsync::ports::{ManualClock, OutMessage, Queue};
-use dualsync::runtime::local::LocalRuntime;
+use dualsync::ports::{OutMessage, Queue};
 use dualsync::runtime::worker::run_once;
 use dualsync::state::ErrorFilter;
-use dualsync::steps::{Failpoints, StepKind};
+use dualsync::steps::StepKind;
 
-struct H {
-    _dir: tempfile::TempDir,
-    rt: LocalRuntime,
-    a: PathBuf,
-    b: PathBuf,
-    clock: ManualClock,
-    fail_b_writes: Arc<AtomicBool>,
+async fn harness() -> Local {
+    Local::new().await
 }
 
-async fn harness() -> H {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    let def = create_apps(&a, &b);
-    let clock = ManualClock::new(1_700_000_000_000);
-    let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
-    let fail_b_writes = Arc::new(AtomicBool::new(false));
-    let registry = Arc::new(Flaky::new(fail_b_writes.clone()));
-    let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), Failpoints::default(), registry);
-    rt.apply(def).await.unwrap();
-    rt.start("j").await.unwrap();
-    H { _dir: dir, rt, a, b, clock, fail_b_writes }
-}
-
-impl H {
-    fn exec(&self, side: Side, sql: &str) {
-        common::exec(if side == Side::A { &self.a } else { &self.b }, sql)
-    }
-
-    fn query(&self, side: Side, sql: &str) -> i64 {
-        common::query(if side == Side::A { &self.a } else { &self.b }, sql)
-    }
-
-    /// Runs every step until nothing moves, letting retried messages come back.
-    async fn drain(&self) {
-        for _ in 0..100 {
-            while self.rt.pump().await.unwrap() > 0 {}
-            if self.rt.is_idle().await.unwrap() {
-                return;
-            }
-            self.clock.advance(301_000);
-        }
-        panic!("pipeline did not drain");
-    }
-
-    async fn errors(&self) -> Vec<SyncError> {
-        self.rt.state.error_rows("j", &ErrorFilter::default()).await.unwrap().into_iter().map(|(_, e)| e).collect()
-    }
-
+impl Local {
     async fn only_error(&self) -> SyncError {
         let errors = self.errors().await;
         assert_eq!(errors.len(), 1, "{errors:#?}");
@@ -100,7 +51,7 @@ fn notification(job: &str, app: &str, entity: &str, key: &[&str], company: Optio
 }
 
 /// The message is in the dead-letter queue, and a dead-letter row says why.
-async fn assert_dead_lettered(h: &H, reason: &str) {
+async fn assert_dead_lettered(h: &Local, reason: &str) {
     h.run_capture().await;
     assert!(h.rt.capture.is_empty().unwrap(), "{reason}: still on the capture queue");
     let dlq = h.rt.dead_letters[0].peek_all().unwrap();
@@ -300,7 +251,7 @@ async fn a_stale_change_of_a_record_the_other_side_lacks_is_delivered_not_skippe
 #[tokio::test]
 async fn system_failures_are_retried_with_backoff_then_recorded_and_retriable() {
     let h = harness().await;
-    h.fail_b_writes.store(true, Ordering::SeqCst);
+    h.controls[1].set(Writes::Fail);
     h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n', 'X', 'small')");
     // First delivery fails and the message comes back later, not at once.
     while h.rt.pump().await.unwrap() > 0 {}
@@ -315,7 +266,7 @@ async fn system_failures_are_retried_with_backoff_then_recorded_and_retriable() 
     assert_eq!(e.message, "503 service unavailable");
     assert!(h.rt.dead_letters[2].is_empty().unwrap());
     // The app recovers: a retry syncs the record.
-    h.fail_b_writes.store(false, Ordering::SeqCst);
+    h.controls[1].set(Writes::Work);
     h.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.unwrap();
     h.drain().await;
     assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners"), 1);

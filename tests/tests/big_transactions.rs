@@ -8,24 +8,23 @@
 //! by `DUALSYNC_BIG_TX_KEY_PAD` bytes (default 900): about four times the limit, in few rows, so
 //! that it stays quick on moto. The 100,000-row figures in the report are this test run by hand
 //! with 100000 rows and no padding.
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[macro_use]
 mod common;
 
-use common::{exec, query, Flaky};
-use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Usage};
-use dualsync::adapters::embedded::EmbeddedDb;
+use common::{apps_of, emulator, exec, query, Backend, FaultyRegistry, Local};
+use dualsync::adapters::aws::{bootstrap, Names, Usage};
 use dualsync::domain::change::{ChangeNotification, Key, Operation, Parts, TransactionNotification, MAX_MESSAGE_BYTES};
-use dualsync::domain::config::{parse_job, JobDef};
+use dualsync::domain::config::JobDef;
 use dualsync::domain::errors::{ErrorCategory, SyncError};
-use dualsync::ports::{ManualClock, OutMessage, Queue};
-use dualsync::runtime::local::LocalRuntime;
+use dualsync::domain::job::Side;
+use dualsync::ports::{OutMessage, Queue};
 use dualsync::runtime::verify::compare;
 use dualsync::state::{ErrorFilter, State};
-use dualsync::steps::{Failpoints, Metrics, StepKind, Steps};
+use dualsync::steps::{Metrics, StepKind, Steps};
 use dualsync_lambda::stack::Stack;
 
 /// `entries`: a two-part key and a company field. `parents` look up an entry by fields that
@@ -64,92 +63,85 @@ table_groups:
             fields: [{ a: pid, b: owner_id }]
 ";
 
-fn create_apps(a: &PathBuf, b: &PathBuf) -> JobDef {
-    let schema = |p: &PathBuf, sql: &str| rusqlite::Connection::open(p).unwrap().execute_batch(sql).unwrap();
-    schema(
+/// The apps' tables at `a` and `b`, with `rows_before_start` run in app `a` (before capture is
+/// installed); the job pointed at them.
+fn create_apps(a: &Path, b: &Path, rows_before_start: &str) -> JobDef {
+    let def = apps_of(
         a,
-        "CREATE TABLE entries (co TEXT, eno TEXT, label TEXT, PRIMARY KEY (co, eno));
-         CREATE TABLE parents (pid TEXT PRIMARY KEY, name TEXT, co TEXT, eno TEXT);
-         CREATE TABLE children (pid TEXT, cno INTEGER, label TEXT, PRIMARY KEY (pid, cno));",
-    );
-    schema(
         b,
-        "CREATE TABLE records (company TEXT, record_no TEXT, caption TEXT, PRIMARY KEY (company, record_no));
-         CREATE TABLE owners (owner_id TEXT PRIMARY KEY, title TEXT, company TEXT, record_no TEXT);
-         CREATE TABLE items (owner_id TEXT, item_no INTEGER, caption TEXT, PRIMARY KEY (owner_id, item_no));",
+        [
+            "CREATE TABLE entries (co TEXT, eno TEXT, label TEXT, PRIMARY KEY (co, eno));
+             CREATE TABLE parents (pid TEXT PRIMARY KEY, name TEXT, co TEXT, eno TEXT);
+             CREATE TABLE children (pid TEXT, cno INTEGER, label TEXT, PRIMARY KEY (pid, cno));",
+            "CREATE TABLE records (company TEXT, record_no TEXT, caption TEXT, PRIMARY KEY (company, record_no));
+             CREATE TABLE owners (owner_id TEXT PRIMARY KEY, title TEXT, company TEXT, record_no TEXT);
+             CREATE TABLE items (owner_id TEXT, item_no INTEGER, caption TEXT, PRIMARY KEY (owner_id, item_no));",
+        ],
+        JOB,
     );
-    let mut def = parse_job("job.yaml", JOB).unwrap();
-    def.apps[0].path = Some(a.display().to_string());
-    def.apps[1].path = Some(b.display().to_string());
+    if !rows_before_start.is_empty() {
+        rusqlite::Connection::open(a).unwrap().execute_batch(rows_before_start).unwrap();
+    }
     def
 }
 
 enum Pipeline {
-    Local { rt: LocalRuntime, clock: ManualClock },
-    Aws { stack: Arc<Stack> },
+    Local(Local),
+    Aws { _dir: tempfile::TempDir, a: PathBuf, b: PathBuf, stack: Arc<Stack> },
 }
 
 struct H {
-    _dir: tempfile::TempDir,
-    a: PathBuf,
-    b: PathBuf,
     pipeline: Pipeline,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Local,
-    Aws,
 }
 
 /// The apps (with `rows_before_start` run in app `a` before capture is installed), the job,
 /// started.
 async fn harness(backend: Backend, rows_before_start: &str) -> H {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    let def = create_apps(&a, &b);
-    if !rows_before_start.is_empty() {
-        rusqlite::Connection::open(&a).unwrap().execute_batch(rows_before_start).unwrap();
-    }
-    let apps = Arc::new(Flaky::new(Arc::new(AtomicBool::new(false))));
     let pipeline = match backend {
-        Backend::Local => {
-            let clock = ManualClock::new(1_700_000_000_000);
-            let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
-            let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), Failpoints::default(), apps);
-            rt.apply(def).await.unwrap();
-            rt.start("j").await.unwrap();
-            Pipeline::Local { rt, clock }
-        }
+        Backend::Local => Pipeline::Local(Local::with(|a, b| create_apps(a, b, rows_before_start)).await),
         Backend::Aws => {
-            let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT").expect(
-                "DUALSYNC_TEST_AWS_ENDPOINT is not set: run the tests with ./scripts/test, which starts moto server",
-            );
-            for (k, v) in
-                [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")]
-            {
-                if std::env::var_os(k).is_none() {
-                    std::env::set_var(k, v);
-                }
-            }
-            let sdk = sdk_config(Some(&endpoint)).await;
+            let dir = tempfile::tempdir().unwrap();
+            let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+            let def = create_apps(&a, &b, rows_before_start);
+            let sdk = emulator().await;
             let names = Names::new(&format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
             let resources = bootstrap(&sdk, &names).await.expect("bootstrap");
+            let (apps, _) = FaultyRegistry::fresh();
             let stack = Arc::new(Stack::with_apps(&sdk, &resources, Arc::new(Usage::default()), apps));
             stack.state().apply_job(def).await.unwrap();
             stack.start("j").await.unwrap();
-            Pipeline::Aws { stack }
+            Pipeline::Aws { _dir: dir, a, b, stack }
         }
     };
-    H { _dir: dir, a, b, pipeline }
+    H { pipeline }
 }
 
 impl H {
     fn steps(&self) -> &Steps {
         match &self.pipeline {
-            Pipeline::Local { rt, .. } => &rt.steps,
-            Pipeline::Aws { stack } => stack.steps(),
+            Pipeline::Local(l) => &l.rt.steps,
+            Pipeline::Aws { stack, .. } => stack.steps(),
         }
+    }
+
+    /// App `b`'s database.
+    fn b(&self) -> &Path {
+        match &self.pipeline {
+            Pipeline::Local(l) => &l.b,
+            Pipeline::Aws { b, .. } => b,
+        }
+    }
+
+    /// One app transaction in app `a`.
+    fn exec_a(&self, sql: &str) {
+        match &self.pipeline {
+            Pipeline::Local(l) => l.exec(Side::A, sql),
+            Pipeline::Aws { a, .. } => exec(a, sql),
+        }
+    }
+
+    fn query_b(&self, sql: &str) -> i64 {
+        query(self.b(), sql)
     }
 
     fn state(&self) -> &State {
@@ -158,8 +150,8 @@ impl H {
 
     fn capture_queue(&self) -> &dyn Queue {
         match &self.pipeline {
-            Pipeline::Local { rt, .. } => rt.queue(StepKind::Capture).as_ref(),
-            Pipeline::Aws { stack } => stack.handlers[0].input(),
+            Pipeline::Local(l) => l.rt.queue(StepKind::Capture).as_ref(),
+            Pipeline::Aws { stack, .. } => stack.handlers[0].input(),
         }
     }
 
@@ -167,17 +159,8 @@ impl H {
     async fn drain(&self) {
         let started = Instant::now();
         match &self.pipeline {
-            Pipeline::Local { rt, clock } => {
-                for _ in 0..100 {
-                    while rt.pump().await.unwrap() > 0 {}
-                    if rt.is_idle().await.unwrap() {
-                        return;
-                    }
-                    clock.advance(301_000);
-                }
-                panic!("pipeline did not drain");
-            }
-            Pipeline::Aws { stack } => loop {
+            Pipeline::Local(l) => l.drain().await,
+            Pipeline::Aws { stack, .. } => loop {
                 let moved = stack.pump_feeds(1000).await.unwrap();
                 let handled = stack.poll_round().await.unwrap().len();
                 if moved + handled == 0 {
@@ -225,17 +208,16 @@ impl H {
             _ => StepKind::Deliver,
         };
         match &self.pipeline {
-            Pipeline::Local { rt, .. } => rt.queue(kind).name().to_string(),
-            Pipeline::Aws { stack } => stack.handlers[kind as usize].input().name().to_string(),
+            Pipeline::Local(l) => l.rt.queue(kind).name().to_string(),
+            Pipeline::Aws { stack, .. } => stack.handlers[kind as usize].input().name().to_string(),
         }
     }
 
     /// Seq of the first change-log row of an entity in app `b` whose key mentions `key`.
     fn first_write(&self, entity: &str, key: &str) -> i64 {
-        query(
-            &self.b,
-            &format!("SELECT min(seq) FROM _dualsync_changes WHERE entity = '{entity}' AND key LIKE '%\"{key}%'"),
-        )
+        self.query_b(&format!(
+            "SELECT min(seq) FROM _dualsync_changes WHERE entity = '{entity}' AND key LIKE '%\"{key}%'"
+        ))
     }
 }
 
@@ -267,19 +249,6 @@ fn lines_then_header(n: usize, pid: &str) -> String {
     )
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod local {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Local).await })*
-        }
-        mod aws {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Aws).await })*
-        }
-    };
-}
-
 on_both_backends!(
     a_transaction_several_times_the_queue_limit_syncs,
     a_key_too_long_to_store_is_an_error_row_of_its_own
@@ -301,18 +270,18 @@ mod local_only {
 /// 3,000 lines, each one app transaction, in the same batches as an unrelated transaction.
 async fn big_transactions_sync_in_order_beside_an_unrelated_one(backend: Backend) {
     let h = harness(backend, "").await;
-    exec(&h.a, "INSERT INTO entries (co, eno, label) VALUES ('X', 'unrelated', 'small')");
-    exec(&h.a, &entries_then_parent(3000, "q1", 0));
-    exec(&h.a, &lines_then_header(3000, "p1"));
-    exec(&h.a, "INSERT INTO entries (co, eno, label) VALUES ('X', 'unrelated-after', 'small')");
+    h.exec_a("INSERT INTO entries (co, eno, label) VALUES ('X', 'unrelated', 'small')");
+    h.exec_a(&entries_then_parent(3000, "q1", 0));
+    h.exec_a(&lines_then_header(3000, "p1"));
+    h.exec_a("INSERT INTO entries (co, eno, label) VALUES ('X', 'unrelated-after', 'small')");
     h.drain().await;
     let errors = h.errors().await;
     assert!(errors.is_empty(), "{errors:#?}");
     h.assert_no_dead_letters().await;
     h.assert_converged().await;
-    assert_eq!(query(&h.b, "SELECT count(*) FROM records"), 3003);
-    assert_eq!(query(&h.b, "SELECT count(*) FROM items"), 3000);
-    assert_eq!(query(&h.b, "SELECT count(*) FROM owners"), 2);
+    assert_eq!(h.query_b("SELECT count(*) FROM records"), 3003);
+    assert_eq!(h.query_b("SELECT count(*) FROM items"), 3000);
+    assert_eq!(h.query_b("SELECT count(*) FROM owners"), 2);
     // Parent before child across the parts of one transaction.
     assert!(h.first_write("records", "entry-00000000") < h.first_write("owners", "q1"), "q1 before its entry");
     assert!(h.first_write("owners", "p1") < h.first_write("items", "p1"), "a line before its header");
@@ -322,18 +291,18 @@ async fn big_transactions_sync_in_order_beside_an_unrelated_one(backend: Backend
 async fn a_transaction_several_times_the_queue_limit_syncs(backend: Backend) {
     let (n, pad) = (env("DUALSYNC_BIG_TX_ROWS", 1000), env("DUALSYNC_BIG_TX_KEY_PAD", 900));
     let h = harness(backend, "").await;
-    exec(&h.a, "INSERT INTO entries (co, eno, label) VALUES ('X', 'unrelated', 'small')");
+    h.exec_a("INSERT INTO entries (co, eno, label) VALUES ('X', 'unrelated', 'small')");
     let tx = entries_then_parent(n, "q1", pad);
     assert!(tx.len() > 3 * 256 * 1024, "{} bytes of SQL: not several times the limit", tx.len());
-    exec(&h.a, &tx);
+    h.exec_a(&tx);
     let started = Instant::now();
     h.drain().await;
     eprintln!("{backend:?}: a transaction of {} rows synced in {:.1} s", n + 1, started.elapsed().as_secs_f64());
     let errors = h.errors().await;
     assert!(errors.is_empty(), "{:#?}", &errors[..errors.len().min(5)]);
     h.assert_no_dead_letters().await;
-    assert_eq!(query(&h.b, "SELECT count(*) FROM records") as usize, n + 1);
-    assert_eq!(query(&h.b, "SELECT count(*) FROM owners"), 1);
+    assert_eq!(h.query_b("SELECT count(*) FROM records") as usize, n + 1);
+    assert_eq!(h.query_b("SELECT count(*) FROM owners"), 1);
     assert!(h.first_write("records", "entry-00000000") < h.first_write("owners", "q1"), "q1 before its entry");
 }
 
@@ -385,7 +354,7 @@ async fn parts_of_a_transaction_are_deduped_each_on_its_own(backend: Backend) {
     assert!(errors.is_empty(), "{errors:#?}");
     h.assert_no_dead_letters().await;
     assert_eq!(Metrics::get(&h.steps().metrics.captured), 3002, "every change captured once");
-    assert_eq!(query(&h.b, "SELECT count(*) FROM items"), 3000);
+    assert_eq!(h.query_b("SELECT count(*) FROM items"), 3000);
     assert!(h.first_write("owners", "p1") < h.first_write("items", "p1"), "a line before its header");
     h.assert_converged().await;
 }
@@ -395,15 +364,12 @@ async fn parts_of_a_transaction_are_deduped_each_on_its_own(backend: Backend) {
 async fn a_key_too_long_to_store_is_an_error_row_of_its_own(backend: Backend) {
     let h = harness(backend, "").await;
     let (long, huge) = ("k".repeat(2100), "h".repeat(300_000));
-    exec(
-        &h.a,
-        &format!(
-            "INSERT INTO entries (co, eno, label) VALUES ('X', 'fine', 'x'), ('X', '{long}', 'too long');
+    h.exec_a(&format!(
+        "INSERT INTO entries (co, eno, label) VALUES ('X', 'fine', 'x'), ('X', '{long}', 'too long');
              INSERT INTO children (pid, cno, label) VALUES ('{long}', 1, 'too long');
              INSERT INTO entries (co, eno, label) VALUES ('X', '{huge}', 'larger than a message');"
-        ),
-    );
-    exec(&h.a, "INSERT INTO entries (co, eno, label) VALUES ('X', 'other', 'y')");
+    ));
+    h.exec_a("INSERT INTO entries (co, eno, label) VALUES ('X', 'other', 'y')");
     h.drain().await;
     let errors = h.errors().await;
     assert_eq!(errors.len(), 3, "{errors:#?}");
@@ -414,6 +380,6 @@ async fn a_key_too_long_to_store_is_an_error_row_of_its_own(backend: Backend) {
     let told = |what: &str| errors.iter().filter(|e| e.message.contains(what)).count();
     assert_eq!(told("too long to store"), 2, "{errors:#?}");
     assert_eq!(told("more than a queue message holds"), 1, "{errors:#?}");
-    assert_eq!(query(&h.b, "SELECT count(*) FROM records"), 2, "the other changes synced");
+    assert_eq!(h.query_b("SELECT count(*) FROM records"), 2, "the other changes synced");
     h.assert_no_dead_letters().await;
 }

@@ -3,15 +3,15 @@
 //! queries and stable paging, counts, retry and dismiss requests with their limits, refusals and
 //! progress, pause and resume, the alert rule, dead letters and their redrive, and the admin API
 //! over each backend.
+#[macro_use]
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{create_apps, Flaky};
-use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Usage};
+use common::{create_apps, emulator, Backend, FaultyRegistry};
+use dualsync::adapters::aws::{bootstrap, Names, Usage};
 use dualsync::adapters::embedded::EmbeddedDb;
 use dualsync::admin::{Admin, AdminError, Redrive};
 use dualsync::domain::errors::{DeadLetterStatus, ErrorCategory, ErrorStatus, SyncError};
@@ -37,18 +37,12 @@ struct H {
     admin: Admin,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Local,
-    Aws,
-}
-
 async fn harness(backend: Backend, alert: Option<AlertRule>) -> H {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
     let mut def = create_apps(&a, &b);
     def.alert = alert;
-    let apps = Arc::new(Flaky::new(Arc::new(AtomicBool::new(false))));
+    let (apps, _) = FaultyRegistry::fresh();
     let (pipeline, admin) = match backend {
         Backend::Local => {
             let clock = ManualClock::new(1_700_000_000_000);
@@ -58,17 +52,7 @@ async fn harness(backend: Backend, alert: Option<AlertRule>) -> H {
             (Pipeline::Local { rt, clock }, admin)
         }
         Backend::Aws => {
-            let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT").expect(
-                "DUALSYNC_TEST_AWS_ENDPOINT is not set: run the tests with ./scripts/test, which starts moto server",
-            );
-            for (k, v) in
-                [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")]
-            {
-                if std::env::var_os(k).is_none() {
-                    std::env::set_var(k, v);
-                }
-            }
-            let sdk = sdk_config(Some(&endpoint)).await;
+            let sdk = emulator().await;
             let names = Names::new(&format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
             let resources = bootstrap(&sdk, &names).await.expect("bootstrap");
             let usage = Arc::new(Usage::default());
@@ -169,20 +153,6 @@ impl H {
 
 fn application() -> ErrorFilter {
     ErrorFilter { category: Some(ErrorCategory::Application), ..Default::default() }
-}
-
-/// Runs a test body on the embedded runner and on the Lambda handlers over moto.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod local {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Local).await })*
-        }
-        mod aws {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Aws).await })*
-        }
-    };
 }
 
 on_both_backends!(

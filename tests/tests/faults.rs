@@ -5,85 +5,18 @@
 //! first seen child before parent. Each test failed before its fix.
 mod common;
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use common::{create_apps, Control, FaultyRegistry, Writes};
-use dualsync::adapters::embedded::EmbeddedDb;
-use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
+use common::{Local, Writes};
+use dualsync::domain::errors::{ErrorCategory, ErrorStatus};
 use dualsync::domain::job::{JobStatus, Side};
 use dualsync::domain::requests::RequestAction;
-use dualsync::ports::ManualClock;
-use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::ErrorFilter;
-use dualsync::steps::{Failpoints, StepKind};
+use dualsync::steps::StepKind;
 
-struct H {
-    _dir: tempfile::TempDir,
-    a: PathBuf,
-    b: PathBuf,
-    rt: Arc<LocalRuntime>,
-    clock: ManualClock,
-    controls: [Control; 2],
-}
-
-async fn harness() -> H {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    let def = create_apps(&a, &b);
-    let controls = [Control::new(), Control::new()];
-    let registry = Arc::new(FaultyRegistry::new(controls.clone()));
-    let clock = ManualClock::new(1_700_000_000_000);
-    let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
-    let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), Failpoints::default(), registry);
-    rt.apply(def).await.unwrap();
-    rt.start("j").await.unwrap();
-    H { _dir: dir, a, b, rt: Arc::new(rt), clock, controls }
-}
-
-impl H {
-    fn path(&self, side: Side) -> &PathBuf {
-        if side == Side::A {
-            &self.a
-        } else {
-            &self.b
-        }
-    }
-    fn exec(&self, side: Side, sql: &str) {
-        common::exec(self.path(side), sql)
-    }
-    fn text(&self, side: Side, sql: &str) -> Option<String> {
-        use rusqlite::OptionalExtension;
-        rusqlite::Connection::open(self.path(side)).unwrap().query_row(sql, [], |r| r.get(0)).optional().unwrap()
-    }
-    fn count(&self, side: Side, sql: &str) -> i64 {
-        common::query(self.path(side), sql)
-    }
-    /// The change logs into capture, and one batch of each of capture and sequence.
-    async fn capture_and_sequence(&self) {
-        self.rt.pump_feeds(1000).await.unwrap();
-        self.rt.step_once(StepKind::Capture).await.unwrap();
-        self.rt.step_once(StepKind::Sequence).await.unwrap();
-    }
-    /// Every step until nothing moves, letting retry delays pass.
-    async fn drain(&self) {
-        for _ in 0..200 {
-            while self.rt.pump().await.unwrap() > 0 {}
-            if self.rt.is_idle().await.unwrap() {
-                return;
-            }
-            self.clock.advance(301_000);
-        }
-        panic!("pipeline did not drain");
-    }
-    async fn rows(&self, status: ErrorStatus) -> Vec<SyncError> {
-        let filter = ErrorFilter { status: Some(status), ..Default::default() };
-        self.rt.state.error_rows("j", &filter).await.unwrap().into_iter().map(|(_, r)| r).collect()
-    }
-    /// Open rows an operator would act on (concurrency skips are informational).
-    async fn open_rows(&self) -> Vec<SyncError> {
-        self.rows(ErrorStatus::Open).await.into_iter().filter(|r| r.retriable).collect()
-    }
+/// The change logs into capture, and one batch of each of capture and sequence.
+async fn capture_and_sequence(h: &Local) {
+    h.rt.pump_feeds(1000).await.unwrap();
+    h.rt.step_once(StepKind::Capture).await.unwrap();
+    h.rt.step_once(StepKind::Sequence).await.unwrap();
 }
 
 /// Item 2: primary A; p1 synced; the write of A's edit to B fails; B's user then edits p1.
@@ -92,14 +25,14 @@ impl H {
 #[tokio::test]
 async fn a_failed_write_is_never_taken_for_a_landed_one() {
     for failure in [Writes::Fail, Writes::Refuse] {
-        let h = harness().await;
+        let h = Local::new().await;
         h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n0', 'X', 'small')");
         h.drain().await;
         assert_eq!(h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p1'").as_deref(), Some("n0"));
 
         h.exec(Side::A, "UPDATE parents SET name = 'a1' WHERE pid = 'p1'");
         h.controls[1].set(failure);
-        h.capture_and_sequence().await;
+        capture_and_sequence(&h).await;
         h.rt.step_once(StepKind::Deliver).await.unwrap();
         assert_eq!(h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p1'").as_deref(), Some("n0"));
         h.exec(Side::B, "UPDATE owners SET title = 'b1' WHERE owner_id = 'p1'");
@@ -135,9 +68,9 @@ async fn a_failed_write_is_never_taken_for_a_landed_one() {
 /// write (the live delete runs then and finds nothing on A), ends absent on both sides.
 #[tokio::test]
 async fn a_delete_racing_a_first_delivery_leaves_no_record_behind() {
-    let h = harness().await;
+    let h = Local::new().await;
     h.exec(Side::B, "INSERT INTO owners (owner_id, title, company, kind_code) VALUES ('p2', 't', 'X', 1)");
-    h.capture_and_sequence().await;
+    capture_and_sequence(&h).await;
     let (rt, b) = (h.rt.clone(), h.b.clone());
     *h.controls[0].before_write.lock().unwrap() = Some(Box::new(move || {
         Box::pin(async move {
@@ -149,8 +82,8 @@ async fn a_delete_racing_a_first_delivery_leaves_no_record_behind() {
     h.rt.step_once(StepKind::Deliver).await.unwrap();
     assert!(h.controls[0].before_write.lock().unwrap().is_none(), "the delete ran between read and write");
     h.drain().await;
-    assert_eq!(h.count(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p2'"), 0);
-    assert_eq!(h.count(Side::A, "SELECT count(*) FROM parents WHERE pid = 'p2'"), 0, "present on A only");
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p2'"), 0);
+    assert_eq!(h.query(Side::A, "SELECT count(*) FROM parents WHERE pid = 'p2'"), 0, "present on A only");
     assert!(h.open_rows().await.is_empty());
 }
 
@@ -159,7 +92,7 @@ async fn a_delete_racing_a_first_delivery_leaves_no_record_behind() {
 /// echo in that app's change log is not a user's delete.
 #[tokio::test]
 async fn a_delete_and_create_again_on_one_side_ends_present_on_both() {
-    let h = harness().await;
+    let h = Local::new().await;
     for id in ["p3", "p4"] {
         h.exec(Side::A, &format!("INSERT INTO parents (pid, name, co, kind) VALUES ('{id}', 'n0', 'X', 'small')"));
     }
@@ -185,13 +118,13 @@ async fn a_delete_and_create_again_on_one_side_ends_present_on_both() {
 /// queue for it, no error row), and start delivers them in order.
 #[tokio::test]
 async fn stopping_a_job_loses_nothing() {
-    let h = harness().await;
+    let h = Local::new().await;
     h.exec(
         Side::A,
         "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'n', 'X', 'small');
          INSERT INTO children (pid, cno, label) VALUES ('p5', 1, 'c1'), ('p5', 2, 'c2');",
     );
-    h.capture_and_sequence().await;
+    capture_and_sequence(&h).await;
     h.rt.stop("j").await.unwrap();
     // Long past every retry the queue would make.
     for _ in 0..10 {
@@ -200,12 +133,12 @@ async fn stopping_a_job_loses_nothing() {
     }
     let dead = h.rt.dead_letters[StepKind::Deliver as usize].depth().unwrap();
     assert_eq!(dead.visible + dead.in_flight, 0, "dead-lettered for being stopped");
-    assert_eq!(h.count(Side::B, "SELECT count(*) FROM items"), 0, "a stopped job moved data");
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM items"), 0, "a stopped job moved data");
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
     h.rt.start("j").await.unwrap();
     h.drain().await;
-    assert_eq!(h.count(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p5'"), 1);
-    assert_eq!(h.count(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p5'"), 2);
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p5'"), 1);
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p5'"), 2);
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
     assert_eq!(h.rt.state.job("j").await.unwrap().1, JobStatus::Active);
 }
@@ -215,7 +148,7 @@ async fn stopping_a_job_loses_nothing() {
 /// longer exists on either side is closed with that reason.
 #[tokio::test]
 async fn missing_references_mend_themselves() {
-    let h = harness().await;
+    let h = Local::new().await;
     h.exec(Side::A, "INSERT INTO children (pid, cno, label) VALUES ('p6', 1, 'c1')");
     h.drain().await;
     let open = h.open_rows().await;
@@ -223,7 +156,7 @@ async fn missing_references_mend_themselves() {
     assert!(open[0].message.starts_with("missing reference: parents/p6"), "{}", open[0].message);
     h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p6', 'n', 'X', 'small')");
     h.drain().await;
-    assert_eq!(h.count(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p6'"), 1, "the child went again");
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p6'"), 1, "the child went again");
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
 
     // An orphan deleted where it was made: its row closes, with the reason.
@@ -233,7 +166,7 @@ async fn missing_references_mend_themselves() {
     h.exec(Side::A, "DELETE FROM children WHERE pid = 'p7'");
     h.drain().await;
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
-    let closed = h.rows(ErrorStatus::Resolved).await;
+    let closed = h.rows(ErrorFilter { status: Some(ErrorStatus::Resolved), ..Default::default() }).await;
     assert!(
         closed.iter().any(|r| r.key.0 == ["p7", "1"] && r.message.contains("no longer exists on either side")),
         "{closed:?}"
@@ -244,7 +177,7 @@ async fn missing_references_mend_themselves() {
 /// first seen in: a line first seen before its header goes after it, and both sync.
 #[tokio::test]
 async fn a_retry_request_delivers_parents_before_children() {
-    let h = harness().await;
+    let h = Local::new().await;
     // B refuses everything for now: the line fails first, then its header.
     h.controls[1].set(Writes::Refuse);
     h.exec(Side::A, "INSERT INTO children (pid, cno, label) VALUES ('p8', 1, 'c1')");
@@ -262,7 +195,7 @@ async fn a_retry_request_delivers_parents_before_children() {
     h.drain().await;
     let r = h.rt.admin().request("j", &id).await.unwrap();
     assert_eq!((r.progress.selected, r.progress.done, r.progress.succeeded, r.progress.still_failing), (2, 2, 2, 0));
-    assert_eq!(h.count(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p8'"), 1);
-    assert_eq!(h.count(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p8'"), 1);
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM owners WHERE owner_id = 'p8'"), 1);
+    assert_eq!(h.query(Side::B, "SELECT count(*) FROM items WHERE owner_id = 'p8'"), 1);
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
 }

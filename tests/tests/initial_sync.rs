@@ -3,95 +3,54 @@
 //! has a retriable error row, so an operator's retry reaches it.
 mod common;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-use common::{create_apps, Flaky};
-use dualsync::adapters::embedded::EmbeddedDb;
-use dualsync::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
+use common::{create_apps, Local, Writes};
+use dualsync::domain::errors::{ErrorCategory, ErrorStatus};
 use dualsync::domain::job::Side;
 use dualsync::domain::requests::RequestAction;
-use dualsync::ports::ManualClock;
-use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::ErrorFilter;
-use dualsync::steps::Failpoints;
-
-struct H {
-    _dir: tempfile::TempDir,
-    rt: LocalRuntime,
-    b: PathBuf,
-    clock: ManualClock,
-    fail_b_writes: Arc<AtomicBool>,
-}
 
 /// Two apps where A already holds parents p1..p5 (written before the job existed, so only an
-/// initial sync copies them), and B's writes fail while `fail_b_writes` is set.
-async fn harness() -> H {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
-    let def = create_apps(&a, &b);
-    let conn = rusqlite::Connection::open(&a).unwrap();
-    for n in 1..=5 {
-        conn.execute("INSERT INTO parents (pid, name, co, kind) VALUES (?1, 'n', 'X', 'small')", [format!("p{n}")])
-            .unwrap();
-    }
-    let clock = ManualClock::new(1_700_000_000_000);
-    let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
-    let fail_b_writes = Arc::new(AtomicBool::new(false));
-    let registry = Arc::new(Flaky::new(fail_b_writes.clone()));
-    let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), Failpoints::default(), registry);
-    rt.apply(def).await.unwrap();
-    rt.start("j").await.unwrap();
-    H { _dir: dir, rt, b, clock, fail_b_writes }
+/// initial sync copies them).
+async fn harness() -> Local {
+    Local::with(|a, b| {
+        let def = create_apps(a, b);
+        let conn = rusqlite::Connection::open(a).unwrap();
+        for n in 1..=5 {
+            conn.execute("INSERT INTO parents (pid, name, co, kind) VALUES (?1, 'n', 'X', 'small')", [format!("p{n}")])
+                .unwrap();
+        }
+        def
+    })
+    .await
 }
 
-impl H {
-    fn owners(&self) -> Vec<String> {
-        let conn = rusqlite::Connection::open(&self.b).unwrap();
-        let mut st = conn.prepare("SELECT owner_id FROM owners ORDER BY owner_id").unwrap();
-        st.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
-    }
+fn owners(h: &Local) -> Vec<String> {
+    let conn = rusqlite::Connection::open(&h.b).unwrap();
+    let mut st = conn.prepare("SELECT owner_id FROM owners ORDER BY owner_id").unwrap();
+    st.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+}
 
-    async fn errors(&self) -> Vec<SyncError> {
-        self.rt.state.error_rows("j", &ErrorFilter::default()).await.unwrap().into_iter().map(|(_, e)| e).collect()
-    }
-
-    /// Runs every step until nothing moves, letting retried messages come back.
-    async fn drain(&self) {
-        for _ in 0..100 {
-            while self.rt.pump().await.unwrap() > 0 {}
-            if self.rt.is_idle().await.unwrap() {
-                return;
+/// An initial sync from A in pages of two parents, with B's writes failing for the second page
+/// only: p3 and p4.
+async fn sync_failing_second_page(h: &Local) -> dualsync::steps::initial_sync::InitialSyncReport {
+    let b = h.controls[1].clone();
+    let mut parent_pages = 0;
+    h.rt.steps
+        .initial_sync("j", Side::A, 2, move |map, _| {
+            if map == "parents" {
+                parent_pages += 1;
+                b.set(if parent_pages == 1 { Writes::Fail } else { Writes::Work });
             }
-            self.clock.advance(301_000);
-        }
-        panic!("pipeline did not drain");
-    }
-
-    /// An initial sync from A in pages of two parents, with B's writes failing for the second
-    /// page only: p3 and p4.
-    async fn sync_failing_second_page(&self) -> dualsync::steps::initial_sync::InitialSyncReport {
-        let fail = self.fail_b_writes.clone();
-        let mut parent_pages = 0;
-        self.rt
-            .steps
-            .initial_sync("j", Side::A, 2, move |map, _| {
-                if map == "parents" {
-                    parent_pages += 1;
-                    fail.store(parent_pages == 1, Ordering::SeqCst);
-                }
-            })
-            .await
-            .unwrap()
-    }
+        })
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn records_of_a_page_whose_writes_fail_get_retriable_rows_and_a_retry_syncs_them() {
     let h = harness().await;
-    let report = h.sync_failing_second_page().await;
-    assert_eq!(h.owners(), ["p1", "p2", "p5"], "the pages before and after the failed one are copied");
+    let report = sync_failing_second_page(&h).await;
+    assert_eq!(owners(&h), ["p1", "p2", "p5"], "the pages before and after the failed one are copied");
 
     // Every record not synced has a retriable system error row, naming it.
     let mut errors = h.errors().await;
@@ -115,7 +74,7 @@ async fn records_of_a_page_whose_writes_fail_get_retriable_rows_and_a_retry_sync
     // ...and a retry of the rows reaches the records once B is back.
     h.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.unwrap();
     h.drain().await;
-    assert_eq!(h.owners(), ["p1", "p2", "p3", "p4", "p5"]);
+    assert_eq!(owners(&h), ["p1", "p2", "p3", "p4", "p5"]);
     let errors = h.errors().await;
     assert!(errors.iter().all(|e| e.status == ErrorStatus::Resolved), "{errors:#?}");
 }
@@ -125,12 +84,12 @@ async fn a_restarted_initial_sync_goes_through_records_with_open_rows_again() {
     // Restarting from the beginning delivers every record again: the failed ones sync and
     // their rows are resolved, the copied ones are found in step.
     let h = harness().await;
-    h.sync_failing_second_page().await;
+    sync_failing_second_page(&h).await;
     assert_eq!(h.errors().await.len(), 2);
     dualsync::steps::initial_sync::reset_checkpoints(&h.rt.state, "j", "a").await.unwrap();
     let report = h.rt.steps.initial_sync("j", Side::A, 2, |_, _| {}).await.unwrap();
     assert_eq!((report.records, report.system_errors), (5, 0), "{report:?}");
-    assert_eq!(h.owners(), ["p1", "p2", "p3", "p4", "p5"]);
+    assert_eq!(owners(&h), ["p1", "p2", "p3", "p4", "p5"]);
     let errors = h.errors().await;
     assert!(errors.iter().all(|e| e.status == ErrorStatus::Resolved), "{errors:#?}");
 }

@@ -17,7 +17,13 @@
 //!    step. 2. `primary_wins_concurrent_edits`: rounds of edits, then the pipeline: the primary's
 //!    value where both sides edited, a conflict row naming it. 3. `redelivery_changes_nothing`:
 //!    every message received, sent again after the drain, changes no value and no version.
-//!    The `found_*` tests are the minimal cases the properties shrank library bugs to.
+//!    1c. `converges_under_faults`: deletes, app writes that fail, are refused or land and time
+//!    out, edits between a delivery's read and its write, the job stopped and paused, retry
+//!    requests, and two deliver workers on the same messages at once (a redelivery racing the
+//!    delivery under way, their connector calls interleaved at random). A transaction over the
+//!    queue limit takes a second a case, so it runs as a fixed case under faults
+//!    (`a_transaction_over_the_queue_limit_converges_under_faults`) rather than in the random
+//!    actions. The `found_*` tests are the minimal cases the properties shrank library bugs to.
 //!
 //! "No change is lost" is checked with the history of the users' edits: every value ever written
 //! is unique, and the test remembers, for each edit, the value it replaced on its side (and what
@@ -26,8 +32,7 @@
 //! top of a value is newer than it, so that value winning over it is a lost update, whatever the
 //! primary.
 //!
-//! Cases per property: `PROPTEST_CASES` when set, else the defaults below (2,100 in all: under a
-//! minute and a half in a debug build on two cores).
+//! Cases per property: `PROPTEST_CASES` when set, else the defaults below (5,100 in all).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -45,9 +50,9 @@ use dualsync::domain::requests::RequestAction;
 use dualsync::ports::{ManualClock, OutMessage, Queue};
 use dualsync::runtime::local::{LocalRuntime, BATCH};
 use dualsync::runtime::verify;
-use dualsync::runtime::worker::run_once;
+use dualsync::runtime::worker::{run_once, settle};
 use dualsync::state::ErrorFilter;
-use dualsync::steps::{Failpoints, LoadedJob, StepKind};
+use dualsync::steps::{Failpoints, LoadedJob, StepError, StepKind};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
@@ -68,12 +73,22 @@ const CASES_FAULTS: u32 = 3000;
 const PARENTS: u8 = 3;
 const CHILDREN: u8 = 2;
 
+/// A transaction over the queue limit ([`Action::BigEdit`]): a parent and this many children,
+/// under a transaction id this long. Every change reference carries its transaction id, so the
+/// transaction's captured form, and its lane once sequenced, take more than one queue message
+/// (`MAX_MESSAGE_BYTES`, 240 KiB): capture keeps it in pieces and sequence reads it back whole,
+/// then splits the lane across messages of its FIFO group. The id stays within what capture's
+/// dedupe item can hold (a 2,048-byte partition key).
+const BIG_CHILDREN: u8 = 130;
+const BIG_TXID_BYTES: usize = 1900;
+
 /// Queues give a message back after 30 s; moving the clock this far makes it visible again.
 const PAST_VISIBILITY_MS: i64 = 31_000;
 
-/// A message received 5 times goes to the dead-letter queue. Crashes are the only failed
-/// receives here, so at most 4 between two drains keep every message out of it: further crash
-/// actions run their step without crashing.
+/// A message received 5 times goes to the dead-letter queue. At most 4 crashes between two
+/// drains, each only while every message of its queue has been received fewer than 4 times
+/// (system failures, such as an app's time-out, count receives too), keep every message out of
+/// it: further crash actions run their step without crashing.
 const MAX_CRASHES: usize = 4;
 
 const DRAIN_ROUNDS: usize = 200;
@@ -247,7 +262,7 @@ fn delete_rec(conn: &mut Connection, side: Side, r: Rec, txid: &str) -> Vec<Rec>
         let mut gone = Vec::new();
         match r {
             Rec::Parent(p) => {
-                for c in 1..=CHILDREN {
+                for c in 1..=BIG_CHILDREN {
                     if Rec::Child(p, c).value(tx, side).is_some() {
                         gone.push(Rec::Child(p, c));
                     }
@@ -321,6 +336,9 @@ enum Action {
     Duplicate { step: StepKind, pick: Index },
     /// Move the clock.
     Advance { ms: i64 },
+    /// One app transaction over the queue limit: the parent and children `1..=BIG_CHILDREN`
+    /// of it, with fresh values, under a long transaction id (see [`BIG_CHILDREN`]).
+    BigEdit { side: Side, parent: u8 },
     /// One app transaction deleting the record (a parent with its children).
     Delete { side: Side, rec: Rec },
     /// From now on, side's app writes like this.
@@ -332,6 +350,13 @@ enum Action {
     Lifecycle(Op),
     /// The operator retries every open error.
     Retry,
+    /// Two deliver workers on the same messages: the first receives up to `batch` of them, the
+    /// visibility timeout passes and the second receives them again (a redelivery, with what
+    /// follows in their groups, racing the delivery still under way, as when an invocation
+    /// outlives the timeout). Both run at once on one thread, each connector call yielding to
+    /// the other worker first where the next bit of `yields` is set (see `Control::yields`), so
+    /// both may read before either writes.
+    TwoWorkers { batch: usize, yields: u64 },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -351,6 +376,7 @@ impl std::fmt::Debug for Action {
             Action::Crash { point, batch } => write!(f, "Crash({}, {batch})", POINTS[*point].0),
             Action::Duplicate { step, pick } => write!(f, "Duplicate({step:?}, {:?})", pick),
             Action::Advance { ms } => write!(f, "Advance({ms})"),
+            Action::BigEdit { side, parent } => write!(f, "BigEdit({side:?}, p{parent})"),
             Action::Delete { side, rec } => write!(f, "Delete({side:?}, {rec:?})"),
             Action::Fault { side, writes } => write!(f, "Fault({side:?}, {writes:?})"),
             Action::DuringWrite { target, side, rec, delete } => {
@@ -358,6 +384,7 @@ impl std::fmt::Debug for Action {
             }
             Action::Lifecycle(op) => write!(f, "{op:?}"),
             Action::Retry => write!(f, "Retry"),
+            Action::TwoWorkers { batch, yields } => write!(f, "TwoWorkers({batch}, {yields:#x})"),
         }
     }
 }
@@ -394,11 +421,12 @@ fn chaos_action() -> impl Strategy<Value = Action> {
 }
 
 fn fault_action() -> impl Strategy<Value = Action> {
-    // Not yet `Writes::LandThenFail` (a write that lands and answers like a time-out): with deletes
-    // and crashes around it, about one case in 3,000 still ends with a lost update (issue 9 note).
-    // Its fixed case, `found_a_failed_write_then_an_edit_of_its_target_is_a_conflict_the_primary_wins`,
-    // runs it.
-    let writes = prop_oneof![3 => Just(Writes::Work), 1 => Just(Writes::Fail), 1 => Just(Writes::Refuse)];
+    let writes = prop_oneof![
+        3 => Just(Writes::Work),
+        1 => Just(Writes::Fail),
+        1 => Just(Writes::Refuse),
+        1 => Just(Writes::LandThenFail),
+    ];
     let op = prop_oneof![Just(Op::Stop), Just(Op::Start), Just(Op::Pause), Just(Op::Resume)];
     prop_oneof![
         4 => edit(),
@@ -409,6 +437,7 @@ fn fault_action() -> impl Strategy<Value = Action> {
             .prop_map(|(target, side, rec, delete)| Action::DuringWrite { target, side, rec, delete }),
         1 => op.prop_map(Action::Lifecycle),
         1 => Just(Action::Retry),
+        1 => (1usize..5, any::<u64>()).prop_map(|(batch, yields)| Action::TwoWorkers { batch, yields }),
     ]
 }
 
@@ -554,9 +583,14 @@ impl Harness {
 
     /// One app transaction on `side`; returns the records written and their values.
     fn edit(&mut self, side: Side, recs: &[Rec]) -> Vec<(Rec, u64)> {
+        self.edit_padded(side, recs, 0)
+    }
+
+    /// [`Self::edit`] under a transaction id `pad` bytes longer.
+    fn edit_padded(&mut self, side: Side, recs: &[Rec], pad: usize) -> Vec<(Rec, u64)> {
         let sql = &SQL[side.index()];
         self.txids += 1;
-        let txid = format!("app-{}", self.txids);
+        let txid = format!("app-{}{}", self.txids, "x".repeat(pad));
         let (mut counter, orphans) = (self.counter, self.orphans);
         // (record, value, the value it replaces)
         let written = transaction(&mut self.apps[side.index()], &txid, |tx| {
@@ -661,12 +695,13 @@ impl Harness {
             }
             Action::Crash { point, batch } => {
                 let (name, step) = POINTS[*point];
-                if self.crashes < MAX_CRASHES {
+                let may_crash = self.may_crash(step);
+                if may_crash {
                     *self.armed.lock().unwrap() = Some(name.to_string());
                 }
                 self.step(step, *batch).await;
                 // Still armed: the step did not get there (nothing to do, or not that far).
-                if self.armed.lock().unwrap().take().is_none() && self.crashes < MAX_CRASHES {
+                if self.armed.lock().unwrap().take().is_none() && may_crash {
                     self.crashes += 1;
                     self.clock.advance(PAST_VISIBILITY_MS);
                 }
@@ -679,6 +714,13 @@ impl Harness {
                 }
             }
             Action::Advance { ms } => self.clock.advance(*ms),
+            Action::BigEdit { side, parent } => {
+                let recs: Vec<Rec> = std::iter::once(Rec::Parent(*parent))
+                    .chain((1..=BIG_CHILDREN).map(|c| Rec::Child(*parent, c)))
+                    .collect();
+                let written = self.edit_padded(*side, &recs, BIG_TXID_BYTES);
+                return written.into_iter().map(|(r, v)| (*side, r, v)).collect();
+            }
             Action::Delete { side, rec } => self.delete(*side, *rec),
             Action::Fault { side, writes } => self.controls[side.index()].set(*writes),
             Action::DuringWrite { target, side, rec, delete } => {
@@ -716,9 +758,55 @@ impl Harness {
                 // Refused when nothing is open or the job is not active: nothing to do then.
                 let _ = self.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await;
             }
+            Action::TwoWorkers { batch, yields } => self.two_workers(*batch, *yields).await,
         }
         self.merge_hook_edits();
         Vec::new()
+    }
+
+    /// Whether a step may receive its messages once without handling them (a crash, or the
+    /// first of two workers) and still keep them all out of the dead-letter queue (see
+    /// [`MAX_CRASHES`]).
+    fn may_crash(&self, step: StepKind) -> bool {
+        let msgs = self.rt.queue(step).peek_all().expect("peek");
+        self.crashes < MAX_CRASHES && msgs.iter().all(|m| m.receive_count < MAX_CRASHES as u32)
+    }
+
+    /// [`Action::TwoWorkers`]. The second receive counts as a crash (the message is received
+    /// once more than it is handled): past [`MAX_CRASHES`] it is an ordinary step.
+    async fn two_workers(&mut self, batch: usize, yields: u64) {
+        if !self.may_crash(StepKind::Deliver) {
+            self.step(StepKind::Deliver, batch).await;
+            return;
+        }
+        let queue = self.rt.queue(StepKind::Deliver).clone();
+        let first = queue.receive(batch).await.expect("receive");
+        if first.is_empty() {
+            return;
+        }
+        self.crashes += 1;
+        self.clock.advance(PAST_VISIBILITY_MS);
+        let second = queue.receive(batch).await.expect("receive");
+        for c in &self.controls {
+            c.yields.store(yields, std::sync::atomic::Ordering::SeqCst);
+        }
+        let (steps, input) = (&self.rt.steps, queue.as_ref());
+        let (one, two) = tokio::join!(
+            steps.handle(StepKind::Deliver, input, &first),
+            steps.handle(StepKind::Deliver, input, &second)
+        );
+        for c in &self.controls {
+            c.yields.store(0, std::sync::atomic::Ordering::SeqCst);
+        }
+        // Each worker answers for what it received, as `run_once` does: the first one's receipts
+        // are stale by now, so only the second one's answers count.
+        for (msgs, result) in [(&first, one), (&second, two)] {
+            match result {
+                Ok(outcomes) => settle(input, msgs, &outcomes).await.expect("settle"),
+                Err(StepError::Crashed(_)) => {}
+                Err(e) => panic!("deliver failed: {e}"),
+            }
+        }
     }
 
     /// Ends the faults: apps write again, the job runs, every open error is retried (a few
@@ -830,7 +918,9 @@ impl Harness {
         let stale: Vec<&&SyncError> =
             open.iter().filter(|e| !out_of_step.contains(&(e.map.clone(), e.key.clone()))).collect();
         prop_assert!(stale.is_empty(), "open errors of records that are in step: {stale:#?}");
-        for r in all_recs() {
+        // The small model's records, and any other a user wrote (the children of big edits).
+        let recs: BTreeSet<Rec> = all_recs().chain(self.written.keys().copied()).collect();
+        for r in recs {
             if exempt.contains(&(r.map().to_string(), r.key())) {
                 continue;
             }
@@ -1260,4 +1350,151 @@ fn found_a_job_stopped_mid_flight_loses_nothing() {
         Lifecycle(Op::Start),
     ];
     run(block_on(convergence_under_faults(Side::A, true, &actions)));
+}
+
+/// Primary A. Two deliver workers run A's first change of p2 (the second received it again once
+/// the visibility timeout passed); B's writes land and answer like a time-out. The first worker
+/// marks the write pending and makes it; the second reads B holding the written content, in
+/// step, and acknowledges the message without a link write (an echo of a landed write costs
+/// none); then the first worker's time-out marks the write uncertain. B's user edits p2 on top
+/// of the landed write: judged against an uncertain mark, a conflict that A wins, yet A had no
+/// change left to send. The two sides stayed apart, B's newer edit neither synced nor undone.
+/// A redelivery of the change that made a mark, finding it landed, now commits the link
+/// (`PendingWrite::commit_when_in_step`), so the late uncertain mark loses its race.
+#[test]
+fn found_a_redelivery_that_finds_a_timed_out_write_landed_settles_it_before_the_time_out_is_told() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::A, recs: vec![Rec::Parent(2), Rec::Parent(0)] },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Fault { side: Side::B, writes: Writes::LandThenFail },
+        Step { step: StepKind::Sequence, batch: 1 },
+        TwoWorkers { batch: 1, yields: 0xa4e1_7068_0a03_9b0e },
+        Edit { side: Side::B, recs: vec![Rec::Parent(2)] },
+    ];
+    run(block_on(convergence_under_faults(Side::A, false, &actions)));
+}
+
+/// A transaction over the queue limit (issue 9 point 12): a parent and 130 children in one app
+/// transaction whose captured form and lane take more than one message each, written on both
+/// sides (a conflict per record), delivered under faults: writes that land and answer like a
+/// time-out, a crash between the pending mark and the write, an edit and a delete between a
+/// delivery's read and its write, two workers on the same messages, a retry. It converges like
+/// any other, and its lane went out in several messages of one FIFO group.
+#[test]
+fn a_transaction_over_the_queue_limit_converges_under_faults() {
+    use Action::*;
+    for primary in [Side::A, Side::B] {
+        run(block_on(async {
+            let mut h = Harness::with_seq(primary, false).await;
+            h.orphans = true;
+            let prelude = [
+                BigEdit { side: Side::A, parent: 1 },
+                Edit { side: Side::B, recs: vec![Rec::Parent(1)] },
+                Feeds { limit: 1000 },
+                Step { step: StepKind::Capture, batch: 4 },
+                Step { step: StepKind::Sequence, batch: 4 },
+            ];
+            for a in &prelude {
+                h.act(a).await;
+            }
+            let msgs = h.rt.queue(StepKind::Deliver).peek_all().expect("peek");
+            let largest = msgs.iter().map(|m| m.body.len()).max().unwrap_or_default();
+            prop_assert!(msgs.len() >= 2, "{} deliver message(s), the largest {largest} bytes", msgs.len());
+            let groups: BTreeSet<_> = msgs.iter().map(|m| m.group.clone()).collect();
+            prop_assert!(groups.len() < msgs.len(), "a lane in several messages of its group: {groups:?}");
+            let faults = [
+                Fault { side: Side::B, writes: Writes::LandThenFail },
+                Crash { point: 3, batch: 1 },
+                DuringWrite { target: Side::B, side: Side::B, rec: Rec::Child(1, 5), delete: false },
+                Step { step: StepKind::Deliver, batch: 1 },
+                BigEdit { side: Side::B, parent: 1 },
+                DuringWrite { target: Side::A, side: Side::A, rec: Rec::Child(1, 7), delete: true },
+                Feeds { limit: 1000 },
+                Step { step: StepKind::Capture, batch: 4 },
+                Step { step: StepKind::Sequence, batch: 4 },
+                TwoWorkers { batch: 2, yields: 0x5555_5555_5555_5555 },
+                Fault { side: Side::B, writes: Writes::Fail },
+                Step { step: StepKind::Deliver, batch: 2 },
+                Fault { side: Side::B, writes: Writes::Work },
+                Retry,
+                Step { step: StepKind::Deliver, batch: 3 },
+            ];
+            for a in &faults {
+                h.act(a).await;
+            }
+            h.settle().await?;
+            h.check_converged().await
+        }));
+    }
+}
+
+/// Primary A. A's p1 is created on B by a write that lands and answers like a time-out; B's
+/// user edits it there and then deletes it; A's change comes again (the delete not yet
+/// captured), finds B without p1 and creates it again, and that write too lands and times out;
+/// its retry finds p1 in step and committed the link, dropping the create mark. The live delete
+/// then found p1 on B with nothing saying it was dualsync's own create, and skipped the delete
+/// as stale: p1 came back on B with the value B's user had replaced, then deleted (a lost
+/// update). An in-step commit now keeps a create mark of the content it commits
+/// (`LinkState::kept_in_step`). The first list is what the property shrank a related case to
+/// while the redelivery commit (`LinkState::commit_when_in_step`) still dropped the mark.
+#[test]
+fn found_a_create_that_timed_out_after_landing_is_still_known_as_ours_to_a_racing_delete() {
+    use Action::*;
+    let mut actions = vec![
+        Edit { side: Side::A, recs: vec![Rec::Parent(2), Rec::Parent(1)] },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Step { step: StepKind::Sequence, batch: 1 },
+        Fault { side: Side::B, writes: Writes::LandThenFail },
+        Step { step: StepKind::Deliver, batch: 1 },
+        Edit { side: Side::B, recs: vec![Rec::Parent(1)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
+        Delete { side: Side::B, rec: Rec::Parent(1) },
+        Crash { point: 2, batch: 1 },
+    ];
+    run(block_on(convergence_under_faults(Side::A, false, &actions)));
+    // The same with the second create timing out too: all but the live delete captured, then
+    // deliver, then its retry in step.
+    actions.extend([
+        Feeds { limit: 9 },
+        Step { step: StepKind::Capture, batch: 8 },
+        Step { step: StepKind::Sequence, batch: 8 },
+        Step { step: StepKind::Deliver, batch: 8 },
+        Fault { side: Side::B, writes: Writes::Work },
+        Advance { ms: 400_000 },
+        Step { step: StepKind::Deliver, batch: 8 },
+    ]);
+    run(block_on(convergence_under_faults(Side::A, false, &actions)));
+}
+
+/// Primary B. Two deliver workers on A's first change of p1 (the second received it again once
+/// the visibility timeout passed), both reading before either writes. The first marks its
+/// create of p1 on B; the second reads that mark before the create is made, judges it not
+/// landed, and marks its own; then the first one's create lands, the second one's is refused (B
+/// has p1 now) and it took its mark back to the link as settled when it read, with no mark and
+/// no last sync: the content the first one wrote to B was dualsync's, and the link no longer
+/// said so. A's next edit then met B "changed" too, a conflict that B won with A's older
+/// value. A mark taken back now leaves the link as it was read, the first mark in it.
+#[test]
+fn found_two_workers_creating_one_record_leave_the_link_knowing_the_create_that_landed() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::A, recs: vec![Rec::Child(0, 1), Rec::Parent(1)] },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
+        Crash { point: 1, batch: 1 },
+        TwoWorkers { batch: 2, yields: 0x9a71_b9ee_c208_957a },
+        Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
+    ];
+    run(block_on(convergence_under_faults(Side::B, false, &actions)));
 }
