@@ -3,7 +3,7 @@
 //! feeds the answers back here.
 //!
 //! ```text
-//! ToRead ──(link, both records: steps 1–4)──┬─> ToCommit ──(link commit)──> Done | Again
+//! ToRead ──(link, both records: steps 1–4)──┬─> ToCommit ──(link commit: step 3)──> Done | Again
 //!                                            ├─> ToCheck ──(lookups: step 5)──> ToMark | Done
 //!                                            │     ToMark ──(pending mark: step 7)──> ToWrite | Again
 //!                                            │     ToWrite ──(write: step 6)──> Done | Again
@@ -264,9 +264,29 @@ impl Progress {
         }
     }
 
+    /// The link write this state asks for: the state to put, the revision it is conditional on
+    /// (`None`: a first link) and the error rows it drops.
+    pub fn link_write(&self) -> Option<(&LinkState, Option<u64>, &[String])> {
+        match self {
+            Progress::ToMark(w) => Some((&w.mark, w.rev, &w.resolves)),
+            Progress::ToCommit(c) => Some((&c.next, c.rev, &c.resolves)),
+            _ => None,
+        }
+    }
+
+    /// The answer to [`Self::link_write`]: its new revision, or `None` when the link changed
+    /// since it was read.
+    pub fn link_written(self, rev: Option<u64>) -> Progress {
+        match self {
+            Progress::ToMark(_) => self.marked(rev),
+            Progress::ToCommit(_) => self.committed(rev),
+            other => other,
+        }
+    }
+
     /// Step 7 made first: the conditional mark's answer (`None`: the link changed since it was
     /// read).
-    pub fn marked(self, rev: Option<u64>) -> Progress {
+    fn marked(self, rev: Option<u64>) -> Progress {
         match (self, rev) {
             (Progress::ToMark(w), Some(rev)) => Progress::ToWrite(w, rev),
             (Progress::ToMark(_), None) => Progress::Again,
@@ -313,7 +333,7 @@ impl Progress {
     }
 
     /// A link commit's answer (`Some`: its new revision; `None`: the link changed meanwhile).
-    pub fn committed(self, rev: Option<u64>) -> Progress {
+    fn committed(self, rev: Option<u64>) -> Progress {
         match (self, rev) {
             (Progress::ToCommit(commit), Some(rev)) => {
                 let release = (!commit.next.waiters.is_empty()).then_some((rev, commit.next));

@@ -207,29 +207,44 @@ impl Steps {
     /// Step 7, made before step 6: each write is recorded on its link as pending, conditional
     /// on the revision read, and whether it landed is read off the target next time (see
     /// `PendingWrite::judge`): one link write per change, and no crash window between the write
-    /// and its record. The mark drops the link's open errors, so their rows are resolved first.
+    /// and its record.
     async fn mark(&self, job: &Job, items: &mut [Item<'_>]) -> Result<(), StepError> {
-        let marking: Vec<usize> =
-            (0..items.len()).filter(|i| matches!(items[*i].progress, Progress::ToMark(_))).collect();
-        if marking.is_empty() {
-            return Ok(());
+        self.put_links_of(job, items, |p| matches!(p, Progress::ToMark(_))).await?;
+        if items.iter().any(|it| matches!(it.progress, Progress::ToWrite(..))) {
+            self.failpoints.check("deliver.after_mark")?;
         }
+        Ok(())
+    }
+
+    /// Puts the link each selected change asks for (`Progress::link_write`: a mark or a
+    /// commit), conditional on the revision read, and feeds each answer back. A put drops the
+    /// link's open errors, so their rows are resolved just before it.
+    async fn put_links_of(
+        &self,
+        job: &Job,
+        items: &mut [Item<'_>],
+        selected: impl Fn(&Progress) -> bool,
+    ) -> Result<(), StepError> {
+        let mut chosen = Vec::new();
         let mut resolve = Vec::new();
-        let mut puts = Vec::with_capacity(marking.len());
-        for &i in &marking {
-            let (c, Progress::ToMark(w)) = (items[i].c, &items[i].progress) else { continue };
-            resolve.extend(w.resolves.iter().cloned());
-            puts.push(State::link_put(&job.name, &c.map, &c.key, &w.mark, w.rev));
+        let mut puts = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            let Some((state, rev, rows)) = it.progress.link_write().filter(|_| selected(&it.progress)) else {
+                continue;
+            };
+            chosen.push(i);
+            resolve.extend(rows.iter().cloned());
+            puts.push(State::link_put(&job.name, &it.c.map, &it.c.key, state, rev));
+        }
+        if chosen.is_empty() {
+            return Ok(());
         }
         if !resolve.is_empty() {
             self.state.resolve_errors(&job.name, &resolve).await?;
         }
-        for (&i, answer) in marking.iter().zip(self.state.put_links(puts).await?) {
+        for (i, answer) in chosen.into_iter().zip(self.state.put_links(puts).await?) {
             let progress = std::mem::replace(&mut items[i].progress, Progress::Again);
-            items[i].progress = progress.marked(conditional(answer)?);
-        }
-        if items.iter().any(|it| matches!(it.progress, Progress::ToWrite(..))) {
-            self.failpoints.check("deliver.after_mark")?;
+            items[i].progress = progress.link_written(conditional(answer)?);
         }
         Ok(())
     }
@@ -335,28 +350,9 @@ impl Steps {
     }
 
     /// Step 3's commits: links in step whose stored state lags, each conditional on the
-    /// revision read; the rows they drop are resolved first.
+    /// revision read.
     async fn commit(&self, job: &Job, items: &mut [Item<'_>]) -> Result<(), StepError> {
-        let committing: Vec<usize> =
-            (0..items.len()).filter(|i| matches!(items[*i].progress, Progress::ToCommit(_))).collect();
-        if committing.is_empty() {
-            return Ok(());
-        }
-        let mut resolve = Vec::new();
-        let mut puts = Vec::with_capacity(committing.len());
-        for &i in &committing {
-            let (c, Progress::ToCommit(commit)) = (items[i].c, &items[i].progress) else { continue };
-            resolve.extend(commit.resolves.iter().cloned());
-            puts.push(State::link_put(&job.name, &c.map, &c.key, &commit.next, commit.rev));
-        }
-        if !resolve.is_empty() {
-            self.state.resolve_errors(&job.name, &resolve).await?;
-        }
-        for (&i, answer) in committing.iter().zip(self.state.put_links(puts).await?) {
-            let progress = std::mem::replace(&mut items[i].progress, Progress::Again);
-            items[i].progress = progress.committed(conditional(answer)?);
-        }
-        Ok(())
+        self.put_links_of(job, items, |p| matches!(p, Progress::ToCommit(_))).await
     }
 
     /// What each change's end leaves to do: error rows, waiting children, retried rows
