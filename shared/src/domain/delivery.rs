@@ -102,7 +102,9 @@ pub struct Write {
     pub unmarked: LinkState,
     /// The link with this write pending.
     pub mark: LinkState,
-    /// Error rows the mark drops from the link: resolved just before it.
+    /// The link's open error rows: they stay on the mark and are resolved once the write is
+    /// made. Resolved before it, a write that then failed in a delivery whose message another
+    /// had already answered (recording its row) left them resolved with nothing to retry.
     pub resolves: Vec<String>,
     /// The version the write is conditional on (If-Match); `None`: create-only.
     pub if_match: Option<String>,
@@ -118,8 +120,9 @@ pub struct Done {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum End {
-    /// Steps 3 or 6: both sides hold the source's content (`wrote`: by this delivery).
-    Synced { wrote: bool },
+    /// Steps 3 or 6: both sides hold the source's content (`wrote`: by this delivery); the
+    /// error rows the write settles (`resolves`) are resolved.
+    Synced { wrote: bool, resolves: Vec<String> },
     /// Step 4: only the other side changed; its change flows back.
     OtherSideChanged,
     /// Step 4: both changed and the other side is primary: nothing written, logged.
@@ -202,7 +205,7 @@ impl Progress {
         records[c.source.other().index()] = other.map(Seen::observed);
         let settled = state.map(|s| s.settled(records)).unwrap_or_default();
         let rows = state.map(|s| s.open_errors.clone()).unwrap_or_default();
-        let unchanged = Done { end: End::Synced { wrote: false }, release: release(link) };
+        let unchanged = Done { end: End::Synced { wrote: false, resolves: Vec::new() }, release: release(link) };
         match decide(state, c.source, cx.primary, source.observed(), other.map(Seen::observed)) {
             Decision::InStep => {
                 // Committed only when it says something new, or when a mark must not be left
@@ -228,6 +231,7 @@ impl Progress {
                 // never be made (a crash right after the mark).
                 mark.hash = settled.hash.clone();
                 mark.version[c.source.index()] = settled.version[c.source.index()].clone();
+                mark.open_errors = rows.clone();
                 let if_match = other.map(|o| o.version.to_string());
                 mark.pending = Some(PendingWrite {
                     side: c.source.other(),
@@ -268,7 +272,8 @@ impl Progress {
     /// (`None`: a first link) and the error rows it drops.
     pub fn link_write(&self) -> Option<(&LinkState, Option<u64>, &[String])> {
         match self {
-            Progress::ToMark(w) => Some((&w.mark, w.rev, &w.resolves)),
+            // A mark keeps the link's open rows (see `Write::resolves`).
+            Progress::ToMark(w) => Some((&w.mark, w.rev, &[])),
             Progress::ToCommit(c) => Some((&c.next, c.rev, &c.resolves)),
             _ => None,
         }
@@ -307,7 +312,7 @@ impl Progress {
         match answer {
             Ok(()) => {
                 let release = (!w.mark.waiters.is_empty()).then_some((rev, w.mark));
-                (Progress::Done(Done { end: End::Synced { wrote: true }, release }), None)
+                (Progress::Done(Done { end: End::Synced { wrote: true, resolves: w.resolves }, release }), None)
             }
             // Someone changed the record since the read: the write did not land, but the
             // record no longer shows that. Take the mark back and read again.
@@ -337,7 +342,7 @@ impl Progress {
         match (self, rev) {
             (Progress::ToCommit(commit), Some(rev)) => {
                 let release = (!commit.next.waiters.is_empty()).then_some((rev, commit.next));
-                Progress::Done(Done { end: End::Synced { wrote: false }, release })
+                Progress::Done(Done { end: End::Synced { wrote: false, resolves: Vec::new() }, release })
             }
             (Progress::ToCommit(_), None) => Progress::Again,
             (other, _) => other,
@@ -507,7 +512,7 @@ mod tests {
         // An echo of what the link says: nothing to write.
         assert_eq!(
             Progress::read(&CX, &c, at(&l), seen("h1"), seen("h1")),
-            Progress::Done(Done { end: End::Synced { wrote: false }, release: None })
+            Progress::Done(Done { end: End::Synced { wrote: false, resolves: Vec::new() }, release: None })
         );
         // A first link, a sync the link does not show, rows to resolve: committed.
         for (link, rows) in
@@ -585,7 +590,7 @@ mod tests {
         assert_eq!(w.mark.hash.as_deref(), Some("h0"));
         assert_eq!(w.mark.version[0].as_deref(), Some("h0"));
         assert_eq!(w.mark.seen[0], 6);
-        assert!(w.mark.open_errors.is_empty());
+        assert_eq!(w.mark.open_errors, ["E1"], "kept until the write is made");
         let p = w.mark.pending.clone().expect("pending");
         assert_eq!(
             (p.side, p.hash.as_str(), p.from_version.as_deref(), p.uncertain),
@@ -608,7 +613,7 @@ mod tests {
         let c = change(Side::A, 6);
         let l = synced("h0");
         let (p, put) = to_write(&l).written(&CX, &c, Ok(()));
-        assert_eq!((end(&p), put), (&End::Synced { wrote: true }, None));
+        assert_eq!((end(&p), put), (&End::Synced { wrote: true, resolves: Vec::new() }, None));
         // A lost race takes the mark back and reads again.
         let (p, put) = to_write(&l).written(&CX, &c, Err(WriteFailure::PreconditionFailed));
         assert_eq!((p, put.expect("unmark").pending), (Progress::Again, None));
@@ -627,6 +632,20 @@ mod tests {
             to_write(&l).written(&CX, &c, Err(WriteFailure::Transient { message: "503".into(), retry_after }));
         assert_eq!(end(&p), &End::Retry { message: "503".into(), retry_after });
         assert!(put.expect("remark").pending.expect("pending").uncertain);
+    }
+
+    #[test]
+    fn open_rows_are_resolved_once_the_write_is_made() {
+        let c = change(Side::A, 6);
+        let mut l = synced("h0");
+        l.open_errors = vec!["E1".into()];
+        let to_mark = Progress::read(&CX, &c, at(&l), seen("h1"), seen("h0")).checked(&c, None);
+        assert_eq!(to_mark.link_write().map(|(_, _, rows)| rows.len()), Some(0), "none resolved before the mark");
+        let (p, _) = to_write(&l).written(&CX, &c, Ok(()));
+        assert_eq!(end(&p), &End::Synced { wrote: true, resolves: vec!["E1".into()] });
+        let (_, put) =
+            to_write(&l).written(&CX, &c, Err(WriteFailure::Transient { message: "503".into(), retry_after: None }));
+        assert_eq!(put.expect("remark").open_errors, ["E1"], "still open after a failed write");
     }
 
     #[test]

@@ -374,9 +374,10 @@ impl Steps {
             let retried = it.c.retry_of.clone();
             let mut result = ChangeResult::Done;
             match done.end {
-                End::Synced { wrote } => {
+                End::Synced { wrote, resolves } => {
                     Metrics::add(&self.metrics.in_step, u64::from(!wrote));
                     synced.extend(retried);
+                    synced.extend(resolves);
                 }
                 End::OtherSideChanged => {
                     Metrics::add(&self.metrics.other_side_changed, 1);
