@@ -438,13 +438,11 @@ impl Steps {
             // Step 7 comes first: each write is committed to its link as pending before it is made
             // (conditional on the revision read), and whether it landed is read off the target
             // record next time (see `PendingWrite::landed`). One link write per change, and no
-            // crash window between the write and its record. The commit drops the link's open
-            // errors, so their rows are resolved just before it.
+            // crash window between the write and its record. The link's open errors stay on the
+            // mark and their rows are resolved once the write is made (a crash in between leaves
+            // them to the next delivery): resolved before it, a write that then failed in a
+            // delivery whose message was already answered by another left them resolved.
             let mut retry: Vec<usize> = Vec::new();
-            let resolve: Vec<String> = writes.iter().flat_map(|p| open_errors(p.link.as_ref())).collect();
-            if !resolve.is_empty() {
-                self.state.resolve_errors(&job.name, &resolve).await?;
-            }
             let marks: Vec<(LinkState, Put)> = writes
                 .iter()
                 .map(|plan| {
@@ -456,6 +454,7 @@ impl Steps {
                     // still fail or never be made (a crash right after this mark).
                     state.hash = plan.settled.hash.clone();
                     state.version[c.source.index()] = plan.settled.version[c.source.index()].clone();
+                    state.open_errors = plan.settled.open_errors.clone();
                     state.pending = Some(PendingWrite {
                         side: c.source.other(),
                         hash: plan.hash.clone(),
@@ -519,6 +518,7 @@ impl Steps {
                         Ok(_) => {
                             release.push((i, marked_rev, marked[p].2.clone()));
                             synced.extend(c.retry_of.clone());
+                            synced.extend(open_errors(plan.link.as_ref()));
                             results[i] = Some(ChangeResult::Done);
                             Metrics::add(&self.metrics.written, 1);
                             self.metrics.record_latency(self.state.now_ms() - c.at_ms);
