@@ -68,6 +68,10 @@ const CASES_ORPHANS: u32 = 300;
 const CASES_PRIMARY_WINS: u32 = 400;
 const CASES_EXACTLY_ONCE: u32 = 600;
 const CASES_FAULTS: u32 = 3000;
+/// A case with a transaction over the queue limit takes about a second: one case per this many
+/// of `PROPTEST_CASES` when it is set.
+const CASES_BIG: u32 = 24;
+const BIG_CASE_COST: u32 = 125;
 
 /// Parents `p0..p2`, children `1..=2` of each: few, so that edits and deliveries meet often.
 const PARENTS: u8 = 3;
@@ -418,6 +422,10 @@ fn pipeline_action() -> impl Strategy<Value = Action> {
 
 fn chaos_action() -> impl Strategy<Value = Action> {
     prop_oneof![1 => edit(), 2 => pipeline_action()]
+}
+
+fn big_edit() -> impl Strategy<Value = Action> {
+    (side(), 0..PARENTS).prop_map(|(side, parent)| Action::BigEdit { side, parent })
 }
 
 fn fault_action() -> impl Strategy<Value = Action> {
@@ -1111,6 +1119,27 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: (cases(CASES_BIG * BIG_CASE_COST) / BIG_CASE_COST).max(1),
+        ..ProptestConfig::default()
+    })]
+    /// Property 1d: the same with transactions over the queue limit among the faults, at least
+    /// one (see [`Action::BigEdit`]): their lanes go out in several messages of one FIFO group.
+    #[test]
+    fn big_transactions_converge_under_faults(
+        primary in side(),
+        reads_seq in any::<bool>(),
+        actions in prop::collection::vec(prop_oneof![12 => fault_action(), 1 => big_edit()], 0..40),
+        big in big_edit(),
+        at in any::<Index>(),
+    ) {
+        let mut actions = actions;
+        actions.insert(at.index(actions.len() + 1), big);
+        block_on(convergence_under_faults(primary, reads_seq, &actions))?;
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig { cases: cases(CASES_ORPHANS), ..ProptestConfig::default() })]
     /// Property 1b: the same with children created where their parent is missing: missing
     /// references, errors that stay open until the child syncs, and must be resolved when it does.
@@ -1497,4 +1526,27 @@ fn found_two_workers_creating_one_record_leave_the_link_knowing_the_create_that_
         Edit { side: Side::A, recs: vec![Rec::Parent(1)] },
     ];
     run(block_on(convergence_under_faults(Side::B, false, &actions)));
+}
+
+/// Primary A; B's writes fail like a 503. Two deliver workers on A's change of p0, the second at
+/// the message's last receive: its write fails, so it records a retriable row and answers the
+/// message. The first one, slower, read the link after that and resolved the link's open rows
+/// before marking its write, which then failed too; its answer came on a receipt that was stale
+/// by then. Nothing was left to retry: the row resolved, the message gone, p0 only on A. The
+/// link's rows now stay open on the mark and are resolved once a write is made.
+#[test]
+fn found_a_row_recorded_by_one_worker_is_not_resolved_by_another_whose_write_fails() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Fault { side: Side::B, writes: Writes::Fail },
+        Crash { point: 1, batch: 1 },
+        TwoWorkers { batch: 1, yields: 0 },
+        Advance { ms: 24000 },
+        Crash { point: 2, batch: 1 },
+        TwoWorkers { batch: 1, yields: 0x2434_f61f_e046_1f55 },
+    ];
+    run(block_on(convergence_under_faults(Side::A, false, &actions)));
 }
