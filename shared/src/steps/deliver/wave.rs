@@ -217,8 +217,8 @@ impl Steps {
     }
 
     /// Puts the link each selected change asks for (`Progress::link_write`: a mark or a
-    /// commit), conditional on the revision read, and feeds each answer back. A put drops the
-    /// link's open errors, so their rows are resolved just before it.
+    /// commit), conditional on the revision read, and feeds each answer back. The rows a put
+    /// drops from the link (a commit's) are resolved just before it.
     async fn put_links_of(
         &self,
         job: &Job,
