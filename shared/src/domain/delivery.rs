@@ -86,6 +86,8 @@ pub struct Commit {
     pub rev: Option<u64>,
     /// Error rows the commit drops from the link: resolved just before it.
     pub resolves: Vec<String>,
+    /// How the change ends once committed.
+    pub then: End,
 }
 
 /// A decided write of the source's content to the other side.
@@ -216,12 +218,28 @@ impl Progress {
                     let mut next = synced_link(&settled, c, source.hash, source.version);
                     next.version[c.source.other().index()] = other.map(|o| o.version.to_string());
                     next.pending = state.and_then(|s| s.kept_in_step(source.hash));
-                    Progress::ToCommit(Commit { next, rev: link.map(|l| l.rev), resolves: rows })
+                    Progress::ToCommit(Commit {
+                        next,
+                        rev: link.map(|l| l.rev),
+                        resolves: rows,
+                        then: End::Synced { wrote: false, resolves: Vec::new() },
+                    })
                 } else {
                     Progress::Done(unchanged)
                 }
             }
-            Decision::OtherSideChanged => Progress::Done(Done { end: End::OtherSideChanged, release: release(link) }),
+            Decision::OtherSideChanged => match link {
+                // The change that made the mark, again, took its target's change for one made on
+                // top of the write: committed like an in-step finding, so that the delivery still
+                // waiting on that write cannot mark it uncertain afterwards.
+                Some(l) if l.state.commit_when_in_step(c.source, c.seq) => Progress::ToCommit(Commit {
+                    next: settled,
+                    rev: Some(l.rev),
+                    resolves: Vec::new(),
+                    then: End::OtherSideChanged,
+                }),
+                _ => Progress::Done(Done { end: End::OtherSideChanged, release: release(link) }),
+            },
             Decision::ConflictLost => Progress::Done(Done { end: End::ConflictLost, release: release(link) }),
             Decision::Write { conflict } => {
                 let mut mark = synced_link(&settled, c, source.hash, source.version);
@@ -342,7 +360,7 @@ impl Progress {
         match (self, rev) {
             (Progress::ToCommit(commit), Some(rev)) => {
                 let release = (!commit.next.waiters.is_empty()).then_some((rev, commit.next));
-                Progress::Done(Done { end: End::Synced { wrote: false, resolves: Vec::new() }, release })
+                Progress::Done(Done { end: commit.then, release })
             }
             (Progress::ToCommit(_), None) => Progress::Again,
             (other, _) => other,
@@ -553,6 +571,14 @@ mod tests {
             Progress::ToCommit(commit) => {
                 let kept = commit.next.pending.expect("create mark kept");
                 assert_eq!((kept.hash.as_str(), kept.uncertain), ("h1", false));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same change again, finding B edited on top of its landed write: that judgement
+        // is committed too, and A's edit flows back.
+        match Progress::read(&CX, &change(Side::A, 6), at(&created), seen("h1"), seen("h3")) {
+            Progress::ToCommit(commit) => {
+                assert_eq!((commit.then, commit.next.hash.as_deref()), (End::OtherSideChanged, Some("h1")))
             }
             other => panic!("{other:?}"),
         }
