@@ -352,12 +352,23 @@ impl Steps {
                         results[i] = Some(ChangeResult::Done);
                     }
                     Decision::OtherSideChanged => {
-                        release.extend(link.as_ref().map(|l| (i, l.rev, l.state.clone())));
+                        match &link {
+                            // The change that made the mark, again, took its target's change for
+                            // one made on top of the write: committed, like an in-step finding,
+                            // so that the delivery still waiting on that write cannot mark it
+                            // uncertain afterwards (`commit_when_in_step`).
+                            Some(l) if l.state.commit_when_in_step(c.source, c.seq) => {
+                                commits.push((i, settled.clone(), Some(l.rev), Vec::new()))
+                            }
+                            _ => {
+                                release.extend(link.as_ref().map(|l| (i, l.rev, l.state.clone())));
+                                results[i] = Some(ChangeResult::Done);
+                            }
+                        }
                         // A retried row is settled: the other side's newer change supersedes it.
                         decided
                             .extend(c.retry_of.clone().map(|sk| (sk, "superseded by the other side's newer change")));
                         Metrics::add(&self.metrics.other_side_changed, 1);
-                        results[i] = Some(ChangeResult::Done);
                     }
                     Decision::ConflictLost => {
                         release.extend(link.as_ref().map(|l| (i, l.rev, l.state.clone())));
