@@ -1550,3 +1550,30 @@ fn found_a_row_recorded_by_one_worker_is_not_resolved_by_another_whose_write_fai
     ];
     run(block_on(convergence_under_faults(Side::A, false, &actions)));
 }
+
+/// Primary B; A's writes fail like a 503. Two deliver workers on B's first change of a child.
+/// The first marks its create on A; A's user creates the child just before that write (which
+/// then fails); the second, reading the first one's mark while it was still certain, took A's
+/// record for an edit made on top of a landed write (the other side changed: nothing to send)
+/// and answered the message; then the first marked its write uncertain. A's change of the
+/// child then met an uncertain mark, a conflict that B won, with no change of B's left to send:
+/// the sides stayed apart. The change that made a mark, judging it landed and the target
+/// changed since, now commits that judgement like an in-step finding, so the late uncertain
+/// mark loses its race (the edit wins: the documented limit of a mark whose answer was lost).
+#[test]
+fn found_a_redelivery_that_finds_the_target_edited_after_a_mark_settles_it_first() {
+    use Action::*;
+    let actions = [
+        Fault { side: Side::A, writes: Writes::Fail },
+        Edit { side: Side::B, recs: vec![Rec::Child(0, 2)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        DuringWrite { target: Side::A, side: Side::A, rec: Rec::Child(0, 2), delete: false },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 2 },
+        Step { step: StepKind::Sequence, batch: 2 },
+        Crash { point: 4, batch: 1 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        TwoWorkers { batch: 2, yields: 0xce18_db6e_e7f4_35ba },
+    ];
+    run(block_on(convergence_under_faults(Side::B, false, &actions)));
+}

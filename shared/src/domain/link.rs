@@ -95,8 +95,9 @@ impl LinkState {
         self.hash.is_some()
     }
 
-    /// Whether delivering change `seq` from `source`, which finds both records in step, must
-    /// commit the link even though its settled state says nothing new: when the pending mark is
+    /// Whether delivering change `seq` from `source`, which finds both records in step (or the
+    /// other side changed on top of a write it judges landed), must commit the link even though
+    /// its settled state says nothing new: when the pending mark is
     /// uncertain (left, it would judge a later edit of its target as unknown), and when the
     /// change is the one that made the mark, coming again (a retry, or a redelivery racing the
     /// delivery still under way). That delivery may still be waiting for the write's answer,
