@@ -20,10 +20,11 @@
 //!    1c. `converges_under_faults`: deletes, app writes that fail, are refused or land and time
 //!    out, edits between a delivery's read and its write, the job stopped and paused, retry
 //!    requests, and two deliver workers on the same messages at once (a redelivery racing the
-//!    delivery under way, their connector calls interleaved at random). A transaction over the
-//!    queue limit takes a second a case, so it runs as a fixed case under faults
-//!    (`a_transaction_over_the_queue_limit_converges_under_faults`) rather than in the random
-//!    actions. The `found_*` tests are the minimal cases the properties shrank library bugs to.
+//!    delivery under way, their connector calls interleaved at random). 1d.
+//!    `big_transactions_converge_under_faults`: the same with transactions over the queue limit
+//!    among the actions (about a second a case: 24 cases, one per 125 of `PROPTEST_CASES` when
+//!    set), beside a fixed case (`a_transaction_over_the_queue_limit_converges_under_faults`).
+//!    The `found_*` tests are the minimal cases the properties shrank library bugs to.
 //!
 //! "No change is lost" is checked with the history of the users' edits: every value ever written
 //! is unique, and the test remembers, for each edit, the value it replaced on its side (and what
@@ -32,7 +33,7 @@
 //! top of a value is newer than it, so that value winning over it is a lost update, whatever the
 //! primary.
 //!
-//! Cases per property: `PROPTEST_CASES` when set, else the defaults below (5,100 in all).
+//! Cases per property: `PROPTEST_CASES` when set, else the defaults below (5,124 in all).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
