@@ -33,7 +33,9 @@
 //! top of a value is newer than it, so that value winning over it is a lost update, whatever the
 //! primary.
 //!
-//! Cases per property: `PROPTEST_CASES` when set, else the defaults below (5,100 in all).
+//! Cases per property: `PROPTEST_CASES` when set, else the defaults below (5,100 in all: 186 s
+//! of CPU in a debug build, two tests at a time; 203 s wall on a two-core machine shared with
+//! other builds, load average near 7).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
