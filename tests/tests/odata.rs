@@ -613,7 +613,7 @@ mod local_sync {
     use super::*;
     use dualsync::adapters::embedded::EmbeddedDb;
     use dualsync::domain::change::{ChangeNotification, Operation, Parts, TransactionNotification};
-    use dualsync::domain::config::parse_job;
+    use dualsync::domain::config::{parse_job, JobDef};
     use dualsync::domain::errors::ErrorStatus;
     use dualsync::domain::job::Side;
     use dualsync::ports::{ManualClock, OutMessage, Queue};
@@ -658,15 +658,8 @@ table_groups:
         panic!("pipeline did not drain");
     }
 
-    #[tokio::test]
-    async fn a_sqlite_app_and_a_dataverse_app_stay_in_step() {
-        let s = dataverse().await;
-        s.put("accounts", json!({"accountnumber": "D-1", "name": "from dataverse", "creditlimit": 7.25}));
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a.db");
-        sql(&a, "CREATE TABLE customers (id TEXT PRIMARY KEY, name TEXT, credit REAL);");
-        let mut def = parse_job("job.yaml", &JOB.replace("URL", &s.url)).unwrap();
-        def.apps[0].path = Some(a.display().to_string());
+    /// The local runtime on the real registry (sqlite and odata apps), the job applied and started.
+    async fn started(def: JobDef, job: &str) -> (LocalRuntime, ManualClock) {
         let clock = ManualClock::new(1_700_000_000_000);
         let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
         let rt = LocalRuntime::with_registry(
@@ -676,7 +669,20 @@ table_groups:
             Arc::new(SqliteRegistry::default()),
         );
         rt.apply(def).await.unwrap();
-        rt.start("s").await.unwrap();
+        rt.start(job).await.unwrap();
+        (rt, clock)
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_app_and_a_dataverse_app_stay_in_step() {
+        let s = dataverse().await;
+        s.put("accounts", json!({"accountnumber": "D-1", "name": "from dataverse", "creditlimit": 7.25}));
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        sql(&a, "CREATE TABLE customers (id TEXT PRIMARY KEY, name TEXT, credit REAL);");
+        let mut def = parse_job("job.yaml", &JOB.replace("URL", &s.url)).unwrap();
+        def.apps[0].path = Some(a.display().to_string());
+        let (rt, clock) = started(def, "s").await;
 
         // What Dataverse holds before the job: an initial sync copies it.
         let report = rt.steps.initial_sync("s", Side::B, 100, |_, _| {}).await.unwrap();
@@ -767,16 +773,7 @@ table_groups:
             );
         }
         let def = parse_job("job.yaml", &FNO_DATAVERSE.replace("FNO", &f.url).replace("DV", &d.url)).unwrap();
-        let clock = ManualClock::new(1_700_000_000_000);
-        let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
-        let rt = LocalRuntime::with_registry(
-            db,
-            Arc::new(clock.clone()),
-            Failpoints::default(),
-            Arc::new(SqliteRegistry::default()),
-        );
-        rt.apply(def).await.unwrap();
-        rt.start("fd").await.unwrap();
+        let (rt, clock) = started(def, "fd").await;
         let report = rt.steps.initial_sync("fd", Side::A, 10, |_, _| {}).await.unwrap();
         assert_eq!(report.records, 30, "{report:?}");
         drain(&rt, &clock).await;
@@ -839,16 +836,7 @@ table_groups:
         );
         let mut def = parse_job("job.yaml", &LOOKUPS.replace("URL", &s.url)).unwrap();
         def.apps[0].path = Some(a.display().to_string());
-        let clock = ManualClock::new(1_700_000_000_000);
-        let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
-        let rt = LocalRuntime::with_registry(
-            db,
-            Arc::new(clock.clone()),
-            Failpoints::default(),
-            Arc::new(SqliteRegistry::default()),
-        );
-        rt.apply(def).await.unwrap();
-        rt.start("lk").await.unwrap();
+        let (rt, clock) = started(def, "lk").await;
 
         // Parent and child created in sqlite in one transaction: the child binds to the parent.
         sql(
