@@ -221,13 +221,15 @@ impl Server {
 
     /// The id of a record (Dataverse's primary id), by key values.
     pub fn id_of(&self, set: &str, key: &[Value]) -> Option<String> {
+        self.find(set, key, |r| r.id.clone())
+    }
+
+    /// What `f` takes from the record of `set` with these key values (JSON each), if any.
+    fn find<T>(&self, set: &str, key: &[Value], f: impl Fn(&Row) -> T) -> Option<T> {
         let st = self.shared.store.lock().unwrap();
         let s = st.sets.get(set)?;
         let key: Vec<String> = key.iter().map(|v| v.to_string()).collect();
-        s.rows
-            .iter()
-            .find(|r| row_key(r, &s.keys, self.shared.kind) == norm_key(&key, self.shared.kind))
-            .map(|r| r.id.clone())
+        s.rows.iter().find(|r| row_key(r, &s.keys, self.shared.kind) == norm_key(&key, self.shared.kind)).map(f)
     }
 
     pub fn max_len(&self, set: &str, field: &str, n: usize) {
@@ -258,13 +260,7 @@ impl Server {
 
     /// Raw JSON text of a record's properties, by key values (JSON text each).
     pub fn get(&self, set: &str, key: &[Value]) -> Option<BTreeMap<String, String>> {
-        let st = self.shared.store.lock().unwrap();
-        let s = st.sets.get(set)?;
-        let key: Vec<String> = key.iter().map(|v| v.to_string()).collect();
-        s.rows
-            .iter()
-            .find(|r| row_key(r, &s.keys, self.shared.kind) == norm_key(&key, self.shared.kind))
-            .map(|r| r.props.clone())
+        self.find(set, key, |r| r.props.clone())
     }
 
     pub fn count(&self, set: &str) -> usize {
