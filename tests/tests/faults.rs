@@ -9,6 +9,7 @@ use common::{Local, Writes};
 use dualsync::domain::errors::{ErrorCategory, ErrorStatus};
 use dualsync::domain::job::{JobStatus, Side};
 use dualsync::domain::requests::RequestAction;
+use dualsync::ports::Queue;
 use dualsync::state::ErrorFilter;
 use dualsync::steps::StepKind;
 
@@ -62,6 +63,40 @@ async fn a_failed_write_is_never_taken_for_a_landed_one() {
         assert!(conflicts.iter().any(|c| c.key.0 == ["p1"] && c.winner == "a"), "{failure:?}: {conflicts:?}");
         assert!(h.open_rows().await.is_empty(), "{failure:?}: {:?}", h.open_rows().await);
     }
+}
+
+/// Item 2, the safety net: primary A; the write of A's edit to B lands but answers like a
+/// time-out, so its mark is uncertain; the message that would retry it is then answered
+/// elsewhere (another deliver invocation, the rules of design note §3 notwithstanding); B's user
+/// edits the record. B's change loses the conflict against the uncertain mark, and nothing of
+/// A's is left to send: the lost conflict itself sends A's record again. (Before: A kept its
+/// value, B its edit, and no row said so.)
+#[tokio::test]
+async fn a_conflict_lost_to_a_primary_with_nothing_left_to_send_sends_the_primarys_record() {
+    let h = Local::new().await;
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n0', 'X', 'small')");
+    h.drain().await;
+    h.exec(Side::A, "UPDATE parents SET name = 'a1' WHERE pid = 'p1'");
+    h.controls[1].set(Writes::LandThenFail);
+    capture_and_sequence(&h).await;
+    h.rt.step_once(StepKind::Deliver).await.unwrap();
+    assert_eq!(h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p1'").as_deref(), Some("a1"), "landed");
+    // The retry of A's change is answered by someone else.
+    h.clock.advance(301_000);
+    let retry = h.rt.deliver.receive(10).await.unwrap();
+    assert_eq!(retry.len(), 1, "the write's message waits for its retry");
+    h.rt.deliver.ack(&[retry[0].receipt.clone()]).await.unwrap();
+    h.controls[1].set(Writes::Work);
+    h.exec(Side::B, "UPDATE owners SET title = 'b1' WHERE owner_id = 'p1'");
+    h.drain().await;
+    let (a, b) = (
+        h.text(Side::A, "SELECT name FROM parents WHERE pid = 'p1'"),
+        h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p1'"),
+    );
+    assert_eq!((a.as_deref(), b.as_deref()), (Some("a1"), Some("a1")), "the primary's value on both sides");
+    let conflicts = h.rt.state.conflicts("j", 100, None).await.unwrap().items;
+    assert!(conflicts.iter().any(|c| c.key.0 == ["p1"] && c.winner == "a"), "{conflicts:?}");
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
 }
 
 /// Item 3: a record new on B, deleted on B while its first delivery is between its read and its

@@ -127,8 +127,11 @@ pub enum End {
     Synced { wrote: bool, resolves: Vec<String> },
     /// Step 4: only the other side changed; its change flows back.
     OtherSideChanged,
-    /// Step 4: both changed and the other side is primary: nothing written, logged.
-    ConflictLost,
+    /// Step 4: both changed and the other side is primary: nothing written, logged. `resend`:
+    /// the conflict was decided against an uncertain mark, so the primary may have no change
+    /// left to send (the write it made may have been answered already): a check from the
+    /// primary's side goes down the record's lane and writes its record over this one.
+    ConflictLost { resend: Option<ChangeRef> },
     /// Our create of a deleted record was undone.
     Undone,
     /// An error row of this category.
@@ -240,7 +243,10 @@ impl Progress {
                 }),
                 _ => Progress::Done(Done { end: End::OtherSideChanged, release: release(link) }),
             },
-            Decision::ConflictLost => Progress::Done(Done { end: End::ConflictLost, release: release(link) }),
+            Decision::ConflictLost => {
+                let resend = state.filter(|s| s.landing_unknown(records)).map(|s| primary_check(c, s, other));
+                Progress::Done(Done { end: End::ConflictLost { resend }, release: release(link) })
+            }
             Decision::Write { conflict } => {
                 let mut mark = synced_link(&settled, c, source.hash, source.version);
                 // Until the write lands, the last sync is the one before it: its content, and
@@ -421,6 +427,24 @@ fn synced_link(settled: &LinkState, c: &ChangeRef, hash: &str, source_version: &
     next
 }
 
+/// A delivery of the record from the primary's side (the other side of `c`, read as `primary`),
+/// sent after `c` lost a conflict that nothing else may settle. Its seq is the latest known of
+/// that record, so step 1 does not skip it as stale; its transaction id names why it exists.
+fn primary_check(c: &ChangeRef, link: &LinkState, primary: Option<Seen<'_>>) -> ChangeRef {
+    let side = c.source.other();
+    let seq = primary.and_then(|p| p.seq).unwrap_or(0).max(link.seen(side)).max(link.synced[side.index()]);
+    ChangeRef {
+        map: c.map.clone(),
+        source: side,
+        key: c.key.clone(),
+        seq,
+        txid: format!("conflict-check-{}-{}", c.txid, c.seq),
+        at_ms: c.at_ms,
+        retry_of: None,
+        waited: false,
+    }
+}
+
 /// Whether the other side's record is the one our pending create of it wrote.
 fn created_here(link: Option<&LinkState>, other_side: Side, other: Option<Seen<'_>>) -> bool {
     let (Some(p), Some(r)) = (link.and_then(|l| l.pending.as_ref()), other) else { return false };
@@ -596,10 +620,40 @@ mod tests {
         // Only A changed (A is the other side here): A's change flows back.
         assert_eq!(end(&Progress::read(&CX, &from_b, at(&l), seen("h0"), seen("h1"))), &End::OtherSideChanged);
         // Both changed, A is primary: B's change loses.
-        assert_eq!(end(&Progress::read(&CX, &from_b, at(&l), seen("h2"), seen("h1"))), &End::ConflictLost);
+        assert_eq!(
+            end(&Progress::read(&CX, &from_b, at(&l), seen("h2"), seen("h1"))),
+            &End::ConflictLost { resend: None }
+        );
         // Both changed, A is the source: A overwrites, logged as a conflict.
         let w = write(Progress::read(&CX, &change(Side::A, 6), at(&l), seen("h1"), seen("h2")));
         assert!(w.conflict);
+    }
+
+    #[test]
+    fn a_conflict_lost_against_an_uncertain_mark_sends_the_primarys_record_again() {
+        // A's h1 was written to B (at h0) and may have landed; B's user then edited B to h2.
+        let mut l = synced("h0");
+        l.pending =
+            Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: Some("h0".into()), uncertain: true });
+        let from_b = change(Side::B, 3);
+        let a = Some(Seen { hash: "h1", version: "v7", seq: Some(9) });
+        let lost = Progress::read(&CX, &from_b, at(&l), seen("h2"), a);
+        let End::ConflictLost { resend: Some(check) } = end(&lost).clone() else {
+            panic!("a lost conflict that resends")
+        };
+        assert_eq!((check.source, check.seq, &check.key, &check.map), (Side::A, 9, &from_b.key, &from_b.map));
+        // The check is A's change: it wins the conflict and writes A's record to B.
+        let w = write(Progress::read(&CX, &check, at(&l), a, seen("h2")));
+        assert!(w.conflict && w.mark.pending.expect("mark").hash == "h1");
+        // Not stale for step 1, whatever A's seqs on the link.
+        assert_eq!(Progress::check_newer(&check, at(&l)), Progress::ToRead);
+        // A certain mark, or none: the primary's change is still on its way, nothing resent.
+        l.pending.as_mut().expect("mark").uncertain = false;
+        l.hash = Some("h0".into());
+        assert!(matches!(
+            end(&Progress::read(&CX, &from_b, at(&l), seen("h2"), seen("h3"))),
+            End::ConflictLost { resend: None }
+        ));
     }
 
     #[test]

@@ -135,6 +135,12 @@ impl LinkState {
         s
     }
 
+    /// Whether the pending mark's landing cannot be told from the records now (indexed by side):
+    /// an uncertain mark whose target changed since.
+    pub fn landing_unknown(&self, records: [Option<Observed<'_>>; 2]) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.judge(records[p.side.index()]) == Landing::Unknown)
+    }
+
     /// The content of the last sync, given the records now (indexed by side).
     pub fn last_synced(&self, records: [Option<Observed<'_>>; 2]) -> Option<&str> {
         match &self.pending {

@@ -17,8 +17,10 @@ use crate::domain::change::ChangeRef;
 use crate::domain::delivery::{Context, Done, End, LinkAt, Progress, Seen};
 use crate::domain::errors::{ConflictRecord, ErrorCategory};
 use crate::domain::job::{Job, Side};
+use crate::domain::sequence::short_hash;
 use crate::ports::{ConnectorError, KvError, Precondition, Record, WriteFailure, WriteOp};
 use crate::state::State;
+use crate::steps::redeliver::redelivery;
 use crate::steps::{LoadedJob, Metrics, StepError, Steps};
 
 /// How often one change goes back to step 1 within a wave after losing a race (a failed write
@@ -368,6 +370,7 @@ impl Steps {
         let mut closed: Vec<(String, &str)> = Vec::new();
         let mut synced: Vec<String> = Vec::new();
         let mut conflicts: Vec<ConflictRecord> = Vec::new();
+        let mut checks: Vec<ChangeRef> = Vec::new();
         let mut results = Vec::with_capacity(items.len());
         for mut it in items {
             let done = std::mem::replace(&mut it.progress, Progress::Again).ended(it.c);
@@ -383,7 +386,8 @@ impl Steps {
                     Metrics::add(&self.metrics.other_side_changed, 1);
                     closed.extend(retried.map(|sk| (sk, "superseded by the other side's newer change")));
                 }
-                End::ConflictLost => {
+                End::ConflictLost { resend } => {
+                    checks.extend(resend);
                     conflicts.push(self.conflict(job, &it));
                     closed.extend(retried.map(|sk| (sk, "lost a conflict to the primary (see conflicts)")));
                 }
@@ -401,6 +405,17 @@ impl Steps {
         }
         if !synced.is_empty() {
             self.state.resolve_errors(&job.name, &synced).await?;
+        }
+        // Before the answer: a crash in between sends them again, under the same dedupe ids.
+        let resent: Vec<_> = checks
+            .into_iter()
+            .flat_map(|c| {
+                let tag = short_hash(&[c.txid.as_bytes(), c.map.as_bytes(), c.key.display().as_bytes()]);
+                redelivery(job, vec![c], &tag)
+            })
+            .collect();
+        if !resent.is_empty() {
+            self.deliver_queue.send(resent).await?;
         }
         for c in conflicts {
             Metrics::add(&self.metrics.conflicts, 1);
@@ -459,7 +474,7 @@ fn progress_name(p: &Progress) -> &'static str {
         Progress::Done(Done { end, .. }) => match end {
             End::Synced { .. } => "in step",
             End::OtherSideChanged => "other side changed",
-            End::ConflictLost => "conflict lost",
+            End::ConflictLost { .. } => "conflict lost",
             End::Undone => "undone",
             End::Failed { .. } => "failed",
             End::Waiting { .. } => "waiting",
