@@ -866,7 +866,12 @@ table_groups:
             "apps[1].ingress.own_user_id",
             "empty user id",
         );
-        assert_problem(b, &with("{ auth: { kind: api_key, key_env: K } }"), "apps[1].ingress.auth.kind", "unknown variant");
+        assert_problem(
+            b,
+            &with("{ auth: { kind: api_key, key_env: K } }"),
+            "apps[1].ingress.auth.kind",
+            "unknown variant",
+        );
     }
 
     #[test]
