@@ -281,3 +281,91 @@ async fn an_fno_business_event_and_an_own_notification_are_captured() {
     assert_eq!(status, 400);
     assert!(answer["error"].as_str().unwrap().starts_with("notification: txid: invalid type"), "{answer}");
 }
+
+mod function_url {
+    //! The ingress function's handler over moto: a function URL request (base64 body, as Lambda
+    //! hands over a request it cannot pass as text) in, a notification on the capture queue out.
+    use super::*;
+    use base64::Engine;
+    use dualsync::adapters::aws::{bootstrap, DynamoKv, Names, Usage};
+    use dualsync::domain::change::TransactionNotification;
+    use dualsync::ports::SystemClock;
+    use dualsync::state::State;
+    use dualsync_ingress::LambdaFunctionUrlRequest;
+
+    async fn emulator() -> aws_config::SdkConfig {
+        let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT").expect(
+            "DUALSYNC_TEST_AWS_ENDPOINT is not set: run the tests with ./scripts/test, which starts moto server",
+        );
+        for (k, v) in
+            [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")]
+        {
+            if std::env::var_os(k).is_none() {
+                std::env::set_var(k, v);
+            }
+        }
+        dualsync::adapters::aws::sdk_config(Some(&endpoint)).await
+    }
+
+    fn request(path: &str, query: &[(&str, &str)], body: &[u8]) -> LambdaFunctionUrlRequest {
+        let params: serde_json::Map<String, Value> = query.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        serde_json::from_value(json!({
+            "version": "2.0",
+            "rawPath": path,
+            "rawQueryString": query.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&"),
+            "headers": {"content-type": "application/json"},
+            "queryStringParameters": params,
+            "requestContext": {"accountId": "anonymous", "requestId": "r-1", "timeEpoch": 1,
+                "http": {"method": "POST", "path": path, "protocol": "HTTP/1.1", "sourceIp": "203.0.113.9",
+                         "userAgent": "Microsoft Dynamics CRM"}},
+            "body": base64::engine::general_purpose::STANDARD.encode(body),
+            "isBase64Encoded": true
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_function_url_request_becomes_a_message_on_the_capture_queue() {
+        let sdk = emulator().await;
+        let names = Names::new(&format!("i{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+        let res = bootstrap(&sdk, &names).await.expect("bootstrap");
+        let usage = Arc::new(Usage::default());
+        let kv =
+            DynamoKv::new(aws_sdk_dynamodb::Client::new(&sdk), res.table.clone(), Arc::new(SystemClock), usage.clone());
+        let state = State::new(Arc::new(kv), Arc::new(SystemClock));
+        // No service behind the Dataverse app: the webhook carries its key, nothing is read back.
+        let job = JOB.replace("URL", "http://127.0.0.1:9/api/data/v9.2/").replace("OWN", OWN);
+        state.apply_job(parse_job("job.yaml", &job).unwrap()).await.unwrap();
+        let keys = |k: &str| (k == "DV_KEY").then(|| DV_KEY.to_string());
+        let ingress =
+            dualsync_ingress::aws(&sdk, &res.table, &res.capture_url, Arc::new(SqliteRegistry::default()), usage)
+                .with_env(Arc::new(keys));
+        let body = recorded("dataverse-account-update.json").to_string();
+
+        let wrong = dualsync_ingress::function_url(
+            &ingress,
+            request("/ingress/s/dv/dataverse", &[("code", "x")], body.as_bytes()),
+        )
+        .await;
+        assert_eq!((wrong.status_code, wrong.body.as_deref()), (401, Some(r#"{"error":"unauthorized"}"#)));
+
+        let r = dualsync_ingress::function_url(
+            &ingress,
+            request("/ingress/s/dv/dataverse", &[("code", DV_KEY)], body.as_bytes()),
+        )
+        .await;
+        assert_eq!(r.status_code, 200, "{:?}", r.body);
+        let answer: Value = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+        assert_eq!(answer["captured"], 1);
+
+        let sqs = aws_sdk_sqs::Client::new(&sdk);
+        let got = sqs.receive_message().queue_url(&res.capture_url).max_number_of_messages(10).send().await.unwrap();
+        let msgs = got.messages.unwrap_or_default();
+        assert_eq!(msgs.len(), 1, "one message for the accepted request, none for the refused one");
+        let tx: TransactionNotification = serde_json::from_str(msgs[0].body.as_deref().unwrap()).unwrap();
+        assert_eq!((tx.job.as_str(), tx.app.as_str(), tx.changes.len()), ("s", "dv", 1));
+        assert_eq!((tx.changes[0].entity.as_str(), tx.changes[0].key.display()), ("accounts", "D-1".to_string()));
+        assert_eq!(tx.txid, "fc65709c-7b89-460a-bafc-7193dd5f7c5b/b389c994-065d-f011-bec2-000d3ac241ab");
+        res.delete(&sdk).await.unwrap();
+    }
+}

@@ -18,6 +18,7 @@ use dualsync::state::State;
 use dualsync::steps::ingress::Ingress;
 use dualsync::steps::ConnectorRegistry;
 
+pub use aws_lambda_events::event::lambda_function_urls::{LambdaFunctionUrlRequest, LambdaFunctionUrlResponse};
 pub use function_url::{function_url, request_of, MAX_BODY_BYTES};
 pub use local::router;
 
