@@ -1,6 +1,7 @@
 //! `dualsync run --config FILE`: the long-running local runner on the user's own sqlite apps (until
 //! Ctrl-C, or with `--until-idle` until every change log is read and every queue empty),
-//! with the admin API on a loopback address behind a bearer token.
+//! with the admin API on a loopback address behind a bearer token, and the ingress routes for
+//! pushed events (Dataverse webhooks, fno events) beside it, behind each app's ingress key.
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::net::SocketAddr;
@@ -54,9 +55,12 @@ pub async fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("listening on {} for the admin API", args.admin_addr))?;
-    let api = dualsync_admin::with_token(dualsync_admin::router(Arc::new(rt.admin())), token);
+    // The admin routes behind the bearer token; the ingress routes beside them, each
+    // authenticated by its app's own ingress key (the token layer wraps the admin router only).
+    let admin = dualsync_admin::with_token(dualsync_admin::router(Arc::new(rt.admin())), token);
+    let api = admin.merge(dualsync_ingress::router(Arc::new(rt.ingress())));
     eprintln!(
-        "dualsync: job '{name}' runs; state in {}; admin API on http://{}. Ctrl-C stops.",
+        "dualsync: job '{name}' runs; state in {}; admin API and ingress (/ingress/{{job}}/{{app}}/{{source}}) on http://{}. Ctrl-C stops.",
         data_dir.display(),
         args.admin_addr
     );

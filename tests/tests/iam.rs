@@ -234,3 +234,38 @@ fn names_a_missing_grant_an_extra_one_a_misread_input_and_a_wildcard() {
     let problems = check(&wild);
     assert!(problems.iter().any(|p| p.ends_with("wildcard in Action 'dynamodb:*'")), "{problems:?}");
 }
+
+#[test]
+fn the_ingress_role_sends_to_the_capture_queue_only() {
+    let to_sequence = TEMPLATE.replacen(
+        "              - Sid: SendToCapture\n                Effect: Allow\n                Action: sqs:SendMessage\n                Resource: !GetAtt CaptureQueue.Arn",
+        "              - Sid: SendToCapture\n                Effect: Allow\n                Action: sqs:SendMessage\n                Resource: !GetAtt SequenceQueue.Arn",
+        1,
+    );
+    assert_ne!(to_sequence, TEMPLATE, "the ingress role's statement is where this test expects it");
+    assert_eq!(
+        check(&to_sequence),
+        [
+            "ingress (IngressRole) lacks sqs:SendMessage on CaptureQueue",
+            "ingress (IngressRole) has sqs:SendMessage on SequenceQueue, which its code does not use",
+        ]
+    );
+}
+
+/// Only the ingress function is open to unsigned requests (its apps' keys authenticate them);
+/// every other function URL needs SigV4.
+#[test]
+fn only_the_ingress_function_url_takes_unsigned_requests() {
+    let doc: Value = serde_yaml_ng::from_str(TEMPLATE).unwrap();
+    let mut urls: Vec<(String, String)> = doc["Resources"]
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .filter_map(|(id, r)| {
+            let auth = r["Properties"].get("FunctionUrlConfig")?["AuthType"].as_str()?.to_string();
+            Some((r["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap_or(id.as_str()?).to_string(), auth))
+        })
+        .collect();
+    urls.sort();
+    assert_eq!(urls, [("admin".to_string(), "AWS_IAM".to_string()), ("ingress".into(), "NONE".into())]);
+}

@@ -13,11 +13,18 @@ pub enum Function {
     Deliver,
     Reconcile,
     Admin,
+    Ingress,
 }
 
 impl Function {
-    pub const ALL: [Function; 5] =
-        [Function::Capture, Function::Sequence, Function::Deliver, Function::Reconcile, Function::Admin];
+    pub const ALL: [Function; 6] = [
+        Function::Capture,
+        Function::Sequence,
+        Function::Deliver,
+        Function::Reconcile,
+        Function::Admin,
+        Function::Ingress,
+    ];
 
     /// Its binary (template.yaml's `BuildProperties.Binary`, the folder under `functions/`).
     pub fn binary(self) -> &'static str {
@@ -27,6 +34,7 @@ impl Function {
             Function::Deliver => "deliver",
             Function::Reconcile => "reconcile",
             Function::Admin => "admin",
+            Function::Ingress => "ingress",
         }
     }
 }
@@ -148,6 +156,10 @@ pub fn needs(function: Function) -> Needs {
                 QueueId::DeadLetter(Reconcile),
             ],
         },
+        // steps/ingress/mod.rs: a pushed event's notifications go to the capture queue; its
+        // State reads the job and writes error rows (keys that cannot be read back, changes
+        // too large for a message: steps/ingress/fit.rs).
+        Function::Ingress => Needs { input: None, sends_to: &[Work(Capture)], drains: &[] },
     }
 }
 

@@ -174,6 +174,7 @@ mod tests {
             lookups: vec![],
             company: None,
             mode: Mode::Async,
+            event_names: Default::default(),
         }
     }
 

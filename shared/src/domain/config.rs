@@ -10,7 +10,8 @@ use thiserror::Error;
 
 use super::canon::normalize;
 use super::job::{
-    AlertRule, App, AuthSpec, ConnectorSpec, FieldMap, Flavor, Job, Lookup, Mode, OdataSpec, Side, TableMap, ValueMap,
+    AlertRule, App, AuthSpec, ConnectorSpec, FieldMap, Flavor, IngressAuth, IngressSpec, Job, Lookup, Mode, OdataSpec,
+    Side, TableMap, ValueMap,
 };
 
 /// The file form of an integration job.
@@ -60,6 +61,9 @@ pub struct AppDef {
     /// odata: records per page asked of the service (default 500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_size: Option<usize>,
+    /// Pushed change events (webhooks, business events): how they authenticate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<IngressSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +93,10 @@ pub struct TableMapDef {
     pub company: Option<PairDef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
+    /// Per app, the names its pushed events give this entity besides the entity's own: a
+    /// Dataverse logical name (`account` for `accounts`), an fno business event id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub event_names: BTreeMap<String, Vec<String>>,
 }
 
 /// A field map: one field name per app, and optionally a value map.
@@ -188,6 +196,9 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
                 &format!("{at}.connector"),
                 format!("unknown connector '{other}' (connectors are: sqlite, odata)"),
             ),
+        }
+        if let Some(ingress) = &app.ingress {
+            v.ingress(&format!("{at}.ingress"), ingress);
         }
         if app.connector == "odata" {
             v.odata(&at, app);
@@ -359,6 +370,7 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
                 }
             }
         }
+        let event_names = v.event_names(&at, &map.event_names, &apps);
         maps.push(TableMap {
             name: map.name.clone(),
             group: group.name.clone(),
@@ -370,7 +382,27 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
             lookups,
             company,
             mode: map.mode.unwrap_or(def.mode),
+            event_names,
         });
+    }
+    // An event name picks one map: two maps of an app answering to one name would be a guess.
+    for side in 0..2 {
+        let mut seen: Vec<(&str, &str)> = Vec::new();
+        for m in &maps {
+            for n in &m.event_names[side] {
+                match seen.iter().find(|(x, _)| x == n) {
+                    Some((_, other)) => v.push(
+                        "table_groups",
+                        format!(
+                            "event name '{n}' of app '{}' is given to maps '{other}' and '{}'",
+                            apps.get(side).copied().unwrap_or("?"),
+                            m.name
+                        ),
+                    ),
+                    None => seen.push((n, &m.name)),
+                }
+            }
+        }
     }
 
     if !v.problems.is_empty() {
@@ -392,7 +424,7 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
             }
             _ => ConnectorSpec::Sqlite { path: a.path.clone().unwrap_or_default() },
         };
-        App { name: a.name.clone(), connector }
+        App { name: a.name.clone(), connector, ingress: a.ingress.clone() }
     };
     Ok(Job {
         name: def.job.clone(),
@@ -501,20 +533,71 @@ impl Validator {
         out
     }
 
-    fn auth(&mut self, at: &str, auth: &AuthSpec) {
-        let mut env = |key: &str, name: &str| {
-            let ok = !name.is_empty()
-                && !name.starts_with(|c: char| c.is_ascii_digit())
-                && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-            if !ok {
+    /// A secret's environment variable name: A-Z, 0-9 and `_`, not starting with a digit.
+    fn env_name(&mut self, path: &str, name: &str) {
+        let ok = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !ok {
+            self.push(
+                path,
+                format!("'{name}' is not an environment variable name (A-Z, 0-9 and '_', not starting with a digit)"),
+            );
+        }
+    }
+
+    /// An app's `ingress`: the key's variable, the header or query parameter that carries it.
+    fn ingress(&mut self, at: &str, ingress: &IngressSpec) {
+        let auth = format!("{at}.auth");
+        self.env_name(&format!("{auth}.key_env"), ingress.auth.key_env());
+        let named = match &ingress.auth {
+            IngressAuth::WebhookKey { .. } => None,
+            IngressAuth::HttpHeader { name, .. } => Some(("header", name)),
+            IngressAuth::HttpQueryString { name, .. } => Some(("query parameter", name)),
+        };
+        if let Some((what, name)) = named {
+            // An HTTP header name is a token; a query parameter is kept to the same plain set
+            // so that it needs no encoding in the URL registered with the sender.
+            let token = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !token {
                 self.push(
-                    &format!("{at}.{key}"),
-                    format!(
-                        "'{name}' is not an environment variable name (A-Z, 0-9 and '_', not starting with a digit)"
-                    ),
+                    &format!("{auth}.name"),
+                    format!("'{name}' is not a {what} name (letters, digits, '-', '_' and '.')"),
                 );
             }
-        };
+        }
+        if ingress.own_user_id.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            self.push(
+                &format!("{at}.own_user_id"),
+                "empty user id: name dualsync's application user, or leave it out".into(),
+            );
+        }
+    }
+
+    /// A map's `event_names`: per known app, non-empty names, each once.
+    fn event_names(&mut self, at: &str, names: &BTreeMap<String, Vec<String>>, apps: &[&str]) -> [Vec<String>; 2] {
+        let mut out = [Vec::new(), Vec::new()];
+        for (app, list) in names {
+            let path = format!("{at}.event_names.{app}");
+            let Some(side) = apps.iter().take(2).position(|a| a == app) else {
+                self.push(&format!("{at}.event_names"), format!("unknown app '{app}' (apps are: {})", apps.join(", ")));
+                continue;
+            };
+            for (i, n) in list.iter().enumerate() {
+                if n.trim().is_empty() {
+                    self.push(&format!("{path}[{i}]"), "empty event name".into());
+                } else if out[side].contains(n) {
+                    self.push(&format!("{path}[{i}]"), format!("event name '{n}' is listed twice"));
+                } else {
+                    out[side].push(n.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn auth(&mut self, at: &str, auth: &AuthSpec) {
+        let mut env = |key: &str, name: &str| self.env_name(&format!("{at}.{key}"), name);
         match auth {
             AuthSpec::ClientCredentials { tenant, token_url, client_id, client_id_env, client_secret_env, .. } => {
                 env("client_secret_env", client_secret_env);
@@ -751,6 +834,67 @@ table_groups:
             "{ name: b, connector: sqlite, path: b.db, flavor: fno }",
             "apps[1].flavor",
             "for odata apps only",
+        );
+    }
+
+    #[test]
+    fn ingress_names_its_key_variable_and_where_the_key_comes() {
+        let b = "{ name: b, connector: sqlite, path: b.db }";
+        let with = |ingress: &str| format!("{{ name: b, connector: sqlite, path: b.db, ingress: {ingress} }}");
+        let good = with("{ auth: { kind: http_header, name: x-api-key, key_env: B_KEY }, own_user_id: u-1 }");
+        assert!(problems(b, &good).is_empty(), "{:?}", problems(b, &good));
+        let def = parse_job("f.yaml", &GOOD.replace(b, &good)).unwrap();
+        let job = compile("f.yaml", &def).unwrap();
+        let spec = job.apps[1].ingress.as_ref().unwrap();
+        assert_eq!(spec.auth.key_env(), "B_KEY");
+        assert_eq!(spec.own_user_id.as_deref(), Some("u-1"));
+        assert_problem(
+            b,
+            &with("{ auth: { kind: webhook_key, key_env: b-key } }"),
+            "apps[1].ingress.auth.key_env",
+            "not an environment variable name",
+        );
+        assert_problem(
+            b,
+            &with("{ auth: { kind: http_query_string, name: 'a key', key_env: K } }"),
+            "apps[1].ingress.auth.name",
+            "not a query parameter name",
+        );
+        assert_problem(
+            b,
+            &with("{ auth: { kind: webhook_key, key_env: K }, own_user_id: ' ' }"),
+            "apps[1].ingress.own_user_id",
+            "empty user id",
+        );
+        assert_problem(
+            b,
+            &with("{ auth: { kind: api_key, key_env: K } }"),
+            "apps[1].ingress.auth.kind",
+            "unknown variant",
+        );
+    }
+
+    #[test]
+    fn event_names_belong_to_an_app_and_one_map() {
+        let at = "        entities: { a: p, b: o }\n";
+        let names = |n: &str| format!("{at}        event_names: {n}\n");
+        assert!(problems(at, &names("{ b: [po] }")).is_empty());
+        let def = parse_job("f.yaml", &GOOD.replace(at, &names("{ b: [po, pos] }"))).unwrap();
+        assert_eq!(
+            compile("f.yaml", &def).unwrap().maps[0].event_names,
+            [vec![], vec!["po".to_string(), "pos".into()]]
+        );
+        assert_problem(at, &names("{ c: [po] }"), "table_groups[0].maps[1].event_names", "unknown app 'c'");
+        assert_problem(at, &names("{ b: [''] }"), "table_groups[0].maps[1].event_names.b[0]", "empty event name");
+        assert_problem(at, &names("{ b: [po, po] }"), "table_groups[0].maps[1].event_names.b[1]", "listed twice");
+        let both = GOOD.replace(at, &names("{ b: [po] }")).replace(
+            "        entities: { a: c, b: d }\n",
+            "        entities: { a: c, b: d }\n        event_names: { b: [po] }\n",
+        );
+        let err = compile("f.yaml", &parse_job("f.yaml", &both).unwrap()).unwrap_err();
+        assert!(
+            err.to_string().contains("event name 'po' of app 'b' is given to maps 'parents' and 'children'"),
+            "{err}"
         );
     }
 

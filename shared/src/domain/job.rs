@@ -137,6 +137,45 @@ impl OdataSpec {
 pub struct App {
     pub name: String,
     pub connector: ConnectorSpec,
+    /// How the app pushes its change events to dualsync's ingress, if it does.
+    pub ingress: Option<IngressSpec>,
+}
+
+/// An app that pushes its change events (a Dataverse webhook, fno business or data events, the
+/// project's own notification) to `POST /ingress/{job}/{app}/{source}`: how the sender proves
+/// who it is, and which user is dualsync itself in that app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressSpec {
+    pub auth: IngressAuth,
+    /// dualsync's own application user in the app (Dataverse `InitiatingUserId`, fno
+    /// `InitiatingUserAADObjectId`): events it caused are echoes of dualsync's writes, skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_user_id: Option<String>,
+}
+
+/// How a pushed event is authenticated, as Dataverse's webhook registration offers it. The key
+/// is named by environment variable, never written in the job file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum IngressAuth {
+    /// Dataverse `WebhookKey`: the key in the query string as `code=<key>`.
+    WebhookKey { key_env: String },
+    /// Dataverse `HttpHeader`: the key as the value of the header `name`.
+    HttpHeader { name: String, key_env: String },
+    /// Dataverse `HttpQueryString`: the key as the value of the query parameter `name`.
+    HttpQueryString { name: String, key_env: String },
+}
+
+impl IngressAuth {
+    /// The environment variable holding the expected key.
+    pub fn key_env(&self) -> &str {
+        match self {
+            IngressAuth::WebhookKey { key_env }
+            | IngressAuth::HttpHeader { key_env, .. }
+            | IngressAuth::HttpQueryString { key_env, .. } => key_env,
+        }
+    }
 }
 
 /// A value map between the two apps' value spaces. Side A's values are the canonical space.
@@ -178,6 +217,9 @@ pub struct TableMap {
     pub lookups: Vec<Lookup>,
     pub company: Option<[String; 2]>,
     pub mode: Mode,
+    /// Per side, the names the app's pushed events give this map's entity besides its own
+    /// (a Dataverse logical name, an fno business event id).
+    pub event_names: [Vec<String>; 2],
 }
 
 impl TableMap {

@@ -219,11 +219,13 @@ mod tests {
             lookups,
             company: None,
             mode: Mode::Async,
+            event_names: Default::default(),
         }
     }
 
     fn job() -> Job {
-        let app = |n: &str| App { name: n.into(), connector: ConnectorSpec::Sqlite { path: "x".into() } };
+        let app =
+            |n: &str| App { name: n.into(), connector: ConnectorSpec::Sqlite { path: "x".into() }, ingress: None };
         Job {
             name: "j".into(),
             apps: [app("a"), app("b")],

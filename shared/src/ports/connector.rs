@@ -145,6 +145,16 @@ pub trait Connector: Send + Sync {
     async fn delete(&self, entity: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError>;
     /// One page of all records of an entity, in key order, for initial sync.
     async fn list(&self, entity: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError>;
+    /// The integration key of the record the app names `id` (its own record id, as a Dataverse
+    /// webhook whose images were stripped names it), or `None` when there is no such record.
+    /// Apps that name no record by id refuse.
+    async fn key_of_id(&self, entity: &EntitySpec, id: &str) -> Result<Option<Key>, ConnectorError> {
+        let _ = id;
+        Err(ConnectorError::Rejected {
+            app: self.app().to_string(),
+            message: format!("{}: this app does not name its records by id, so a key cannot be read back", entity.name),
+        })
+    }
 }
 
 /// One row of a local app's change log.

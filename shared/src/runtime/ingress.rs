@@ -1,15 +1,13 @@
 //! Local ingress: reads a local app's change log and puts one notification per transaction on
 //! the capture queue (in parts when it does not fit in one message), like a webhook or business
-//! event would on AWS.
+//! event would on AWS (see [`crate::steps::ingress`] for those).
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::adapters::connectors::sqlite::OWN_WRITE_TXID_PREFIX;
-use crate::domain::change::{ChangeNotification, Parts, TooLargeItem, TransactionNotification, MAX_MESSAGE_BYTES};
-use crate::domain::errors::ErrorCategory;
-use crate::domain::job::Side;
+use crate::domain::change::{ChangeNotification, Parts, TransactionNotification};
 use crate::ports::{ChangeFeed, OutMessage, Queue, RawChange};
-use crate::state::NewError;
 use crate::state::State;
+use crate::steps::ingress::fit;
 use crate::steps::StepError;
 
 /// Moves up to `limit` change-log rows of one app onto the capture queue; returns how many
@@ -90,38 +88,4 @@ pub async fn pump_feed(
     }
     state.set_feed_position(job, app, last).await?;
     Ok(count)
-}
-
-/// The transaction as notifications that fit in a message each. A change too large for a
-/// message on its own (its key alone is that long) cannot be captured: it leaves an application
-/// error row, under an abbreviated key, and the rest of the transaction goes on.
-async fn fit(state: &State, mut tx: TransactionNotification) -> Result<Vec<TransactionNotification>, StepError> {
-    loop {
-        match tx.clone().split(MAX_MESSAGE_BYTES) {
-            Ok(parts) => return Ok(parts),
-            Err(TooLargeItem { index, bytes, .. }) => {
-                let ch = tx.changes.remove(index);
-                let (job, _) = state.job(&tx.job).await?;
-                let source = job.side_of(&tx.app).unwrap_or(Side::A);
-                let map = job.map_for_entity(source, &ch.entity).map_or(ch.entity.clone(), |(_, m)| m.name.clone());
-                let error = NewError {
-                    map,
-                    entity: ch.entity.clone(),
-                    app: tx.app.clone(),
-                    source,
-                    key: ch.key.abbreviated(),
-                    seq: ch.seq,
-                    txid: tx.txid.clone(),
-                    category: ErrorCategory::Application,
-                    message: format!(
-                        "change of {} not captured: it takes {bytes} bytes, more than a queue message holds \
-                         (its key is {} bytes)",
-                        ch.entity,
-                        ch.key.display().len()
-                    ),
-                };
-                state.record_error(&tx.job, error).await?;
-            }
-        }
-    }
 }

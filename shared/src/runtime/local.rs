@@ -269,6 +269,16 @@ impl LocalRuntime {
             .with_dead_letter_queues(queues.collect())
     }
 
+    /// The handler of pushed events (webhooks, business events) over this runtime's state, apps
+    /// and capture queue; keys from the process environment.
+    pub fn ingress(&self) -> crate::steps::ingress::Ingress {
+        crate::steps::ingress::Ingress::new(
+            self.state.clone(),
+            self.apps.clone() as Arc<dyn ConnectorRegistry>,
+            self.capture.clone(),
+        )
+    }
+
     /// Runs one batch of one step in this task; returns the messages handled.
     pub async fn step_once(&self, step: StepKind) -> Result<usize, StepError> {
         let steps = &self.steps;

@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod deliver;
 pub mod handle;
+pub mod ingress;
 pub mod initial_sync;
 pub mod lifecycle;
 pub mod pause;

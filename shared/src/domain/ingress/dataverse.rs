@@ -80,7 +80,8 @@ pub fn parse(
         None => now_ms,
     };
     let Some(keys) = mapped(logical) else {
-        return Err(err("PrimaryEntityName", format!("entity '{logical}' is not mapped by the job")));
+        // Not an error: the step may be registered on more tables than the job maps.
+        return Ok(Event { txid, changes: vec![], user, depth, ignored: vec![logical.to_string()] });
     };
 
     // Where the record's attributes are, most complete first.
@@ -135,6 +136,7 @@ pub fn parse(
         }],
         user,
         depth,
+        ignored: vec![],
     })
 }
 
@@ -295,15 +297,6 @@ mod tests {
                 "PrimaryEntityId",
                 "must be a GUID",
             ),
-            (
-                {
-                    let mut c = context("Create", json!({}), json!([]));
-                    c["PrimaryEntityName"] = json!("lead");
-                    c
-                },
-                "PrimaryEntityName",
-                "entity 'lead' is not mapped",
-            ),
             (context("Create", json!(3), json!([])), "InputParameters[0].value", "must be an entity object"),
             (
                 context("Create", entity(json!({}), Value::Null), json!([])),
@@ -356,5 +349,14 @@ mod tests {
             assert!(e.at == at && e.message.contains(message), "wanted {at}: {message}; got {e}");
         }
         assert_eq!(parse(b"{", &mapped, false, 0).unwrap_err().at, "(body)");
+    }
+
+    #[test]
+    fn an_entity_the_job_does_not_map_is_ignored_by_name() {
+        let mut c = context("Create", json!({}), json!([]));
+        c["PrimaryEntityName"] = json!("lead");
+        let e = parse_value(&c).unwrap();
+        assert!(e.changes.is_empty());
+        assert_eq!(e.ignored, ["lead"]);
     }
 }

@@ -46,9 +46,10 @@ fn event(e: &Value, at: &str, mapped: &dyn Fn(&str) -> Option<EntityKeys>, now_m
     };
     let entity_name = opt_string(e, at, "EntityName")?;
     let by = entity_name.unwrap_or(id);
+    let user = opt_string(e, at, "InitiatingUserAADObjectId")?.map(str::to_string);
     let Some(keys) = mapped(by) else {
-        let what = if entity_name.is_some() { "EntityName" } else { "BusinessEventId" };
-        return Err(err(path(what), format!("'{by}' is not mapped by the job")));
+        // Not an error: an fno endpoint may be sent more events than the job maps.
+        return Ok(Event { txid: id.to_string(), changes: vec![], user, depth: None, ignored: vec![by.to_string()] });
     };
     let op = match opt_string(e, at, "EventType")? {
         Some("Create" | "Created" | "Update" | "Updated") => Operation::Upsert,
@@ -102,8 +103,9 @@ fn event(e: &Value, at: &str, mapped: &dyn Fn(&str) -> Option<EntityKeys>, now_m
             company,
             at_ms,
         }],
-        user: opt_string(e, at, "InitiatingUserAADObjectId")?.map(str::to_string),
+        user,
         depth: None,
+        ignored: vec![],
     })
 }
 
@@ -173,6 +175,15 @@ mod tests {
     }
 
     #[test]
+    fn events_the_job_does_not_map_are_ignored_by_name() {
+        let mut vendor = business_event();
+        vendor["BusinessEventId"] = json!("VendorCreated");
+        let events = parse(json!([vendor, business_event()]).to_string().as_bytes(), &mapped, 0).unwrap();
+        assert_eq!((events[0].changes.len(), &events[0].ignored), (0, &vec!["VendorCreated".to_string()]));
+        assert_eq!((events[1].changes.len(), events[1].ignored.len()), (1, 0));
+    }
+
+    #[test]
     fn bad_input_says_what_and_where() {
         let with = |f: &dyn Fn(&mut Value)| {
             let mut e = business_event();
@@ -190,11 +201,6 @@ mod tests {
                 "'ControlNumber' is missing",
             ),
             (with(&|e| e["ControlNumber"] = json!(-1)), "ControlNumber", "whole number"),
-            (
-                with(&|e| e["BusinessEventId"] = json!("VendorCreated")),
-                "BusinessEventId",
-                "'VendorCreated' is not mapped",
-            ),
             (with(&|e| e["EntityName"] = json!(5)), "EntityName", "must be a string"),
             (with(&|e| e["EventType"] = json!("Merge")), "EventType", "'Merge' is not Create"),
             (

@@ -57,6 +57,9 @@ pub struct Event {
     pub user: Option<String>,
     /// Dataverse's plug-in depth: above 1, the change was made by another step's code.
     pub depth: Option<u32>,
+    /// Entities the event names that the job does not map: not an error (the sender would
+    /// retry it), the caller counts and logs them.
+    pub ignored: Vec<String>,
 }
 
 /// Why an event cannot be taken: where in it (a path like `InputParameters[0].value`) and what.
@@ -221,6 +224,7 @@ mod tests {
             }],
             user: None,
             depth: None,
+            ignored: vec![],
         };
         let u = e.notification("j", "dv", 7).unwrap_err();
         assert!(u.to_string().contains("must be read back by id"), "{u}");

@@ -39,6 +39,9 @@
 //! its navigation property with the parent's key fields, and written as
 //! `<navigation>@odata.bind` to the parent's address by key (see [`binds`]).
 //!
+//! `read_key_by_id` reads a Dataverse record's key by its GUID, for pushed events that name a
+//! record only by id.
+//!
 //! Not here yet (issue 10): change capture, secrets from AWS Secrets Manager or SSM, JSON `$batch`.
 pub mod auth;
 pub mod batch;
@@ -435,6 +438,42 @@ impl OdataApp {
         }
     }
 
+    /// The integration key of the record whose id is `id` (Dataverse: its primary GUID):
+    /// `GET <set>(<id>)?$select=<key fields>`; `None` when the record does not exist. For events
+    /// that name a record only by id (a webhook whose images were stripped for size).
+    pub async fn read_key_by_id(&self, spec: &EntitySpec, id: &str) -> Result<Option<Key>, ConnectorError> {
+        if !flavor::writes_by_id(self.flavor()) {
+            return Err(self.t.rejected(format!(
+                "{}: a {} service has no record id to read a key back by",
+                spec.name,
+                self.flavor().as_str()
+            )));
+        }
+        if !keys::is_guid(id) {
+            return Err(self.t.rejected(format!("{}: record id '{id}' is not a GUID", spec.name)));
+        }
+        let select = format!("$select={}", keys::encode(&spec.key_fields.join(",")));
+        let url = self.url(&format!("{}({id})", keys::encode(&spec.name)), &[select]);
+        let a = self.t.send(Method::GET, &url, &[], None).await?;
+        if a.status == 404 {
+            return Ok(None);
+        }
+        if !a.ok() {
+            return Err(self.failure(&a, &[]));
+        }
+        let e = values::parse_entity(&a.body).map_err(|e| self.t.transient(format!("unreadable answer: {e}"), None))?;
+        self.learn(spec, &e);
+        let keys_only = EntitySpec { fields: vec![], binds: vec![], ..spec.clone() };
+        match values::to_record(&e, &keys_only).map_err(|e| self.t.transient(e, None))? {
+            (Some(key), _) => Ok(Some(key)),
+            (None, _) => Err(self.t.rejected(format!(
+                "{} record {id} has no integration key (its key fields {} are empty)",
+                spec.name,
+                spec.key_fields.join(", ")
+            ))),
+        }
+    }
+
     /// The values of `op` other than its key: what an error message must not show.
     fn secrets_of(op: &WriteOp, spec: &EntitySpec) -> Vec<String> {
         op.fields
@@ -630,6 +669,10 @@ impl Connector for OdataApp {
             }
         }
         Ok(())
+    }
+
+    async fn key_of_id(&self, entity: &EntitySpec, id: &str) -> Result<Option<Key>, ConnectorError> {
+        self.read_key_by_id(entity, id).await
     }
 
     async fn list(&self, entity: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
