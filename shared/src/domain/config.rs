@@ -749,6 +749,14 @@ table_groups:
     }
 
     #[test]
+    fn the_odata_example_job_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/dataverse-fno.yaml");
+        let (_, job) = load_job_file(&path).unwrap();
+        assert!(job.apps.iter().all(|a| matches!(a.connector, ConnectorSpec::Odata(_)) && a.ingress.is_some()));
+        assert_eq!(job.maps[1].lookups[0].bind, [None, Some("transactioncurrencyid".to_string())]);
+    }
+
+    #[test]
     fn shape_errors_name_the_path() {
         assert_problem("sequence: 2", "sequence: two", "table_groups[0].maps[0].sequence", "invalid");
         assert_problem("primary: b", "primary: b\nextra: 1", "extra", "unknown field `extra`");
