@@ -4,6 +4,7 @@ mod aws;
 mod backend;
 mod bench;
 mod demo;
+mod doctor;
 mod pipeline;
 mod run;
 mod sample_apps;
@@ -30,6 +31,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Runs a job file's job on this machine until Ctrl-C.
     Run(run::RunArgs),
+    /// Checks that a job file's apps can serve it; prints each problem with how to fix it.
+    Doctor(doctor::DoctorArgs),
     /// Syncs N records end to end through the embedded pipeline and prints figures.
     Bench(bench::BenchArgs),
     /// Job definitions and status.
@@ -67,6 +70,7 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Demo(args) => demo::run(&cli.data_dir, &cli.backend, args).await,
             Command::Run(args) => run::run(&cli.data_dir, args).await,
+            Command::Doctor(args) => doctor::run(args).await,
             Command::Bench(args) => bench::run(&cli.data_dir, args).await,
             Command::Job(cmd) => admin::job(&cli.data_dir, &cli.backend, cmd).await,
             Command::Errors(cmd) => admin::errors(&cli.data_dir, &cli.backend, cmd).await,

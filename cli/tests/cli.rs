@@ -489,3 +489,48 @@ fn dead_letters_are_listed_shown_and_redriven_on_aws() {
     assert!(now[0].0 != id && now[0].1 == "dead", "back under a new id: {list}");
     assert_eq!(now[1], (id, "redriven".to_string()), "{list}");
 }
+
+/// `dualsync doctor`: a job whose app lacks a mapped column fails, naming the table and the
+/// column; fixed, it passes. The check creates nothing (a missing file is a finding).
+#[test]
+fn doctor_names_what_an_app_lacks_and_passes_once_it_is_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "job: people
+apps:
+  - { name: a, connector: sqlite, path: a.db }
+  - { name: b, connector: sqlite, path: b.db }
+primary: a
+table_groups:
+  - name: g
+    maps:
+      - name: people
+        sequence: 1
+        entities: { a: people, b: contacts }
+        keys: [{ a: id, b: contact_id }]
+        fields: [{ a: name, b: fullname }]
+",
+    )
+    .unwrap();
+    let doctor = || dualsync(dir.path()).arg("doctor").arg(&job).output().unwrap();
+    let out = doctor();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success() && stdout.contains("a.db: does not exist"), "{stdout}");
+    assert!(!dir.path().join("a.db").exists(), "doctor created the app's file");
+
+    let sql =
+        |file: &str, s: &str| rusqlite::Connection::open(dir.path().join(file)).unwrap().execute_batch(s).unwrap();
+    sql("a.db", "CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT)");
+    sql("b.db", "CREATE TABLE contacts (contact_id TEXT PRIMARY KEY, full_name TEXT)");
+    let out = doctor();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("b: contacts:") && stdout.contains("fullname"), "{stdout}");
+    assert!(!stdout.contains("a: people"), "{stdout}");
+
+    sql("b.db", "ALTER TABLE contacts RENAME COLUMN full_name TO fullname");
+    let stdout = run_ok(dualsync(dir.path()).arg("doctor").arg(&job));
+    assert!(stdout.contains("both apps can serve job 'people'"), "{stdout}");
+}

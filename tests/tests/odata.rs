@@ -876,3 +876,110 @@ table_groups:
         assert!(errors.iter().all(|(_, e)| e.status == ErrorStatus::Resolved), "{errors:#?}");
     }
 }
+
+mod doctor {
+    //! `dualsync doctor` against services that have what a job needs, and against ones that
+    //! lack a piece of it: each missing piece is one finding that names it and how to fix it.
+    use super::*;
+    use dualsync::domain::config::{compile, parse_job};
+    use dualsync::ports::Finding;
+    use dualsync::runtime::doctor::doctor;
+    use dualsync::runtime::local::SqliteRegistry;
+
+    const JOB: &str = "job: d
+apps:
+  - { name: fo, connector: odata, url: FNO, flavor: fno, auth: { kind: none } }
+  - { name: dv, connector: odata, url: DV, flavor: dataverse, auth: { kind: none } }
+primary: fo
+companies: [USMF, DEMF]
+table_groups:
+  - name: g
+    maps:
+      - name: customers
+        sequence: 1
+        entities: { fo: CustomersV3, dv: accounts }
+        company: { fo: dataAreaId, dv: msdyn_company }
+        keys: [{ fo: CustomerAccount, dv: accountnumber }]
+        fields:
+          - { fo: dataAreaId, dv: msdyn_company }
+          - { fo: Name, dv: name }
+";
+
+    async fn run(fo: &Server, dv: &Server, job: &str) -> Vec<(String, Finding)> {
+        let def = parse_job("d.yaml", &job.replace("FNO", &fo.url).replace("DV", &dv.url)).unwrap();
+        doctor(&compile("d.yaml", &def).unwrap(), &SqliteRegistry::default()).await
+    }
+
+    /// Both services have every set, property, key and company the job names.
+    async fn healthy() -> (Server, Server) {
+        let fo = Server::start(Kind::Fno, Options::default()).await;
+        fo.add_set("CustomersV3", &["CustomerAccount"], None);
+        fo.declare("CustomersV3", &["dataAreaId", "Name"]);
+        fo.add_set("LegalEntities", &["LegalEntityId"], None);
+        for c in ["USMF", "DEMF"] {
+            fo.put("LegalEntities", json!({ "LegalEntityId": c, "dataAreaId": c.to_lowercase() }));
+        }
+        let dv = dataverse().await;
+        dv.declare("accounts", &["msdyn_company", "name"]);
+        (fo, dv)
+    }
+
+    #[tokio::test]
+    async fn services_with_all_the_job_needs_pass() {
+        let (fo, dv) = healthy().await;
+        let found = run(&fo, &dv, JOB).await;
+        assert!(found.is_empty(), "{found:#?}");
+    }
+
+    #[tokio::test]
+    async fn each_missing_piece_is_a_finding_naming_it() {
+        let (fo, dv) = healthy().await;
+        dv.key_status("accounts", "Pending");
+        let job = JOB.replace("DEMF", "ZZZZ").replace("{ fo: Name, dv: name }", "{ fo: Name, dv: nmae }");
+        let found = run(&fo, &dv, &job).await;
+        let said = |app: &str, subject: &str, words: &[&str]| {
+            found.iter().any(|(a, f)| {
+                a == app && f.subject == subject && words.iter().all(|w| format!("{} {}", f.problem, f.fix).contains(w))
+            })
+        };
+        assert!(said("dv", "entity set accounts", &["nmae", "$metadata"]), "{found:#?}");
+        assert!(said("fo", "company ZZZZ", &["no legal entity"]), "{found:#?}");
+        assert!(!said("fo", "company USMF", &[]), "{found:#?}");
+        assert_eq!(found.len(), 2, "{found:#?}");
+
+        // With the field right, the key that is not active yet shows.
+        let found = run(&fo, &dv, JOB).await;
+        assert!(
+            found.iter().any(|(a, f)| a == "dv" && f.problem.contains("Pending") && f.fix.contains("index")),
+            "{found:#?}"
+        );
+
+        // A map keyed by a column no alternate key is made of.
+        dv.key_status("accounts", "Active");
+        let job = JOB
+            .replace("{ fo: CustomerAccount, dv: accountnumber }", "{ fo: CustomerAccount, dv: name }")
+            .replace("{ fo: Name, dv: name }", "{ fo: Name, dv: accountnumber }");
+        let found = run(&fo, &dv, &job).await;
+        assert!(
+            found.iter().any(|(a, f)| a == "dv" && f.problem.contains("no alternate key of exactly name")),
+            "{found:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_entity_set_or_a_service_not_there_is_said_so() {
+        let (fo, dv) = healthy().await;
+        let found = run(&fo, &dv, &JOB.replace("dv: accounts", "dv: acounts")).await;
+        assert!(found
+            .iter()
+            .any(|(a, f)| a == "dv" && f.subject == "entity set acounts" && f.fix.contains("EntitySetName")));
+        // Credentials refused: one finding for the service, nothing else tried.
+        let locked =
+            Server::start(Kind::Dataverse, Options { auth: Some(("c".into(), "s".into())), ..Options::default() })
+                .await;
+        let found = run(&fo, &locked, JOB).await;
+        let dv_found: Vec<_> = found.iter().filter(|(a, _)| a == "dv").collect();
+        assert_eq!(dv_found.len(), 1, "{found:#?}");
+        assert!(dv_found[0].1.problem.contains("401") && dv_found[0].1.fix.contains("credentials"), "{found:#?}");
+    }
+}

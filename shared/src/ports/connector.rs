@@ -155,6 +155,33 @@ pub trait Connector: Send + Sync {
             message: format!("{}: this app does not name its records by id, so a key cannot be read back", entity.name),
         })
     }
+
+    /// Checks that the app can serve the job (`dualsync doctor`): every entity and its fields
+    /// can be read, and `companies` exist where the app knows companies. Any connector can read
+    /// one record of each entity; connectors that can tell more say more.
+    async fn diagnose(&self, entities: &[EntitySpec], companies: &[String]) -> Vec<Finding> {
+        let _ = companies;
+        let mut out = Vec::new();
+        for e in entities {
+            if let Err(err) = self.list(e, None, 1).await {
+                out.push(Finding {
+                    subject: e.name.clone(),
+                    problem: format!("cannot read it: {}", err.message()),
+                    fix: format!("check that {} has this table with the key and fields the job maps", self.app()),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A problem `dualsync doctor` found with an app: what it concerns (an entity set, a company,
+/// the service), what is wrong, and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub subject: String,
+    pub problem: String,
+    pub fix: String,
 }
 
 /// One row of a local app's change log.

@@ -7,8 +7,8 @@ pub mod queue;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use connector::{
-    Bind, ChangeFeed, Connector, ConnectorError, EntitySpec, ListPage, Precondition, RawChange, Record, WriteFailure,
-    WriteOp,
+    Bind, ChangeFeed, Connector, ConnectorError, EntitySpec, Finding, ListPage, Precondition, RawChange, Record,
+    WriteFailure, WriteOp,
 };
 pub use kv::{Expect, Item, KvError, KvStore, Page, Put, SkRange};
 pub use queue::{InMessage, OutMessage, Queue, QueueError};

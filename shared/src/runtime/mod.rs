@@ -1,4 +1,5 @@
 //! The local runner: all four steps in one process over the embedded table and queues.
+pub mod doctor;
 pub mod ingress;
 pub mod local;
 pub mod verify;

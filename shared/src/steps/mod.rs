@@ -248,22 +248,26 @@ impl Steps {
         }
         let job = crate::domain::config::compile("(stored job)", &record.def).map_err(StateError::from)?;
         let connectors = self.registry.connectors(&job)?;
-        let specs = job
-            .maps
-            .iter()
-            .map(|m| {
-                Side::BOTH.map(|s| EntitySpec {
-                    name: m.entity(s).to_string(),
-                    key_fields: m.key_fields(s),
-                    fields: m.read_fields(s),
-                    binds: binds(&job, m, s),
-                })
-            })
-            .collect();
+        let specs = entity_specs(&job);
         let loaded = Arc::new(LoadedJob { job, status: record.status, connectors, specs });
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), (record.revision, loaded.clone()));
         Ok(Some(loaded))
     }
+}
+
+/// Per map, per side: what the connectors read and write.
+pub fn entity_specs(job: &crate::domain::job::Job) -> Vec<[EntitySpec; 2]> {
+    job.maps
+        .iter()
+        .map(|m| {
+            Side::BOTH.map(|s| EntitySpec {
+                name: m.entity(s).to_string(),
+                key_fields: m.key_fields(s),
+                fields: m.read_fields(s),
+                binds: binds(job, m, s),
+            })
+        })
+        .collect()
 }
 
 /// The map's lookups that `side` reads and writes through a navigation property.

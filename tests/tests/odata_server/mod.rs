@@ -22,7 +22,7 @@
 //! text they came in, so a decimal is never rounded here either.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,6 +85,10 @@ struct Set {
     max_len: BTreeMap<String, usize>,
     /// Dataverse lookups: held as the parent's id in `_<name>_value`.
     lookups: Vec<LookupDecl>,
+    /// The properties `$metadata` would list, when declared: `$select` of another is refused.
+    properties: Option<BTreeSet<String>>,
+    /// Dataverse: the alternate key's index status (`Active` unless set).
+    key_status: Option<String>,
 }
 
 /// A Dataverse lookup: the property `_<name>_value` (the parent's GUID, read-only), written
@@ -206,6 +210,21 @@ impl Server {
                 ..Default::default()
             },
         );
+    }
+
+    /// Declares the properties of `set` (besides its keys): a `$select` of any other is refused
+    /// as the service refuses an unknown property.
+    pub fn declare(&self, set: &str, properties: &[&str]) {
+        let mut st = self.shared.store.lock().unwrap();
+        let s = st.sets.get_mut(set).unwrap();
+        let mut declared: BTreeSet<String> = properties.iter().map(|p| p.to_string()).collect();
+        declared.extend(s.keys.iter().cloned());
+        s.properties = Some(declared);
+    }
+
+    /// Dataverse: the status of `set`'s alternate key (Pending, InProgress, Active, Failed).
+    pub fn key_status(&self, set: &str, status: &str) {
+        self.shared.store.lock().unwrap().sets.get_mut(set).unwrap().key_status = Some(status.to_string());
     }
 
     /// Declares a Dataverse lookup of `set`: `_<name>_value` holds a record id of `target`,
@@ -561,6 +580,12 @@ impl Shared {
             _ => (rest.clone(), None),
         };
         let mut st = self.store.lock().unwrap();
+        if method == "GET" && rest.is_empty() {
+            return self.service_document(&st);
+        }
+        if method == "GET" && set_name == "EntityDefinitions" && self.kind == Kind::Dataverse {
+            return self.entity_definitions(&st, &q);
+        }
         let Some(set) = st.sets.get(&set_name).cloned() else {
             return self.err(404, "0x80060888", &format!("Resource not found for the segment '{set_name}'."));
         };
@@ -578,6 +603,15 @@ impl Shared {
                 "0x80060888",
                 &format!("Could not find a property named '{bad}' on type 'Microsoft.Dynamics.CRM.{set_name}'."),
             );
+        }
+        if let (Some(props), Some(sel)) = (&set.properties, &select) {
+            if let Some(bad) = sel.iter().find(|f| !props.contains(*f)) {
+                return self.err(
+                    400,
+                    "0x80060888",
+                    &format!("Could not find a property named '{bad}' on type 'Microsoft.Dynamics.CRM.{set_name}'."),
+                );
+            }
         }
         match (method, pred) {
             ("GET", None) => {
@@ -896,6 +930,39 @@ impl Shared {
                 (l.navigation.clone(), text)
             })
             .collect()
+    }
+
+    /// The service root: its entity sets.
+    fn service_document(&self, st: &Store) -> Ans {
+        let sets: Vec<Value> = st.sets.keys().map(|n| json!({ "name": n, "kind": "EntitySet", "url": n })).collect();
+        Ans::json(200, json!({ "@odata.context": format!("{}$metadata", self.base), "value": sets }))
+    }
+
+    /// Dataverse table definitions, as `EntityDefinitions?$filter=EntitySetName eq '<set>'`
+    /// with its keys expanded answers them: the set's keys as one alternate key.
+    fn entity_definitions(&self, st: &Store, q: &HashMap<String, String>) -> Ans {
+        let wanted =
+            q.get("$filter").and_then(|f| f.strip_prefix("EntitySetName eq '")).and_then(|f| f.strip_suffix('\''));
+        let Some(wanted) = wanted else {
+            return self.err(400, "0x80060888", "EntityDefinitions: only $filter=EntitySetName eq '<name>' is served");
+        };
+        let value: Vec<Value> = st
+            .sets
+            .get(wanted)
+            .map(|set| {
+                let logical = wanted.trim_end_matches('s');
+                json!({
+                    "LogicalName": logical,
+                    "Keys": [{
+                        "LogicalName": format!("{logical}_key"),
+                        "KeyAttributes": set.keys,
+                        "EntityKeyIndexStatus": set.key_status.clone().unwrap_or_else(|| "Active".into()),
+                    }],
+                })
+            })
+            .into_iter()
+            .collect();
+        Ans::json(200, json!({ "value": value }))
     }
 
     fn not_found(&self, set: &str) -> Ans {

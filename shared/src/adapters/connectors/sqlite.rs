@@ -49,7 +49,8 @@ use serde_json::Value;
 use crate::domain::canon;
 use crate::domain::change::{Key, Operation};
 use crate::ports::connector::{
-    ChangeFeed, Connector, ConnectorError, EntitySpec, ListPage, Precondition, RawChange, Record, WriteFailure, WriteOp,
+    ChangeFeed, Connector, ConnectorError, EntitySpec, Finding, ListPage, Precondition, RawChange, Record,
+    WriteFailure, WriteOp,
 };
 
 /// The change-log table.
@@ -132,7 +133,7 @@ impl TableInfo {
 
     /// Checks that every field is a column (and that capture is installed); the message names
     /// the entity and the field.
-    fn check<'a>(&self, mut fields: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    fn check<'a>(&self, fields: impl Iterator<Item = &'a str>) -> Result<(), String> {
         if !self.has_version {
             return Err(format!(
                 "entity `{}`: change capture is not installed (no `{VERSION_COLUMN}` column); \
@@ -140,6 +141,11 @@ impl TableInfo {
                 self.name
             ));
         }
+        self.has_fields(fields)
+    }
+
+    /// Whether every field is a column, whether capture is installed or not.
+    fn has_fields<'a>(&self, mut fields: impl Iterator<Item = &'a str>) -> Result<(), String> {
         match fields.find(|f| self.column(f).is_none()) {
             Some(f) => {
                 Err(format!("entity `{}` has no field `{f}` (no such column in table `{}`)", self.name, self.name))
@@ -1289,6 +1295,36 @@ impl Connector for SqliteApp {
 
     async fn read(&self, entity: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
         self.read_sync(entity, keys)
+    }
+
+    /// Each table and its mapped columns exist (change capture is installed when the job
+    /// starts), and a key that nothing makes unique is said, as capture warns of it.
+    async fn diagnose(&self, entities: &[EntitySpec], _companies: &[String]) -> Vec<Finding> {
+        let conn = self.read_lock();
+        let mut out = Vec::new();
+        for e in entities {
+            let fields = e.key_fields.iter().chain(&e.fields).map(String::as_str);
+            let create = || format!("create the table with the key and fields the job maps in {}", self.path.display());
+            let finding = match load_table(&conn, &e.name) {
+                Err(err) => Some((err.to_string(), "check the database file".to_string())),
+                Ok(None) => Some((format!("entity `{}`: no such table", e.name), create())),
+                Ok(Some(info)) => match info.has_fields(fields) {
+                    Err(m) => Some((m, create())),
+                    Ok(()) => match key_is_unique(&conn, &info, &e.key_fields) {
+                        Ok(true) => None,
+                        Ok(false) => Some((
+                            format!("no PRIMARY KEY or UNIQUE index on the key fields {}", e.key_fields.join(", ")),
+                            "add one: without it a key can be held twice and reads by key scan the table".to_string(),
+                        )),
+                        Err(err) => Some((err.to_string(), "check the database file".to_string())),
+                    },
+                },
+            };
+            if let Some((problem, fix)) = finding {
+                out.push(Finding { subject: e.name.clone(), problem, fix });
+            }
+        }
+        out
     }
 
     async fn write(

@@ -46,6 +46,7 @@
 pub mod auth;
 pub mod batch;
 pub mod binds;
+mod doctor;
 pub mod errors;
 pub mod flavor;
 pub mod http;
@@ -67,7 +68,9 @@ use self::keys::KeyKind;
 use self::values::RawEntity;
 use crate::domain::change::Key;
 use crate::domain::job::{Flavor, OdataSpec};
-use crate::ports::{Connector, ConnectorError, EntitySpec, ListPage, Precondition, Record, WriteFailure, WriteOp};
+use crate::ports::{
+    Connector, ConnectorError, EntitySpec, Finding, ListPage, Precondition, Record, WriteFailure, WriteOp,
+};
 
 /// Keys per `$filter` query: short enough for any service's URL limit.
 const KEYS_PER_QUERY: usize = 50;
@@ -673,6 +676,10 @@ impl Connector for OdataApp {
 
     async fn key_of_id(&self, entity: &EntitySpec, id: &str) -> Result<Option<Key>, ConnectorError> {
         self.read_key_by_id(entity, id).await
+    }
+
+    async fn diagnose(&self, entities: &[EntitySpec], companies: &[String]) -> Vec<Finding> {
+        self.doctor(entities, companies).await
     }
 
     async fn list(&self, entity: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
