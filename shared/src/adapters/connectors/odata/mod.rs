@@ -50,6 +50,7 @@ mod doctor;
 pub mod errors;
 pub mod flavor;
 pub mod http;
+pub mod json_batch;
 pub mod keys;
 pub mod limiter;
 pub mod paging;
