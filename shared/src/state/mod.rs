@@ -4,11 +4,13 @@ mod errors;
 mod parking;
 mod parts;
 mod requests;
+mod tracking;
 mod waiters;
 
 pub use crate::domain::requests::ErrorFilter;
 pub use dead_letters::{job_of, DeadLetterCursor, DEAD_LETTER_RETENTION_MS};
 pub use errors::{ErrorCounts, NewError, ERROR_RETENTION_MS};
+pub use tracking::TrackingPosition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::sync::Arc;
 

@@ -15,6 +15,7 @@
 //! - [`limiter`]: one adaptive concurrency limiter per service in the process.
 //! - [`flavor`]: where Dataverse, fno and plain OData differ.
 //! - [`http`]: one request through the limiter, with credentials and service protection.
+//! - [`tracking`]: change tracking by delta links (`Prefer: odata.track-changes`).
 //! - this file: [`OdataApp`], the [`Connector`] over them.
 //!
 //! # Requests
@@ -39,7 +40,7 @@
 //! its navigation property with the parent's key fields, and written as
 //! `<navigation>@odata.bind` to the parent's address by key (see [`binds`]).
 //!
-//! Not here yet (issue 10): change capture, secrets from AWS Secrets Manager or SSM, JSON `$batch`.
+//! Not here yet (issue 10): secrets from AWS Secrets Manager or SSM, JSON `$batch`.
 pub mod auth;
 pub mod batch;
 pub mod binds;
@@ -49,6 +50,7 @@ pub mod http;
 pub mod keys;
 pub mod limiter;
 pub mod paging;
+pub mod tracking;
 pub mod values;
 
 use async_trait::async_trait;
