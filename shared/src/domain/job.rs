@@ -137,6 +137,20 @@ impl OdataSpec {
 pub struct App {
     pub name: String,
     pub connector: ConnectorSpec,
+    /// Set when dualsync polls the app's changes itself (odata change tracking).
+    pub tracking: Option<Tracking>,
+}
+
+/// Change tracking of an odata app: every map of the app is polled by delta links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracking {
+    pub poll_seconds: u64,
+}
+
+impl Tracking {
+    pub const DEFAULT_POLL_SECONDS: u64 = 30;
+    /// A day: Dataverse keeps changes for days (`ExpireChangeTrackingInDays`, 7 by default).
+    pub const MAX_POLL_SECONDS: u64 = 86_400;
 }
 
 /// A value map between the two apps' value spaces. Side A's values are the canonical space.

@@ -223,7 +223,7 @@ mod tests {
     }
 
     fn job() -> Job {
-        let app = |n: &str| App { name: n.into(), connector: ConnectorSpec::Sqlite { path: "x".into() } };
+        let app = |n: &str| App { name: n.into(), connector: ConnectorSpec::Sqlite { path: "x".into() }, tracking: None };
         Job {
             name: "j".into(),
             apps: [app("a"), app("b")],
