@@ -10,7 +10,8 @@ use thiserror::Error;
 
 use super::canon::normalize;
 use super::job::{
-    AlertRule, App, AuthSpec, Tracking, ConnectorSpec, FieldMap, Flavor, Job, Lookup, Mode, OdataSpec, Side, TableMap, ValueMap,
+    AlertRule, App, AuthSpec, ConnectorSpec, FieldMap, Flavor, Job, Lookup, Mode, OdataSpec, Side, TableMap, Tracking,
+    ValueMap,
 };
 
 /// `capture:` value of an odata app whose changes dualsync polls by change tracking.
@@ -812,16 +813,31 @@ table_groups:
         assert_eq!(job.apps[0].tracking, None);
         let def = parse_job("f.yaml", &GOOD.replace(sq, &dv(", capture: change_tracking, poll_seconds: 5"))).unwrap();
         assert_eq!(compile("f.yaml", &def).unwrap().apps[1].tracking, Some(Tracking { poll_seconds: 5 }));
-        assert_problem(sq, &dv(", capture: webhooks"), "apps[1].capture", "unknown capture 'webhooks' (capture is: change_tracking)");
+        assert_problem(
+            sq,
+            &dv(", capture: webhooks"),
+            "apps[1].capture",
+            "unknown capture 'webhooks' (capture is: change_tracking)",
+        );
         assert_problem(sq, &dv(", poll_seconds: 5"), "apps[1].poll_seconds", "needs 'capture: change_tracking'");
-        assert_problem(sq, &dv(", capture: change_tracking, poll_seconds: 0"), "apps[1].poll_seconds", "from 1 to 86400, found 0");
+        assert_problem(
+            sq,
+            &dv(", capture: change_tracking, poll_seconds: 0"),
+            "apps[1].poll_seconds",
+            "from 1 to 86400, found 0",
+        );
         assert_problem(
             sq,
             "{ name: b, connector: odata, url: 'https://x/', flavor: fno, auth: { kind: none }, capture: change_tracking }",
             "apps[1].capture",
             "flavor dataverse only",
         );
-        assert_problem(sq, "{ name: b, connector: sqlite, path: b.db, capture: change_tracking }", "apps[1].capture", "for odata apps only");
+        assert_problem(
+            sq,
+            "{ name: b, connector: sqlite, path: b.db, capture: change_tracking }",
+            "apps[1].capture",
+            "for odata apps only",
+        );
     }
 
     #[test]

@@ -223,7 +223,8 @@ mod tests {
     }
 
     fn job() -> Job {
-        let app = |n: &str| App { name: n.into(), connector: ConnectorSpec::Sqlite { path: "x".into() }, tracking: None };
+        let app =
+            |n: &str| App { name: n.into(), connector: ConnectorSpec::Sqlite { path: "x".into() }, tracking: None };
         Job {
             name: "j".into(),
             apps: [app("a"), app("b")],

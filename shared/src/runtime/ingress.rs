@@ -95,7 +95,10 @@ pub async fn pump_feed(
 /// The transaction as notifications that fit in a message each. A change too large for a
 /// message on its own (its key alone is that long) cannot be captured: it leaves an application
 /// error row, under an abbreviated key, and the rest of the transaction goes on.
-pub(crate) async fn fit(state: &State, mut tx: TransactionNotification) -> Result<Vec<TransactionNotification>, StepError> {
+pub(crate) async fn fit(
+    state: &State,
+    mut tx: TransactionNotification,
+) -> Result<Vec<TransactionNotification>, StepError> {
     loop {
         match tx.clone().split(MAX_MESSAGE_BYTES) {
             Ok(parts) => return Ok(parts),

@@ -9,12 +9,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::ingress::pump_feed;
+use super::tracking::{poll_map, PollReport};
 use super::worker::{run_loop, run_once};
 use crate::adapters::connectors::sqlite::{CaptureSpec, SqliteApp};
 use crate::adapters::embedded::{EmbeddedDb, EmbeddedKv, EmbeddedQueue, QueueConfig};
 use crate::domain::config::JobDef;
 use crate::domain::job::{ConnectorSpec, Job, JobStatus, Side};
-use super::tracking::{poll_map, PollReport};
 use crate::ports::{ChangeTracking, Clock, Connector, ConnectorError, Queue, SystemClock};
 use crate::state::{JobRecord, State, StateError};
 use crate::steps::{lifecycle, ConnectorRegistry, Failpoints, StepError, StepKind, Steps};
@@ -297,8 +297,7 @@ impl LocalRuntime {
     async fn poll_one(&self, job: &Job, side: Side, m: usize, max_pages: usize) -> Result<PollReport, RuntimeError> {
         let map = &job.maps[m];
         let source = self.apps.tracker(job, side)?;
-        let report =
-            poll_map(&self.state, job, side, map, source.as_ref(), self.capture.as_ref(), max_pages).await?;
+        let report = poll_map(&self.state, job, side, map, source.as_ref(), self.capture.as_ref(), max_pages).await?;
         let id = (job.name.clone(), job.app_name(side).to_string(), map.name.clone());
         self.polled.lock().unwrap_or_else(|e| e.into_inner()).insert(id, std::time::Instant::now());
         Ok(report)

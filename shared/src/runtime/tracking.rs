@@ -121,13 +121,20 @@ async fn take_page(
     let app = job.app_name(side);
     let at_ms = state.now_ms();
     let company_field = map.company.as_ref().map(|c| c[side.index()].clone());
-    let seen: Vec<(String, Key)> =
-        page.changes.iter().filter_map(|c| Some((c.id.clone()?, c.key.clone()?))).collect();
+    let seen: Vec<(String, Key)> = page.changes.iter().filter_map(|c| Some((c.id.clone()?, c.key.clone()?))).collect();
     state.remember_tracked(&job.name, app, &map.name, &seen, pos.listing).await?;
     let mut changes: Vec<ChangeNotification> = Vec::new();
-    let note = |key: Key, op: Operation, seq: u64, version: Option<String>, company: Option<String>| {
-        ChangeNotification { app: app.to_string(), entity: map.entity(side).to_string(), key, op, seq, version, company, at_ms }
-    };
+    let note =
+        |key: Key, op: Operation, seq: u64, version: Option<String>, company: Option<String>| ChangeNotification {
+            app: app.to_string(),
+            entity: map.entity(side).to_string(),
+            key,
+            op,
+            seq,
+            version,
+            company,
+            at_ms,
+        };
     // A record without an integration key is outside the map (as in a listing for initial sync).
     for c in page.changes {
         let Some(key) = c.key else { continue };
@@ -209,7 +216,9 @@ fn txid(map: &str, asked: &str, changes: &[ChangeNotification], unknown: &[Strin
     let mut parts: Vec<Vec<u8>> = vec![map.as_bytes().to_vec(), asked.as_bytes().to_vec()];
     for c in changes {
         let op = if c.op == Operation::Delete { "d" } else { "u" };
-        parts.push(format!("{op}{}|{}|{}", c.seq, c.version.as_deref().unwrap_or_default(), c.key.display()).into_bytes());
+        parts.push(
+            format!("{op}{}|{}|{}", c.seq, c.version.as_deref().unwrap_or_default(), c.key.display()).into_bytes(),
+        );
     }
     parts.extend(unknown.iter().map(|id| format!("x{id}").into_bytes()));
     let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();

@@ -10,9 +10,9 @@ mod waiters;
 pub use crate::domain::requests::ErrorFilter;
 pub use dead_letters::{job_of, DeadLetterCursor, DEAD_LETTER_RETENTION_MS};
 pub use errors::{ErrorCounts, NewError, ERROR_RETENTION_MS};
-pub use tracking::TrackingPosition;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::sync::Arc;
+pub use tracking::TrackingPosition;
 
 use crate::domain::change::Key;
 use crate::domain::config::{compile, ConfigErrors, JobDef};

@@ -90,7 +90,13 @@ impl State {
     }
 
     /// The integration keys of records by id, in the order of `ids` (`None`: never seen).
-    pub async fn tracked_keys(&self, job: &str, app: &str, map: &str, ids: &[String]) -> Result<Vec<Option<Key>>, KvError> {
+    pub async fn tracked_keys(
+        &self,
+        job: &str,
+        app: &str,
+        map: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<Key>>, KvError> {
         let pk = keys::tracked_ids_pk(job, app, map);
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK) {
@@ -168,7 +174,8 @@ mod tests {
         let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
         let state = State::new(Arc::new(db.kv()), Arc::new(clock));
         assert_eq!(state.tracking_position("j", "dv", "m").await.unwrap(), TrackingPosition::default());
-        let pos = TrackingPosition { link: Some("https://x/accounts?$deltatoken=1".into()), listing: 2, listing_open: false };
+        let pos =
+            TrackingPosition { link: Some("https://x/accounts?$deltatoken=1".into()), listing: 2, listing_open: false };
         state.set_tracking_position("j", "dv", "m", &pos).await.unwrap();
         assert_eq!(state.tracking_position("j", "dv", "m").await.unwrap(), pos);
         assert_eq!(state.tracking_position("j", "dv", "other").await.unwrap(), TrackingPosition::default());

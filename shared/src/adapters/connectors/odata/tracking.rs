@@ -140,11 +140,8 @@ impl OdataApp {
             return Ok(Some(f.clone()));
         }
         let filter = format!("EntitySetName eq '{}'", entity.replace('\'', "''"));
-        let url = format!(
-            "{}EntityDefinitions?$filter={}&$select=PrimaryIdAttribute",
-            self.t.root,
-            keys::encode(&filter)
-        );
+        let url =
+            format!("{}EntityDefinitions?$filter={}&$select=PrimaryIdAttribute", self.t.root, keys::encode(&filter));
         let a = self.t.send(Method::GET, &url, &[], None).await?;
         if !a.ok() {
             return Err(self.failure(&a, &[]));
@@ -288,7 +285,10 @@ mod tests {
 
     #[test]
     fn record_ids_and_etag_numbers() {
-        assert_eq!(record_id("https://x/api/data/v9.2/accounts(60C4E274-0D87-E711-80E5-00155DB19E6D)"), "60c4e274-0d87-e711-80e5-00155db19e6d");
+        assert_eq!(
+            record_id("https://x/api/data/v9.2/accounts(60C4E274-0D87-E711-80E5-00155DB19E6D)"),
+            "60c4e274-0d87-e711-80e5-00155db19e6d"
+        );
         assert_eq!(record_id("Customers('ALFKI')"), "ALFKI");
         assert_eq!(record_id(" 42 "), "42");
         assert_eq!(etag_seq("W/\"915244\""), Some(915244));
@@ -302,6 +302,9 @@ mod tests {
         );
         assert!(errors::delta_expired(400, &dv));
         assert!(errors::delta_expired(410, &ServiceError::default()), "OData: a delta link no longer valid");
-        assert!(!errors::delta_expired(400, &ServiceError::parse(br#"{"error":{"code":"0x80060888","message":"bad"}}"#)));
+        assert!(!errors::delta_expired(
+            400,
+            &ServiceError::parse(br#"{"error":{"code":"0x80060888","message":"bad"}}"#)
+        ));
     }
 }
