@@ -181,9 +181,13 @@ pub struct LocalRuntime {
     pub dead_letters: [Arc<EmbeddedQueue>; 4],
     /// Deliver workers run side by side; FIFO groups keep each group in order.
     pub deliver_workers: usize,
-    /// When each tracked map (job, app, map) was last polled by this process.
-    polled: Mutex<HashMap<(String, String, String), std::time::Instant>>,
+    /// When each tracked map (job, app, map) was last polled by this process (behind an `Arc`
+    /// to keep the runtime small).
+    polled: Arc<Mutex<HashMap<TrackedMapId, std::time::Instant>>>,
 }
+
+/// A tracked map: job, app, map.
+type TrackedMapId = (String, String, String);
 
 /// Pages one poll of a tracked map reads at most before the poller turns to other work (a
 /// first listing of a large table goes on at the next turn, from its saved position).
@@ -239,7 +243,7 @@ impl LocalRuntime {
             reconcile,
             dead_letters: [capture_dlq, sequence_dlq, deliver_dlq, reconcile_dlq],
             deliver_workers: 2,
-            polled: Mutex::new(HashMap::new()),
+            polled: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
