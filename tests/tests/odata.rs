@@ -605,6 +605,100 @@ async fn the_test_server_takes_a_dataverse_lookup_only_by_bind() {
     assert_eq!(a.status(), 200);
 }
 
+#[tokio::test]
+async fn change_tracking_lists_by_pages_then_gives_deltas_with_deleted_ids_and_tells_expired_tokens() {
+    use dualsync::ports::{ChangeTracking, Tracked, TrackedPage};
+    let s = dataverse().await;
+    for n in 0..5 {
+        s.put("accounts", json!({"accountnumber": format!("A-{n}"), "name": format!("a{n}")}));
+    }
+    let mut spec = spec(&s, Flavor::Dataverse);
+    spec.page_size = 2;
+    let app = OdataApp::with_env("dv", &spec, Duration::from_secs(30), &|_| None).unwrap();
+    let entity =
+        EntitySpec { name: "accounts".into(), key_fields: vec!["accountnumber".into()], fields: vec![], binds: vec![] };
+    async fn page(app: &OdataApp, entity: &EntitySpec, from: Option<&str>) -> TrackedPage {
+        match app.track(entity, from).await.unwrap() {
+            Tracked::Page(p) => p,
+            Tracked::Expired(m) => panic!("expired: {m}"),
+        }
+    }
+    // The listing: pages of 2 by next link, the delta link on the last one only.
+    let mut listed = Vec::new();
+    let mut p = page(&app, &entity, None).await;
+    let mut pages = 1;
+    while let Some(next) = p.next.clone() {
+        assert_eq!(p.delta, None, "no delta link before the last page");
+        assert!(p.changes.len() <= 2);
+        listed.extend(p.changes.clone());
+        p = page(&app, &entity, Some(&next)).await;
+        pages += 1;
+    }
+    listed.extend(p.changes.clone());
+    assert_eq!(pages, 3);
+    let delta = p.delta.clone().expect("the last page's delta link");
+    assert!(delta.starts_with(&s.url) && delta.contains("$deltatoken="), "{delta}");
+    let mut keys: Vec<String> = listed.iter().map(|c| c.key.as_ref().unwrap().display()).collect();
+    keys.sort();
+    assert_eq!(keys, ["A-0", "A-1", "A-2", "A-3", "A-4"]);
+    let a2 = s.id_of("accounts", &[json!("A-2")]).unwrap();
+    assert!(listed.iter().any(|c| c.id.as_deref() == Some(a2.as_str())), "the primary id comes with each record");
+    assert!(listed.iter().all(|c| c.seq.is_some() && c.version.is_some()));
+    // Only the key and the id are asked: a reference, never the record's data; no $filter,
+    // $orderby, $top (refused with change tracking); the id attribute asked once.
+    let log = s.log();
+    let first = log.iter().find(|l| l.path.contains("/accounts?")).unwrap();
+    assert!(first.path.contains("$select=accountnumber,accountid"), "{}", first.path);
+    assert!(!log.iter().any(|l| l.path.contains("$filter=accountnumber") || l.path.contains("$orderby")));
+    assert_eq!(
+        log.iter().filter(|l| l.path.contains("EntityDefinitions")).count(),
+        1,
+        "{:#?}",
+        log.iter().map(|l| &l.path).collect::<Vec<_>>()
+    );
+
+    // Changes: an update, a create, a delete; the delete comes back by id alone.
+    s.put("accounts", json!({"accountnumber": "A-1", "name": "renamed"}));
+    s.put("accounts", json!({"accountnumber": "A-9", "name": "new"}));
+    assert!(s.delete("accounts", &[json!("A-2")]));
+    // Three entries at two a page: the delta answer goes on by next link too.
+    let mut d = page(&app, &entity, Some(&delta)).await;
+    assert_eq!(d.delta, None);
+    let rest = page(&app, &entity, Some(&d.next.clone().expect("a second page"))).await;
+    d.changes.extend(rest.changes);
+    d.deletes.extend(rest.deletes);
+    d.delta = rest.delta;
+    let changed: Vec<String> = d.changes.iter().map(|c| c.key.as_ref().unwrap().display()).collect();
+    assert_eq!(changed, ["A-1", "A-9"]);
+    assert_eq!(d.deletes.len(), 1);
+    assert_eq!((d.deletes[0].id.as_str(), &d.deletes[0].key), (a2.as_str(), &None));
+    let delta2 = d.delta.clone().unwrap();
+    assert_ne!(delta2, delta);
+    let quiet = page(&app, &entity, Some(&delta2)).await;
+    assert!(quiet.changes.is_empty() && quiet.deletes.is_empty() && quiet.delta.is_some());
+
+    // An expired token is an outcome of its own, with the service's code.
+    s.expire_tokens();
+    match app.track(&entity, Some(&delta2)).await.unwrap() {
+        Tracked::Expired(m) => assert!(m.contains("0x80044352"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // A delta link to another host is not followed (the credentials stay with the service).
+    let err = app.track(&entity, Some("https://elsewhere.example/accounts?$deltatoken=1")).await.unwrap_err();
+    assert!(err.to_string().contains("another host"), "{err}");
+}
+
+#[tokio::test]
+async fn change_tracking_says_when_a_table_does_not_track_changes() {
+    use dualsync::ports::ChangeTracking;
+    let s = Server::start(Kind::Dataverse, Options::default()).await;
+    s.add_set("accounts", &["accountnumber"], Some("accountid"));
+    let app = connect(&s, Flavor::Dataverse);
+    let entity = EntitySpec { name: "nosuch".into(), key_fields: vec!["k".into()], fields: vec![], binds: vec![] };
+    let err = app.track(&entity, None).await.unwrap_err();
+    assert!(err.to_string().contains("nosuch: no table has this entity set name"), "{err}");
+}
+
 mod local_sync {
     //! A sqlite app and a Dataverse-like app kept in step by the local runtime's real steps:
     //! sqlite changes captured from its change log and written to the service in `$batch`es
@@ -736,6 +830,117 @@ table_groups:
         assert!(s.log().iter().all(|l| l.method == "GET" || l.parts == 0), "{:#?}", s.log());
         let errors = rt.state.error_rows("s", &ErrorFilter::default()).await.unwrap();
         assert!(errors.is_empty(), "{errors:#?}");
+    }
+
+    const TRACKED: &str = "job: ct
+apps:
+  - { name: a, connector: sqlite, path: A }
+  - { name: dv, connector: odata, url: URL, flavor: dataverse, auth: { kind: none }, capture: change_tracking, page_size: 3 }
+primary: a
+table_groups:
+  - name: g
+    maps:
+      - name: customers
+        sequence: 1
+        entities: { a: customers, dv: accounts }
+        keys: [{ a: id, dv: accountnumber }]
+        fields:
+          - { a: name, dv: name }
+          - { a: credit, dv: creditlimit }
+";
+
+    /// Dataverse changes reach sqlite by change tracking alone: nothing registered in the app.
+    #[tokio::test]
+    async fn dataverse_changes_arrive_by_change_tracking() {
+        let s = dataverse().await;
+        for n in 0..7 {
+            s.put("accounts", json!({"accountnumber": format!("D-{n}"), "name": format!("d{n}"), "creditlimit": n}));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        sql(&a, "CREATE TABLE customers (id TEXT PRIMARY KEY, name TEXT, credit REAL);");
+        let mut def = parse_job("job.yaml", &TRACKED.replace("URL", &s.url)).unwrap();
+        def.apps[0].path = Some(a.display().to_string());
+        let (rt, clock) = started(def, "ct").await;
+        assert!(!rt.is_idle().await.unwrap(), "a tracked map not polled yet may hold changes");
+
+        // The first poll lists the table (3 pages of 3) and keeps its delta link: every record
+        // gets an upsert reference.
+        assert_eq!(rt.poll_tracking().await.unwrap(), 7);
+        drain(&rt, &clock).await;
+        for n in 0..7 {
+            assert_eq!(row(&a, &format!("D-{n}")), Some((format!("d{n}"), n as f64)));
+        }
+
+        // Created, updated and deleted in Dataverse.
+        s.put("accounts", json!({"accountnumber": "D-9", "name": "created", "creditlimit": 9.5}));
+        s.put("accounts", json!({"accountnumber": "D-1", "name": "updated"}));
+        assert!(s.delete("accounts", &[json!("D-2")]));
+        assert_eq!(rt.poll_tracking().await.unwrap(), 3);
+        drain(&rt, &clock).await;
+        assert_eq!(row(&a, "D-9"), Some(("created".into(), 9.5)));
+        assert_eq!(row(&a, "D-1"), Some(("updated".into(), 1.0)));
+        assert_eq!(row(&a, "D-2"), None);
+        // Nothing new: a poll sends nothing.
+        assert_eq!(rt.poll_tracking().await.unwrap(), 0);
+
+        // A sqlite edit written to Dataverse comes back by tracking as an echo: in step.
+        sql(&a, "UPDATE customers SET name = 'from sqlite' WHERE id = 'D-3';");
+        drain(&rt, &clock).await;
+        assert_eq!(s.get("accounts", &[json!("D-3")]).unwrap()["name"], "\"from sqlite\"");
+        s.clear_log();
+        rt.poll_tracking().await.unwrap();
+        drain(&rt, &clock).await;
+        assert!(s.log().iter().all(|l| l.method == "GET" && l.parts == 0), "no write: {:#?}", s.log());
+
+        // The delta token expires while Dataverse changes: one record edited, one created, one
+        // deleted. The next poll lists the table afresh: every record gets an upsert
+        // reference, and the one the listing no longer shows a delete.
+        s.expire_tokens();
+        s.put("accounts", json!({"accountnumber": "D-4", "name": "edited while expired"}));
+        s.put("accounts", json!({"accountnumber": "D-10", "name": "created while expired", "creditlimit": 10}));
+        assert!(s.delete("accounts", &[json!("D-5")]));
+        assert_eq!(rt.poll_tracking().await.unwrap(), 7 + 1, "every record listed, and one delete");
+        drain(&rt, &clock).await;
+        assert_eq!(row(&a, "D-4"), Some(("edited while expired".into(), 4.0)));
+        assert_eq!(row(&a, "D-10"), Some(("created while expired".into(), 10.0)));
+        assert_eq!(row(&a, "D-5"), None);
+        let c = rusqlite::Connection::open(&a).unwrap();
+        let count: i64 = c.query_row("SELECT count(*) FROM customers", [], |r| r.get(0)).unwrap();
+        assert_eq!(count as usize, s.count("accounts"), "in step after the resync");
+        // (A delete that follows dualsync's own create sends a check down the record's lane,
+        // which finds the record gone on both sides: a concurrency skip, by design.)
+        let errors = rt.state.error_rows("ct", &ErrorFilter::default()).await.unwrap();
+        let wrong = |e: &dualsync::domain::errors::SyncError| {
+            e.status != ErrorStatus::Resolved && e.category != dualsync::domain::errors::ErrorCategory::Concurrency
+        };
+        assert!(!errors.iter().any(|(_, e)| wrong(e)), "{errors:#?}");
+
+        // Tracking goes on from the new delta link.
+        assert!(s.delete("accounts", &[json!("D-6")]));
+        assert_eq!(rt.poll_tracking().await.unwrap(), 1);
+        drain(&rt, &clock).await;
+        assert_eq!(row(&a, "D-6"), None);
+
+        // A delete of a record tracking never saw (created and deleted between two polls):
+        // an error row naming the map and the record id, nothing deleted.
+        s.tombstone("accounts", "0f0e0d0c-0000-4000-8000-000000000001");
+        assert_eq!(rt.poll_tracking().await.unwrap(), 0);
+        drain(&rt, &clock).await;
+        let errors = rt.state.error_rows("ct", &ErrorFilter::default()).await.unwrap();
+        let open: Vec<_> = errors.iter().filter(|(_, e)| wrong(e)).collect();
+        assert_eq!(open.len(), 1, "{errors:#?}");
+        let e = &open[0].1;
+        assert_eq!(
+            (e.map.as_str(), e.key.display()),
+            ("customers", "0f0e0d0c-0000-4000-8000-000000000001".to_string())
+        );
+        assert!(
+            e.message.contains("delete of customers record id 0f0e0d0c-0000-4000-8000-000000000001"),
+            "{}",
+            e.message
+        );
+        assert!(rt.is_idle().await.unwrap());
     }
 
     const FNO_DATAVERSE: &str = "job: fd

@@ -11,8 +11,11 @@ use thiserror::Error;
 use super::canon::normalize;
 use super::job::{
     AlertRule, App, AuthSpec, ConnectorSpec, FieldMap, Flavor, IngressAuth, IngressSpec, Job, Lookup, Mode, OdataSpec,
-    Side, TableMap, ValueMap,
+    Side, TableMap, Tracking, ValueMap,
 };
+
+/// `capture:` value of an odata app whose changes dualsync polls by change tracking.
+pub const CHANGE_TRACKING: &str = "change_tracking";
 
 /// The file form of an integration job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +67,13 @@ pub struct AppDef {
     /// Pushed change events (webhooks, business events): how they authenticate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<IngressSpec>,
+    /// odata (Dataverse): how dualsync learns of the app's changes by itself:
+    /// `change_tracking` polls every map of the app by delta links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<String>,
+    /// With `capture: change_tracking`: seconds between polls (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +219,8 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
                 ("batch_size", app.batch_size.is_some()),
                 ("max_concurrency", app.max_concurrency.is_some()),
                 ("page_size", app.page_size.is_some()),
+                ("capture", app.capture.is_some()),
+                ("poll_seconds", app.poll_seconds.is_some()),
             ];
             for (key, set) in odata_only {
                 if set {
@@ -424,7 +436,9 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
             }
             _ => ConnectorSpec::Sqlite { path: a.path.clone().unwrap_or_default() },
         };
-        App { name: a.name.clone(), connector, ingress: a.ingress.clone() }
+        let tracking = (a.capture.as_deref() == Some(CHANGE_TRACKING))
+            .then(|| Tracking { poll_seconds: a.poll_seconds.unwrap_or(Tracking::DEFAULT_POLL_SECONDS) });
+        App { name: a.name.clone(), connector, ingress: a.ingress.clone(), tracking }
     };
     Ok(Job {
         name: def.job.clone(),
@@ -477,6 +491,38 @@ impl Validator {
                 }
                 _ => {}
             }
+        }
+        self.capture(at, app);
+    }
+
+    /// An odata app's own capture: change tracking, served for Dataverse (fno's change
+    /// tracking is not an OData feature: use its business or data events).
+    fn capture(&mut self, at: &str, app: &AppDef) {
+        match app.capture.as_deref() {
+            None => {
+                if app.poll_seconds.is_some() {
+                    self.push(&format!("{at}.poll_seconds"), "'poll_seconds' needs 'capture: change_tracking'".into());
+                }
+                return;
+            }
+            Some(CHANGE_TRACKING) => {}
+            Some(other) => {
+                self.push(&format!("{at}.capture"), format!("unknown capture '{other}' (capture is: change_tracking)"));
+                return;
+            }
+        }
+        if app.flavor.is_some_and(|f| f != Flavor::Dataverse) {
+            self.push(
+                &format!("{at}.capture"),
+                "change tracking is served for flavor dataverse only (fno: use business or data events)".into(),
+            );
+        }
+        match app.poll_seconds {
+            Some(n) if n == 0 || n > Tracking::MAX_POLL_SECONDS => self.push(
+                &format!("{at}.poll_seconds"),
+                format!("must be from 1 to {}, found {n}", Tracking::MAX_POLL_SECONDS),
+            ),
+            _ => {}
         }
     }
 
@@ -903,6 +949,45 @@ table_groups:
         assert!(
             err.to_string().contains("event name 'po' of app 'b' is given to maps 'parents' and 'children'"),
             "{err}"
+        );
+    }
+
+    #[test]
+        fn change_tracking_is_for_dataverse_apps_with_a_sane_interval() {
+        let sq = "{ name: b, connector: sqlite, path: b.db }";
+        let dv = |extra: &str| {
+            format!("{{ name: b, connector: odata, url: 'https://x/api/data/v9.2/', flavor: dataverse, auth: {{ kind: none }}{extra} }}")
+        };
+        let def = parse_job("f.yaml", &GOOD.replace(sq, &dv(", capture: change_tracking"))).unwrap();
+        let job = compile("f.yaml", &def).unwrap();
+        assert_eq!(job.apps[1].tracking, Some(Tracking { poll_seconds: Tracking::DEFAULT_POLL_SECONDS }));
+        assert_eq!(job.apps[0].tracking, None);
+        let def = parse_job("f.yaml", &GOOD.replace(sq, &dv(", capture: change_tracking, poll_seconds: 5"))).unwrap();
+        assert_eq!(compile("f.yaml", &def).unwrap().apps[1].tracking, Some(Tracking { poll_seconds: 5 }));
+        assert_problem(
+            sq,
+            &dv(", capture: webhooks"),
+            "apps[1].capture",
+            "unknown capture 'webhooks' (capture is: change_tracking)",
+        );
+        assert_problem(sq, &dv(", poll_seconds: 5"), "apps[1].poll_seconds", "needs 'capture: change_tracking'");
+        assert_problem(
+            sq,
+            &dv(", capture: change_tracking, poll_seconds: 0"),
+            "apps[1].poll_seconds",
+            "from 1 to 86400, found 0",
+        );
+        assert_problem(
+            sq,
+            "{ name: b, connector: odata, url: 'https://x/', flavor: fno, auth: { kind: none }, capture: change_tracking }",
+            "apps[1].capture",
+            "flavor dataverse only",
+        );
+        assert_problem(
+            sq,
+            "{ name: b, connector: sqlite, path: b.db, capture: change_tracking }",
+            "apps[1].capture",
+            "for odata apps only",
         );
     }
 

@@ -139,6 +139,8 @@ pub struct App {
     pub connector: ConnectorSpec,
     /// How the app pushes its change events to dualsync's ingress, if it does.
     pub ingress: Option<IngressSpec>,
+    /// Set when dualsync polls the app's changes itself (odata change tracking).
+    pub tracking: Option<Tracking>,
 }
 
 /// An app that pushes its change events (a Dataverse webhook, fno business or data events, the
@@ -176,6 +178,18 @@ impl IngressAuth {
             | IngressAuth::HttpQueryString { key_env, .. } => key_env,
         }
     }
+}
+
+/// Change tracking of an odata app: every map of the app is polled by delta links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracking {
+    pub poll_seconds: u64,
+}
+
+impl Tracking {
+    pub const DEFAULT_POLL_SECONDS: u64 = 30;
+    /// A day: Dataverse keeps changes for days (`ExpireChangeTrackingInDays`, 7 by default).
+    pub const MAX_POLL_SECONDS: u64 = 86_400;
 }
 
 /// A value map between the two apps' value spaces. Side A's values are the canonical space.

@@ -119,6 +119,17 @@ pub fn parked_pk(job: &str) -> String {
 }
 
 /// Position of a local change feed (the last change-log seq handed to capture).
+/// Where change tracking of one map of an odata app stands (its next or delta link).
+pub fn tracking_pk(job: &str, app: &str, map: &str) -> String {
+    format!("TRACK#{}#{}#{}", escape(job), escape(app), escape(map))
+}
+
+/// The records change tracking has seen in one map of an odata app: record id → integration
+/// key (a deleted record is named by its id alone).
+pub fn tracked_ids_pk(job: &str, app: &str, map: &str) -> String {
+    format!("TRACKID#{}#{}#{}", escape(job), escape(app), escape(map))
+}
+
 pub fn feed_pk(job: &str, app: &str) -> String {
     format!("FEED#{}#{}", escape(job), escape(app))
 }

@@ -9,12 +9,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::ingress::pump_feed;
+use super::tracking::{poll_map, PollReport};
 use super::worker::{run_loop, run_once};
 use crate::adapters::connectors::sqlite::{CaptureSpec, SqliteApp};
 use crate::adapters::embedded::{EmbeddedDb, EmbeddedKv, EmbeddedQueue, QueueConfig};
 use crate::domain::config::JobDef;
 use crate::domain::job::{ConnectorSpec, Job, JobStatus, Side};
-use crate::ports::{Clock, Connector, ConnectorError, Queue, SystemClock};
+use crate::ports::{ChangeTracking, Clock, Connector, ConnectorError, Queue, SystemClock};
 use crate::state::{JobRecord, State, StateError};
 use crate::steps::{lifecycle, ConnectorRegistry, Failpoints, StepError, StepKind, Steps};
 
@@ -55,22 +56,34 @@ impl SqliteRegistry {
         }
     }
 
+    /// The odata app behind a side, opened once.
+    #[cfg(feature = "odata")]
+    fn odata_app(
+        &self,
+        job: &Job,
+        side: Side,
+    ) -> Result<Arc<crate::adapters::connectors::odata::OdataApp>, ConnectorError> {
+        use crate::adapters::connectors::odata::OdataApp;
+        let app = &job.apps[side.index()];
+        let ConnectorSpec::Odata(spec) = &app.connector else {
+            return Err(ConnectorError::Rejected { app: app.name.clone(), message: "not an odata app".into() });
+        };
+        let mut open = self.odata.lock().unwrap_or_else(|e| e.into_inner());
+        let id = (app.name.clone(), spec.url.clone());
+        if let Some(a) = open.get(&id) {
+            return Ok(a.clone());
+        }
+        let a = Arc::new(OdataApp::open(&app.name, spec)?);
+        open.insert(id, a.clone());
+        Ok(a)
+    }
+
     fn connector(&self, job: &Job, side: Side) -> Result<Arc<dyn Connector>, ConnectorError> {
         let app = &job.apps[side.index()];
         match &app.connector {
             ConnectorSpec::Sqlite { .. } => Ok(self.side(job, side)? as Arc<dyn Connector>),
             #[cfg(feature = "odata")]
-            ConnectorSpec::Odata(spec) => {
-                use crate::adapters::connectors::odata::OdataApp;
-                let mut open = self.odata.lock().unwrap_or_else(|e| e.into_inner());
-                let id = (app.name.clone(), spec.url.clone());
-                if let Some(a) = open.get(&id) {
-                    return Ok(a.clone() as Arc<dyn Connector>);
-                }
-                let a = Arc::new(OdataApp::open(&app.name, spec)?);
-                open.insert(id, a.clone());
-                Ok(a as Arc<dyn Connector>)
-            }
+            ConnectorSpec::Odata(_) => Ok(self.odata_app(job, side)? as Arc<dyn Connector>),
             #[cfg(not(feature = "odata"))]
             ConnectorSpec::Odata(_) => Err(ConnectorError::Rejected {
                 app: app.name.clone(),
@@ -89,12 +102,35 @@ pub fn has_change_log(job: &Job, side: Side) -> bool {
 /// installing change capture and reading its change log.
 pub trait AppRegistry: ConnectorRegistry {
     fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError>;
+
+    /// The change tracking of the app on a side (an odata app with `capture: change_tracking`).
+    fn tracker(&self, job: &Job, side: Side) -> Result<Arc<dyn ChangeTracking>, ConnectorError> {
+        Err(ConnectorError::Rejected {
+            app: job.app_name(side).to_string(),
+            message: "this registry serves no change tracking".into(),
+        })
+    }
 }
 
 impl AppRegistry for SqliteRegistry {
     fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
         self.side(job, side)
     }
+
+    #[cfg(feature = "odata")]
+    fn tracker(&self, job: &Job, side: Side) -> Result<Arc<dyn ChangeTracking>, ConnectorError> {
+        Ok(self.odata_app(job, side)? as Arc<dyn ChangeTracking>)
+    }
+}
+
+/// The maps whose changes dualsync polls by change tracking: every map of a side whose app
+/// has `capture: change_tracking`.
+pub fn tracked_maps(job: &Job) -> Vec<(Side, usize)> {
+    Side::BOTH
+        .into_iter()
+        .filter(|s| job.apps[s.index()].tracking.is_some())
+        .flat_map(|s| (0..job.maps.len()).map(move |m| (s, m)))
+        .collect()
 }
 
 impl ConnectorRegistry for SqliteRegistry {
@@ -145,7 +181,17 @@ pub struct LocalRuntime {
     pub dead_letters: [Arc<EmbeddedQueue>; 4],
     /// Deliver workers run side by side; FIFO groups keep each group in order.
     pub deliver_workers: usize,
+    /// When each tracked map (job, app, map) was last polled by this process (behind an `Arc`
+    /// to keep the runtime small).
+    polled: Arc<Mutex<HashMap<TrackedMapId, std::time::Instant>>>,
 }
+
+/// A tracked map: job, app, map.
+type TrackedMapId = (String, String, String);
+
+/// Pages one poll of a tracked map reads at most before the poller turns to other work (a
+/// first listing of a large table goes on at the next turn, from its saved position).
+const TRACKING_PAGES_PER_TURN: usize = 20;
 
 impl LocalRuntime {
     /// Opens (or creates) the runtime state in `data_dir/state.db`.
@@ -197,6 +243,7 @@ impl LocalRuntime {
             reconcile,
             dead_letters: [capture_dlq, sequence_dlq, deliver_dlq, reconcile_dlq],
             deliver_workers: 2,
+            polled: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -248,6 +295,75 @@ impl LocalRuntime {
             }
         }
         Ok(n)
+    }
+
+    /// Polls one tracked map, `max_pages` pages at most.
+    async fn poll_one(&self, job: &Job, side: Side, m: usize, max_pages: usize) -> Result<PollReport, RuntimeError> {
+        let map = &job.maps[m];
+        let source = self.apps.tracker(job, side)?;
+        let report = poll_map(&self.state, job, side, map, source.as_ref(), self.capture.as_ref(), max_pages).await?;
+        let id = (job.name.clone(), job.app_name(side).to_string(), map.name.clone());
+        self.polled.lock().unwrap_or_else(|e| e.into_inner()).insert(id, std::time::Instant::now());
+        Ok(report)
+    }
+
+    /// Polls every tracked map of every active job now, each to the end of its answer; the
+    /// references sent (upserts and deletes).
+    pub async fn poll_tracking(&self) -> Result<usize, RuntimeError> {
+        let mut n = 0;
+        for job in self.active_jobs().await? {
+            for (side, m) in tracked_maps(&job) {
+                loop {
+                    let r = self.poll_one(&job, side, m, TRACKING_PAGES_PER_TURN).await?;
+                    n += r.upserts + r.deletes;
+                    if !r.more {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Polls the tracked maps whose interval has passed (or whose last poll stopped short of
+    /// its answer's end); one map's failure is logged and the others go on. True when some
+    /// map has more to read at once.
+    async fn poll_tracking_due(&self, more: &mut std::collections::HashSet<(String, usize, Side)>) -> bool {
+        let jobs = match self.active_jobs().await {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "change tracking: listing jobs");
+                return false;
+            }
+        };
+        for job in jobs {
+            for (side, m) in tracked_maps(&job) {
+                let every = job.apps[side.index()].tracking.map_or(0, |t| t.poll_seconds);
+                let id = (job.name.clone(), job.app_name(side).to_string(), job.maps[m].name.clone());
+                let last = self.polled.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied();
+                let due = more.contains(&(job.name.clone(), m, side))
+                    || last.is_none_or(|t| t.elapsed() >= Duration::from_secs(every));
+                if !due {
+                    continue;
+                }
+                match self.poll_one(&job, side, m, TRACKING_PAGES_PER_TURN).await {
+                    Ok(r) if r.more => {
+                        more.insert((job.name.clone(), m, side));
+                    }
+                    Ok(_) => {
+                        more.remove(&(job.name.clone(), m, side));
+                    }
+                    Err(e) => {
+                        // Polled all the same: the next try waits its interval.
+                        self.polled.lock().unwrap_or_else(|e| e.into_inner()).insert(id, std::time::Instant::now());
+                        more.remove(&(job.name.clone(), m, side));
+                        tracing::error!(job = %job.name, app = job.app_name(side), map = %job.maps[m].name,
+                            error = %e, "change tracking: poll failed; trying again after the poll interval");
+                    }
+                }
+            }
+        }
+        !more.is_empty()
     }
 
     /// The queue a step reads.
@@ -325,6 +441,13 @@ impl LocalRuntime {
     /// two of them is always seen.
     pub async fn is_idle(&self) -> Result<bool, RuntimeError> {
         for job in self.active_jobs().await? {
+            // A tracked map this process has not polled yet may hold changes.
+            for (side, m) in tracked_maps(&job) {
+                let id = (job.name.clone(), job.app_name(side).to_string(), job.maps[m].name.clone());
+                if !self.polled.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id) {
+                    return Ok(false);
+                }
+            }
             for side in Side::BOTH.into_iter().filter(|s| has_change_log(&job, *s)) {
                 let app = self.apps.sqlite_app(&job, side)?;
                 let pos = self.state.feed_position(&job.name, job.app_name(side)).await.map_err(StepError::from)?;
@@ -337,7 +460,8 @@ impl LocalRuntime {
         Ok(EmbeddedQueue::all_empty(&queues).map_err(StepError::from)?)
     }
 
-    /// Spawns the workers: a change-log poller, capture, sequence and the deliver workers. They
+    /// Spawns the workers: a change-log poller, a change-tracking poller, capture, sequence and
+    /// the deliver workers. They
     /// stop, each after its current batch, when `shutdown` turns true.
     pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
@@ -362,6 +486,20 @@ impl LocalRuntime {
                 if moved == 0 {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }));
+        let rt = self.clone();
+        let mut stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut more = std::collections::HashSet::new();
+            while !*stop.borrow() {
+                if !rt.poll_tracking_due(&mut more).await {
+                    // Intervals are whole seconds: a check every second keeps each within one.
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = stop.changed() => {}
                     }
                 }

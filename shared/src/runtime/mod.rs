@@ -2,5 +2,6 @@
 pub mod doctor;
 pub mod ingress;
 pub mod local;
+pub mod tracking;
 pub mod verify;
 pub mod worker;

@@ -4,6 +4,7 @@ mod errors;
 mod parking;
 mod parts;
 mod requests;
+mod tracking;
 mod waiters;
 
 pub use crate::domain::requests::ErrorFilter;
@@ -11,6 +12,7 @@ pub use dead_letters::{job_of, DeadLetterCursor, DEAD_LETTER_RETENTION_MS};
 pub use errors::{ErrorCounts, NewError, ERROR_RETENTION_MS};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::sync::Arc;
+pub use tracking::TrackingPosition;
 
 use crate::domain::change::Key;
 use crate::domain::config::{compile, ConfigErrors, JobDef};

@@ -17,7 +17,9 @@
 //! Every flavor: weak etags (`W/"n"`), `$select`, `$filter` (`eq`, `and`, `or`, parentheses),
 //! `$orderby`, `$top`, server-driven paging (`Prefer: odata.maxpagesize`, `$skiptoken` in
 //! `@odata.nextLink`: absolute for Dataverse, relative for the others), `return=representation`,
-//! `odata.metadata=full` (`@odata.id`), multipart `$batch` with change sets (atomic) and
+//! `odata.metadata=full` (`@odata.id`), Dataverse change tracking (`Prefer: odata.track-changes`,
+//! delta links with `$deltatoken`, `$deletedEntity`, expired tokens on demand, `EntityDefinitions`
+//! for a set's primary id attribute), multipart `$batch` with change sets (atomic) and
 //! `odata.continue-on-error`, OAuth2 client credentials at `/token`. Numbers are stored as the
 //! text they came in, so a decimal is never rounded here either.
 #![allow(dead_code)]
@@ -89,6 +91,8 @@ struct Set {
     properties: Option<BTreeSet<String>>,
     /// Dataverse: the alternate key's index status (`Active` unless set).
     key_status: Option<String>,
+    /// Change tracking: (change number of the delete, record id) of each deleted record.
+    tombstones: Vec<(u64, String)>,
 }
 
 /// A Dataverse lookup: the property `_<name>_value` (the parent's GUID, read-only), written
@@ -110,6 +114,8 @@ impl LookupDecl {
 struct Store {
     sets: BTreeMap<String, Set>,
     etag: u64,
+    /// Change tracking: delta tokens below this have expired.
+    min_token: u64,
 }
 
 pub struct Shared {
@@ -284,6 +290,39 @@ impl Server {
 
     pub fn count(&self, set: &str) -> usize {
         self.shared.store.lock().unwrap().sets.get(set).map_or(0, |s| s.rows.len())
+    }
+
+    /// Deletes a record as a user of the app would (change tracking notes it).
+    pub fn delete(&self, set: &str, key: &[Value]) -> bool {
+        let kind = self.shared.kind;
+        let key: Vec<String> = key.iter().map(|v| v.to_string()).collect();
+        let mut st = self.shared.store.lock().unwrap();
+        st.etag += 1;
+        let e = st.etag;
+        let s = st.sets.get_mut(set).unwrap();
+        let Some(i) = s.rows.iter().position(|r| row_key(r, &s.keys, kind) == norm_key(&key, kind)) else {
+            return false;
+        };
+        let row = s.rows.remove(i);
+        s.tombstones.push((e, row.id));
+        true
+    }
+
+    /// Deletes a record by its id alone, the way a record created and deleted between two
+    /// polls looks to change tracking: a tombstone for an id no client saw.
+    pub fn tombstone(&self, set: &str, id: &str) {
+        let mut st = self.shared.store.lock().unwrap();
+        st.etag += 1;
+        let e = st.etag;
+        st.sets.get_mut(set).unwrap().tombstones.push((e, id.to_string()));
+    }
+
+    /// Expires every delta token given so far: a delta request with one answers Dataverse's
+    /// `ExpiredVersionStamp` (changes older than `ExpireChangeTrackingInDays`).
+    pub fn expire_tokens(&self) {
+        let mut st = self.shared.store.lock().unwrap();
+        st.etag += 1;
+        st.min_token = st.etag;
     }
 
     pub fn fault(&self, f: Fault) {
@@ -613,7 +652,11 @@ impl Shared {
                 );
             }
         }
+        let tracking = hdr("prefer").is_some_and(|p| p.contains("odata.track-changes"));
         match (method, pred) {
+            ("GET", None) if kind == Kind::Dataverse && (tracking || q.contains_key("$deltatoken")) => {
+                self.track(&st, &set_name, &set, &q, select.as_deref(), hdr("prefer"), tracking)
+            }
             ("GET", None) => {
                 let mut rows: Vec<&Row> = set.rows.iter().collect();
                 if kind == Kind::Fno && !cross {
@@ -757,7 +800,11 @@ impl Shared {
                     },
                     "DELETE" => match found {
                         Some(i) => {
-                            st.sets.get_mut(&set_name).unwrap().rows.remove(i);
+                            st.etag += 1;
+                            let e = st.etag;
+                            let s = st.sets.get_mut(&set_name).unwrap();
+                            let row = s.rows.remove(i);
+                            s.tombstones.push((e, row.id));
                             Ans::empty(204)
                         }
                         None => self.not_found(&set_name),
@@ -939,7 +986,7 @@ impl Shared {
     }
 
     /// Dataverse table definitions, as `EntityDefinitions?$filter=EntitySetName eq '<set>'`
-    /// with its keys expanded answers them: the set's keys as one alternate key.
+    /// with its keys expanded answers them: the set's keys as one alternate key, and its id field.
     fn entity_definitions(&self, st: &Store, q: &HashMap<String, String>) -> Ans {
         let wanted =
             q.get("$filter").and_then(|f| f.strip_prefix("EntitySetName eq '")).and_then(|f| f.strip_suffix('\''));
@@ -953,6 +1000,8 @@ impl Shared {
                 let logical = wanted.trim_end_matches('s');
                 json!({
                     "LogicalName": logical,
+                    "PrimaryIdAttribute": set.id_field,
+                    "MetadataId": uuid::Uuid::new_v4().to_string(),
                     "Keys": [{
                         "LogicalName": format!("{logical}_key"),
                         "KeyAttributes": set.keys,
@@ -963,6 +1012,107 @@ impl Shared {
             .into_iter()
             .collect();
         Ans::json(200, json!({ "value": value }))
+    }
+
+    /// Dataverse change tracking. A listing (`Prefer: odata.track-changes`) pages through the
+    /// set by change number (`$skiptoken`), its delta token fixed at its first page (`dsfrom`);
+    /// the last page carries `@odata.deltaLink`. A delta (`$deltatoken=T`) gives the records
+    /// changed after T, then `$deletedEntity` entries for those deleted after T, paged by
+    /// offset with the next token fixed at its first page (`dsnext`). A token older than the
+    /// last `expire_tokens` answers `ExpiredVersionStamp`.
+    #[allow(clippy::too_many_arguments)]
+    fn track(
+        &self,
+        st: &Store,
+        set_name: &str,
+        set: &Set,
+        q: &HashMap<String, String>,
+        select: Option<&[String]>,
+        prefer: Option<String>,
+        asked_tracking: bool,
+    ) -> Ans {
+        for o in ["$filter", "$orderby", "$expand", "$top"] {
+            if q.contains_key(o) {
+                return self.err(
+                    400,
+                    "0x80060888",
+                    &format!("The \"{o}\" query parameter isn't supported when Change Tracking is enabled."),
+                );
+            }
+        }
+        let asked = prefer
+            .and_then(|p| p.split(',').find_map(|x| x.trim().strip_prefix("odata.maxpagesize=").map(str::to_string)))
+            .and_then(|n| n.parse::<usize>().ok());
+        let page = asked.unwrap_or(self.max_page).min(self.max_page).max(1);
+        let origin = self.origin.lock().unwrap().clone();
+        let sel =
+            q.get("$select").map(|s| format!("$select={}", dualsync::adapters::connectors::odata::keys::encode(s)));
+        let link = |extra: String| {
+            let mut parts: Vec<String> = sel.iter().cloned().collect();
+            parts.push(extra);
+            json!(format!("{origin}{}{set_name}?{}", self.base, parts.join("&")))
+        };
+        let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok());
+        let mut entries: Vec<String> = Vec::new();
+        let (next, delta, context);
+        if let Some(token) = num("$deltatoken") {
+            if token < st.min_token {
+                return self.err(
+                    400,
+                    "0x80044352",
+                    "Version stamp associated with the client has expired. Please perform a full sync.",
+                );
+            }
+            let upto = num("dsnext").unwrap_or(st.etag);
+            let skip = num("$skiptoken").unwrap_or(0) as usize;
+            let mut rows: Vec<&Row> = set.rows.iter().filter(|r| r.etag > token).collect();
+            rows.sort_by_key(|r| r.etag);
+            let mut all: Vec<String> = rows.iter().map(|r| self.entity(set_name, set, r, select, false, &[])).collect();
+            let deleted = format!("{origin}{}$metadata#{set_name}/$deletedEntity", self.base);
+            all.extend(
+                set.tombstones
+                    .iter()
+                    .filter(|(e, _)| *e > token)
+                    .map(|(_, id)| json!({"@odata.context": deleted, "id": id, "reason": "deleted"}).to_string()),
+            );
+            let more = skip + page < all.len();
+            entries = all.into_iter().skip(skip).take(page).collect();
+            next = more.then(|| link(format!("$deltatoken={token}&$skiptoken={}&dsnext={upto}", skip + page)));
+            delta = (!more).then(|| link(format!("$deltatoken={upto}")));
+            context = format!("{origin}{}$metadata#{set_name}/$delta", self.base);
+        } else {
+            let from = num("dsfrom").unwrap_or(st.etag);
+            let after = num("$skiptoken").unwrap_or(0);
+            let mut rows: Vec<&Row> = set.rows.iter().filter(|r| r.etag > after).collect();
+            rows.sort_by_key(|r| r.etag);
+            let more = rows.len() > page;
+            rows.truncate(page);
+            entries.extend(rows.iter().map(|r| self.entity(set_name, set, r, select, false, &[])));
+            let last = rows.last().map_or(after, |r| r.etag);
+            next = more.then(|| link(format!("$skiptoken={last}&dsfrom={from}")));
+            delta = (!more).then(|| link(format!("$deltatoken={from}")));
+            context = format!("{origin}{}$metadata#{set_name}", self.base);
+        }
+        let mut out = format!("{{\"@odata.context\":{},\"value\":[{}]", json!(context), entries.join(","));
+        if let Some(n) = next {
+            out.push_str(&format!(",\"@odata.nextLink\":{n}"));
+        }
+        if let Some(d) = delta {
+            out.push_str(&format!(",\"@odata.deltaLink\":{d}"));
+        }
+        out.push('}');
+        let mut a = Ans::text(200, out);
+        let mut applied = Vec::new();
+        if asked_tracking {
+            applied.push("odata.track-changes".to_string());
+        }
+        if asked.is_some() {
+            applied.push(format!("odata.maxpagesize={page}"));
+        }
+        if !applied.is_empty() {
+            a.headers.push(("Preference-Applied".into(), applied.join(",")));
+        }
+        a
     }
 
     fn not_found(&self, set: &str) -> Ans {

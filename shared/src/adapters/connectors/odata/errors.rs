@@ -145,6 +145,18 @@ pub fn classify(status: u16, retry_after: Option<Duration>, err: &ServiceError) 
     }
 }
 
+/// Dataverse's `ExpiredVersionStamp`: the change-tracking starting point (a delta token's data
+/// version) is older than the organization keeps changes (`ExpireChangeTrackingInDays`), or no
+/// longer valid: "Please perform a full sync".
+pub const EXPIRED_VERSION_STAMP: &str = "0x80044352";
+
+/// Whether an answer to a delta link says its token can no longer be used: Dataverse's
+/// `ExpiredVersionStamp` code (whatever the status), or the OData protocol's `410 Gone` for a
+/// delta link that is no longer valid. Either way tracking must start afresh.
+pub fn delta_expired(status: u16, err: &ServiceError) -> bool {
+    status == 410 || err.code.eq_ignore_ascii_case(EXPIRED_VERSION_STAMP)
+}
+
 fn fno_validation(err: &ServiceError) -> bool {
     let t = err.inner_type.to_ascii_lowercase();
     t.contains("axodatawriteexception")

@@ -15,6 +15,7 @@
 //! - [`limiter`]: one adaptive concurrency limiter per service in the process.
 //! - [`flavor`]: where Dataverse, fno and plain OData differ.
 //! - [`http`]: one request through the limiter, with credentials and service protection.
+//! - [`tracking`]: change tracking by delta links (`Prefer: odata.track-changes`).
 //! - this file: [`OdataApp`], the [`Connector`] over them.
 //!
 //! # Requests
@@ -42,7 +43,9 @@
 //! `read_key_by_id` reads a Dataverse record's key by its GUID, for pushed events that name a
 //! record only by id.
 //!
-//! Not here yet (issue 10): change capture, secrets from AWS Secrets Manager or SSM, JSON `$batch`.
+//! Change tracking (Dataverse): see [`tracking`].
+//!
+//! Not here yet (issue 10): secrets from AWS Secrets Manager or SSM.
 pub mod auth;
 pub mod batch;
 pub mod binds;
@@ -54,6 +57,7 @@ pub mod json_batch;
 pub mod keys;
 pub mod limiter;
 pub mod paging;
+pub mod tracking;
 pub mod values;
 
 use async_trait::async_trait;
