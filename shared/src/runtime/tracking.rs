@@ -11,7 +11,7 @@
 //! deleted while tracking could not tell, get delete references.
 use tracing::{info, warn};
 
-use super::ingress::fit;
+use crate::steps::ingress::fit;
 use crate::domain::canon::key_text;
 use crate::domain::change::{ChangeNotification, Key, Operation, Parts, TransactionNotification};
 use crate::domain::errors::ErrorCategory;
