@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use dualsync::adapters::connectors::odata::OdataApp;
 use dualsync::domain::change::Key;
-use dualsync::domain::job::{AuthSpec, Flavor, OdataSpec};
+use dualsync::domain::job::{AuthSpec, BatchFormat, Flavor, OdataSpec};
 use dualsync::ports::{Connector, ConnectorError, EntitySpec, Precondition, WriteFailure, WriteOp};
 use odata_server::{Fault, Kind, Options, Server};
 
@@ -23,6 +23,7 @@ fn spec(server: &Server, flavor: Flavor) -> OdataSpec {
         flavor,
         auth: AuthSpec::None,
         batch_size: 100,
+        batch_format: BatchFormat::Multipart,
         max_concurrency: OdataSpec::default_concurrency(flavor),
         page_size: 500,
     }
@@ -232,6 +233,68 @@ async fn a_generic_service_answers_duplicates_with_409() {
     assert_eq!(c.write(&spec, &[op]).await.unwrap(), vec![Err(WriteFailure::PreconditionFailed)]);
     c.delete(&spec, &[key(&["7"]), key(&["8"])]).await.unwrap();
     assert_eq!(s.count("Things"), 0);
+}
+
+/// A generic OData 4.01 service that takes JSON `$batch`: reads of many keys and writes go in
+/// JSON batches (answered last first, matched by id), with each write's own outcome; a service
+/// that takes only multipart refuses them, so the format is the job's choice, not a guess.
+#[tokio::test]
+async fn json_batches_carry_reads_and_writes_to_a_service_that_takes_them() {
+    let s = Server::start(Kind::Generic, Options::default()).await;
+    s.add_set("Things", &["Code"], None);
+    let things = EntitySpec {
+        name: "Things".into(),
+        key_fields: vec!["Code".into()],
+        fields: vec!["Label".into()],
+        binds: vec![],
+    };
+    let mut app = spec(&s, Flavor::Generic);
+    app.batch_format = BatchFormat::Json;
+    app.batch_size = 10;
+    let c = OdataApp::with_env("app", &app, Duration::from_secs(30), &|_| None).unwrap();
+    let op = |code: &str, p: Precondition| WriteOp {
+        key: key(&[code]),
+        fields: fields(&[("Code", json!(code)), ("Label", json!(format!("label {code}")))]),
+        precondition: p,
+    };
+    let ops: Vec<WriteOp> = (0..25).map(|n| op(&format!("T-{n:02}"), Precondition::CreateOnly)).collect();
+    let out = c.write(&things, &ops).await.unwrap();
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    assert_eq!(s.count("Things"), 25);
+    let batches: Vec<_> = s.log().into_iter().filter(|l| l.path.contains("$batch")).collect();
+    assert_eq!(batches.iter().map(|l| l.parts).collect::<Vec<_>>(), [10, 10, 5]);
+
+    // One stale write among good ones: its own failure, the others made.
+    let v = c.read(&things, &[key(&["T-01"])]).await.unwrap()[0].clone().unwrap().version;
+    let mixed = vec![
+        op("T-01", Precondition::IfMatch(v.clone())),
+        op("T-02", Precondition::IfMatch("W/\"999\"".into())),
+        op("T-99", Precondition::CreateOnly),
+    ];
+    let out = c.write(&things, &mixed).await.unwrap();
+    assert!(out[0].is_ok() && out[2].is_ok(), "{out:?}");
+    assert_eq!(out[1], Err(WriteFailure::PreconditionFailed));
+
+    // Reads of more keys than one query takes go as GETs in a JSON batch.
+    let keys: Vec<Key> = (0..120).map(|n| key(&[&format!("T-{n:02}")])).collect();
+    let got = c.read(&things, &keys).await.unwrap();
+    assert_eq!(got.iter().filter(|r| r.is_some()).count(), 26);
+
+    // Dataverse takes multipart only: the same request is refused there.
+    let dv = dataverse().await;
+    let mut app = spec(&dv, Flavor::Generic);
+    app.batch_format = BatchFormat::Json;
+    let c = OdataApp::with_env("dv", &app, Duration::from_secs(30), &|_| None).unwrap();
+    let out = c.write(&accounts(), &[op_on("A-1"), op_on("A-2")]).await;
+    assert!(matches!(out, Err(ConnectorError::Rejected { .. })), "{out:?}");
+}
+
+fn op_on(account: &str) -> WriteOp {
+    WriteOp {
+        key: key(&[account]),
+        fields: fields(&[("accountnumber", json!(account)), ("name", json!("n"))]),
+        precondition: Precondition::CreateOnly,
+    }
 }
 
 #[tokio::test]

@@ -10,8 +10,8 @@ use thiserror::Error;
 
 use super::canon::normalize;
 use super::job::{
-    AlertRule, App, AuthSpec, ConnectorSpec, FieldMap, Flavor, IngressAuth, IngressSpec, Job, Lookup, Mode, OdataSpec,
-    Side, TableMap, Tracking, ValueMap,
+    AlertRule, App, AuthSpec, BatchFormat, ConnectorSpec, FieldMap, Flavor, IngressAuth, IngressSpec, Job, Lookup,
+    Mode, OdataSpec, Side, TableMap, Tracking, ValueMap,
 };
 
 /// `capture:` value of an odata app whose changes dualsync polls by change tracking.
@@ -58,6 +58,9 @@ pub struct AppDef {
     /// odata: operations per `$batch` request (default 100, at most 1,000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// odata: `multipart` (default) or `json` `$batch` requests (OData 4.01, generic services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_format: Option<BatchFormat>,
     /// odata: requests in flight at most (default 52 for Dataverse, 16 otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<usize>,
@@ -217,6 +220,7 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
                 ("flavor", app.flavor.is_some()),
                 ("auth", app.auth.is_some()),
                 ("batch_size", app.batch_size.is_some()),
+                ("batch_format", app.batch_format.is_some()),
                 ("max_concurrency", app.max_concurrency.is_some()),
                 ("page_size", app.page_size.is_some()),
                 ("capture", app.capture.is_some()),
@@ -430,6 +434,7 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
                     flavor,
                     auth: a.auth.clone().unwrap_or(AuthSpec::None),
                     batch_size: a.batch_size.unwrap_or(OdataSpec::DEFAULT_BATCH_SIZE),
+                    batch_format: a.batch_format.unwrap_or_default(),
                     max_concurrency: a.max_concurrency.unwrap_or(OdataSpec::default_concurrency(flavor)),
                     page_size: a.page_size.unwrap_or(OdataSpec::DEFAULT_PAGE_SIZE),
                 })
@@ -478,6 +483,12 @@ impl Validator {
                 "an odata app needs auth: client_credentials, basic, bearer or none".into(),
             ),
             Some(auth) => self.auth(&format!("{at}.auth"), auth),
+        }
+        if app.batch_format == Some(BatchFormat::Json) && matches!(app.flavor, Some(Flavor::Dataverse | Flavor::Fno)) {
+            self.push(
+                &format!("{at}.batch_format"),
+                "Dataverse and fno take multipart $batch requests only: leave batch_format out".into(),
+            );
         }
         let sizes = [
             ("batch_size", app.batch_size, OdataSpec::MAX_BATCH_SIZE),
@@ -841,6 +852,28 @@ table_groups:
     }
 
     #[test]
+    fn json_batches_are_for_generic_services() {
+        let sq = "{ name: b, connector: sqlite, path: b.db }";
+        let app = |flavor: &str| {
+            format!("{{ name: b, connector: odata, url: 'https://x/', flavor: {flavor}, auth: {{ kind: none }}, batch_format: json }}")
+        };
+        let def = parse_job("f.yaml", &GOOD.replace(sq, &app("generic"))).unwrap();
+        match &compile("f.yaml", &def).unwrap().apps[1].connector {
+            ConnectorSpec::Odata(s) => assert_eq!(s.batch_format, BatchFormat::Json),
+            other => panic!("{other:?}"),
+        }
+        for flavor in ["dataverse", "fno"] {
+            assert_problem(sq, &app(flavor), "apps[1].batch_format", "multipart $batch requests only");
+        }
+        assert_problem(
+            sq,
+            "{ name: b, connector: sqlite, path: b.db, batch_format: json }",
+            "apps[1].batch_format",
+            "odata apps only",
+        );
+    }
+
+    #[test]
     fn odata_apps_need_flavor_and_auth() {
         let odata =
             "{ name: b, connector: odata, url: 'https://x/api/data/v9.2/', flavor: dataverse, auth: { kind: none } }";
@@ -953,7 +986,7 @@ table_groups:
     }
 
     #[test]
-        fn change_tracking_is_for_dataverse_apps_with_a_sane_interval() {
+    fn change_tracking_is_for_dataverse_apps_with_a_sane_interval() {
         let sq = "{ name: b, connector: sqlite, path: b.db }";
         let dv = |extra: &str| {
             format!("{{ name: b, connector: odata, url: 'https://x/api/data/v9.2/', flavor: dataverse, auth: {{ kind: none }}{extra} }}")

@@ -56,6 +56,16 @@ pub enum Flavor {
     Generic,
 }
 
+/// How an odata app's `$batch` requests are written: multipart (OData 4.0, every service) or
+/// JSON (OData 4.01, services that say they take it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchFormat {
+    #[default]
+    Multipart,
+    Json,
+}
+
 impl Flavor {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -111,6 +121,7 @@ pub struct OdataSpec {
     pub auth: AuthSpec,
     /// Operations per `$batch` request.
     pub batch_size: usize,
+    pub batch_format: BatchFormat,
     /// Requests in flight at most (the adaptive limiter never goes above it).
     pub max_concurrency: usize,
     /// Records per page asked with `Prefer: odata.maxpagesize`.

@@ -224,8 +224,12 @@ mod tests {
     }
 
     fn job() -> Job {
-        let app =
-            |n: &str| App { name: n.into(), connector: ConnectorSpec::Sqlite { path: "x".into() }, ingress: None, tracking: None };
+        let app = |n: &str| App {
+            name: n.into(),
+            connector: ConnectorSpec::Sqlite { path: "x".into() },
+            ingress: None,
+            tracking: None,
+        };
         Job {
             name: "j".into(),
             apps: [app("a"), app("b")],

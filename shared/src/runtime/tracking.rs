@@ -11,7 +11,6 @@
 //! deleted while tracking could not tell, get delete references.
 use tracing::{info, warn};
 
-use crate::steps::ingress::fit;
 use crate::domain::canon::key_text;
 use crate::domain::change::{ChangeNotification, Key, Operation, Parts, TransactionNotification};
 use crate::domain::errors::ErrorCategory;
@@ -19,6 +18,7 @@ use crate::domain::job::{Job, Side, TableMap};
 use crate::domain::sequence::short_hash;
 use crate::ports::{ChangeTracking, EntitySpec, OutMessage, Queue, Tracked, TrackedPage};
 use crate::state::{NewError, State, TrackingPosition};
+use crate::steps::ingress::fit;
 use crate::steps::StepError;
 
 /// What one poll of one map did.

@@ -455,7 +455,15 @@ impl Shared {
                     if let Some(Fault::LandThenStall(d)) = f {
                         stall = Some(d);
                     }
-                    if path == format!("{}$batch", self.base) && method == Method::POST {
+                    let content_type = hdr("content-type").unwrap_or_default();
+                    if path == format!("{}$batch", self.base)
+                        && method == Method::POST
+                        && content_type.starts_with("application/json")
+                    {
+                        let (a, n) = self.json_batch(&hdr("prefer").unwrap_or_default(), &body);
+                        parts = n;
+                        a
+                    } else if path == format!("{}$batch", self.base) && method == Method::POST {
                         let (a, n) = self.batch(
                             hdr("content-type").unwrap_or_default(),
                             hdr("prefer").unwrap_or_default(),
@@ -599,6 +607,80 @@ impl Shared {
             a.headers.push(("Preference-Applied".into(), "odata.continue-on-error".into()));
         }
         (a, count)
+    }
+
+    /// A JSON `$batch` (OData 4.01), served by generic services only: requests of one
+    /// atomicity group succeed or fail together; the responses go out last first, as the
+    /// format allows any order (the client matches them by id).
+    fn json_batch(&self, prefer: &str, body: &[u8]) -> (Ans, usize) {
+        if self.kind != Kind::Generic {
+            return (self.err(400, "0x80060891", "The batch request must be multipart/mixed."), 0);
+        }
+        let requests: Vec<Value> = match serde_json::from_slice::<Value>(body) {
+            Ok(v) => v["requests"].as_array().cloned().unwrap_or_default(),
+            Err(e) => return (self.err(400, "", &format!("malformed JSON batch: {e}")), 0),
+        };
+        let go_on = prefer.contains("odata.continue-on-error");
+        let mut responses = Vec::new();
+        let mut i = 0;
+        while i < requests.len() {
+            let group = requests[i]["atomicityGroup"].as_str().map(str::to_string);
+            let mut end = i + 1;
+            while group.is_some()
+                && end < requests.len()
+                && requests[end]["atomicityGroup"].as_str() == group.as_deref()
+            {
+                end += 1;
+            }
+            let snapshot = self.store.lock().unwrap().clone();
+            let mut answered = Vec::new();
+            let mut failed = false;
+            for r in &requests[i..end] {
+                let headers: Vec<(String, String)> = r["headers"]
+                    .as_object()
+                    .map(|h| h.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+                    .unwrap_or_default();
+                let body = r.get("body").map(|b| b.to_string().into_bytes()).unwrap_or_default();
+                let parsed = batch::ParsedRequest {
+                    method: r["method"].as_str().unwrap_or_default().to_ascii_uppercase(),
+                    url: r["url"].as_str().unwrap_or_default().to_string(),
+                    headers,
+                    body,
+                    content_id: r["id"].as_str().map(str::to_string),
+                };
+                let a = self.part(&parsed);
+                failed = !a.ok();
+                answered.push((parsed.content_id, a));
+                if failed {
+                    break;
+                }
+            }
+            if failed && group.is_some() {
+                *self.store.lock().unwrap() = snapshot;
+                answered.drain(..answered.len() - 1);
+            }
+            for (id, a) in answered {
+                let body: Value = serde_json::from_slice(&a.body)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&a.body).into_owned()));
+                let headers: serde_json::Map<String, Value> =
+                    a.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), Value::String(v.clone()))).collect();
+                let mut r = json!({ "id": id, "status": a.status, "headers": headers });
+                if !a.body.is_empty() {
+                    r["body"] = body;
+                }
+                responses.push(r);
+            }
+            if failed && !go_on {
+                break;
+            }
+            i = end;
+        }
+        responses.reverse();
+        let mut a = Ans::json(200, json!({ "responses": responses }));
+        if go_on {
+            a.headers.push(("Preference-Applied".into(), "odata.continue-on-error".into()));
+        }
+        (a, requests.len())
     }
 
     fn part(&self, r: &batch::ParsedRequest) -> Ans {

@@ -45,6 +45,9 @@
 //!
 //! Change tracking (Dataverse): see [`tracking`].
 //!
+//! `$batch` requests are multipart, or JSON (OData 4.01) where the job says the service takes it
+//! ([`json_batch`]).
+//!
 //! Not here yet (issue 10): secrets from AWS Secrets Manager or SSM.
 pub mod auth;
 pub mod batch;
@@ -72,7 +75,7 @@ use self::http::{Answer, Transport};
 use self::keys::KeyKind;
 use self::values::RawEntity;
 use crate::domain::change::Key;
-use crate::domain::job::{Flavor, OdataSpec};
+use crate::domain::job::{BatchFormat, Flavor, OdataSpec};
 use crate::ports::{
     Connector, ConnectorError, EntitySpec, Finding, ListPage, Precondition, Record, WriteFailure, WriteOp,
 };
@@ -320,20 +323,29 @@ impl OdataApp {
         items: &[batch::Item],
         redact: &[String],
     ) -> Result<Vec<batch::Response>, ConnectorError> {
-        let boundary = format!("batch_{}", uuid::Uuid::new_v4().simple());
-        let body = batch::encode(&boundary, items);
         let url = format!("{}$batch", self.t.root);
-        let headers = [
-            ("Content-Type", format!("multipart/mixed;boundary={boundary}")),
-            ("Prefer", "odata.continue-on-error".to_string()),
-            ("Accept", "multipart/mixed".to_string()),
-        ];
+        let prefer = ("Prefer", "odata.continue-on-error".to_string());
+        let (headers, body) = match self.spec.batch_format {
+            BatchFormat::Multipart => {
+                let boundary = format!("batch_{}", uuid::Uuid::new_v4().simple());
+                let content_type = ("Content-Type", format!("multipart/mixed;boundary={boundary}"));
+                ([content_type, prefer, ("Accept", "multipart/mixed".to_string())], batch::encode(&boundary, items))
+            }
+            BatchFormat::Json => {
+                let body = json_batch::encode(items).map_err(|e| self.t.rejected(e.to_string()))?;
+                let json = "application/json".to_string();
+                ([("Content-Type", json.clone()), prefer, ("Accept", json)], body)
+            }
+        };
         let a = self.t.send(Method::POST, &url, &headers, Some(body)).await?;
         if !a.ok() {
             return Err(self.failure(&a, redact));
         }
-        let ct = a.header("content-type").unwrap_or_default().to_string();
-        batch::decode(&ct, &a.body).map_err(|e| self.t.transient(e.to_string(), None))
+        let decoded = match self.spec.batch_format {
+            BatchFormat::Multipart => batch::decode(a.header("content-type").unwrap_or_default(), &a.body),
+            BatchFormat::Json => json_batch::decode(&a.body),
+        };
+        decoded.map_err(|e| self.t.transient(e.to_string(), None))
     }
 
     /// Sends planned requests (alone, or `batch_size` to a `$batch`); one answer each, or the
