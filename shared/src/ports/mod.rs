@@ -4,6 +4,7 @@ pub mod clock;
 pub mod connector;
 pub mod kv;
 pub mod queue;
+pub mod secrets;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use connector::{
@@ -12,3 +13,4 @@ pub use connector::{
 };
 pub use kv::{Expect, Item, KvError, KvStore, Page, Put, SkRange};
 pub use queue::{InMessage, OutMessage, Queue, QueueError};
+pub use secrets::{Secret, SecretError, SecretStore};

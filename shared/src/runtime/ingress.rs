@@ -3,7 +3,7 @@
 //! event would on AWS.
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::adapters::connectors::sqlite::OWN_WRITE_TXID_PREFIX;
+use crate::domain::change::OWN_WRITE_TXID_PREFIX;
 use crate::domain::change::{ChangeNotification, Parts, TooLargeItem, TransactionNotification, MAX_MESSAGE_BYTES};
 use crate::domain::errors::ErrorCategory;
 use crate::domain::job::Side;

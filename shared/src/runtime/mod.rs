@@ -1,5 +1,6 @@
 //! The local runner: all four steps in one process over the embedded table and queues.
 pub mod ingress;
+#[cfg(feature = "sqlite")]
 pub mod local;
 pub mod verify;
 pub mod worker;

@@ -39,7 +39,7 @@
 //! its navigation property with the parent's key fields, and written as
 //! `<navigation>@odata.bind` to the parent's address by key (see [`binds`]).
 //!
-//! Not here yet (issue 10): change capture, secrets from AWS Secrets Manager or SSM, JSON `$batch`.
+//! Not here yet (issue 10): change capture, JSON `$batch`.
 pub mod auth;
 pub mod batch;
 pub mod binds;
@@ -89,7 +89,8 @@ struct Planned {
 }
 
 impl OdataApp {
-    /// Builds the connector; secrets are read from the process environment now.
+    /// Builds the connector; secrets are read from the process environment now (a job file
+    /// that keeps them in a store needs [`Self::with_store`]).
     pub fn open(name: &str, spec: &OdataSpec) -> Result<OdataApp, ConnectorError> {
         Self::with_env(name, spec, DEFAULT_TIMEOUT, &|k| std::env::var(k).ok())
     }
@@ -100,6 +101,18 @@ impl OdataApp {
         spec: &OdataSpec,
         timeout: Duration,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<OdataApp, ConnectorError> {
+        Self::with_store(name, spec, timeout, env, Arc::new(auth::NoSecretStore))
+    }
+
+    /// As [`Self::with_env`], reading a secret that no variable holds from `secrets` at the
+    /// first request (see [`auth`]).
+    pub fn with_store(
+        name: &str,
+        spec: &OdataSpec,
+        timeout: Duration,
+        env: &dyn Fn(&str) -> Option<String>,
+        secrets: Arc<dyn crate::ports::SecretStore>,
     ) -> Result<OdataApp, ConnectorError> {
         let rejected = |message: String| ConnectorError::Rejected { app: name.to_string(), message };
         let mut root_text = spec.url.clone();
@@ -119,7 +132,7 @@ impl OdataApp {
             limiter: limiter::shared(root.as_str(), spec.max_concurrency),
             root,
             client,
-            auth: auth::Authenticator::new(creds, &spec.auth),
+            auth: auth::Authenticator::new(creds, &spec.auth, secrets),
             auth_hint: auth::hint(&spec.auth),
         };
         Ok(OdataApp { spec: spec.clone(), t, kinds: Mutex::new(HashMap::new()) })
