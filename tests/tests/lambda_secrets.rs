@@ -110,13 +110,33 @@ async fn drain(sdk: &aws_config::SdkConfig, r: &Resources, handlers: &[&Handler]
     }
 }
 
+/// A one-change transaction of `app`, as its notifications arrive at the capture queue.
+fn notification(job: &str, app: &str, entity: &str, key: &[&str], company: Option<&str>) -> TransactionNotification {
+    TransactionNotification {
+        job: job.into(),
+        app: app.into(),
+        txid: unique("tx-"),
+        changes: vec![ChangeNotification {
+            app: app.into(),
+            entity: entity.into(),
+            key: Key(key.iter().map(|k| k.to_string()).collect()),
+            op: Operation::Upsert,
+            seq: 1_000,
+            version: None,
+            company: company.map(str::to_string),
+            at_ms: 1_700_000_000_000,
+        }],
+        parts: Parts::default(),
+    }
+}
+
 const JOB: &str = "job: sec
 apps:
   - name: fno
     connector: odata
     url: FNO
     flavor: fno
-    auth: { kind: client_credentials, token_url: FNO_TOKEN, client_id: fno-client, client_secret: { env: DS_TEST_FNO_SECRET_UNSET, secrets_manager: FNO_SECRET_ID } }
+    auth: { kind: client_credentials, token_url: FNO_TOKEN, client_id: fno-client, client_secret: { env: DUALSYNC_TEST_UNSET_SECRET, secrets_manager: FNO_SECRET_ID } }
   - name: dv
     connector: odata
     url: DV
@@ -197,8 +217,9 @@ async fn deployed_handlers_read_odata_secrets_from_secrets_manager_and_ssm_and_s
     d.shared.revoke_tokens();
     let fresh = handler(StepKind::Deliver, &sdk, &r); // a new execution environment: no cache
     f.put_raw("CustomersV3", r#"{"dataAreaId":"usmf","CustomerAccount":"C-3","Name":"edited","CreditLimit":3.25}"#);
-    dualsync::steps::initial_sync::reset_checkpoints(&capture.steps().state, "sec", "fno").await.unwrap();
-    capture.steps().initial_sync("sec", Side::A, 5, |_, _| {}).await.unwrap();
+    // fno tells of the edit (what its business event would send to the capture queue).
+    let tx = notification("sec", "fno", "CustomersV3", &["usmf", "C-3"], Some("usmf"));
+    capture.input().send(vec![OutMessage::standard(serde_json::to_string(&tx).unwrap())]).await.unwrap();
     drain(&sdk, &r, &[&capture, &sequence, &fresh]).await;
     let rows = fresh.steps().state.error_rows("sec", &ErrorFilter::default()).await.unwrap();
     assert!(!rows.is_empty(), "the refused secret leaves error rows");
@@ -228,22 +249,7 @@ table_groups:
 ";
     let capture = handler(StepKind::Capture, &sdk, &r);
     start(&capture, parse_job("job.yaml", yaml).unwrap()).await;
-    let tx = TransactionNotification {
-        job: "lite".into(),
-        app: "shop".into(),
-        txid: "t-1".into(),
-        changes: vec![ChangeNotification {
-            app: "shop".into(),
-            entity: "customers".into(),
-            key: Key(vec!["1".into()]),
-            op: Operation::Upsert,
-            seq: 1,
-            version: None,
-            company: None,
-            at_ms: 1_700_000_000_000,
-        }],
-        parts: Parts::default(),
-    };
+    let tx = notification("lite", "shop", "customers", &["1"], None);
     capture.input().send(vec![OutMessage::standard(serde_json::to_string(&tx).unwrap())]).await.unwrap();
     let mut msgs = capture.input().receive(10).await.unwrap();
     assert_eq!(msgs.len(), 1);
