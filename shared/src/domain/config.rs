@@ -382,14 +382,14 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
         let connector = match a.connector.as_str() {
             "odata" => {
                 let flavor = a.flavor.unwrap_or(Flavor::Generic);
-                ConnectorSpec::Odata(OdataSpec {
+                ConnectorSpec::Odata(Box::new(OdataSpec {
                     url: a.url.clone().unwrap_or_default(),
                     flavor,
                     auth: a.auth.clone().unwrap_or(AuthSpec::None),
                     batch_size: a.batch_size.unwrap_or(OdataSpec::DEFAULT_BATCH_SIZE),
                     max_concurrency: a.max_concurrency.unwrap_or(OdataSpec::default_concurrency(flavor)),
                     page_size: a.page_size.unwrap_or(OdataSpec::DEFAULT_PAGE_SIZE),
-                })
+                }))
             }
             _ => ConnectorSpec::Sqlite { path: a.path.clone().unwrap_or_default() },
         };

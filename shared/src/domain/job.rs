@@ -39,8 +39,9 @@ pub enum Mode {
 pub enum ConnectorSpec {
     /// A local app database: a file path (relative paths resolve against the job file's folder).
     Sqlite { path: String },
-    /// An OData v4 service (Dataverse Web API, fno data entities).
-    Odata(OdataSpec),
+    /// An OData v4 service (Dataverse Web API, fno data entities). Boxed: its spec is many times
+    /// the size of a path.
+    Odata(Box<OdataSpec>),
 }
 
 /// Which OData service an `odata` app is: where Dataverse and fno differ from plain OData v4
