@@ -6,7 +6,10 @@ use std::collections::BTreeSet;
 
 use dualsync::adapters::aws::Names;
 use dualsync_lambda::input_var;
-use dualsync_lambda::permissions::{needs, Function, QueueId, LOG_ACTIONS, TABLE_ACTIONS};
+use dualsync_lambda::permissions::{
+    needs, Function, QueueId, LOG_ACTIONS, PARAMETER_ACTIONS, PARAMETER_ARNS_PARAMETER, SECRET_ACTIONS,
+    SECRET_ARNS_PARAMETER, TABLE_ACTIONS,
+};
 use serde_yaml_ng::Value;
 
 const TEMPLATE: &str = include_str!("../../template.yaml");
@@ -37,6 +40,36 @@ fn sub_of(v: &Value) -> Option<&str> {
     }
 }
 
+/// `!<tag> [items]` -> items.
+fn args<'a>(v: &'a Value, tag: &str) -> Option<&'a [Value]> {
+    match v {
+        Value::Tagged(t) if t.tag == tag => t.value.as_sequence().map(|s| s.as_slice()),
+        _ => None,
+    }
+}
+
+/// `!If [Condition, statement, !Ref AWS::NoValue]` -> (Some(Condition), statement): a statement
+/// that is left out when the condition is false; a plain statement -> (None, it).
+fn conditional(st: &Value) -> Result<(Option<&str>, &Value), String> {
+    let Some(a) = args(st, "If") else { return Ok((None, st)) };
+    match a {
+        [cond, then, otherwise] if ref_of(otherwise) == Some("AWS::NoValue") && cond.as_str().is_some() => {
+            Ok((cond.as_str(), then))
+        }
+        _ => Err(format!("{} is not !If [Condition, statement, !Ref AWS::NoValue]", show(st))),
+    }
+}
+
+/// Whether `condition` is `!Not [!Equals [!Join ["", !Ref <param>], ""]]`: true only when the
+/// list parameter names something.
+fn guards_empty(doc: &Value, condition: &str, param: &str) -> bool {
+    let c = &doc["Conditions"][condition];
+    let Some([equals]) = args(c, "Not") else { return false };
+    let Some([join, empty]) = args(equals, "Equals") else { return false };
+    let Some([sep, list]) = args(join, "Join") else { return false };
+    empty.as_str() == Some("") && sep.as_str() == Some("") && ref_of(list) == Some(param)
+}
+
 /// A value that may be one item or a list of them.
 fn one_or_many(v: Option<&Value>) -> Vec<&Value> {
     match v {
@@ -55,7 +88,8 @@ type Grant = (String, String);
 
 /// Every (action, resource) the inline policies of `role` allow, or what makes them more than
 /// an explicit list.
-fn role_grants(resources: &Value, role: &str, problems: &mut Vec<String>) -> BTreeSet<Grant> {
+fn role_grants(doc: &Value, role: &str, problems: &mut Vec<String>) -> BTreeSet<Grant> {
+    let resources = &doc["Resources"];
     let mut grants = BTreeSet::new();
     let Some(props) = resources.get(role).filter(|r| r["Type"] == "AWS::IAM::Role").map(|r| &r["Properties"]) else {
         problems.push(format!("{role} is not an AWS::IAM::Role of the template"));
@@ -75,6 +109,13 @@ fn role_grants(resources: &Value, role: &str, problems: &mut Vec<String>) -> BTr
     }
     for policy in one_or_many(props.get("Policies")) {
         for (i, st) in one_or_many(policy["PolicyDocument"].get("Statement")).into_iter().enumerate() {
+            let (condition, st) = match conditional(st) {
+                Ok(c) => c,
+                Err(e) => {
+                    problems.push(format!("{role} statement {i}: {e}"));
+                    continue;
+                }
+            };
             let at = format!(
                 "{role} policy {} statement {}",
                 show(&policy["PolicyName"]),
@@ -99,9 +140,23 @@ fn role_grants(resources: &Value, role: &str, problems: &mut Vec<String>) -> BTr
             for r in one_or_many(st.get("Resource")) {
                 match (arn_of(r), r.as_str()) {
                     (Some(id), _) => grants.extend(actions.iter().map(|a| (a.clone(), id.to_string()))),
+                    // A list parameter of ARNs (the apps' secrets): granted only when it names
+                    // something, so the empty default grants nothing.
+                    (None, _) if ref_of(r).is_some_and(|p| doc["Parameters"].get(p).is_some()) => {
+                        let param = ref_of(r).unwrap_or_default();
+                        if condition.is_some_and(|c| guards_empty(doc, c, param)) {
+                            grants.extend(actions.iter().map(|a| (a.clone(), param.to_string())));
+                        } else {
+                            problems.push(format!(
+                                "{at}: Resource !Ref {param} is not under !If [<condition>, ..., !Ref AWS::NoValue] with the condition that {param} is not empty"
+                            ));
+                        }
+                    }
                     (None, Some(s)) if s.contains('*') => problems.push(format!("{at}: wildcard in Resource '{s}'")),
-                    (None, _) => problems
-                        .push(format!("{at}: Resource {} is not !GetAtt <resource>.Arn of this template", show(r))),
+                    (None, _) => problems.push(format!(
+                        "{at}: Resource {} is not !GetAtt <resource>.Arn or !Ref <parameter> of this template",
+                        show(r)
+                    )),
                 }
             }
         }
@@ -115,6 +170,10 @@ fn needed(function: Function, log_group: &str) -> BTreeSet<Grant> {
         needs(function).queue_actions().into_iter().map(|(a, q)| (a.to_string(), q.logical_id())).collect();
     want.extend(TABLE_ACTIONS.iter().map(|a| (a.to_string(), TABLE.to_string())));
     want.extend(LOG_ACTIONS.iter().map(|a| (a.to_string(), log_group.to_string())));
+    if needs(function).calls_apps {
+        want.extend(SECRET_ACTIONS.iter().map(|a| (a.to_string(), SECRET_ARNS_PARAMETER.to_string())));
+        want.extend(PARAMETER_ACTIONS.iter().map(|a| (a.to_string(), PARAMETER_ARNS_PARAMETER.to_string())));
+    }
     want
 }
 
@@ -164,7 +223,7 @@ fn check(template: &str) -> Vec<String> {
             continue;
         };
         let want = needed(function, log_group);
-        let have = role_grants(resources, role, &mut problems);
+        let have = role_grants(&doc, role, &mut problems);
         for (action, on) in want.difference(&have) {
             problems.push(format!("{binary} ({role}) lacks {action} on {on}"));
         }
@@ -229,6 +288,33 @@ fn names_a_missing_grant_an_extra_one_a_misread_input_and_a_wildcard() {
     assert!(
         problems.iter().any(|p| p == "CaptureRole policy capture statement State: wildcard in Resource '*'"),
         "{problems:?}"
+    );
+    // Deliver without its secrets grant; sequence with one (it never calls an app).
+    let no_secrets = TEMPLATE.replacen(
+        "Resource: !GetAtt DeliverQueue.Arn\n              - !If\n                - ReadsAppSecrets",
+        "Resource: !GetAtt DeliverQueue.Arn\n              - !If\n                - ReadsAppSecretsNot",
+        1,
+    );
+    let no_secrets = no_secrets.replacen("Conditions:\n", "Conditions:\n  ReadsAppSecretsNot: !Equals [a, a]\n", 1);
+    let problems = check(&no_secrets);
+    assert!(
+        problems.iter().any(|p| p.starts_with(
+            "DeliverRole policy deliver statement AppSecrets: Resource !Ref AppSecretArns is not under !If"
+        )),
+        "{problems:?}"
+    );
+    assert!(
+        problems.contains(&"deliver (DeliverRole) lacks secretsmanager:GetSecretValue on AppSecretArns".to_string()),
+        "{problems:?}"
+    );
+    let extra = TEMPLATE.replacen(
+        "                Resource: !GetAtt DeliverQueue.Arn\n\n  DeliverRole:",
+        "                Resource: !GetAtt DeliverQueue.Arn\n              - !If\n                - ReadsAppParameters\n                - { Sid: P, Effect: Allow, Action: ssm:GetParameter, Resource: !Ref AppParameterArns }\n                - !Ref AWS::NoValue\n\n  DeliverRole:",
+        1,
+    );
+    assert_eq!(
+        check(&extra),
+        ["sequence (SequenceRole) has ssm:GetParameter on AppParameterArns, which its code does not use"]
     );
     let wild = TEMPLATE.replacen("- dynamodb:Query", "- dynamodb:*", 1);
     let problems = check(&wild);

@@ -64,9 +64,18 @@ async fn the_capture_binary_answers_an_sqs_event_through_cargo_lambda() {
     let names = Names::new(&format!("w{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
     let resources = bootstrap(&sdk, &names).await.unwrap();
 
-    // A stored, active job whose apps exist.
+    // A stored, active job. A deployed function opens only odata apps (a sqlite app runs only
+    // locally), so the sample job's apps become OData services; capture's async path never
+    // calls them, so nothing listens at their address.
     let dir = tempfile::tempdir().unwrap();
-    let def = common::create_apps(&dir.path().join("a.db"), &dir.path().join("b.db"));
+    let mut def = common::create_apps(&dir.path().join("a.db"), &dir.path().join("b.db"));
+    for app in &mut def.apps {
+        app.connector = "odata".into();
+        app.path = None;
+        app.url = Some(format!("http://127.0.0.1:9/{}/", app.name));
+        app.flavor = Some(dualsync::domain::job::Flavor::Generic);
+        app.auth = Some(dualsync::domain::job::AuthSpec::None);
+    }
     let kv = DynamoKv::new(
         aws_sdk_dynamodb::Client::new(&sdk),
         resources.table.clone(),

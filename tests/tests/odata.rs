@@ -432,7 +432,8 @@ async fn oauth_tokens_are_cached_renewed_when_refused_and_never_shown() {
         token_url: Some(s.token_url.clone()),
         client_id: Some("client-1".into()),
         client_id_env: None,
-        client_secret_env: "DV_SECRET".into(),
+        client_secret: None,
+        client_secret_env: Some("DV_SECRET".into()),
         scope: None,
     };
     let env = |secret: &'static str| move |k: &str| (k == "DV_SECRET").then(|| secret.to_string());

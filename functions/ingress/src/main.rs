@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use aws_lambda_events::event::lambda_function_urls::LambdaFunctionUrlRequest;
 use dualsync::adapters::aws::{sdk_config, Usage};
-use dualsync::runtime::local::SqliteRegistry;
 use dualsync_lambda::EnvError;
 use lambda_runtime::{service_fn, LambdaEvent};
 
@@ -29,7 +28,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     // Built once per cold start. The apps' connectors come from the same registry the other
     // functions use (keys read back by id go through it).
     let sdk = sdk_config(None).await;
-    let apps = Arc::new(SqliteRegistry::default());
+    let apps = dualsync_lambda::aws_registry(&sdk);
     let ingress = dualsync_ingress::aws(&sdk, &env.table, &env.capture_queue_url, apps, Arc::new(Usage::default()));
     let ingress = &ingress;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<LambdaFunctionUrlRequest>| async move {

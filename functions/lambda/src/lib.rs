@@ -5,14 +5,14 @@ mod batch;
 mod env;
 pub mod permissions;
 pub mod poller;
+#[cfg(feature = "stack")]
 pub mod stack;
 
 use std::sync::Arc;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
-use dualsync::adapters::aws::{sdk_config, DynamoKv, SqsQueue, Usage};
+use dualsync::adapters::aws::{sdk_config, AwsRegistry, AwsSecrets, DynamoKv, SqsQueue, Usage};
 use dualsync::ports::{Queue, SystemClock};
-use dualsync::runtime::local::SqliteRegistry;
 use dualsync::state::State;
 use dualsync::steps::{ConnectorRegistry, StepKind, Steps};
 use lambda_runtime::{service_fn, Error, LambdaEvent};
@@ -46,6 +46,12 @@ pub fn init_tracing() {
         .init();
 }
 
+/// The apps as a deployed function opens them: odata apps with secrets from Secrets Manager or
+/// SSM over `sdk`'s settings; a sqlite app is refused (it runs only locally).
+pub fn aws_registry(sdk: &aws_config::SdkConfig) -> Arc<dyn ConnectorRegistry> {
+    Arc::new(AwsRegistry::new(Arc::new(AwsSecrets::new(sdk))))
+}
+
 /// One step with its clients, built once per cold start and reused by every event.
 pub struct Handler {
     step: StepKind,
@@ -55,11 +61,13 @@ pub struct Handler {
 }
 
 impl Handler {
-    /// Builds the AWS clients and the step from the environment (see [`Env`]).
+    /// Builds the AWS clients and the step from the environment (see [`Env`]). The apps are
+    /// opened as on AWS ([`AwsRegistry`]): odata apps, their stored secrets read through one
+    /// cache for the life of the execution environment.
     pub async fn from_env(step: StepKind) -> Result<Self, Error> {
         let env = Env::from_vars(step, |k| std::env::var(k).ok())?;
         let sdk = sdk_config(None).await;
-        Ok(Self::new(step, &env, &sdk, Arc::new(SqliteRegistry::default()), Arc::new(Usage::default())))
+        Ok(Self::new(step, &env, &sdk, aws_registry(&sdk), Arc::new(Usage::default())))
     }
 
     /// A handler over given AWS settings and apps (tests point these at an emulator).

@@ -102,6 +102,14 @@ pub const TABLE_ACTIONS: [&str; 5] =
     ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"];
 /// On the function's own log group (Lambda writes its logs with the function's role).
 pub const LOG_ACTIONS: [&str; 2] = ["logs:CreateLogStream", "logs:PutLogEvents"];
+/// On the Secrets Manager secrets the job files name (`AwsSecrets` reads one with GetSecretValue).
+pub const SECRET_ACTIONS: [&str; 1] = ["secretsmanager:GetSecretValue"];
+/// On the SSM parameters the job files name (`AwsSecrets` reads one with GetParameter,
+/// decrypting a SecureString).
+pub const PARAMETER_ACTIONS: [&str; 1] = ["ssm:GetParameter"];
+/// template.yaml's parameters listing those secrets and parameters (ARNs).
+pub const SECRET_ARNS_PARAMETER: &str = "AppSecretArns";
+pub const PARAMETER_ARNS_PARAMETER: &str = "AppParameterArns";
 
 /// The queues one function uses, by how it uses them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +120,9 @@ pub struct Needs {
     pub sends_to: &'static [QueueId],
     /// What it receives from, deletes from and releases itself ([`DRAIN_ACTIONS`]).
     pub drains: &'static [QueueId],
+    /// Whether it calls the apps, and so reads their stored secrets ([`SECRET_ACTIONS`],
+    /// [`PARAMETER_ACTIONS`]).
+    pub calls_apps: bool,
 }
 
 impl Needs {
@@ -133,15 +144,27 @@ pub fn needs(function: Function) -> Needs {
     use QueueId::Work;
     use StepKind::*;
     match function {
-        // steps/capture.rs: a captured transaction goes to the sequence queue.
-        Function::Capture => Needs { input: Some(Work(Capture)), sends_to: &[Work(Sequence)], drains: &[] },
-        // steps/sequence.rs: delivery groups go to deliver.fifo.
-        Function::Sequence => Needs { input: Some(Work(Sequence)), sends_to: &[Work(Deliver)], drains: &[] },
-        // steps/deliver/mod.rs: a job resumed while delivery was keeping its messages aside gets them
-        // handed back to deliver.fifo (steps/pause.rs `hand_back`), its own input queue.
-        Function::Deliver => Needs { input: Some(Work(Deliver)), sends_to: &[Work(Deliver)], drains: &[] },
-        // steps/reconcile.rs: a retry puts the rows' changes back on deliver.fifo.
-        Function::Reconcile => Needs { input: Some(Work(Reconcile)), sends_to: &[Work(Deliver)], drains: &[] },
+        // steps/capture.rs: a captured transaction goes to the sequence queue; on the live path
+        // it reads the source app and deletes in the target.
+        Function::Capture => {
+            Needs { input: Some(Work(Capture)), sends_to: &[Work(Sequence)], drains: &[], calls_apps: true }
+        }
+        // steps/sequence.rs: delivery groups go to deliver.fifo. It opens the job's connectors
+        // but never sends a request, so it reads no stored secret (they are read at first use).
+        Function::Sequence => {
+            Needs { input: Some(Work(Sequence)), sends_to: &[Work(Deliver)], drains: &[], calls_apps: false }
+        }
+        // steps/deliver/mod.rs: reads both apps and writes; a job resumed while delivery was
+        // keeping its messages aside gets them handed back to deliver.fifo (steps/pause.rs
+        // `hand_back`), its own input queue.
+        Function::Deliver => {
+            Needs { input: Some(Work(Deliver)), sends_to: &[Work(Deliver)], drains: &[], calls_apps: true }
+        }
+        // steps/reconcile.rs: a retry puts the rows' changes back on deliver.fifo; an initial
+        // sync lists an app.
+        Function::Reconcile => {
+            Needs { input: Some(Work(Reconcile)), sends_to: &[Work(Deliver)], drains: &[], calls_apps: true }
+        }
         // admin.rs: a retry or dismiss request is queued on reconcile.fifo; a resume hands the
         // kept deliveries back to deliver.fifo (steps/pause.rs `resume`); a redrive receives
         // from each dead-letter queue, sends back to its work queue, deletes what it sent and
@@ -155,11 +178,13 @@ pub fn needs(function: Function) -> Needs {
                 QueueId::DeadLetter(Deliver),
                 QueueId::DeadLetter(Reconcile),
             ],
+            calls_apps: false,
         },
         // steps/ingress/mod.rs: a pushed event's notifications go to the capture queue; its
         // State reads the job and writes error rows (keys that cannot be read back, changes
-        // too large for a message: steps/ingress/fit.rs).
-        Function::Ingress => Needs { input: None, sends_to: &[Work(Capture)], drains: &[] },
+        // too large for a message: steps/ingress/fit.rs); a record named only by id has its
+        // key read back from its app.
+        Function::Ingress => Needs { input: None, sends_to: &[Work(Capture)], drains: &[], calls_apps: true },
     }
 }
 

@@ -1,4 +1,5 @@
 //! Adapters: embedded storage, AWS (DynamoDB and SQS) and app connectors.
 pub mod aws;
 pub mod connectors;
+#[cfg(feature = "sqlite")]
 pub mod embedded;

@@ -3,6 +3,10 @@ use serde::{Deserialize, Serialize};
 
 use super::job::Side;
 
+/// The transaction id prefix of dualsync's own writes to an app: the change-log rows they
+/// leave are echoes (a `sqlite` app's triggers log them, ingress drops them).
+pub const OWN_WRITE_TXID_PREFIX: &str = "dualsync-write-";
+
 /// An integration key: the values of a map's key fields in key-pair order, as canonical text.
 /// Both apps share the key values, so the same `Key` finds the record on either side.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ use thiserror::Error;
 use super::canon::normalize;
 use super::job::{
     AlertRule, App, AuthSpec, BatchFormat, ConnectorSpec, FieldMap, Flavor, IngressAuth, IngressSpec, Job, Lookup,
-    Mode, OdataSpec, Side, TableMap, Tracking, ValueMap,
+    Mode, OdataSpec, SecretRef, Side, TableMap, Tracking, ValueMap,
 };
 
 /// `capture:` value of an odata app whose changes dualsync polls by change tracking.
@@ -429,7 +429,7 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
         let connector = match a.connector.as_str() {
             "odata" => {
                 let flavor = a.flavor.unwrap_or(Flavor::Generic);
-                ConnectorSpec::Odata(OdataSpec {
+                ConnectorSpec::Odata(Box::new(OdataSpec {
                     url: a.url.clone().unwrap_or_default(),
                     flavor,
                     auth: a.auth.clone().unwrap_or(AuthSpec::None),
@@ -437,7 +437,7 @@ pub fn compile(file: &str, def: &JobDef) -> Result<Job, ConfigErrors> {
                     batch_format: a.batch_format.unwrap_or_default(),
                     max_concurrency: a.max_concurrency.unwrap_or(OdataSpec::default_concurrency(flavor)),
                     page_size: a.page_size.unwrap_or(OdataSpec::DEFAULT_PAGE_SIZE),
-                })
+                }))
             }
             _ => ConnectorSpec::Sqlite { path: a.path.clone().unwrap_or_default() },
         };
@@ -590,19 +590,6 @@ impl Validator {
         out
     }
 
-    /// A secret's environment variable name: A-Z, 0-9 and `_`, not starting with a digit.
-    fn env_name(&mut self, path: &str, name: &str) {
-        let ok = !name.is_empty()
-            && !name.starts_with(|c: char| c.is_ascii_digit())
-            && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-        if !ok {
-            self.push(
-                path,
-                format!("'{name}' is not an environment variable name (A-Z, 0-9 and '_', not starting with a digit)"),
-            );
-        }
-    }
-
     /// An app's `ingress`: the key's variable, the header or query parameter that carries it.
     fn ingress(&mut self, at: &str, ingress: &IngressSpec) {
         let auth = format!("{at}.auth");
@@ -654,12 +641,10 @@ impl Validator {
     }
 
     fn auth(&mut self, at: &str, auth: &AuthSpec) {
-        let mut env = |key: &str, name: &str| self.env_name(&format!("{at}.{key}"), name);
         match auth {
-            AuthSpec::ClientCredentials { tenant, token_url, client_id, client_id_env, client_secret_env, .. } => {
-                env("client_secret_env", client_secret_env);
+            AuthSpec::ClientCredentials { tenant, token_url, client_id, client_id_env, .. } => {
                 if let Some(e) = client_id_env {
-                    env("client_id_env", e);
+                    self.env_name(&format!("{at}.client_id_env"), e);
                 }
                 match (tenant, token_url) {
                     (Some(_), None) => {}
@@ -671,17 +656,80 @@ impl Validator {
                     self.push(at, "client_credentials needs either client_id or client_id_env".into());
                 }
             }
-            AuthSpec::Basic { username, username_env, password_env } => {
-                env("password_env", password_env);
+            AuthSpec::Basic { username, username_env, .. } => {
                 if let Some(e) = username_env {
-                    env("username_env", e);
+                    self.env_name(&format!("{at}.username_env"), e);
                 }
                 if username.is_some() == username_env.is_some() {
                     self.push(at, "basic needs either username or username_env".into());
                 }
             }
-            AuthSpec::Bearer { token_env } => env("token_env", token_env),
-            AuthSpec::None => {}
+            AuthSpec::Bearer { .. } | AuthSpec::None => {}
+        }
+        let (key, r, env) = match auth {
+            AuthSpec::ClientCredentials { client_secret, client_secret_env, .. } => {
+                ("client_secret", client_secret, client_secret_env)
+            }
+            AuthSpec::Basic { password, password_env, .. } => ("password", password, password_env),
+            AuthSpec::Bearer { token, token_env } => ("token", token, token_env),
+            AuthSpec::None => return,
+        };
+        match (r, env) {
+            (Some(_), Some(_)) => self.push(at, format!("give {key} or {key}_env, not both")),
+            (None, None) => self.push(
+                at,
+                format!("{key} missing: {key}: {{ env: NAME }}, {{ secrets_manager: NAME }} or {{ ssm: NAME }}"),
+            ),
+            (None, Some(e)) => self.env_name(&format!("{at}.{key}_env"), e),
+            (Some(r), None) => self.secret_ref(&format!("{at}.{key}"), r),
+        }
+    }
+
+    fn env_name(&mut self, path: &str, name: &str) {
+        let ok = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !ok {
+            self.push(
+                path,
+                format!("'{name}' is not an environment variable name (A-Z, 0-9 and '_', not starting with a digit)"),
+            );
+        }
+    }
+
+    /// A secret's source: a variable, a store, or a variable with a store behind it.
+    fn secret_ref(&mut self, at: &str, r: &SecretRef) {
+        if let Some(e) = &r.env {
+            self.env_name(&format!("{at}.env"), e);
+        }
+        if let Some(id) = &r.secrets_manager {
+            // Names: letters, digits and /_+=.@-; an ARN adds ':' (Secrets Manager's own limits).
+            let ok = (1..=2048).contains(&id.len())
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || "/_+=.@-:".contains(c));
+            if !ok {
+                self.push(
+                    &format!("{at}.secrets_manager"),
+                    format!("'{id}' is not a secret name or ARN (letters, digits and /_+=.@-)"),
+                );
+            }
+        }
+        if let Some(name) = &r.ssm {
+            // Names: letters, digits and _.-/ (a path starts with '/'); an ARN adds ':'.
+            let lower = name.trim_start_matches('/').to_ascii_lowercase();
+            let ok = (1..=2048).contains(&name.len())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-/:".contains(c))
+                && (name.starts_with("arn:") || !(lower.starts_with("aws") || lower.starts_with("ssm")));
+            if !ok {
+                self.push(
+                    &format!("{at}.ssm"),
+                    format!("'{name}' is not a parameter name or ARN (letters, digits and _.-/, not starting with aws or ssm)"),
+                );
+            }
+        }
+        match (&r.env, &r.secrets_manager, &r.ssm) {
+            (None, None, None) => self.push(at, "name the secret: env, secrets_manager or ssm".into()),
+            (_, Some(_), Some(_)) => self.push(at, "give secrets_manager or ssm, not both".into()),
+            _ => {}
         }
     }
 
@@ -1022,6 +1070,62 @@ table_groups:
             "apps[1].capture",
             "for odata apps only",
         );
+    }
+
+    #[test]
+        fn a_secret_is_named_by_variable_or_store_and_the_first_form_still_reads() {
+        let sqlite = "{ name: b, connector: sqlite, path: b.db }";
+        let app = |auth: &str| {
+            format!("{{ name: b, connector: odata, url: 'https://x/', flavor: dataverse, auth: {{ kind: client_credentials, tenant: t, client_id: c, {auth} }} }}")
+        };
+        let secret = |auth: &str| {
+            let def = parse_job("f.yaml", &GOOD.replace(sqlite, &app(auth))).unwrap();
+            match compile("f.yaml", &def).unwrap().apps[1].connector.clone() {
+                ConnectorSpec::Odata(s) => s.auth.secret().unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(secret("client_secret_env: DV_SECRET"), ("client_secret", SecretRef::env("DV_SECRET")));
+        let both = SecretRef { env: Some("DV".into()), secrets_manager: Some("dualsync/dv".into()), ssm: None };
+        assert_eq!(secret("client_secret: { env: DV, secrets_manager: dualsync/dv }"), ("client_secret", both));
+        let ssm = SecretRef { ssm: Some("/dualsync/dv".into()), ..Default::default() };
+        assert_eq!(secret("client_secret: { ssm: /dualsync/dv }"), ("client_secret", ssm));
+
+        let cases = [
+            (
+                "client_secret: { env: DV }, client_secret_env: DV",
+                "apps[1].auth",
+                "give client_secret or client_secret_env, not both",
+            ),
+            (
+                "scope: s",
+                "apps[1].auth",
+                "client_secret missing: client_secret: { env: NAME }, { secrets_manager: NAME } or { ssm: NAME }",
+            ),
+            ("client_secret: {}", "apps[1].auth.client_secret", "name the secret: env, secrets_manager or ssm"),
+            (
+                "client_secret: { secrets_manager: a, ssm: b }",
+                "apps[1].auth.client_secret",
+                "give secrets_manager or ssm, not both",
+            ),
+            (
+                "client_secret: { env: dv }",
+                "apps[1].auth.client_secret.env",
+                "'dv' is not an environment variable name",
+            ),
+            (
+                "client_secret: { secrets_manager: 'my secret' }",
+                "apps[1].auth.client_secret.secrets_manager",
+                "'my secret' is not a secret name or ARN",
+            ),
+            ("client_secret: { ssm: /aws/x }", "apps[1].auth.client_secret.ssm", "not starting with aws or ssm"),
+        ];
+        for (auth, path, message) in cases {
+            assert_problem(sqlite, &app(auth), path, message);
+        }
+        // An unknown key in a secret's source is refused by name.
+        let err = parse_job("f.yaml", &GOOD.replace(sqlite, &app("client_secret: { vault: x }"))).unwrap_err();
+        assert!(err.to_string().contains("vault"), "{err}");
     }
 
     #[test]

@@ -39,8 +39,9 @@ pub enum Mode {
 pub enum ConnectorSpec {
     /// A local app database: a file path (relative paths resolve against the job file's folder).
     Sqlite { path: String },
-    /// An OData v4 service (Dataverse Web API, fno data entities).
-    Odata(OdataSpec),
+    /// An OData v4 service (Dataverse Web API, fno data entities). Boxed: its spec is many times
+    /// the size of a path.
+    Odata(Box<OdataSpec>),
 }
 
 /// Which OData service an `odata` app is: where Dataverse and fno differ from plain OData v4
@@ -76,8 +77,8 @@ impl Flavor {
     }
 }
 
-/// How an `odata` app authenticates. Secrets are named by environment variable, never written
-/// in the job file.
+/// How an `odata` app authenticates. Secrets are named (where to read them), never written in
+/// the job file: see [`SecretRef`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AuthSpec {
@@ -93,23 +94,119 @@ pub enum AuthSpec {
         client_id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_id_env: Option<String>,
-        client_secret_env: String,
+        /// Where the client secret is (one of this and `client_secret_env`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_secret: Option<SecretRef>,
+        /// The first form, kept for job files written before `client_secret`: the same as
+        /// `client_secret: { env: NAME }`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_secret_env: Option<String>,
         /// Defaults to `<origin of url>/.default`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scope: Option<String>,
     },
-    /// HTTP basic: the user name as written or from a variable, the password from a variable.
+    /// HTTP basic: the user name as written or from a variable, the password from a secret.
     Basic {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         username: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         username_env: Option<String>,
-        password_env: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password: Option<SecretRef>,
+        /// As `password: { env: NAME }`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password_env: Option<String>,
     },
-    /// A bearer token taken as it is from a variable.
-    Bearer { token_env: String },
+    /// A bearer token taken as it is from a secret.
+    Bearer {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<SecretRef>,
+        /// As `token: { env: NAME }`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_env: Option<String>,
+    },
     /// No authentication (test servers).
     None,
+}
+
+impl AuthSpec {
+    /// The job-file key of the secret (`client_secret`, `password`, `token`) and where it is,
+    /// whichever of the two forms the file used; `None` without a secret (or before validation).
+    pub fn secret(&self) -> Option<(&'static str, SecretRef)> {
+        let pick = |key: &'static str, r: &Option<SecretRef>, env: &Option<String>| {
+            let r = r.clone().or_else(|| env.clone().map(SecretRef::env))?;
+            Some((key, r))
+        };
+        match self {
+            AuthSpec::ClientCredentials { client_secret, client_secret_env, .. } => {
+                pick("client_secret", client_secret, client_secret_env)
+            }
+            AuthSpec::Basic { password, password_env, .. } => pick("password", password, password_env),
+            AuthSpec::Bearer { token, token_env } => pick("token", token, token_env),
+            AuthSpec::None => None,
+        }
+    }
+}
+
+/// Where a secret of an app's auth is read: an environment variable, a Secrets Manager secret
+/// (name or ARN) or an SSM parameter (name or ARN; a SecureString is decrypted), or an
+/// environment variable with a store behind it: `{ env: DV_SECRET, secrets_manager: dv }`
+/// reads the variable where it is set (a developer's machine) and the store where it is not (a
+/// Lambda function), so one job file serves both. The value itself is never in the job file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_manager: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm: Option<String>,
+}
+
+/// A secret kept in an AWS store, by the id the job file gives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StoredSecret {
+    SecretsManager(String),
+    Ssm(String),
+}
+
+impl std::fmt::Display for StoredSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoredSecret::SecretsManager(id) => write!(f, "Secrets Manager secret '{id}'"),
+            StoredSecret::Ssm(name) => write!(f, "SSM parameter '{name}'"),
+        }
+    }
+}
+
+impl SecretRef {
+    /// A secret in the environment variable `name`.
+    pub fn env(name: impl Into<String>) -> SecretRef {
+        SecretRef { env: Some(name.into()), ..Default::default() }
+    }
+
+    /// The store behind the reference, if any (validation allows one at most).
+    pub fn store(&self) -> Option<StoredSecret> {
+        match (&self.secrets_manager, &self.ssm) {
+            (Some(id), _) => Some(StoredSecret::SecretsManager(id.clone())),
+            (None, Some(name)) => Some(StoredSecret::Ssm(name.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Names where the secret is read, for messages: `environment variable DV_SECRET or Secrets
+/// Manager secret 'dv'`.
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.env, self.store()) {
+            (Some(v), Some(s)) => write!(f, "environment variable {v} or {s}"),
+            (Some(v), None) => write!(f, "environment variable {v}"),
+            (None, Some(s)) => write!(f, "{s}"),
+            (None, None) => f.write_str("no secret source"),
+        }
+    }
 }
 
 /// An `odata` app: the service root and how to talk to it.

@@ -76,3 +76,18 @@ pub trait KvStore: Send + Sync {
     /// starting after the sort key `after`.
     async fn query(&self, pk: &str, range: &SkRange, limit: usize, after: Option<&str>) -> Result<Page<Item>, KvError>;
 }
+
+/// The smallest string greater than every string that starts with `prefix`, if there is one.
+/// SQLite and DynamoDB compare strings bytewise, and UTF-8 keeps code point order, so incrementing the last
+/// code point that can be incremented gives the bound.
+pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}

@@ -5,6 +5,7 @@ pub mod connector;
 pub mod kv;
 pub mod queue;
 pub mod tracking;
+pub mod secrets;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use connector::{
@@ -14,3 +15,4 @@ pub use connector::{
 pub use kv::{Expect, Item, KvError, KvStore, Page, Put, SkRange};
 pub use queue::{InMessage, OutMessage, Queue, QueueError};
 pub use tracking::{ChangeTracking, Tracked, TrackedChange, TrackedDelete, TrackedPage};
+pub use secrets::{Secret, SecretError, SecretStore};

@@ -3,8 +3,7 @@
 //! event would on AWS (see [`crate::steps::ingress`] for those).
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::adapters::connectors::sqlite::OWN_WRITE_TXID_PREFIX;
-use crate::domain::change::{ChangeNotification, Parts, TransactionNotification};
+use crate::domain::change::{ChangeNotification, Parts, TransactionNotification, OWN_WRITE_TXID_PREFIX};
 use crate::ports::{ChangeFeed, OutMessage, Queue, RawChange};
 use crate::state::State;
 use crate::steps::ingress::fit;

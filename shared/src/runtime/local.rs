@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use super::ingress::pump_feed;
 use super::tracking::{poll_map, PollReport};
 use super::worker::{run_loop, run_once};
+use crate::adapters::connectors::odata_apps::OdataApps;
 use crate::adapters::connectors::sqlite::{CaptureSpec, SqliteApp};
 use crate::adapters::embedded::{EmbeddedDb, EmbeddedKv, EmbeddedQueue, QueueConfig};
 use crate::domain::config::JobDef;
@@ -26,15 +27,26 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 pub const BATCH: usize = 500;
 
 /// Opens each app once and shares it: `sqlite` apps by path, `odata` apps by name and service
-/// root (their requests share the process's limiter of that service either way).
-#[derive(Default)]
+/// root (their requests share the process's limiter of that service either way). An odata
+/// app's secret comes from its environment variable, or from the AWS store the job file names
+/// behind it (read with the default AWS settings at first use).
 pub struct SqliteRegistry {
     open: Mutex<HashMap<PathBuf, Arc<SqliteApp>>>,
-    #[cfg(feature = "odata")]
-    odata: Mutex<HashMap<(String, String), Arc<crate::adapters::connectors::odata::OdataApp>>>,
+    odata: OdataApps,
+}
+
+impl Default for SqliteRegistry {
+    fn default() -> Self {
+        Self::with_secrets(Arc::new(crate::adapters::aws::AwsSecrets::from_default_settings()))
+    }
 }
 
 impl SqliteRegistry {
+    /// With odata apps reading their stored secrets through `secrets`.
+    pub fn with_secrets(secrets: Arc<dyn crate::ports::SecretStore>) -> Self {
+        SqliteRegistry { open: Mutex::default(), odata: OdataApps::new(secrets) }
+    }
+
     pub fn app(&self, name: &str, path: &Path) -> Result<Arc<SqliteApp>, ConnectorError> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(app) = open.get(path) {
@@ -63,32 +75,18 @@ impl SqliteRegistry {
         job: &Job,
         side: Side,
     ) -> Result<Arc<crate::adapters::connectors::odata::OdataApp>, ConnectorError> {
-        use crate::adapters::connectors::odata::OdataApp;
         let app = &job.apps[side.index()];
         let ConnectorSpec::Odata(spec) = &app.connector else {
             return Err(ConnectorError::Rejected { app: app.name.clone(), message: "not an odata app".into() });
         };
-        let mut open = self.odata.lock().unwrap_or_else(|e| e.into_inner());
-        let id = (app.name.clone(), spec.url.clone());
-        if let Some(a) = open.get(&id) {
-            return Ok(a.clone());
-        }
-        let a = Arc::new(OdataApp::open(&app.name, spec)?);
-        open.insert(id, a.clone());
-        Ok(a)
+        self.odata.app(&app.name, spec)
     }
 
     fn connector(&self, job: &Job, side: Side) -> Result<Arc<dyn Connector>, ConnectorError> {
         let app = &job.apps[side.index()];
         match &app.connector {
             ConnectorSpec::Sqlite { .. } => Ok(self.side(job, side)? as Arc<dyn Connector>),
-            #[cfg(feature = "odata")]
-            ConnectorSpec::Odata(_) => Ok(self.odata_app(job, side)? as Arc<dyn Connector>),
-            #[cfg(not(feature = "odata"))]
-            ConnectorSpec::Odata(_) => Err(ConnectorError::Rejected {
-                app: app.name.clone(),
-                message: "the odata connector is not in this build (cargo feature `odata`)".into(),
-            }),
+            ConnectorSpec::Odata(spec) => self.odata.open(&app.name, spec),
         }
     }
 }

@@ -12,7 +12,7 @@ use aws_sdk_dynamodb::Client;
 use futures::stream::{self, StreamExt};
 
 use super::usage::{item_bytes, read_units, write_units, Usage};
-use crate::adapters::embedded::kv::prefix_end;
+use crate::ports::kv::prefix_end;
 use crate::ports::kv::{Expect, Item, KvError, KvStore, Page, Put, SkRange};
 use crate::ports::Clock;
 

@@ -1,7 +1,10 @@
 //! The AWS backend: the key-value table on DynamoDB ([`DynamoKv`]), the queues on SQS
 //! ([`SqsQueue`]), the names of one stage's resources (shared with `template.yaml`), and
-//! [`bootstrap`], which creates them on an emulator or an account.
+//! [`bootstrap`], which creates them on an emulator or an account; the apps' connectors as the
+//! functions open them ([`AwsRegistry`]) and the secrets they read ([`AwsSecrets`]).
 mod dynamo;
+mod registry;
+mod secrets;
 mod sqs;
 mod usage;
 
@@ -16,6 +19,8 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_sqs::types::QueueAttributeName;
 
 pub use dynamo::DynamoKv;
+pub use registry::AwsRegistry;
+pub use secrets::AwsSecrets;
 pub use sqs::SqsQueue;
 pub use usage::{Usage, UsageSnapshot};
 

@@ -57,8 +57,7 @@ use crate::ports::connector::{
 pub const CHANGES_TABLE: &str = "_dualsync_changes";
 /// The table an app's transaction puts its txid in (see [`transaction`]).
 pub const TX_TABLE: &str = "_dualsync_tx";
-/// The transaction id prefix of dualsync's own writes: their change-log rows are echoes.
-pub const OWN_WRITE_TXID_PREFIX: &str = "dualsync-write-";
+pub use crate::domain::change::OWN_WRITE_TXID_PREFIX;
 /// The version column added to each captured table.
 pub const VERSION_COLUMN: &str = "_ds_version";
 

@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
 
 use super::db::EmbeddedDb;
-use crate::ports::kv::{Expect, Item, KvError, KvStore, Page, Put, SkRange};
+use crate::ports::kv::{prefix_end, Expect, Item, KvError, KvStore, Page, Put, SkRange};
 
 /// [`KvStore`] over the `kv` table of an [`EmbeddedDb`]. Get one with [`EmbeddedDb::kv`].
 #[derive(Debug, Clone)]
@@ -117,21 +117,6 @@ fn put_in(tx: &Transaction<'_>, put: &Put, body: &str, now: i64) -> Result<Resul
 /// Bodies are encoded before the writer lock is taken: the lock is held for SQLite work only.
 fn encode(put: &Put) -> Result<String, KvError> {
     serde_json::to_string(&put.body).map_err(|e| corrupt(&put.pk, &put.sk, e))
-}
-
-/// The smallest string greater than every string that starts with `prefix`, if there is one.
-/// SQLite compares TEXT bytewise, and UTF-8 keeps code point order, so incrementing the last
-/// code point that can be incremented gives the bound.
-pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
-        if let Some(next) = next {
-            chars.push(next);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
 }
 
 #[async_trait]

@@ -57,9 +57,10 @@ impl Transport {
     }
 
     fn auth_error(&self, e: AuthError) -> ConnectorError {
-        match e {
-            AuthError::Unreachable(_) => self.transient(e.to_string(), None),
-            _ => self.rejected(e.to_string()),
+        if e.is_transient() {
+            self.transient(e.to_string(), None)
+        } else {
+            self.rejected(e.to_string())
         }
     }
 

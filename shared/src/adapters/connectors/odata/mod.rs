@@ -47,8 +47,6 @@
 //!
 //! `$batch` requests are multipart, or JSON (OData 4.01) where the job says the service takes it
 //! ([`json_batch`]).
-//!
-//! Not here yet (issue 10): secrets from AWS Secrets Manager or SSM.
 pub mod auth;
 pub mod batch;
 pub mod binds;
@@ -103,7 +101,8 @@ struct Planned {
 }
 
 impl OdataApp {
-    /// Builds the connector; secrets are read from the process environment now.
+    /// Builds the connector; secrets are read from the process environment now (a job file
+    /// that keeps them in a store needs [`Self::with_store`]).
     pub fn open(name: &str, spec: &OdataSpec) -> Result<OdataApp, ConnectorError> {
         Self::with_env(name, spec, DEFAULT_TIMEOUT, &|k| std::env::var(k).ok())
     }
@@ -114,6 +113,18 @@ impl OdataApp {
         spec: &OdataSpec,
         timeout: Duration,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<OdataApp, ConnectorError> {
+        Self::with_store(name, spec, timeout, env, Arc::new(auth::NoSecretStore))
+    }
+
+    /// As [`Self::with_env`], reading a secret that no variable holds from `secrets` at the
+    /// first request (see [`auth`]).
+    pub fn with_store(
+        name: &str,
+        spec: &OdataSpec,
+        timeout: Duration,
+        env: &dyn Fn(&str) -> Option<String>,
+        secrets: Arc<dyn crate::ports::SecretStore>,
     ) -> Result<OdataApp, ConnectorError> {
         let rejected = |message: String| ConnectorError::Rejected { app: name.to_string(), message };
         let mut root_text = spec.url.clone();
@@ -133,7 +144,7 @@ impl OdataApp {
             limiter: limiter::shared(root.as_str(), spec.max_concurrency),
             root,
             client,
-            auth: auth::Authenticator::new(creds, &spec.auth),
+            auth: auth::Authenticator::new(creds, &spec.auth, secrets),
             auth_hint: auth::hint(&spec.auth),
         };
         Ok(OdataApp { spec: spec.clone(), t, kinds: Mutex::new(HashMap::new()) })
