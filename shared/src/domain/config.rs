@@ -1073,7 +1073,7 @@ table_groups:
     }
 
     #[test]
-        fn a_secret_is_named_by_variable_or_store_and_the_first_form_still_reads() {
+    fn a_secret_is_named_by_variable_or_store_and_the_first_form_still_reads() {
         let sqlite = "{ name: b, connector: sqlite, path: b.db }";
         let app = |auth: &str| {
             format!("{{ name: b, connector: odata, url: 'https://x/', flavor: dataverse, auth: {{ kind: client_credentials, tenant: t, client_id: c, {auth} }} }}")

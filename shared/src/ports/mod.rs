@@ -4,8 +4,8 @@ pub mod clock;
 pub mod connector;
 pub mod kv;
 pub mod queue;
-pub mod tracking;
 pub mod secrets;
+pub mod tracking;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use connector::{
@@ -14,5 +14,5 @@ pub use connector::{
 };
 pub use kv::{Expect, Item, KvError, KvStore, Page, Put, SkRange};
 pub use queue::{InMessage, OutMessage, Queue, QueueError};
-pub use tracking::{ChangeTracking, Tracked, TrackedChange, TrackedDelete, TrackedPage};
 pub use secrets::{Secret, SecretError, SecretStore};
+pub use tracking::{ChangeTracking, Tracked, TrackedChange, TrackedDelete, TrackedPage};
