@@ -896,22 +896,10 @@ table_groups:
         assert!(errors.is_empty(), "{errors:#?}");
     }
 
-    const TRACKED: &str = "job: ct
-apps:
-  - { name: a, connector: sqlite, path: A }
-  - { name: dv, connector: odata, url: URL, flavor: dataverse, auth: { kind: none }, capture: change_tracking, page_size: 3 }
-primary: a
-table_groups:
-  - name: g
-    maps:
-      - name: customers
-        sequence: 1
-        entities: { a: customers, dv: accounts }
-        keys: [{ a: id, dv: accountnumber }]
-        fields:
-          - { a: name, dv: name }
-          - { a: credit, dv: creditlimit }
-";
+    /// [`JOB`] with the Dataverse app's changes polled by change tracking, three records a page.
+    fn tracked_job() -> String {
+        JOB.replace("job: s", "job: ct").replace("batch_size: 50", "capture: change_tracking, page_size: 3")
+    }
 
     /// Dataverse changes reach sqlite by change tracking alone: nothing registered in the app.
     #[tokio::test]
@@ -923,7 +911,7 @@ table_groups:
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a.db");
         sql(&a, "CREATE TABLE customers (id TEXT PRIMARY KEY, name TEXT, credit REAL);");
-        let mut def = parse_job("job.yaml", &TRACKED.replace("URL", &s.url)).unwrap();
+        let mut def = parse_job("job.yaml", &tracked_job().replace("URL", &s.url)).unwrap();
         def.apps[0].path = Some(a.display().to_string());
         let (rt, clock) = started(def, "ct").await;
         assert!(!rt.is_idle().await.unwrap(), "a tracked map not polled yet may hold changes");

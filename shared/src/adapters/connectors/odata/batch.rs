@@ -316,10 +316,11 @@ fn reason(status: u16) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn req(method: &'static str, url: &str, body: Option<&str>) -> Request {
+    /// A request with an `If-Match` header (the JSON format's tests use it too).
+    pub(in crate::adapters::connectors::odata) fn req(method: &'static str, url: &str, body: Option<&str>) -> Request {
         Request {
             method,
             url: url.to_string(),

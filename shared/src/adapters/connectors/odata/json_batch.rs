@@ -102,16 +102,8 @@ pub fn decode(body: &[u8]) -> Result<Vec<Response>, BatchError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::batch::tests::req;
     use super::*;
-
-    fn req(method: &'static str, url: &str, body: Option<&str>) -> Request {
-        Request {
-            method,
-            url: url.to_string(),
-            headers: vec![("If-Match".into(), "W/\"1\"".into())],
-            body: body.map(|b| b.as_bytes().to_vec()),
-        }
-    }
 
     #[test]
     fn requests_are_numbered_and_change_sets_become_atomicity_groups() {
