@@ -2,7 +2,7 @@
 //! app's client secret read from Secrets Manager and another's from SSM Parameter Store (moto
 //! server, started by `./scripts/test`), a sync between two authenticated OData test servers
 //! through the real steps; a sqlite app refused with a message that says why; and the secret
-//! store's cache.
+//! store's cache. And the scheduled tracker, polling Dataverse change tracking.
 mod common;
 mod odata_server;
 
@@ -23,6 +23,7 @@ use dualsync::ports::{OutMessage, SecretStore};
 use dualsync::state::ErrorFilter;
 use dualsync::steps::{lifecycle, StepKind};
 use dualsync_lambda::poller::{poll_once, sqs_event};
+use dualsync_lambda::tracker::{Polled, Tracker};
 use dualsync_lambda::{aws_registry, Env, Handler};
 use odata_server::{Kind, Options, Server};
 
@@ -290,4 +291,55 @@ async fn stored_secrets_are_read_once_and_again_only_once_forgotten() {
     let missing = StoredSecret::Ssm(format!("/{}", unique("dualsync/test/none-")));
     let err = store.fetch(&missing).await.unwrap_err();
     assert!(err.to_string().starts_with(&format!("cannot read {missing}: GetParameter: ParameterNotFound")), "{err}");
+}
+
+/// The scheduled tracker as deployed: each invocation polls the Dataverse app's change tracking
+/// (through the AWS registry) onto the capture queue, and the pipeline's handlers bring the
+/// records to the other app; an edit in Dataverse arrives at the next invocation, and an
+/// invocation with nothing new sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_tracker_brings_dataverse_changes_through_the_deployed_pipeline() {
+    let sdk = emulator().await;
+    let r = stage(&sdk).await;
+    let g = Server::start(Kind::Generic, Options::default()).await;
+    g.add_set("Customers", &["Code"], None);
+    let d = Server::start(Kind::Dataverse, Options::default()).await;
+    d.add_set("accounts", &["accountnumber"], Some("accountid"));
+    for n in 0..5 {
+        d.put("accounts", json!({"accountnumber": format!("D-{n}"), "name": format!("d{n}")}));
+    }
+    let yaml = "job: tr
+apps:
+  - { name: shop, connector: odata, url: SHOP, flavor: generic, auth: { kind: none } }
+  - { name: dv, connector: odata, url: DV, flavor: dataverse, auth: { kind: none }, capture: change_tracking }
+primary: shop
+table_groups:
+  - name: g
+    maps:
+      - name: customers
+        sequence: 1
+        entities: { shop: Customers, dv: accounts }
+        keys: [{ shop: Code, dv: accountnumber }]
+        fields: [{ shop: Label, dv: name }]
+"
+    .replace("SHOP", &g.url)
+    .replace("DV", &d.url);
+    let capture = handler(StepKind::Capture, &sdk, &r);
+    let sequence = handler(StepKind::Sequence, &sdk, &r);
+    let deliver = handler(StepKind::Deliver, &sdk, &r);
+    start(&capture, parse_job("job.yaml", &yaml).unwrap()).await;
+    let tracker = Tracker::new(&sdk, &r.table, &r.capture_url, aws_registry(&sdk), Arc::new(Usage::default()));
+
+    assert_eq!(tracker.poll().await.unwrap(), Polled { sent: 5, failed: 0 });
+    drain(&sdk, &r, &[&capture, &sequence, &deliver]).await;
+    assert_eq!(g.count("Customers"), 5);
+    assert_eq!(g.get("Customers", &[json!("D-3")]).unwrap()["Label"], "\"d3\"");
+
+    d.put("accounts", json!({"accountnumber": "D-3", "name": "edited"}));
+    assert_eq!(tracker.poll().await.unwrap(), Polled { sent: 1, failed: 0 });
+    drain(&sdk, &r, &[&capture, &sequence, &deliver]).await;
+    assert_eq!(g.get("Customers", &[json!("D-3")]).unwrap()["Label"], "\"edited\"");
+    assert_eq!(tracker.poll().await.unwrap(), Polled { sent: 0, failed: 0 });
+    let errors = deliver.steps().state.error_rows("tr", &ErrorFilter::default()).await.unwrap();
+    assert!(errors.is_empty(), "{errors:#?}");
 }

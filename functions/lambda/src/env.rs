@@ -53,6 +53,20 @@ impl Env {
     }
 }
 
+/// The configuration of a function that only sends to the capture queue (ingress, tracker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderEnv {
+    pub table: String,
+    pub capture_queue_url: String,
+}
+
+impl SenderEnv {
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<SenderEnv, EnvError> {
+        let need = |name: &'static str| var(name).filter(|v| !v.is_empty()).ok_or(EnvError::Missing(name));
+        Ok(SenderEnv { table: need("DUALSYNC_TABLE")?, capture_queue_url: need("CAPTURE_QUEUE_URL")? })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +94,21 @@ mod tests {
         assert_eq!(queue_name(&env.deliver_queue_url), "dualsync-dev-deliver.fifo");
         let deliver = Env::from_vars(StepKind::Deliver, vars(&BASE)).unwrap();
         assert_eq!(deliver.input_queue_url, deliver.deliver_queue_url);
+    }
+
+    #[test]
+    fn a_sender_reads_the_table_and_the_capture_queue_and_names_what_is_missing() {
+        let all = [("DUALSYNC_TABLE", "dualsync-dev-state"), ("CAPTURE_QUEUE_URL", "http://q/1/dualsync-dev-capture")];
+        let env = SenderEnv::from_vars(vars(&all)).unwrap();
+        assert_eq!(
+            (env.table.as_str(), queue_name(&env.capture_queue_url).as_str()),
+            ("dualsync-dev-state", "dualsync-dev-capture")
+        );
+        for (i, (missing, _)) in all.iter().enumerate() {
+            let mut pairs = all.to_vec();
+            pairs[i].1 = "";
+            assert_eq!(SenderEnv::from_vars(vars(&pairs)), Err(EnvError::Missing(missing)));
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod permissions;
 pub mod poller;
 #[cfg(feature = "stack")]
 pub mod stack;
+pub mod tracker;
 
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use lambda_runtime::{service_fn, Error, LambdaEvent};
 use tracing::Instrument;
 
 pub use batch::{batch_response, correlation_id, in_messages};
-pub use env::{input_var, Env, EnvError};
+pub use env::{input_var, Env, EnvError, SenderEnv};
 
 /// Runs the Lambda runtime loop for one step.
 pub async fn run(step: StepKind) -> Result<(), Error> {

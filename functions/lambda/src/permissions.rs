@@ -14,16 +14,18 @@ pub enum Function {
     Reconcile,
     Admin,
     Ingress,
+    Tracker,
 }
 
 impl Function {
-    pub const ALL: [Function; 6] = [
+    pub const ALL: [Function; 7] = [
         Function::Capture,
         Function::Sequence,
         Function::Deliver,
         Function::Reconcile,
         Function::Admin,
         Function::Ingress,
+        Function::Tracker,
     ];
 
     /// Its binary (template.yaml's `BuildProperties.Binary`, the folder under `functions/`).
@@ -35,6 +37,7 @@ impl Function {
             Function::Reconcile => "reconcile",
             Function::Admin => "admin",
             Function::Ingress => "ingress",
+            Function::Tracker => "tracker",
         }
     }
 }
@@ -185,6 +188,10 @@ pub fn needs(function: Function) -> Needs {
         // too large for a message: steps/ingress/fit.rs); a record named only by id has its
         // key read back from its app.
         Function::Ingress => Needs { input: None, sends_to: &[Work(Capture)], drains: &[], calls_apps: true },
+        // runtime/tracking.rs: the tracked changes' notifications go to the capture queue; its
+        // State reads the jobs, keeps positions and record ids, and writes error rows (deletes of
+        // ids never seen); the apps are polled.
+        Function::Tracker => Needs { input: None, sends_to: &[Work(Capture)], drains: &[], calls_apps: true },
     }
 }
 

@@ -9,13 +9,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::ingress::pump_feed;
-use super::tracking::{poll_map, PollReport};
+use super::tracking::{poll_map, tracked_maps, PollReport};
 use super::worker::{run_loop, run_once};
 use crate::adapters::connectors::odata_apps::OdataApps;
 use crate::adapters::connectors::sqlite::{CaptureSpec, SqliteApp};
 use crate::adapters::embedded::{EmbeddedDb, EmbeddedKv, EmbeddedQueue, QueueConfig};
 use crate::domain::config::JobDef;
-use crate::domain::job::{ConnectorSpec, Job, JobStatus, Side};
+use crate::domain::job::{ConnectorSpec, Job, Side};
 use crate::ports::{ChangeTracking, Clock, Connector, ConnectorError, Queue, SystemClock};
 use crate::state::{JobRecord, State, StateError};
 use crate::steps::{lifecycle, ConnectorRegistry, Failpoints, StepError, StepKind, Steps};
@@ -100,40 +100,22 @@ pub fn has_change_log(job: &Job, side: Side) -> bool {
 /// installing change capture and reading its change log.
 pub trait AppRegistry: ConnectorRegistry {
     fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError>;
-
-    /// The change tracking of the app on a side (an odata app with `capture: change_tracking`).
-    fn tracker(&self, job: &Job, side: Side) -> Result<Arc<dyn ChangeTracking>, ConnectorError> {
-        Err(ConnectorError::Rejected {
-            app: job.app_name(side).to_string(),
-            message: "this registry serves no change tracking".into(),
-        })
-    }
 }
 
 impl AppRegistry for SqliteRegistry {
     fn sqlite_app(&self, job: &Job, side: Side) -> Result<Arc<SqliteApp>, ConnectorError> {
         self.side(job, side)
     }
-
-    #[cfg(feature = "odata")]
-    fn tracker(&self, job: &Job, side: Side) -> Result<Arc<dyn ChangeTracking>, ConnectorError> {
-        Ok(self.odata_app(job, side)? as Arc<dyn ChangeTracking>)
-    }
-}
-
-/// The maps whose changes dualsync polls by change tracking: every map of a side whose app
-/// has `capture: change_tracking`.
-pub fn tracked_maps(job: &Job) -> Vec<(Side, usize)> {
-    Side::BOTH
-        .into_iter()
-        .filter(|s| job.apps[s.index()].tracking.is_some())
-        .flat_map(|s| (0..job.maps.len()).map(move |m| (s, m)))
-        .collect()
 }
 
 impl ConnectorRegistry for SqliteRegistry {
     fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
         Ok([self.connector(job, Side::A)?, self.connector(job, Side::B)?])
+    }
+
+    #[cfg(feature = "odata")]
+    fn tracker(&self, job: &Job, side: Side) -> Result<Arc<dyn ChangeTracking>, ConnectorError> {
+        Ok(self.odata_app(job, side)? as Arc<dyn ChangeTracking>)
     }
 }
 
@@ -263,15 +245,7 @@ impl LocalRuntime {
     }
 
     async fn active_jobs(&self) -> Result<Vec<Job>, RuntimeError> {
-        let mut out = Vec::new();
-        for name in self.state.job_names().await? {
-            let (job, status) = self.state.job(&name).await?;
-            // A paused job keeps capturing (delivery keeps its changes until it resumes).
-            if status == JobStatus::Active || status.holds_deliveries() {
-                out.push(job);
-            }
-        }
-        Ok(out)
+        Ok(self.state.capturing_jobs().await?)
     }
 
     /// Moves every active job's app change logs onto the capture queue; returns the rows moved.

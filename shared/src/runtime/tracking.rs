@@ -19,7 +19,7 @@ use crate::domain::sequence::short_hash;
 use crate::ports::{ChangeTracking, EntitySpec, OutMessage, Queue, Tracked, TrackedPage};
 use crate::state::{NewError, State, TrackingPosition};
 use crate::steps::ingress::fit;
-use crate::steps::StepError;
+use crate::steps::{ConnectorRegistry, StepError};
 
 /// What one poll of one map did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,6 +33,46 @@ pub struct PollReport {
     pub resynced: bool,
     /// The page budget ran out before the answer's last page: poll again soon.
     pub more: bool,
+}
+
+/// The maps whose changes dualsync polls by change tracking: every map of a side whose app
+/// has `capture: change_tracking`.
+pub fn tracked_maps(job: &Job) -> Vec<(Side, usize)> {
+    Side::BOTH
+        .into_iter()
+        .filter(|s| job.apps[s.index()].tracking.is_some())
+        .flat_map(|s| (0..job.maps.len()).map(move |m| (s, m)))
+        .collect()
+}
+
+/// Polls every tracked map of every capturing job once, `max_pages` pages each at most (a
+/// scheduled invocation's bounded work: a map with more goes on at the next). One map's
+/// failure is logged and the others go on; the references sent and the maps that failed.
+pub async fn poll_all(
+    state: &State,
+    apps: &dyn ConnectorRegistry,
+    capture: &dyn Queue,
+    max_pages: usize,
+) -> Result<(usize, usize), StepError> {
+    let (mut sent, mut failed) = (0, 0);
+    for job in state.capturing_jobs().await? {
+        for (side, m) in tracked_maps(&job) {
+            let map = &job.maps[m];
+            let polled = match apps.tracker(&job, side) {
+                Ok(source) => poll_map(state, &job, side, map, source.as_ref(), capture, max_pages).await,
+                Err(e) => Err(e.into()),
+            };
+            match polled {
+                Ok(r) => sent += r.upserts + r.deletes,
+                Err(e) => {
+                    failed += 1;
+                    warn!(job = %job.name, app = job.app_name(side), map = %map.name, error = %e,
+                        "change tracking: poll failed; the next one tries again");
+                }
+            }
+        }
+    }
+    Ok((sent, failed))
 }
 
 /// What change tracking asks of a map on `side`: its key fields, and the company field.

@@ -134,6 +134,19 @@ impl State {
         Ok((compile("(stored job)", &record.def)?, record.status))
     }
 
+    /// The jobs whose apps' changes are captured: active ones, and paused ones (delivery keeps
+    /// their changes until they resume).
+    pub async fn capturing_jobs(&self) -> Result<Vec<Job>, StateError> {
+        let mut out = Vec::new();
+        for name in self.job_names().await? {
+            let (job, status) = self.job(&name).await?;
+            if status == JobStatus::Active || status.holds_deliveries() {
+                out.push(job);
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn job_names(&self) -> Result<Vec<String>, StateError> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;

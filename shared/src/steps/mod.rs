@@ -138,6 +138,14 @@ impl Metrics {
 /// Opens the connectors of a job's two apps (the runtime decides how, and caches them).
 pub trait ConnectorRegistry: Send + Sync {
     fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError>;
+
+    /// The change tracking of the app on a side (an odata app with `capture: change_tracking`).
+    fn tracker(&self, job: &Job, side: Side) -> Result<Arc<dyn crate::ports::ChangeTracking>, ConnectorError> {
+        Err(ConnectorError::Rejected {
+            app: job.app_name(side).to_string(),
+            message: "this registry serves no change tracking".into(),
+        })
+    }
 }
 
 /// Backoff for system failures (throttling, 5xx, time-outs): the delay before a failed message is

@@ -42,4 +42,13 @@ impl ConnectorRegistry for AwsRegistry {
     fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
         Ok([self.connector(job, Side::A)?, self.connector(job, Side::B)?])
     }
+
+    #[cfg(feature = "odata")]
+    fn tracker(&self, job: &Job, side: Side) -> Result<Arc<dyn crate::ports::ChangeTracking>, ConnectorError> {
+        let app = &job.apps[side.index()];
+        match &app.connector {
+            ConnectorSpec::Odata(spec) => Ok(self.odata.app(&app.name, spec)?),
+            ConnectorSpec::Sqlite { .. } => Err(sqlite_refused(&app.name)),
+        }
+    }
 }
