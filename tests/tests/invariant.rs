@@ -20,12 +20,11 @@
 //!    1c. `converges_under_faults`: deletes, app writes that fail, are refused or land and time
 //!    out, edits between a delivery's read and its write, the job stopped and paused, retry
 //!    requests, and two deliver workers on the same messages at once (a redelivery racing the
-//!    delivery under way, their connector calls interleaved at random). A transaction over the
-//!    queue limit runs as a fixed case under faults
-//!    (`a_transaction_over_the_queue_limit_converges_under_faults`). 1d.
-//!    `big_transactions_converge_under_faults`, with such transactions among the random faults,
-//!    is run by hand (`--ignored`): some of its cases take minutes, not yet looked into.
-//!    The `found_*` tests are the minimal cases the properties shrank library bugs to.
+//!    delivery under way, their connector calls interleaved at random). 1d.
+//!    `big_transactions_converge_under_faults`: the same with transactions over the queue limit
+//!    among the faults, whose lanes take several messages of one FIFO group (and a fixed case of
+//!    one, `a_transaction_over_the_queue_limit_converges_under_faults`). The `found_*` tests are
+//!    the minimal cases the properties shrank library bugs to.
 //!
 //! "No change is lost" is checked with the history of the users' edits: every value ever written
 //! is unique, and the test remembers, for each edit, the value it replaced on its side (and what
@@ -34,9 +33,11 @@
 //! top of a value is newer than it, so that value winning over it is a lost update, whatever the
 //! primary.
 //!
-//! Cases per property: `PROPTEST_CASES` when set, else the defaults below (5,100 in all: 186 s
-//! of CPU in a debug build, two tests at a time; 203 s wall on a two-core machine shared with
-//! other builds, load average near 7).
+//! Cases per property: `PROPTEST_CASES` when set (property 1d: one per [`BIG_CASE_COST`] of it),
+//! else the defaults below (5,100 in all, and 80 big ones: 185 s of CPU in a debug build, two
+//! tests at a time; 187 s wall on a two-core machine shared with other work, load average near
+//! 5; property 1d alone 29 s of CPU, 34 s wall). Each property first runs the seeds saved in
+//! `invariant.proptest-regressions` (ten).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -59,7 +60,7 @@ use dualsync::state::ErrorFilter;
 use dualsync::steps::{Failpoints, LoadedJob, StepError, StepKind};
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::TestCaseError;
+use proptest::test_runner::{TestCaseError, TestRunner};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::json;
 
@@ -72,10 +73,12 @@ const CASES_ORPHANS: u32 = 300;
 const CASES_PRIMARY_WINS: u32 = 400;
 const CASES_EXACTLY_ONCE: u32 = 600;
 const CASES_FAULTS: u32 = 3000;
-/// A case with a transaction over the queue limit takes about a second: one case per this many
-/// of `PROPTEST_CASES` when it is set.
-const CASES_BIG: u32 = 24;
-const BIG_CASE_COST: u32 = 125;
+/// Cases of `big_transactions_converge_under_faults` (property 1d). One of its cases costs about
+/// as much as this many of `converges_under_faults` (0.3 s of CPU in a debug build against
+/// 30 ms: a big transaction's lane is delivered one change per wave), so `PROPTEST_CASES` = N
+/// runs N / `BIG_CASE_COST` of them (at least one): the time of N ordinary cases.
+const CASES_BIG: u32 = 80;
+const BIG_CASE_COST: u32 = 10;
 
 /// Parents `p0..p2`, children `1..=2` of each: few, so that edits and deliveries meet often.
 const PARENTS: u8 = 3;
@@ -105,6 +108,11 @@ const STEPS: [StepKind; 4] = [StepKind::Capture, StepKind::Sequence, StepKind::D
 
 fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// [`CASES_BIG`], or one per [`BIG_CASE_COST`] of `PROPTEST_CASES` when it is set.
+fn big_cases() -> u32 {
+    (cases(CASES_BIG * BIG_CASE_COST) / BIG_CASE_COST).max(1)
 }
 
 fn app_name(side: Side) -> &'static str {
@@ -1122,28 +1130,39 @@ proptest! {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: (cases(CASES_BIG * BIG_CASE_COST) / BIG_CASE_COST).max(1),
+/// Property 1d: the same with transactions over the queue limit among the faults, at least one
+/// (see [`Action::BigEdit`]): their lanes go out in several messages of one FIFO group.
+///
+/// Run by a [`TestRunner`] of its own, not `proptest!`: the macro sets the case count from
+/// `PROPTEST_CASES` over the config it is given, so the count scaled by [`BIG_CASE_COST`] was
+/// lost and `PROPTEST_CASES=2500`, meant as 20 cases, ran 2,500 of them (about twenty minutes in a
+/// debug build: the "cases that take minutes" that kept this property out of CI). Each case
+/// costs 0.1 to 3 s in a debug build; every drain it makes is bounded by [`DRAIN_ROUNDS`].
+#[test]
+fn big_transactions_converge_under_faults() {
+    let config = ProptestConfig {
+        cases: big_cases(),
+        source_file: Some(file!()),
+        test_name: Some(concat!(module_path!(), "::big_transactions_converge_under_faults")),
         ..ProptestConfig::default()
-    })]
-    /// Property 1d: the same with transactions over the queue limit among the faults, at least
-    /// one (see [`Action::BigEdit`]): their lanes go out in several messages of one FIFO group.
-    /// Run by hand (`--ignored`): most cases take about a second, but some take minutes (not yet
-    /// looked into), too slow and uneven for CI, which runs the fixed case
-    /// `a_transaction_over_the_queue_limit_converges_under_faults` instead.
-    #[test]
-    #[ignore]
-    fn big_transactions_converge_under_faults(
-        primary in side(),
-        reads_seq in any::<bool>(),
-        actions in prop::collection::vec(prop_oneof![12 => fault_action(), 1 => big_edit()], 0..40),
-        big in big_edit(),
-        at in any::<Index>(),
-    ) {
-        let mut actions = actions;
-        actions.insert(at.index(actions.len() + 1), big);
-        block_on(convergence_under_faults(primary, reads_seq, &actions))?;
+    };
+    let mut runner = TestRunner::new(config);
+    // (primary, reads_seq, actions): the faults with a big transaction put in among them.
+    let case = (
+        side(),
+        any::<bool>(),
+        prop::collection::vec(prop_oneof![12 => fault_action(), 1 => big_edit()], 0..40),
+        big_edit(),
+        any::<Index>(),
+    )
+        .prop_map(|(primary, reads_seq, mut actions, big, at)| {
+            actions.insert(at.index(actions.len() + 1), big);
+            (primary, reads_seq, actions)
+        });
+    let result = runner
+        .run(&case, |(primary, reads_seq, actions)| block_on(convergence_under_faults(primary, reads_seq, &actions)));
+    if let Err(e) = result {
+        panic!("{e}\n{runner}");
     }
 }
 
