@@ -37,7 +37,7 @@
 //! else the defaults below (5,100 in all, and 80 big ones: 185 s of CPU in a debug build, two
 //! tests at a time; 187 s wall on a two-core machine shared with other work, load average near
 //! 5; property 1d alone 29 s of CPU, 34 s wall). Each property first runs the seeds saved in
-//! `invariant.proptest-regressions` (ten).
+//! `invariant.proptest-regressions` (eleven).
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -1601,6 +1601,36 @@ fn found_a_redelivery_that_finds_the_target_edited_after_a_mark_settles_it_first
         Crash { point: 4, batch: 1 },
         Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
         TwoWorkers { batch: 2, yields: 0xce18_db6e_e7f4_35ba },
+    ];
+    run(block_on(convergence_under_faults(Side::B, false, &actions)));
+}
+
+/// Primary B; A's writes fail like a 503. B's user creates p2; A's user creates it and deletes
+/// it, and capture takes that delete live to B. A's user creates p2 again; delivery creates it
+/// on B from A's first change (read fresh), and A's user deletes it just before that write. B's
+/// change, behind it, finds B holding that content (the link's last sync) and A without p2, and
+/// writes it to A: a create that fails, its mark uncertain; the process dies before the
+/// acknowledgement, and A's user creates p2 once more. A's change then met the uncertain mark,
+/// its target changed since: judged unknown, both sides changed, a conflict B won, though B
+/// held only the content of the last sync and had no change left to send (B's own change
+/// came again stale, behind dualsync's writes to B): A kept its value, B an older one of A's.
+/// An uncertain write of the content the link last synced leaves that content the last sync,
+/// landed or not (`LinkState::last_synced`).
+#[test]
+fn found_an_uncertain_write_of_the_content_last_synced_leaves_the_last_sync_known() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::B, recs: vec![Rec::Parent(2)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
+        Delete { side: Side::A, rec: Rec::Parent(2) },
+        Fault { side: Side::A, writes: Writes::Fail },
+        DuringWrite { target: Side::B, side: Side::A, rec: Rec::Parent(2), delete: true },
+        Feeds { limit: 3 },
+        Step { step: StepKind::Capture, batch: 3 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
+        Step { step: StepKind::Sequence, batch: 2 },
+        Crash { point: 6, batch: 2 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
     ];
     run(block_on(convergence_under_faults(Side::B, false, &actions)));
 }

@@ -54,7 +54,8 @@ pub enum Landing {
     /// The target is still at the version the write was conditional on, or absent.
     NotLanded,
     /// The target changed, and the write may never have been made: whether the change came
-    /// before or after it cannot be told, so the last sync is unknown (both sides changed).
+    /// before or after it cannot be told, so the last sync is unknown (both sides changed),
+    /// unless the write was of the content last synced ([`LinkState::last_synced`]).
     Unknown,
 }
 
@@ -124,24 +125,20 @@ impl LinkState {
     /// This state with its pending write settled against the records now (indexed by side):
     /// if it landed, its content is the last sync.
     pub fn settled(&self, records: [Option<Observed<'_>>; 2]) -> LinkState {
-        let mut s = self.clone();
-        if let Some(p) = s.pending.take() {
-            match p.judge(records[p.side.index()]) {
-                Landing::Landed => s.hash = Some(p.hash),
-                Landing::NotLanded => {}
-                Landing::Unknown => s.hash = None,
-            }
-        }
-        s
+        let hash = self.last_synced(records).map(str::to_string);
+        LinkState { hash, pending: None, ..self.clone() }
     }
 
-    /// The content of the last sync, given the records now (indexed by side).
+    /// The content of the last sync, given the records now (indexed by side). A write whose
+    /// landing is unknown leaves it unknown, unless the write was of the content the link last
+    /// synced: landed or not, that content is the last sync then (a change re-sending it, such
+    /// as one creating the record again on a side that deleted it after the last sync).
     pub fn last_synced(&self, records: [Option<Observed<'_>>; 2]) -> Option<&str> {
         match &self.pending {
             Some(p) => match p.judge(records[p.side.index()]) {
                 Landing::Landed => Some(&p.hash),
                 Landing::NotLanded => self.hash.as_deref(),
-                Landing::Unknown => None,
+                Landing::Unknown => self.hash.as_deref().filter(|h| *h == p.hash),
             },
             None => self.hash.as_deref(),
         }
@@ -186,6 +183,24 @@ mod tests {
         let uncertain = created_on_b(true);
         assert!(uncertain.commit_when_in_step(Side::B, 3) && uncertain.commit_when_in_step(Side::A, 6));
         assert!(!LinkState::default().commit_when_in_step(Side::A, 5));
+    }
+
+    #[test]
+    fn an_uncertain_write_of_the_content_last_synced_leaves_that_content_the_last_sync() {
+        // B's change wrote h1, the content synced last, to A (which had deleted the record): a
+        // create that timed out. A's user then created the record with h2.
+        let l = LinkState {
+            hash: Some("h1".into()),
+            pending: Some(PendingWrite { side: Side::A, hash: "h1".into(), from_version: None, uncertain: true }),
+            ..Default::default()
+        };
+        let now = [Some(Observed { hash: "h2", version: "v2" }), Some(Observed { hash: "h1", version: "v1" })];
+        assert_eq!(l.last_synced(now), Some("h1"), "landed or not, h1");
+        assert_eq!(l.settled(now), LinkState { pending: None, ..l.clone() });
+        // A write of other content: whether h0 or h1 was synced last is unknown.
+        let other = LinkState { hash: Some("h0".into()), ..l };
+        assert_eq!(other.last_synced(now), None);
+        assert_eq!(other.settled(now).hash, None);
     }
 
     #[test]
