@@ -292,6 +292,7 @@ mod function_url {
     use dualsync::ports::SystemClock;
     use dualsync::state::State;
     use dualsync_ingress::LambdaFunctionUrlRequest;
+    use dualsync_lambda::SenderEnv;
 
     async fn emulator() -> aws_config::SdkConfig {
         let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT").expect(
@@ -337,9 +338,13 @@ mod function_url {
         let job = JOB.replace("URL", "http://127.0.0.1:9/api/data/v9.2/").replace("OWN", OWN);
         state.apply_job(parse_job("job.yaml", &job).unwrap()).await.unwrap();
         let keys = |k: &str| (k == "DV_KEY").then(|| DV_KEY.to_string());
-        let ingress =
-            dualsync_ingress::aws(&sdk, &res.table, &res.capture_url, Arc::new(SqliteRegistry::default()), usage)
-                .with_env(Arc::new(keys));
+        let ingress = dualsync_ingress::aws(
+            &sdk,
+            &SenderEnv { table: res.table.clone(), capture_queue_url: res.capture_url.clone() },
+            Arc::new(SqliteRegistry::default()),
+            usage,
+        )
+        .with_env(Arc::new(keys));
         let body = recorded("dataverse-account-update.json").to_string();
 
         let wrong = dualsync_ingress::function_url(

@@ -24,7 +24,7 @@ use dualsync::state::ErrorFilter;
 use dualsync::steps::{lifecycle, StepKind};
 use dualsync_lambda::poller::{poll_once, sqs_event};
 use dualsync_lambda::tracker::{Polled, Tracker};
-use dualsync_lambda::{aws_registry, Env, Handler};
+use dualsync_lambda::{aws_registry, Env, Handler, SenderEnv};
 use odata_server::{Kind, Options, Server};
 
 /// A fresh stage's table and queues on the emulator.
@@ -70,6 +70,11 @@ fn handler(step: StepKind, sdk: &aws_config::SdkConfig, r: &Resources) -> Handle
         max_receive_count: MAX_RECEIVE_COUNT,
     };
     Handler::new(step, &env, sdk, aws_registry(sdk), Arc::new(Usage::default()))
+}
+
+/// The table and capture queue of a stage, as the ingress and tracker functions read them.
+fn sender(r: &Resources) -> SenderEnv {
+    SenderEnv { table: r.table.clone(), capture_queue_url: r.capture_url.clone() }
 }
 
 /// Applies and starts `def` (odata apps have nothing to install).
@@ -328,7 +333,7 @@ table_groups:
     let sequence = handler(StepKind::Sequence, &sdk, &r);
     let deliver = handler(StepKind::Deliver, &sdk, &r);
     start(&capture, parse_job("job.yaml", &yaml).unwrap()).await;
-    let tracker = Tracker::new(&sdk, &r.table, &r.capture_url, aws_registry(&sdk), Arc::new(Usage::default()));
+    let tracker = Tracker::new(&sdk, &sender(&r), aws_registry(&sdk), Arc::new(Usage::default()));
 
     assert_eq!(tracker.poll().await.unwrap(), Polled { sent: 5, failed: 0 });
     drain(&sdk, &r, &[&capture, &sequence, &deliver]).await;

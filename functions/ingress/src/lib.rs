@@ -12,11 +12,10 @@ mod local;
 
 use std::sync::Arc;
 
-use dualsync::adapters::aws::{queue_name, DynamoKv, SqsQueue, Usage, MAX_RECEIVE_COUNT};
-use dualsync::ports::SystemClock;
-use dualsync::state::State;
+use dualsync::adapters::aws::Usage;
 use dualsync::steps::ingress::Ingress;
 use dualsync::steps::ConnectorRegistry;
+use dualsync_lambda::SenderEnv;
 
 pub use aws_lambda_events::event::lambda_function_urls::{LambdaFunctionUrlRequest, LambdaFunctionUrlResponse};
 pub use function_url::{function_url, request_of, MAX_BODY_BYTES};
@@ -25,23 +24,14 @@ pub use local::router;
 /// Where the path of every ingress route starts.
 pub const PREFIX: &str = "/ingress";
 
-/// The ingress over a DynamoDB state table and the SQS capture queue (by URL); `apps` opens the
-/// apps' connectors for keys read back by id.
+/// The ingress over the DynamoDB state table and the SQS capture queue `env` names; `apps`
+/// opens the apps' connectors for keys read back by id.
 pub fn aws(
     sdk: &aws_config::SdkConfig,
-    table: &str,
-    capture_queue_url: &str,
+    env: &SenderEnv,
     apps: Arc<dyn ConnectorRegistry>,
     usage: Arc<Usage>,
 ) -> Ingress {
-    let clock = Arc::new(SystemClock);
-    let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(sdk), table.to_string(), clock.clone(), usage.clone());
-    let capture = SqsQueue::new(
-        aws_sdk_sqs::Client::new(sdk),
-        queue_name(capture_queue_url),
-        capture_queue_url.to_string(),
-        MAX_RECEIVE_COUNT,
-        usage,
-    );
-    Ingress::new(State::new(Arc::new(kv), clock), apps, Arc::new(capture))
+    let (state, capture) = env.open(sdk, usage);
+    Ingress::new(state, apps, Arc::new(capture))
 }

@@ -16,7 +16,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     // functions use (keys read back by id go through it).
     let sdk = sdk_config(None).await;
     let apps = dualsync_lambda::aws_registry(&sdk);
-    let ingress = dualsync_ingress::aws(&sdk, &env.table, &env.capture_queue_url, apps, Arc::new(Usage::default()));
+    let ingress = dualsync_ingress::aws(&sdk, &env, apps, Arc::new(Usage::default()));
     let ingress = &ingress;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<LambdaFunctionUrlRequest>| async move {
         Ok::<_, lambda_runtime::Error>(dualsync_ingress::function_url(ingress, event.payload).await)

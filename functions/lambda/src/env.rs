@@ -67,6 +67,25 @@ impl SenderEnv {
     }
 }
 
+impl SenderEnv {
+    /// The state table and the capture queue these functions work with; `usage` counts what
+    /// their clients spend.
+    pub fn open(
+        &self,
+        sdk: &aws_config::SdkConfig,
+        usage: std::sync::Arc<dualsync::adapters::aws::Usage>,
+    ) -> (dualsync::state::State, dualsync::adapters::aws::SqsQueue) {
+        use dualsync::adapters::aws::{queue_name, DynamoKv, SqsQueue, MAX_RECEIVE_COUNT};
+        use std::sync::Arc;
+        let clock = Arc::new(dualsync::ports::SystemClock);
+        let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(sdk), self.table.clone(), clock.clone(), usage.clone());
+        let url = &self.capture_queue_url;
+        let capture =
+            SqsQueue::new(aws_sdk_sqs::Client::new(sdk), queue_name(url), url.clone(), MAX_RECEIVE_COUNT, usage);
+        (dualsync::state::State::new(Arc::new(kv), clock), capture)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

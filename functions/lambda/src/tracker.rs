@@ -4,11 +4,12 @@
 //! invocation, so no invocation outlives its time-out whatever the backlog.
 use std::sync::Arc;
 
-use dualsync::adapters::aws::{queue_name, DynamoKv, SqsQueue, Usage, MAX_RECEIVE_COUNT};
-use dualsync::ports::SystemClock;
+use dualsync::adapters::aws::{SqsQueue, Usage};
 use dualsync::runtime::tracking::poll_all;
 use dualsync::state::State;
 use dualsync::steps::{ConnectorRegistry, StepError};
+
+use crate::SenderEnv;
 
 /// Pages per map per invocation: 20 pages of 500 records (the default page size) is well
 /// inside the function's time-out against a service that throttles.
@@ -32,21 +33,12 @@ pub struct Polled {
 impl Tracker {
     pub fn new(
         sdk: &aws_config::SdkConfig,
-        table: &str,
-        capture_queue_url: &str,
+        env: &SenderEnv,
         apps: Arc<dyn ConnectorRegistry>,
         usage: Arc<Usage>,
     ) -> Tracker {
-        let clock = Arc::new(SystemClock);
-        let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(sdk), table.to_string(), clock.clone(), usage.clone());
-        let capture = SqsQueue::new(
-            aws_sdk_sqs::Client::new(sdk),
-            queue_name(capture_queue_url),
-            capture_queue_url.to_string(),
-            MAX_RECEIVE_COUNT,
-            usage,
-        );
-        Tracker { state: State::new(Arc::new(kv), clock), apps, capture }
+        let (state, capture) = env.open(sdk, usage);
+        Tracker { state, apps, capture }
     }
 
     /// One scheduled poll. Only the state or the capture queue failing fails the invocation

@@ -13,13 +13,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let env =
         SenderEnv::from_vars(|k| std::env::var(k).ok()).inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     let sdk = sdk_config(None).await;
-    let tracker = Tracker::new(
-        &sdk,
-        &env.table,
-        &env.capture_queue_url,
-        dualsync_lambda::aws_registry(&sdk),
-        Arc::new(Usage::default()),
-    );
+    let tracker = Tracker::new(&sdk, &env, dualsync_lambda::aws_registry(&sdk), Arc::new(Usage::default()));
     let tracker = &tracker;
     // The event is the schedule's; what to poll comes from the jobs in the state table.
     lambda_runtime::run(service_fn(move |_: LambdaEvent<serde_json::Value>| async move {
