@@ -5,7 +5,6 @@
 //! error rows for what cannot be resolved, 401/400/404 for requests the sender must fix, and the
 //! ingress function's handler over moto: a function URL request in, a message on the capture
 //! queue out.
-mod odata_server;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +19,7 @@ use dualsync::runtime::local::{LocalRuntime, SqliteRegistry};
 use dualsync::state::ErrorFilter;
 use dualsync::steps::ingress::Ingress;
 use dualsync::steps::Failpoints;
-use odata_server::{Kind, Options, Server};
+use odata_sample::{Kind, Options, Server};
 
 const DV_KEY: &str = "dv-webhook-key-1";
 const A_KEY: &str = "a-header-key-22";

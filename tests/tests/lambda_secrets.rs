@@ -4,7 +4,6 @@
 //! through the real steps; a sqlite app refused with a message that says why; and the secret
 //! store's cache. And the scheduled tracker, polling Dataverse change tracking.
 mod common;
-mod odata_server;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +24,7 @@ use dualsync::steps::{lifecycle, StepKind};
 use dualsync_lambda::poller::{poll_once, sqs_event};
 use dualsync_lambda::tracker::{Polled, Tracker};
 use dualsync_lambda::{aws_registry, Env, Handler, SenderEnv};
-use odata_server::{Kind, Options, Server};
+use odata_sample::{Kind, Options, Server};
 
 /// A fresh stage's table and queues on the emulator.
 async fn stage(sdk: &aws_config::SdkConfig) -> Resources {

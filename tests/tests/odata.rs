@@ -3,7 +3,6 @@
 //! writes in `$batch`, paging by next link, exact decimals, errors classified by what the
 //! service says, service protection, OAuth; and a local sync between a sqlite app and an odata
 //! app through the real steps.
-mod odata_server;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use dualsync::adapters::connectors::odata::OdataApp;
 use dualsync::domain::change::Key;
 use dualsync::domain::job::{AuthSpec, BatchFormat, Flavor, OdataSpec};
 use dualsync::ports::{Connector, ConnectorError, EntitySpec, Precondition, WriteFailure, WriteOp};
-use odata_server::{Fault, Kind, Options, Server};
+use odata_sample::{Fault, Kind, Options, Server};
 
 fn spec(server: &Server, flavor: Flavor) -> OdataSpec {
     OdataSpec {

@@ -1,4 +1,4 @@
-//! An OData v4 test server that behaves like Dataverse or fno where they differ (issue 10 item 9),
+//! An OData v4 sample service that behaves like Dataverse or fno where they differ (issue 10 item 9),
 //! on a loopback port, with faults on demand.
 //!
 //! - Dataverse (`/api/data/v9.2/`): records have a GUID id (`<set>id`, always returned) and an
@@ -22,7 +22,6 @@
 //! for a set's primary id attribute), multipart `$batch` with change sets (atomic) and
 //! `odata.continue-on-error`, OAuth2 client credentials at `/token`. Numbers are stored as the
 //! text they came in, so a decimal is never rounded here either.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
