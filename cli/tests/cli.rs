@@ -1,5 +1,5 @@
 //! The `dualsync` binary end to end: the demo at a small scale on both backends, the
-//! long-running runner with a clean Ctrl-C, a bad job file, and the admin commands on AWS
+//! long-running runner with a clean Ctrl-C and its ingress routes, a bad job file, and the admin commands on AWS
 //! (moto server, started by `./scripts/test`).
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -155,6 +155,11 @@ fn count(path: &std::path::Path, sql: &str) -> i64 {
 
 /// One HTTP/1.1 request to the local admin API; the whole answer, status line first.
 fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> String {
+    request(port, method, path, token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default(), "")
+}
+
+/// One HTTP/1.1 request to the runner's loopback server with these header lines and body.
+fn request(port: u16, method: &str, path: &str, headers: String, body: &str) -> String {
     use std::io::Read;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut s = loop {
@@ -164,9 +169,12 @@ fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> String {
             Err(e) => panic!("the admin API never listened on {port}: {e}"),
         }
     };
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    let length = body.len();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Length: {length}\r\nConnection: close\r\n\r\n{body}"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -256,6 +264,81 @@ table_groups:
         .unwrap();
     while count(&b, "SELECT count(*) FROM contacts WHERE fullname = 'Ada L.'") == 0 {
         assert!(Instant::now() < deadline + Duration::from_secs(30), "change made while stopped was lost");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// `dualsync run` serves the ingress routes beside the admin API: a recorded Dataverse webhook
+/// posted to the binary with the app's webhook key brings the record from a Dataverse-like
+/// service to the sqlite app; a wrong key is 401 and captures nothing.
+#[test]
+fn run_serves_ingress_a_dataverse_webhook_brings_the_record_to_the_other_app() {
+    use odata_sample::{Kind, Options, Server};
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.db");
+    sqlite(&a, "CREATE TABLE customers (id TEXT PRIMARY KEY, name TEXT, credit REAL)");
+    // The service runs on this runtime's threads while the test waits on the binary.
+    let services = tokio::runtime::Runtime::new().unwrap();
+    let dv = services.block_on(Server::start(Kind::Dataverse, Options::default()));
+    dv.add_set("accounts", &["accountnumber"], Some("accountid"));
+    dv.put("accounts", serde_json::json!({"accountnumber": "D-1", "name": "Fourth Coffee", "creditlimit": 3.5}));
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "job: s
+apps:
+  - {{ name: a, connector: sqlite, path: a.db }}
+  - name: dv
+    connector: odata
+    url: {}
+    flavor: dataverse
+    auth: {{ kind: none }}
+    ingress: {{ auth: {{ kind: webhook_key, key_env: DV_WEBHOOK_KEY }} }}
+primary: a
+table_groups:
+  - name: g
+    maps:
+      - name: customers
+        sequence: 1
+        entities: {{ a: customers, dv: accounts }}
+        keys: [{{ a: id, dv: accountnumber }}]
+        fields: [{{ a: name, dv: name }}, {{ a: credit, dv: creditlimit }}]
+",
+            dv.url
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let token = "a-test-token-of-some-length";
+    let mut child = dualsync(&dir.path().join("state"))
+        .args(["run", "--admin-addr", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(&job)
+        .env("DUALSYNC_ADMIN_TOKEN", token)
+        .env("DV_WEBHOOK_KEY", "dv-webhook-key-1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http(port, "GET", "/jobs/s", Some(token)).contains(r#""status":"active""#) {
+        assert!(Instant::now() < deadline, "the job never became active");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let webhook = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/tests/ingress_events/dataverse-account-update.json"),
+    )
+    .unwrap();
+    let json = "Content-Type: application/json\r\n".to_string();
+    let answer = request(port, "POST", "/ingress/s/dv/dataverse?code=wrong-key", json.clone(), &webhook);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let answer = request(port, "POST", "/ingress/s/dv/dataverse?code=dv-webhook-key-1", json, &webhook);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains(r#""captured":1"#), "{answer}");
+    while count(&a, "SELECT count(*) FROM customers WHERE id = 'D-1' AND name = 'Fourth Coffee' AND credit = 3.5") == 0
+    {
+        assert!(Instant::now() < deadline, "the webhook's record did not reach the sqlite app");
         std::thread::sleep(Duration::from_millis(50));
     }
     Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
