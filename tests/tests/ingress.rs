@@ -201,6 +201,15 @@ async fn stripped_images_have_the_key_read_back_by_id_and_a_gone_record_is_an_er
     let row = &rows[0].1;
     assert_eq!((row.key.display(), row.source), (gone.to_string(), Side::B));
     assert!(row.message.contains(&format!("delete of accounts record {gone} not captured")), "{}", row.message);
+    // Keyed by the record id, it can address no counterpart: not retriable, linked to nothing.
+    assert!(
+        !row.retriable
+            && row
+                .message
+                .ends_with("its counterpart in a, if any, was not deleted: delete it there, then dismiss this row"),
+        "{row:#?}"
+    );
+    assert!(f.rt.state.links("s", &[("customers", &row.key)]).await.unwrap()[0].is_none());
 }
 
 #[tokio::test]

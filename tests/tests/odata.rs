@@ -991,6 +991,9 @@ table_groups:
             "{}",
             e.message
         );
+        // Keyed by the record id, it can address no counterpart: not retriable, linked to nothing.
+        assert!(!e.retriable && e.message.ends_with("delete it there, then dismiss this row"), "{e:#?}");
+        assert!(rt.state.links("ct", &[("customers", &e.key)]).await.unwrap()[0].is_none());
         assert!(rt.is_idle().await.unwrap());
     }
 

@@ -64,6 +64,7 @@ impl Fixture {
             app: app.into(),
             source: if app == "fno" { Side::A } else { Side::B },
             key: Key(vec![key.into()]),
+            by_record_id: false,
             seq: 1,
             txid: format!("t-{key}"),
             category,

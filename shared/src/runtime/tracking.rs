@@ -218,13 +218,14 @@ async fn take_page(
             app: app.to_string(),
             source: side,
             key: Key(vec![id.clone()]),
+            by_record_id: true,
             seq: 0,
             txid: txid.clone(),
             category: ErrorCategory::Application,
             message: format!(
                 "delete of {} record id {id} in {app} not captured: change tracking never saw this record, so its \
                  integration key is unknown (created and deleted between two polls, or before tracking started); \
-                 its counterpart in {}, if any, was not deleted",
+                 its counterpart in {}, if any, was not deleted: delete it there, then dismiss this row",
                 map.name,
                 job.app_name(side.other())
             ),

@@ -26,6 +26,10 @@ pub struct NewError {
     pub txid: String,
     pub category: ErrorCategory,
     pub message: String,
+    /// `key` is the app's record id, because the event named the record by id alone and its
+    /// integration key could not be found. Such a row cannot be retried (nothing could address
+    /// the record's counterpart) and is linked to no record; the operator mends it by hand.
+    pub by_record_id: bool,
 }
 
 /// Error rows counted by category and by status.
@@ -103,7 +107,7 @@ impl State {
                     txid: e.txid.clone(),
                     category: e.category,
                     message: e.message.clone(),
-                    retriable: e.category.retriable(),
+                    retriable: e.category.retriable() && !e.by_record_id,
                     attempts: 1,
                     first_seen_ms: now,
                     last_seen_ms: now,
@@ -126,7 +130,7 @@ impl State {
                 sk
             }
         };
-        if e.category.retriable() {
+        if e.category.retriable() && !e.by_record_id {
             self.note_open_error(job, &e.map, &e.key, &sk).await?;
         }
         Ok(sk)

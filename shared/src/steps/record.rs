@@ -67,6 +67,7 @@ impl Steps {
             app: app.to_string(),
             source: c.source,
             key: c.key.clone(),
+            by_record_id: false,
             seq: c.seq,
             txid: c.txid.clone(),
             category,

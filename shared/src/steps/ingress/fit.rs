@@ -24,6 +24,7 @@ pub async fn fit(state: &State, mut tx: TransactionNotification) -> Result<Vec<T
                     app: tx.app.clone(),
                     source,
                     key: ch.key.abbreviated(),
+                    by_record_id: false,
                     seq: ch.seq,
                     txid: tx.txid.clone(),
                     category: ErrorCategory::Application,

@@ -245,9 +245,18 @@ impl Ingress {
     ) -> Result<(), Response> {
         let map =
             route.job.map_for_entity(route.side, &change.entity).map_or(change.entity.clone(), |(_, m)| m.name.clone());
-        let op = match change.op {
-            crate::domain::change::Operation::Upsert => "change",
-            crate::domain::change::Operation::Delete => "delete",
+        // Not retriable (no integration key to address the counterpart by): say what mends it.
+        let (op, mend) = match change.op {
+            crate::domain::change::Operation::Upsert => {
+                ("change", "the record's next change, or an initial sync, brings it".to_string())
+            }
+            crate::domain::change::Operation::Delete => (
+                "delete",
+                format!(
+                    "its counterpart in {}, if any, was not deleted: delete it there, then dismiss this row",
+                    route.job.app_name(route.side.other())
+                ),
+            ),
         };
         let error = NewError {
             map,
@@ -255,12 +264,13 @@ impl Ingress {
             app: app.to_string(),
             source: route.side,
             key: Key(vec![id.to_string()]),
+            by_record_id: true,
             seq: change.seq.unwrap_or(now.max(0) as u64),
             txid: txid.to_string(),
             category: ErrorCategory::Application,
             message: format!(
                 "{op} of {} record {id} not captured: the event names it by id only and its integration key \
-                 could not be read back: {reason}",
+                 could not be read back: {reason}; {mend}",
                 change.entity
             ),
         };
