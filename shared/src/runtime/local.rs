@@ -367,7 +367,7 @@ impl LocalRuntime {
         for job in self.active_jobs().await? {
             for (side, m) in tracked_maps(&job) {
                 let id = (job.name.clone(), job.app_name(side).to_string(), job.maps[m].name.clone());
-                if !read.get(&id).and_then(|r| r.finished).is_some_and(|t| t >= mark) {
+                if read.get(&id).and_then(|r| r.finished).is_none_or(|t| t < mark) {
                     return Ok(false);
                 }
             }
