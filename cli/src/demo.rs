@@ -1,10 +1,11 @@
-//! `dualsync demo`: two sample apps (fno-like and Dataverse-like), the job of
-//! `examples/sales.yaml`, an initial load, then edits on both sides at once. Exits 0 only if
-//! every link ends in step and every expected error was seen.
+//! `dualsync demo`: two sample apps (fno-like and Dataverse-like: sqlite databases, or OData
+//! services with `--apps odata`), the job of `examples/sales.yaml`, an initial load, then edits
+//! on both sides at once. Exits 0 only if every link ends in step and every expected error was
+//! seen.
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use rusqlite::params;
+use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,13 +16,27 @@ use dualsync::runtime::verify::compare;
 use dualsync::state::ErrorFilter;
 use dualsync::steps::Metrics;
 
-use crate::backend::BackendArgs;
+use crate::backend::{BackendArgs, BackendKind};
+use crate::demo_apps::{DemoApps, Edit, OdataApps, SqliteApps};
 use crate::pipeline::Pipeline;
-
-use crate::sample_apps::{self as apps, account, company, order_number};
+use crate::sample_apps::{self as sample, account, company, order_number, Row};
 
 const JOB_FILE: &str = include_str!("../../examples/sales.yaml");
 const JOB: &str = "sales";
+/// Accounts only Dataverse holds before the job starts.
+const DV_ONLY: usize = 500;
+/// The customers' table in each app.
+const CUSTOMERS: [&str; 2] = ["CustomersV3", "accounts"];
+
+/// Which sample apps the demo runs between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AppsKind {
+    /// Two SQLite databases, captured by triggers.
+    Sqlite,
+    /// Two OData services in this process (fno and Dataverse flavors): fno's data events come
+    /// to the demo's ingress route, Dataverse's changes by change tracking.
+    Odata,
+}
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -31,6 +46,9 @@ pub struct DemoArgs {
     /// Sales orders loaded into fno before the job starts (5 lines each).
     #[arg(long, default_value_t = 2_000)]
     orders: usize,
+    /// The sample apps: sqlite databases, or OData services in this process.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    apps: AppsKind,
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -51,40 +69,43 @@ pub async fn run(data_dir: &Path, backend: &BackendArgs, args: DemoArgs) -> Resu
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
-    let (fno_path, dv_path) = (dir.join("fno.db"), dir.join("dataverse.db"));
+    if args.apps == AppsKind::Odata && backend.backend != BackendKind::Local {
+        bail!("--apps odata runs on the local backend only: its apps listen on this machine's loopback");
+    }
+    match args.apps {
+        AppsKind::Sqlite => demo(&SqliteApps::create(&dir)?, &dir, backend, args, started).await,
+        AppsKind::Odata => demo(&OdataApps::start().await?, &dir, backend, args, started).await,
+    }
+}
+
+async fn demo(apps: &impl DemoApps, dir: &Path, backend: &BackendArgs, args: DemoArgs, started: Instant) -> Result<()> {
     let n = args.customers.max(20);
-    let dv_only = 500;
-    println!("dualsync demo: fno-like and Dataverse-like sample apps in {}", dir.display());
+    println!("dualsync demo: fno-like and Dataverse-like {}", apps.describe());
 
     // 1. Two apps with data before the job exists.
     let pb = bar((n + args.orders) as u64, "loading fno");
-    let mut fno = apps::create_fno(&fno_path)?;
-    apps::seed_fno(&mut fno, n, args.orders, 5, |i| pb.set_position(i as u64))?;
+    apps.load(Side::A, sample::fno_seed(n, args.orders, 5), &|i| pb.set_position(i as u64)).await?;
     pb.finish_with_message(format!("{n} customers, {} orders, {} lines", args.orders, args.orders * 5));
-    let mut dv = apps::create_dataverse(&dv_path)?;
-    apps::seed_dataverse(&mut dv, n, dv_only)?;
+    apps.load(Side::B, sample::dataverse_seed(n, DV_ONLY), &|_| {}).await?;
 
     // 2. The job: examples/sales.yaml, pointed at the demo's apps.
     let mut def = parse_job("examples/sales.yaml", JOB_FILE)?;
-    def.apps[0].path = Some(fno_path.display().to_string());
-    def.apps[1].path = Some(dv_path.display().to_string());
-    let rt = Pipeline::open(&dir, backend, "demo").await?;
+    apps.point(&mut def);
+    let rt = Pipeline::open(dir, backend, "demo").await?;
     println!("running on {}", rt.describe());
-    let result = scenario(&rt, &dir, args, def, started).await;
+    let result = scenario(&rt, apps, args, def, started).await;
     rt.close().await?;
     result
 }
 
-async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, started: Instant) -> Result<()> {
-    let (fno_path, dv_path) = (dir.join("fno.db"), dir.join("dataverse.db"));
+async fn scenario(rt: &Pipeline, apps: &impl DemoApps, args: DemoArgs, def: JobDef, started: Instant) -> Result<()> {
     let n = args.customers.max(20);
-    let dv_only = 500;
-    let (mut fno, mut dv) = (apps::open(&fno_path)?, apps::open(&dv_path)?);
     rt.state().apply_job(def).await?;
     rt.start(JOB).await?;
+    apps.connect(rt).await?;
 
     // 3. Initial sync, both ways.
-    let total = (apps::GROUPS + n + args.orders * 6) as u64;
+    let total = (sample::GROUPS + n + args.orders * 6) as u64;
     let pb = bar(total, "initial sync");
     let report = rt.steps().initial_sync(JOB, Side::A, 500, |map, k| pb.set_message(format!("{map}: {k}"))).await?;
     pb.set_position(report.records as u64);
@@ -93,38 +114,51 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
         "{} records fno → dataverse, {} records dataverse → fno",
         report.records, back.records
     ));
+    // Change tracking reads from here on: a delete made before a map's first poll would not
+    // show (a first poll lists what is there).
+    rt.poll_tracking().await?;
 
     // 4. Edits made before the runner picks them up, so their outcome is certain:
     //    a conflict, an order whose customer and header are missing on the target, a delete.
     let conflict = 3usize;
-    apps::in_transaction(&mut fno, "fno-conflict", |tx| {
-        tx.execute(
-            "UPDATE CustomersV3 SET Name = 'Edited in fno' WHERE dataAreaId = ?1 AND CustomerAccount = ?2",
-            params![company(conflict), account(conflict)],
-        )
-        .map(|_| ())
-    })?;
-    apps::in_transaction(&mut dv, "dv-conflict", |tx| {
-        tx.execute(
-            "UPDATE accounts SET name = 'Edited in dataverse' WHERE msdyn_company = ?1 AND accountnumber = ?2",
-            params![company(conflict), account(conflict)],
-        )
-        .map(|_| ())
-    })?;
+    let update = |side: Side, i: usize, field: &'static str, value: Value| Edit::Update {
+        table: CUSTOMERS[side.index()],
+        key: sample::customer_key(side, i),
+        set: vec![(field, value)],
+    };
+    apps.edit(Side::A, "fno-conflict", vec![update(Side::A, conflict, "Name", json!("Edited in fno"))]).await?;
+    apps.edit(Side::B, "dv-conflict", vec![update(Side::B, conflict, "name", json!("Edited in dataverse"))]).await?;
     let (orphan_customer, orphan_order) = (account(900_001), order_number(900_001));
-    apps::in_transaction(&mut dv, "dv-orphan-order", |tx| {
-        tx.execute("INSERT INTO salesorders (msdyn_company, ordernumber, msdyn_customeraccount, statuscode) VALUES ('USMF', ?1, ?2, 1)", params![orphan_order, orphan_customer])?;
-        tx.execute("INSERT INTO salesorderdetails (msdyn_company, msdyn_salesordernumber, msdyn_linenumber, msdyn_itemnumber, quantity, priceperunit) VALUES ('USMF', ?1, 1, 'ITEM-0001', 2, 9.5)", params![orphan_order])
-            .map(|_| ())
-    })?;
+    apps.edit(
+        Side::B,
+        "dv-orphan-order",
+        vec![
+            Edit::Insert(Row::new(
+                "salesorders",
+                vec![
+                    ("msdyn_company", json!("USMF")),
+                    ("ordernumber", json!(orphan_order)),
+                    ("msdyn_customeraccount", json!(orphan_customer)),
+                    ("statuscode", json!(1)),
+                ],
+            )),
+            Edit::Insert(Row::new(
+                "salesorderdetails",
+                vec![
+                    ("msdyn_company", json!("USMF")),
+                    ("msdyn_salesordernumber", json!(orphan_order)),
+                    ("msdyn_linenumber", json!(1)),
+                    ("msdyn_itemnumber", json!("ITEM-0001")),
+                    ("quantity", json!(2.0)),
+                    ("priceperunit", json!(9.5)),
+                ],
+            )),
+        ],
+    )
+    .await?;
     let deleted = n + 7; // a Dataverse-born account with no orders
-    apps::in_transaction(&mut dv, "dv-delete", |tx| {
-        tx.execute(
-            "DELETE FROM accounts WHERE msdyn_company = ?1 AND accountnumber = ?2",
-            params![company(deleted), account(deleted)],
-        )
-        .map(|_| ())
-    })?;
+    let delete = Edit::Delete { table: CUSTOMERS[1], key: sample::customer_key(Side::B, deleted) };
+    apps.edit(Side::B, "dv-delete", vec![delete]).await?;
 
     // 5. The runner, with edits on both sides at once.
     let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -133,35 +167,23 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
     pb.set_prefix("live edits");
     pb.enable_steady_tick(Duration::from_millis(100));
     let metrics = rt.metrics();
-    let fno_edits = tokio::task::spawn_blocking({
-        let path = fno_path.clone();
-        move || edit_fno(&path, n, args.orders)
-    });
-    let dv_edits = tokio::task::spawn_blocking({
-        let path = dv_path.clone();
-        move || edit_dataverse(&path, n, dv_only)
-    });
-    fno_edits.await??;
-    dv_edits.await??;
-    wait_idle(rt, &pb, &metrics).await?;
+    let (fno_edits, dv_edits) = tokio::join!(edit_fno(apps, n, args.orders), edit_dataverse(apps, n));
+    fno_edits?;
+    dv_edits?;
+    wait_idle(rt, apps, &pb, &metrics).await?;
 
     // 6. Mend the missing references: create the customer. The order waiting for it, and the
     //    line waiting for the order, go again by themselves once it syncs.
-    apps::in_transaction(&mut dv, "dv-mend", |tx| {
-        tx.execute(
-            "INSERT INTO accounts (msdyn_company, accountnumber, name, msdyn_customergroupid, creditlimit, customertypecode) VALUES ('USMF', ?1, 'Late customer', 'G01', 1000, 2)",
-            params![orphan_customer],
-        )
-        .map(|_| ())
-    })?;
-    wait_idle(rt, &pb, &metrics).await?;
+    let customer = sample::dataverse_account("USMF", &orphan_customer, "Late customer", "G01", 1000.0, 2);
+    apps.edit(Side::B, "dv-mend", vec![Edit::Insert(customer)]).await?;
+    wait_idle(rt, apps, &pb, &metrics).await?;
     // What is still open is retried, as an operator would (nothing, when all went well).
     let retry = ErrorFilter { category: Some(ErrorCategory::Application), ..Default::default() };
     let still_open =
         rt.state().error_counts(JOB, &ErrorFilter { status: Some(ErrorStatus::Open), ..retry.clone() }).await?;
     let retried = if still_open.total > 0 {
         let r = rt.retry(JOB, retry).await?;
-        wait_idle(rt, &pb, &metrics).await?;
+        wait_idle(rt, apps, &pb, &metrics).await?;
         r
     } else {
         "nothing left to retry".to_string()
@@ -200,6 +222,9 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
         println!("conflict: {} {} changed on both sides; {} (primary) won", c.map, c.key, c.winner);
     }
     println!("retry: {retried}");
+    if let Some(capture) = apps.capture_report() {
+        println!("{capture}");
+    }
     let synced = m(&metrics.written);
     println!(
         "written {synced}, loopback: {} echoes dropped before delivery + {} found in step at delivery, live deletes {}",
@@ -226,12 +251,8 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
     if !conflicts.iter().any(|c| c.key.display() == conflict_key && c.winner == "fno") {
         failed.push(format!("no conflict logged for customers/{conflict_key} won by fno"));
     }
-    let name: String = dv.query_row(
-        "SELECT name FROM accounts WHERE msdyn_company = ?1 AND accountnumber = ?2",
-        params![company(conflict), account(conflict)],
-        |r| r.get(0),
-    )?;
-    if name != "Edited in fno" {
+    let name = apps.field(Side::B, CUSTOMERS[1], &sample::customer_key(Side::B, conflict), "name").await?;
+    if name != Some(json!("Edited in fno")) {
         failed.push("the conflict was not decided by the primary (fno)".into());
     }
     let missing: Vec<_> = rows.iter().filter(|(_, r)| r.message.starts_with("missing reference")).collect();
@@ -241,12 +262,8 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
             missing.len()
         ));
     }
-    let gone: i64 = fno.query_row(
-        "SELECT count(*) FROM CustomersV3 WHERE dataAreaId = ?1 AND CustomerAccount = ?2",
-        params![company(deleted), account(deleted)],
-        |r| r.get(0),
-    )?;
-    if gone != 0 || m(&metrics.live_deletes) == 0 {
+    let gone = apps.field(Side::A, CUSTOMERS[0], &sample::customer_key(Side::A, deleted), "Name").await?.is_none();
+    if !gone || m(&metrics.live_deletes) == 0 {
         failed.push("the delete did not reach fno through the live path".into());
     }
     if m(&metrics.echoes_suppressed) + m(&metrics.in_step) == 0 {
@@ -264,74 +281,71 @@ async fn scenario(rt: &Pipeline, dir: &Path, args: DemoArgs, def: JobDef, starte
     Ok(())
 }
 
-async fn wait_idle(rt: &Pipeline, pb: &ProgressBar, m: &Metrics) -> Result<()> {
+/// Waits until the pipeline has taken everything the apps changed and delivered it: the apps'
+/// events are in, every tracked map was read after the last write, and no work is left.
+async fn wait_idle(rt: &Pipeline, apps: &impl DemoApps, pb: &ProgressBar, m: &Metrics) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !rt.is_idle().await? {
-        pb.set_message(format!(
-            "written {}, in step {}, errors {}",
-            Metrics::get(&m.written),
-            Metrics::get(&m.in_step),
-            Metrics::get(&m.application)
-        ));
-        if Instant::now() > deadline {
-            bail!("the pipeline did not drain within ten minutes");
+    apps.sent().await?;
+    loop {
+        // A write the pipeline makes during a round changes a tracked app again (an echo to
+        // read): the round is the last when nothing was written in it.
+        let (mark, written) = (Instant::now(), Metrics::get(&m.written));
+        // Read before the queues: a poll done sends to capture before it counts as done.
+        while !(rt.tracking_read_since(mark).await? && rt.is_idle().await?) {
+            pb.set_message(format!(
+                "written {}, in step {}, errors {}",
+                Metrics::get(&m.written),
+                Metrics::get(&m.in_step),
+                Metrics::get(&m.application)
+            ));
+            if Instant::now() > deadline {
+                bail!("the pipeline did not drain within ten minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if Metrics::get(&m.written) == written {
+            return Ok(());
+        }
     }
-    Ok(())
 }
 
 /// fno: credit limits of 1,000 customers (transactions of 50) and 200 new orders of 5 lines.
-fn edit_fno(path: &Path, n: usize, orders: usize) -> Result<()> {
-    let mut conn = apps::open(path)?;
+async fn edit_fno(apps: &impl DemoApps, n: usize, orders: usize) -> Result<()> {
     // Customers 10.. (clear of the conflict customer), below the half that Dataverse edits.
     let edited: Vec<usize> = (10..(10 + 1000).min(n / 2)).collect();
     for (chunk, ids) in edited.chunks(50).enumerate() {
-        apps::in_transaction(&mut conn, &format!("fno-credit-{chunk}"), |tx| {
-            for &i in ids {
-                tx.execute("UPDATE CustomersV3 SET CreditLimit = CreditLimit + 100 WHERE dataAreaId = ?1 AND CustomerAccount = ?2", params![company(i), account(i)])?;
-            }
-            Ok(())
-        })?;
+        let edits = ids
+            .iter()
+            .map(|&i| Edit::Update {
+                table: CUSTOMERS[0],
+                key: sample::customer_key(Side::A, i),
+                // Above any seeded limit (at most 49,900): always a change.
+                set: vec![("CreditLimit", json!(50_000.0 + i as f64))],
+            })
+            .collect();
+        apps.edit(Side::A, &format!("fno-credit-{chunk}"), edits).await?;
     }
     for o in orders..orders + 200 {
-        apps::in_transaction(&mut conn, &format!("fno-order-{o}"), |tx| {
-            tx.execute(
-                "INSERT INTO SalesOrderHeadersV2 (dataAreaId, SalesOrderNumber, OrderingCustomerAccountNumber, OrderStatus) VALUES (?1, ?2, ?3, 'Backorder')",
-                params![company(o), order_number(o), account((o * 7) % (n / 2) * 2 + o % 2)],
-            )?;
-            for l in 1..=5i64 {
-                tx.execute(
-                    "INSERT INTO SalesOrderLines (dataAreaId, SalesOrderNumber, LineNumber, ItemNumber, OrderedSalesQuantity, SalesPrice) VALUES (?1, ?2, ?3, 'ITEM-0042', ?4, 12.5)",
-                    params![company(o), order_number(o), l, l as f64],
-                )?;
-            }
-            Ok(())
-        })?;
+        let mut edits = vec![Edit::Insert(sample::order_header(o, &account((o * 7) % (n / 2) * 2 + o % 2)))];
+        edits.extend((1..=5i64).map(|l| Edit::Insert(sample::order_line(o, l, "ITEM-0042", l as f64, 12.5))));
+        apps.edit(Side::A, &format!("fno-order-{o}"), edits).await?;
     }
     Ok(())
 }
 
 /// Dataverse: names of 1,000 other customers (one transaction each) and 100 new accounts.
-fn edit_dataverse(path: &Path, n: usize, dv_only: usize) -> Result<()> {
-    let mut conn = apps::open(path)?;
+async fn edit_dataverse(apps: &impl DemoApps, n: usize) -> Result<()> {
     for i in n / 2..(n / 2 + 1000).min(n) {
-        apps::in_transaction(&mut conn, &format!("dv-name-{i}"), |tx| {
-            tx.execute(
-                "UPDATE accounts SET name = name || ' (renamed)' WHERE msdyn_company = ?1 AND accountnumber = ?2",
-                params![company(i), account(i)],
-            )
-            .map(|_| ())
-        })?;
+        let rename = Edit::Update {
+            table: CUSTOMERS[1],
+            key: sample::customer_key(Side::B, i),
+            set: vec![("name", json!(format!("Customer {i} (renamed)")))],
+        };
+        apps.edit(Side::B, &format!("dv-name-{i}"), vec![rename]).await?;
     }
-    for i in n + dv_only..n + dv_only + 100 {
-        apps::in_transaction(&mut conn, &format!("dv-new-{i}"), |tx| {
-            tx.execute(
-                "INSERT INTO accounts (msdyn_company, accountnumber, name, msdyn_customergroupid, creditlimit, customertypecode) VALUES (?1, ?2, ?3, 'G02', 2500, 1)",
-                params![company(i), account(i), format!("New account {i}")],
-            )
-            .map(|_| ())
-        })?;
+    for i in n + DV_ONLY..n + DV_ONLY + 100 {
+        let account = sample::dataverse_account(company(i), &account(i), &format!("New account {i}"), "G02", 2500.0, 1);
+        apps.edit(Side::B, &format!("dv-new-{i}"), vec![Edit::Insert(account)]).await?;
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ mod aws;
 mod backend;
 mod bench;
 mod demo;
+mod demo_apps;
 mod doctor;
 mod pipeline;
 mod run;

@@ -11,6 +11,7 @@ use dualsync::admin::Admin;
 use dualsync::domain::requests::RequestAction;
 use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::{ErrorFilter, State};
+use dualsync::steps::ingress::Ingress;
 use dualsync::steps::{Metrics, Steps};
 use dualsync_lambda::stack::Stack;
 
@@ -87,6 +88,33 @@ impl Pipeline {
         match self {
             Pipeline::Local(rt) => Ok(rt.is_idle().await?),
             Pipeline::Aws { stack, .. } => stack.is_idle().await.map_err(|e| anyhow::anyhow!("{e}")),
+        }
+    }
+
+    /// The handler of pushed events (locally; on AWS the ingress function takes them), keys
+    /// from the process environment unless given with `Ingress::with_env`.
+    pub fn ingress(&self) -> Option<Ingress> {
+        match self {
+            Pipeline::Local(rt) => Some(rt.ingress()),
+            Pipeline::Aws { .. } => None,
+        }
+    }
+
+    /// Polls every tracked map (change tracking) to the end of its changes now: the position
+    /// the runner's polls go on from. Before the runner is spawned only (one poller at a time).
+    pub async fn poll_tracking(&self) -> Result<usize> {
+        match self {
+            Pipeline::Local(rt) => Ok(rt.poll_tracking().await?),
+            Pipeline::Aws { .. } => Ok(0),
+        }
+    }
+
+    /// Whether every tracked map was read to the end by a poll begun after `mark` (true
+    /// without tracked maps).
+    pub async fn tracking_read_since(&self, mark: std::time::Instant) -> Result<bool> {
+        match self {
+            Pipeline::Local(rt) => Ok(rt.tracking_read_since(mark).await?),
+            Pipeline::Aws { .. } => Ok(true),
         }
     }
 

@@ -26,6 +26,26 @@ fn demo_converges_and_sees_every_expected_error() {
     );
 }
 
+/// The same scenario and checks between two OData sample services in the demo's process: fno's
+/// data events come to the demo's ingress route, Dataverse's changes by change tracking.
+#[test]
+fn demo_converges_between_odata_apps() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dualsync(dir.path())
+        .args(["demo", "--apps", "odata", "--customers", "300", "--orders", "40"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("OData sample services: fno at http://127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert!(stdout.contains("conflict: customers DEMF/C000003 changed on both sides; fno (primary) won"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["customers", "900", "900", "900"]),
+        "{stdout}"
+    );
+}
+
 /// `dualsync --backend aws` against the emulator `./scripts/test` started.
 fn on_aws(data_dir: &std::path::Path, stage: &str) -> Command {
     let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT")

@@ -36,6 +36,9 @@ use serde_json::{json, Value};
 
 use dualsync::adapters::connectors::odata::batch;
 
+pub mod events;
+pub use events::{EventKey, Subscription, UserTx};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Dataverse,
@@ -134,6 +137,8 @@ pub struct Shared {
     pub token_requests: AtomicUsize,
     pub token_lifetime_secs: u64,
     pub default_company: String,
+    /// The user's edits on their way to the subscription, if any ([`events`]).
+    events: events::Outbox,
 }
 
 pub struct Server {
@@ -186,6 +191,7 @@ impl Server {
             token_requests: AtomicUsize::new(0),
             token_lifetime_secs: opts.token_lifetime_secs,
             default_company: "usmf".into(),
+            events: events::Outbox::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -267,6 +273,12 @@ impl Server {
 
     /// As [`Self::put`], from JSON text: numbers are kept as written.
     pub fn put_raw(&self, set: &str, json_text: &str) {
+        let change = self.put_change(set, json_text);
+        self.shared.events.send(self.shared.kind, vec![change]);
+    }
+
+    /// A user's put, applied: what its event tells.
+    fn put_change(&self, set: &str, json_text: &str) -> events::Change {
         let mut st = self.shared.store.lock().unwrap();
         st.etag += 1;
         let etag = st.etag;
@@ -274,12 +286,17 @@ impl Server {
         let s = st.sets.get_mut(set).unwrap();
         let props = parse_props(json_text.as_bytes()).unwrap();
         let key: Vec<String> = s.keys.iter().map(|k| props.get(k).cloned().unwrap_or_default()).collect();
-        if let Some(row) = s.rows.iter_mut().find(|r| row_key(r, &s.keys, kind) == norm_key(&key, kind)) {
+        let given = props.clone();
+        let (op, row) = if let Some(row) = s.rows.iter_mut().find(|r| row_key(r, &s.keys, kind) == norm_key(&key, kind))
+        {
             row.props.extend(props);
             row.etag = etag;
+            (events::Op::Update, row.clone())
         } else {
             s.rows.push(Row { id: uuid::Uuid::new_v4().to_string(), etag, props });
-        }
+            (events::Op::Create, s.rows.last().unwrap().clone())
+        };
+        events::Change { set: set.into(), op, id: row.id, version: etag, keys: s.keys.clone(), given, image: row.props }
     }
 
     /// Raw JSON text of a record's properties, by key values (JSON text each).
@@ -293,18 +310,33 @@ impl Server {
 
     /// Deletes a record as a user of the app would (change tracking notes it).
     pub fn delete(&self, set: &str, key: &[Value]) -> bool {
+        let change = self.delete_change(set, key);
+        let found = change.is_some();
+        self.shared.events.send(self.shared.kind, change.into_iter().collect());
+        found
+    }
+
+    /// A user's delete, applied: what its event tells (`None`: no such record).
+    fn delete_change(&self, set: &str, key: &[Value]) -> Option<events::Change> {
         let kind = self.shared.kind;
         let key: Vec<String> = key.iter().map(|v| v.to_string()).collect();
         let mut st = self.shared.store.lock().unwrap();
         st.etag += 1;
         let e = st.etag;
         let s = st.sets.get_mut(set).unwrap();
-        let Some(i) = s.rows.iter().position(|r| row_key(r, &s.keys, kind) == norm_key(&key, kind)) else {
-            return false;
-        };
+        let i = s.rows.iter().position(|r| row_key(r, &s.keys, kind) == norm_key(&key, kind))?;
         let row = s.rows.remove(i);
-        s.tombstones.push((e, row.id));
-        true
+        s.tombstones.push((e, row.id.clone()));
+        let (op, keys) = (events::Op::Delete, s.keys.clone());
+        Some(events::Change {
+            set: set.into(),
+            op,
+            id: row.id,
+            version: e,
+            keys,
+            given: BTreeMap::new(),
+            image: row.props,
+        })
     }
 
     /// Deletes a record by its id alone, the way a record created and deleted between two

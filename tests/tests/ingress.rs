@@ -13,13 +13,14 @@ use serde_json::{json, Value};
 
 use dualsync::adapters::embedded::EmbeddedDb;
 use dualsync::domain::config::parse_job;
+use dualsync::domain::errors::ErrorCategory;
 use dualsync::domain::job::Side;
 use dualsync::ports::ManualClock;
 use dualsync::runtime::local::{LocalRuntime, SqliteRegistry};
 use dualsync::state::ErrorFilter;
 use dualsync::steps::ingress::Ingress;
 use dualsync::steps::Failpoints;
-use odata_sample::{Kind, Options, Server};
+use odata_sample::{EventKey, Kind, Options, Server, Subscription};
 
 const DV_KEY: &str = "dv-webhook-key-1";
 const A_KEY: &str = "a-header-key-22";
@@ -288,6 +289,69 @@ async fn an_fno_business_event_and_an_own_notification_are_captured() {
     let (status, answer) = f.post(&path, &[], r#"{"job": "s", "app": "dv", "txid": 5}"#).await;
     assert_eq!(status, 400);
     assert!(answer["error"].as_str().unwrap().starts_with("notification: txid: invalid type"), "{answer}");
+}
+
+/// The sample services send their users' edits as the apps do: Dataverse a webhook per
+/// operation (`?code=` key), fno a data event per record (header key). Both routes take them and
+/// the pipeline brings the records across; writes through the OData API send nothing.
+#[tokio::test]
+async fn the_sample_services_send_their_users_edits_as_the_apps_events() {
+    let f = Fixture::start("INSERT INTO customers (id, name, credit) VALUES ('A-8', 'told by fno', 8);").await;
+    f.server.subscribe(Subscription {
+        url: format!("{}/ingress/s/dv/dataverse", f.base),
+        key: EventKey::WebhookKey(DV_KEY.into()),
+    });
+    f.server.put("accounts", json!({"accountnumber": "D-11", "name": "eleven", "creditlimit": 11}));
+    f.server.user_transaction(|tx| {
+        tx.put("accounts", json!({"accountnumber": "D-10", "name": "ten", "creditlimit": 10}));
+        tx.put("accounts", json!({"accountnumber": "D-12", "name": "twelve", "creditlimit": 12}));
+    });
+    f.server.events_delivered().await;
+    assert_eq!(f.server.event_failures(), Vec::<String>::new());
+    assert_eq!(f.captured().await, (3, 0), "one message per operation");
+    f.drain().await;
+    for (id, name, credit) in [("D-10", "ten", 10.0), ("D-11", "eleven", 11.0), ("D-12", "twelve", 12.0)] {
+        assert_eq!(row(&f.a, id), Some((name.into(), credit)), "{id}");
+    }
+    // dualsync's own write to the service (A-9, from the sqlite app) sends no event.
+    assert_eq!(f.server.events_sent(), 3);
+    sql(&f.a, "INSERT INTO customers (id, name, credit) VALUES ('A-9', 'from sqlite', 9);");
+    f.drain().await;
+    assert!(f.server.get("accounts", &[json!("A-9")]).is_some());
+    assert_eq!(f.server.events_sent(), 3);
+
+    // A user's delete: the webhook's pre image names the record.
+    f.server.delete("accounts", &[json!("D-11")]);
+    f.server.events_delivered().await;
+    f.drain().await;
+    assert_eq!(row(&f.a, "D-11"), None);
+
+    // fno's data event about A-8 (a record the sqlite app holds: the event only names it).
+    let fno = Server::start(Kind::Fno, Options::default()).await;
+    fno.add_set("customers", &["id"], None);
+    fno.subscribe(Subscription {
+        url: format!("{}/ingress/s/a/fno", f.base),
+        key: EventKey::Header { name: "x-fno-key".into(), value: A_KEY.into() },
+    });
+    fno.put("customers", json!({"id": "A-8", "name": "told by fno"}));
+    fno.events_delivered().await;
+    assert_eq!(fno.event_failures(), Vec::<String>::new());
+    assert_eq!(f.captured().await, (1, 0));
+    f.drain().await;
+    assert_eq!(f.server.get("accounts", &[json!("A-8")]).unwrap()["name"], "\"told by fno\"");
+    // Nothing failed (a concurrency skip, informational, may note the deleted record).
+    let errors = f.rt.state.error_rows("s", &ErrorFilter::default()).await.unwrap();
+    assert!(errors.iter().all(|(_, e)| e.category == ErrorCategory::Concurrency), "{errors:#?}");
+
+    // A wrong key is refused, not retried: the event is given up and says why.
+    fno.subscribe(Subscription {
+        url: format!("{}/ingress/s/a/fno", f.base),
+        key: EventKey::Header { name: "x-fno-key".into(), value: "wrong".into() },
+    });
+    fno.put("customers", json!({"id": "A-8", "name": "again"}));
+    fno.events_delivered().await;
+    let failed = fno.event_failures();
+    assert!(failed.len() == 1 && failed[0].contains("refused with 401"), "{failed:?}");
 }
 
 mod function_url {

@@ -164,6 +164,15 @@ pub struct LocalRuntime {
     /// When each tracked map (job, app, map) was last polled by this process (behind an `Arc`
     /// to keep the runtime small).
     polled: Arc<Mutex<HashMap<TrackedMapId, std::time::Instant>>>,
+    /// Per tracked map, when the last poll that read to the end of its answer began (a poll
+    /// of several turns: its first turn), and when an unfinished one began.
+    read_through: Arc<Mutex<HashMap<TrackedMapId, ReadThrough>>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ReadThrough {
+    finished: Option<std::time::Instant>,
+    unfinished: Option<std::time::Instant>,
 }
 
 /// A tracked map: job, app, map.
@@ -224,6 +233,7 @@ impl LocalRuntime {
             dead_letters: [capture_dlq, sequence_dlq, deliver_dlq, reconcile_dlq],
             deliver_workers: 2,
             polled: Arc::new(Mutex::new(HashMap::new())),
+            read_through: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -272,9 +282,20 @@ impl LocalRuntime {
     /// Polls one tracked map, `max_pages` pages at most.
     async fn poll_one(&self, job: &Job, side: Side, m: usize, max_pages: usize) -> Result<PollReport, RuntimeError> {
         let map = &job.maps[m];
+        let began = std::time::Instant::now();
         let source = self.apps.tracker(job, side)?;
         let report = poll_map(&self.state, job, side, map, source.as_ref(), self.capture.as_ref(), max_pages).await?;
         let id = (job.name.clone(), job.app_name(side).to_string(), map.name.clone());
+        {
+            let mut read = self.read_through.lock().unwrap_or_else(|e| e.into_inner());
+            let r = read.entry(id.clone()).or_default();
+            let first = r.unfinished.take().unwrap_or(began);
+            if report.more {
+                r.unfinished = Some(first);
+            } else {
+                r.finished = Some(first);
+            }
+        }
         self.polled.lock().unwrap_or_else(|e| e.into_inner()).insert(id, std::time::Instant::now());
         Ok(report)
     }
@@ -336,6 +357,22 @@ impl LocalRuntime {
             }
         }
         !more.is_empty()
+    }
+
+    /// Whether every tracked map of every active job was read to the end of its changes by a
+    /// poll that began after `mark`: what the apps changed before `mark` is then on the capture
+    /// queue. ([`Self::is_idle`] cannot tell changes an app holds that no poll has read yet.)
+    pub async fn tracking_read_since(&self, mark: std::time::Instant) -> Result<bool, RuntimeError> {
+        let read = self.read_through.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for job in self.active_jobs().await? {
+            for (side, m) in tracked_maps(&job) {
+                let id = (job.name.clone(), job.app_name(side).to_string(), job.maps[m].name.clone());
+                if read.get(&id).and_then(|r| r.finished).is_none_or(|t| t < mark) {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// The queue a step reads.
