@@ -1,9 +1,10 @@
 //! `dualsync bench`: syncs N records end to end through the embedded pipeline (change log →
 //! capture → sequence → deliver → other app) and prints records per second, p50/p99 latency from
 //! the app's change to its delivery, peak memory, and, in the same run, the speed of a plain
-//! copy of the same rows from one sqlite app to the other.
+//! copy of the same rows from one sqlite app to the other. `--apps odata` runs it between two
+//! OData sample services instead (see `bench_odata`).
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use rusqlite::params;
 use std::path::Path;
 use std::sync::Arc;
@@ -17,15 +18,28 @@ use crate::sample_apps::{in_transaction, open};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Records to sync.
-    #[arg(long, default_value_t = 200_000)]
-    records: usize,
-    /// Records per source-app transaction.
+    /// The apps: two sqlite files, or two OData sample services (fno-like to Dataverse-like,
+    /// 20 ms per request, Dataverse's service protection).
+    #[arg(long, value_enum, default_value_t = BenchApps::Sqlite)]
+    apps: BenchApps,
+    /// Records to sync [default: 200000 with sqlite apps, 100000 with odata apps].
+    #[arg(long)]
+    records: Option<usize>,
+    /// Records per source-app transaction (odata: business events per list posted).
     #[arg(long, default_value_t = 100)]
     tx_size: usize,
     /// Deliver workers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// odata: how the source's changes reach ingress.
+    #[arg(long, value_enum, default_value_t = crate::bench_odata::Events::Notification)]
+    events: crate::bench_odata::Events,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchApps {
+    Sqlite,
+    Odata,
 }
 
 pub(crate) const SRC: &str =
@@ -57,14 +71,14 @@ table_groups:
     )
 }
 
-fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
 
-fn percentile(sorted: &[u32], p: f64) -> u32 {
+pub(crate) fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
     }
@@ -72,6 +86,16 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 }
 
 pub async fn run(data_dir: &Path, args: BenchArgs) -> Result<()> {
+    match args.apps {
+        BenchApps::Sqlite => sqlite(data_dir, &args, args.records.unwrap_or(200_000)).await,
+        BenchApps::Odata => {
+            let n = args.records.unwrap_or(100_000);
+            crate::bench_odata::run(data_dir, n, args.tx_size, args.workers, args.events).await
+        }
+    }
+}
+
+async fn sqlite(data_dir: &Path, args: &BenchArgs, n: usize) -> Result<()> {
     let dir = data_dir.join("bench");
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
@@ -89,7 +113,6 @@ pub async fn run(data_dir: &Path, args: BenchArgs) -> Result<()> {
     let metrics = rt.steps.metrics.clone();
     metrics.keep_latencies();
 
-    let n = args.records;
     println!("dualsync bench: {n} records, transactions of {}, {} deliver workers", args.tx_size, rt.deliver_workers);
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let tasks = rt.spawn(shutdown);

@@ -46,6 +46,21 @@ fn demo_converges_between_odata_apps() {
     );
 }
 
+#[test]
+fn bench_between_odata_services_delivers_every_record() {
+    // Both ways the source can tell of its changes: the project's notification (one per source
+    // transaction) and fno business events (one per record).
+    for events in ["notification", "fno"] {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ["bench", "--apps", "odata", "--records", "450", "--tx-size", "100", "--events", events];
+        let out = dualsync(dir.path()).args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("all 450 records in the target with their values"), "{stdout}");
+        assert!(stdout.lines().any(|l| l.starts_with("requests/record")), "{stdout}");
+    }
+}
+
 /// `dualsync --backend aws` against the emulator `./scripts/test` started.
 fn on_aws(data_dir: &std::path::Path, stage: &str) -> Command {
     let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT")

@@ -36,6 +36,9 @@ use serde_json::{json, Value};
 
 use dualsync::adapters::connectors::odata::batch;
 
+mod store;
+use store::{Rows, Slot, SortValue};
+
 pub mod events;
 pub use events::{EventKey, Subscription, UserTx};
 
@@ -79,12 +82,12 @@ struct Row {
     props: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Set {
     keys: Vec<String>,
     /// Dataverse's primary id property.
     id_field: Option<String>,
-    rows: Vec<Row>,
+    rows: Rows,
     /// Field → longest text accepted.
     max_len: BTreeMap<String, usize>,
     /// Dataverse lookups: held as the parent's id in `_<name>_value`.
@@ -130,6 +133,10 @@ pub struct Shared {
     in_flight: AtomicUsize,
     pub most_in_flight: AtomicUsize,
     pub max_concurrent: usize,
+    /// Answers that were 429 (service protection), whatever the cause.
+    pub throttled: AtomicUsize,
+    /// Added to every request (see [`Options::latency`]).
+    pub latency: Duration,
     pub max_page: usize,
     /// (client id, secret) when OAuth is on.
     auth: Option<(String, String)>,
@@ -156,16 +163,32 @@ impl Drop for Server {
 }
 
 pub struct Options {
+    /// Dataverse: requests in flight above this answer 429 (service protection).
     pub max_concurrent: usize,
     pub max_page: usize,
     pub auth: Option<(String, String)>,
     pub token_lifetime_secs: u64,
+    /// Every request takes this long more, counted in flight: a WAN round trip to the
+    /// service (the bench runs with 20 ms). Zero by default.
+    pub latency: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_concurrent: 52, max_page: 5000, auth: None, token_lifetime_secs: 3600 }
+        Options { max_concurrent: 52, max_page: 5000, auth: None, token_lifetime_secs: 3600, latency: Duration::ZERO }
     }
+}
+
+/// What a service was asked, from its log: for figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// HTTP requests, a `$batch` counting as one (token requests left out).
+    pub requests: usize,
+    /// `$batch` requests among them, and the requests they carried.
+    pub batches: usize,
+    pub batch_parts: usize,
+    /// Answers that were 429.
+    pub throttled: usize,
 }
 
 impl Server {
@@ -185,6 +208,8 @@ impl Server {
             in_flight: AtomicUsize::new(0),
             most_in_flight: AtomicUsize::new(0),
             max_concurrent: opts.max_concurrent,
+            throttled: AtomicUsize::new(0),
+            latency: opts.latency,
             max_page: opts.max_page,
             auth: opts.auth,
             tokens: Mutex::new(Vec::new()),
@@ -213,12 +238,18 @@ impl Server {
     /// is `<singular>id`, given here).
     pub fn add_set(&self, name: &str, keys: &[&str], id_field: Option<&str>) {
         let mut st = self.shared.store.lock().unwrap();
+        let keys: Vec<String> = keys.iter().map(|s| s.to_string()).collect();
         st.sets.insert(
             name.to_string(),
             Set {
-                keys: keys.iter().map(|s| s.to_string()).collect(),
+                rows: Rows::new(&keys, self.shared.kind),
+                keys,
                 id_field: id_field.map(str::to_string),
-                ..Default::default()
+                max_len: BTreeMap::new(),
+                lookups: Vec::new(),
+                properties: None,
+                key_status: None,
+                tombstones: Vec::new(),
             },
         );
     }
@@ -259,7 +290,7 @@ impl Server {
         let st = self.shared.store.lock().unwrap();
         let s = st.sets.get(set)?;
         let key: Vec<String> = key.iter().map(|v| v.to_string()).collect();
-        s.rows.iter().find(|r| row_key(r, &s.keys, self.shared.kind) == norm_key(&key, self.shared.kind)).map(f)
+        s.rows.find_key(&key).map(|slot| f(&s.rows[slot]))
     }
 
     pub fn max_len(&self, set: &str, field: &str, n: usize) {
@@ -282,20 +313,20 @@ impl Server {
         let mut st = self.shared.store.lock().unwrap();
         st.etag += 1;
         let etag = st.etag;
-        let kind = self.shared.kind;
         let s = st.sets.get_mut(set).unwrap();
         let props = parse_props(json_text.as_bytes()).unwrap();
         let key: Vec<String> = s.keys.iter().map(|k| props.get(k).cloned().unwrap_or_default()).collect();
         let given = props.clone();
-        let (op, row) = if let Some(row) = s.rows.iter_mut().find(|r| row_key(r, &s.keys, kind) == norm_key(&key, kind))
-        {
-            row.props.extend(props);
-            row.etag = etag;
-            (events::Op::Update, row.clone())
-        } else {
-            s.rows.push(Row { id: uuid::Uuid::new_v4().to_string(), etag, props });
-            (events::Op::Create, s.rows.last().unwrap().clone())
+        let (op, row) = match s.rows.find_key(&key) {
+            // The same key: the merge cannot take another record's.
+            Some(slot) => (events::Op::Update, s.rows.update(slot, props, etag).ok().cloned()),
+            None => {
+                let row = Row { id: uuid::Uuid::new_v4().to_string(), etag, props };
+                s.rows.insert(row.clone());
+                (events::Op::Create, Some(row))
+            }
         };
+        let row = row.expect("the record just written");
         events::Change { set: set.into(), op, id: row.id, version: etag, keys: s.keys.clone(), given, image: row.props }
     }
 
@@ -318,14 +349,12 @@ impl Server {
 
     /// A user's delete, applied: what its event tells (`None`: no such record).
     fn delete_change(&self, set: &str, key: &[Value]) -> Option<events::Change> {
-        let kind = self.shared.kind;
         let key: Vec<String> = key.iter().map(|v| v.to_string()).collect();
         let mut st = self.shared.store.lock().unwrap();
         st.etag += 1;
         let e = st.etag;
         let s = st.sets.get_mut(set).unwrap();
-        let i = s.rows.iter().position(|r| row_key(r, &s.keys, kind) == norm_key(&key, kind))?;
-        let row = s.rows.remove(i);
+        let row = s.rows.find_key(&key).and_then(|slot| s.rows.remove(slot))?;
         s.tombstones.push((e, row.id.clone()));
         let (op, keys) = (events::Op::Delete, s.keys.clone());
         Some(events::Change {
@@ -367,6 +396,20 @@ impl Server {
     pub fn clear_log(&self) {
         self.shared.log.lock().unwrap().clear();
     }
+
+    /// Requests, batches and 429s served so far.
+    pub fn traffic(&self) -> Traffic {
+        let log = self.shared.log.lock().unwrap();
+        let mut t = Traffic { throttled: self.shared.throttled.load(Ordering::SeqCst), ..Traffic::default() };
+        for l in log.iter().filter(|l| !l.path.starts_with("/token")) {
+            t.requests += 1;
+            if l.parts > 0 {
+                t.batches += 1;
+                t.batch_parts += l.parts;
+            }
+        }
+        t
+    }
 }
 
 fn norm(text: &str, kind: Kind) -> String {
@@ -394,9 +437,15 @@ fn canon_json(raw: &str) -> String {
     }
 }
 
-fn row_key(r: &Row, keys: &[String], kind: Kind) -> Vec<String> {
-    let key: Vec<String> = keys.iter().map(|k| r.props.get(k).cloned().unwrap_or_default()).collect();
-    norm_key(&key, kind)
+/// What a collection GET asks, besides the set.
+struct Listing<'a> {
+    /// The raw query string (a next link repeats it).
+    query: &'a str,
+    q: &'a HashMap<String, String>,
+    select: Option<&'a [String]>,
+    full: bool,
+    prefer: Option<String>,
+    cross: bool,
 }
 
 /// An answer inside the server: status, headers, JSON body (or none).
@@ -457,6 +506,9 @@ impl Shared {
         let query = uri.query().unwrap_or_default().to_string();
         let hdr = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
         let fault = if path == "/token" { None } else { self.faults.lock().unwrap().pop_front() };
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
         let mut stall = None;
         let mut parts = 0;
         let ans = if path == "/token" {
@@ -514,6 +566,9 @@ impl Shared {
         };
         if let Some(d) = stall {
             tokio::time::sleep(d).await;
+        }
+        if ans.status == 429 {
+            self.throttled.fetch_add(1, Ordering::SeqCst);
         }
         self.log.lock().unwrap().push(Logged {
             arrived,
@@ -731,14 +786,16 @@ impl Shared {
             Some(i) if rest.ends_with(')') => (rest[..i].to_string(), Some(rest[i + 1..rest.len() - 1].to_string())),
             _ => (rest.clone(), None),
         };
-        let mut st = self.store.lock().unwrap();
+        let mut guard = self.store.lock().unwrap();
+        let st = &mut *guard;
         if method == "GET" && rest.is_empty() {
-            return self.service_document(&st);
+            return self.service_document(st);
         }
         if method == "GET" && set_name == "EntityDefinitions" && self.kind == Kind::Dataverse {
-            return self.entity_definitions(&st, &q);
+            return self.entity_definitions(st, &q);
         }
-        let Some(set) = st.sets.get(&set_name).cloned() else {
+        // Borrowed, never copied: a request costs the records it touches, not the set's size.
+        let Some(set) = st.sets.get(&set_name) else {
             return self.err(404, "0x80060888", &format!("Resource not found for the segment '{set_name}'."));
         };
         let full = hdr("accept").is_some_and(|a| a.contains("odata.metadata=full"));
@@ -768,81 +825,16 @@ impl Shared {
         let tracking = hdr("prefer").is_some_and(|p| p.contains("odata.track-changes"));
         match (method, pred) {
             ("GET", None) if kind == Kind::Dataverse && (tracking || q.contains_key("$deltatoken")) => {
-                self.track(&st, &set_name, &set, &q, select.as_deref(), hdr("prefer"), tracking)
+                self.track(st, &set_name, set, &q, select.as_deref(), hdr("prefer"), tracking)
             }
             ("GET", None) => {
-                let mut rows: Vec<&Row> = set.rows.iter().collect();
-                if kind == Kind::Fno && !cross {
-                    let company = format!("\"{}\"", self.default_company);
-                    rows.retain(|r| r.props.get("dataAreaId").map(|c| c.to_lowercase()) == Some(company.clone()));
-                }
-                if let Some(f) = q.get("$filter") {
-                    let expr = match Filter::parse(f) {
-                        Ok(e) => e,
-                        Err(m) => return self.err(400, "0x80060888", &format!("Syntax error in $filter: {m}")),
-                    };
-                    rows.retain(|r| expr.matches(r, kind));
-                }
-                if let Some(o) = q.get("$orderby") {
-                    let fields: Vec<&str> = o.split(',').map(str::trim).collect();
-                    rows.sort_by(|a, b| {
-                        for f in &fields {
-                            let c = cmp_json(a.props.get(*f), b.props.get(*f));
-                            if c != std::cmp::Ordering::Equal {
-                                return c;
-                            }
-                        }
-                        std::cmp::Ordering::Equal
-                    });
-                }
-                if let Some(t) = q.get("$top").and_then(|t| t.parse::<usize>().ok()) {
-                    rows.truncate(t);
-                }
-                let skip = q.get("$skiptoken").and_then(|t| t.parse::<usize>().ok()).unwrap_or(0);
-                let asked = hdr("prefer")
-                    .and_then(|p| {
-                        p.split(',').find_map(|x| x.trim().strip_prefix("odata.maxpagesize=").map(str::to_string))
-                    })
-                    .and_then(|n| n.parse::<usize>().ok());
-                let page = asked.unwrap_or(self.max_page).min(self.max_page).max(1);
-                let total = rows.len();
-                let rows: Vec<&Row> = rows.into_iter().skip(skip).take(page).collect();
-                let expand = match self.expand(&set, &q) {
-                    Ok(e) => e,
-                    Err(a) => return a,
-                };
-                let value: Vec<String> = rows
-                    .iter()
-                    .map(|r| self.entity(&set_name, &set, r, select.as_deref(), full, &self.expanded(&st, r, &expand)))
-                    .collect();
-                let context = format!("{}{}$metadata#{set_name}", self.origin.lock().unwrap(), self.base);
-                let mut out = format!("{{\"@odata.context\":{},\"value\":[{}]", json!(context), value.join(","));
-                if skip + page < total {
-                    let mut qs: Vec<String> = query
-                        .split('&')
-                        .filter(|p| !p.starts_with("$skiptoken=") && !p.is_empty())
-                        .map(str::to_string)
-                        .collect();
-                    qs.push(format!("$skiptoken={}", skip + page));
-                    let rel = format!("{set_name}?{}", qs.join("&"));
-                    let link = if kind == Kind::Dataverse {
-                        format!("{}{}{rel}", self.origin.lock().unwrap(), self.base)
-                    } else {
-                        rel
-                    };
-                    out.push_str(&format!(",\"@odata.nextLink\":{}", json!(link)));
-                }
-                out.push('}');
-                let mut a = Ans::text(200, out);
-                if asked.is_some() {
-                    a.headers.push(("Preference-Applied".into(), format!("odata.maxpagesize={page}")));
-                }
-                a
+                let listing = Listing { query, q: &q, select: select.as_deref(), full, prefer: hdr("prefer"), cross };
+                self.list(st, &set_name, set, listing)
             }
             ("POST", None) => {
                 let props = match parse_props(body)
                     .map_err(|m| self.err(400, "0x80048d19", &m))
-                    .and_then(|p| self.bind(&st, &set, body, p))
+                    .and_then(|p| self.bind(st, set, body, p))
                 {
                     Ok(p) => p,
                     Err(a) => return a,
@@ -851,26 +843,21 @@ impl Shared {
                 if key.iter().any(|k| k.is_empty()) {
                     return self.err(400, "0x80040203", "A key field is missing.");
                 }
-                if let Some(a) = self.validate(&set, &props) {
+                if let Some(a) = self.validate(set, &props) {
                     return a;
                 }
-                if set.rows.iter().any(|r| row_key(r, &set.keys, kind) == norm_key(&key, kind)) {
-                    return match kind {
-                        Kind::Dataverse => self.err(400, "0x80040237", "Cannot insert duplicate key."),
-                        Kind::Fno => self.fno_write_error(&format!(
-                            "Cannot create a record in {set_name}. The record already exists."
-                        )),
-                        Kind::Generic => self.err(409, "Conflict", "An entity with this key already exists."),
-                    };
+                if set.rows.find_key(&key).is_some() {
+                    return self.duplicate(&set_name);
                 }
                 st.etag += 1;
                 let row = Row { id: uuid::Uuid::new_v4().to_string(), etag: st.etag, props };
-                let s = st.sets.get_mut(&set_name).unwrap();
-                s.rows.push(row.clone());
-                self.written(201, &set_name, &set, &row, repr, select.as_deref())
+                let set = st.sets.get_mut(&set_name).unwrap();
+                let slot = set.rows.insert(row);
+                let set = &st.sets[&set_name];
+                self.written(201, &set_name, set, &set.rows[slot], repr, select.as_deref())
             }
             (m, Some(pred)) => {
-                let found = match self.find(&set, &pred) {
+                let found = match self.find(set, &pred) {
                     Ok(i) => i,
                     Err(a) => return a,
                 };
@@ -898,15 +885,15 @@ impl Shared {
                 match m {
                     "GET" => match found {
                         Some(i) => {
-                            let expand = match self.expand(&set, &q) {
+                            let expand = match self.expand(set, &q) {
                                 Ok(e) => e,
                                 Err(a) => return a,
                             };
                             let row = &set.rows[i];
-                            let extra = self.expanded(&st, row, &expand);
+                            let extra = self.expanded(st, row, &expand);
                             let mut a =
-                                Ans::text(200, self.entity(&set_name, &set, row, select.as_deref(), full, &extra));
-                            a.headers.push(("ETag".into(), etag(set.rows[i].etag)));
+                                Ans::text(200, self.entity(&set_name, set, row, select.as_deref(), full, &extra));
+                            a.headers.push(("ETag".into(), etag(row.etag)));
                             a
                         }
                         None => self.not_found(&set_name),
@@ -916,8 +903,9 @@ impl Shared {
                             st.etag += 1;
                             let e = st.etag;
                             let s = st.sets.get_mut(&set_name).unwrap();
-                            let row = s.rows.remove(i);
-                            s.tombstones.push((e, row.id));
+                            if let Some(row) = s.rows.remove(i) {
+                                s.tombstones.push((e, row.id));
+                            }
                             Ans::empty(204)
                         }
                         None => self.not_found(&set_name),
@@ -925,15 +913,15 @@ impl Shared {
                     "PATCH" => {
                         let props = match parse_props(body)
                             .map_err(|m| self.err(400, "0x80048d19", &m))
-                            .and_then(|p| self.bind(&st, &set, body, p))
+                            .and_then(|p| self.bind(st, set, body, p))
                         {
                             Ok(p) => p,
                             Err(a) => return a,
                         };
-                        if let Some(a) = self.validate(&set, &props) {
+                        if let Some(a) = self.validate(set, &props) {
                             return a;
                         }
-                        let url_key = match self.pred_values(&set, &pred) {
+                        let url_key = match self.pred_values(set, &pred) {
                             Ok(v) => v,
                             Err(a) => return a,
                         };
@@ -953,11 +941,12 @@ impl Shared {
                                 }
                                 st.etag += 1;
                                 let e = st.etag;
-                                let row = &mut st.sets.get_mut(&set_name).unwrap().rows[i];
-                                row.props.extend(props);
-                                row.etag = e;
-                                let row = row.clone();
-                                self.written(200, &set_name, &set, &row, repr, select.as_deref())
+                                // Addressed by id, the body may change the key: not to another record's.
+                                if st.sets.get_mut(&set_name).unwrap().rows.update(i, props, e).is_err() {
+                                    return self.duplicate(&set_name);
+                                }
+                                let set = &st.sets[&set_name];
+                                self.written(200, &set_name, set, &set.rows[i], repr, select.as_deref())
                             }
                             None if if_match.is_some() || kind != Kind::Dataverse => self.not_found(&set_name),
                             None => {
@@ -969,8 +958,9 @@ impl Shared {
                                 all.extend(url_key);
                                 st.etag += 1;
                                 let row = Row { id: uuid::Uuid::new_v4().to_string(), etag: st.etag, props: all };
-                                st.sets.get_mut(&set_name).unwrap().rows.push(row.clone());
-                                self.written(201, &set_name, &set, &row, repr, select.as_deref())
+                                let slot = st.sets.get_mut(&set_name).unwrap().rows.insert(row);
+                                let set = &st.sets[&set_name];
+                                self.written(201, &set_name, set, &set.rows[slot], repr, select.as_deref())
                             }
                         }
                     }
@@ -979,6 +969,138 @@ impl Shared {
             }
             _ => self.err(405, "", "method not allowed"),
         }
+    }
+
+    /// A create whose key another record has.
+    fn duplicate(&self, set_name: &str) -> Ans {
+        match self.kind {
+            Kind::Dataverse => self.err(400, "0x80040237", "Cannot insert duplicate key."),
+            Kind::Fno => {
+                self.fno_write_error(&format!("Cannot create a record in {set_name}. The record already exists."))
+            }
+            Kind::Generic => self.err(409, "Conflict", "An entity with this key already exists."),
+        }
+    }
+
+    /// A collection's records, one page (`Prefer: odata.maxpagesize`, at most `max_page`).
+    ///
+    /// A `$filter` of key values (`k eq 'a'`, joined by `and` over the key fields and by `or`
+    /// between records) is answered from the key index; another is checked on every record.
+    /// Without `$filter` and `$top`, in creation order or ordered by the key fields, a page's
+    /// next link starts after its last record (its slot, or its key), so no page rescans the
+    /// ones before; otherwise `$skiptoken` counts the records to skip.
+    fn list(&self, st: &Store, set_name: &str, set: &Set, l: Listing<'_>) -> Ans {
+        let kind = self.kind;
+        let company = (kind == Kind::Fno && !l.cross).then(|| format!("\"{}\"", self.default_company));
+        let in_company = |r: &Row| {
+            company.as_ref().is_none_or(|c| r.props.get("dataAreaId").map(|v| v.to_lowercase()).as_ref() == Some(c))
+        };
+        let filter = match l.q.get("$filter").map(|f| Filter::parse(f)).transpose() {
+            Ok(f) => f,
+            Err(m) => return self.err(400, "0x80060888", &format!("Syntax error in $filter: {m}")),
+        };
+        let expand = match self.expand(set, l.q) {
+            Ok(e) => e,
+            Err(a) => return a,
+        };
+        let asked = l
+            .prefer
+            .and_then(|p| p.split(',').find_map(|x| x.trim().strip_prefix("odata.maxpagesize=").map(str::to_string)))
+            .and_then(|n| n.parse::<usize>().ok());
+        let page = asked.unwrap_or(self.max_page).min(self.max_page).max(1);
+        let order: Option<Vec<&str>> = l.q.get("$orderby").map(|o| o.split(',').map(str::trim).collect());
+        let in_key_order = order.as_ref().is_some_and(|o| o.iter().copied().eq(set.keys.iter().map(String::as_str)));
+        let token = l.q.get("$skiptoken");
+        let bad_token = || self.err(400, "0x80060888", "The $skiptoken is not one this service gave.");
+        let (rows, next): (Vec<&Row>, Option<String>) =
+            if filter.is_none() && !l.q.contains_key("$top") && (order.is_none() || in_key_order) {
+                let records: Box<dyn Iterator<Item = &Row>> = if in_key_order {
+                    let after = match token.map(|t| serde_json::from_str::<Vec<Option<String>>>(t)).transpose() {
+                        Ok(a) => a.map(|raw| raw.iter().map(|v| SortValue::of(v.as_ref())).collect()),
+                        Err(_) => return bad_token(),
+                    };
+                    Box::new(set.rows.after_in_key_order(after))
+                } else {
+                    let after = match token.map(|t| t.parse::<Slot>()).transpose() {
+                        Ok(a) => a,
+                        Err(_) => return bad_token(),
+                    };
+                    Box::new(set.rows.after_slot(after).map(|(_, r)| r))
+                };
+                let mut rows: Vec<&Row> = records.filter(|r| in_company(r)).take(page + 1).collect();
+                let more = rows.len() > page;
+                rows.truncate(page);
+                let next = rows.last().filter(|_| more).map(|last| {
+                    if in_key_order {
+                        let raw: Vec<Option<&String>> = set.keys.iter().map(|k| last.props.get(k)).collect();
+                        json!(raw).to_string()
+                    } else {
+                        set.rows.find_id(&last.id).unwrap_or_default().to_string()
+                    }
+                });
+                (rows, next)
+            } else {
+                let mut rows: Vec<&Row> = match filter.as_ref().and_then(|f| f.key_lookups(&set.keys)) {
+                    // The index compares normalised keys as `eq` does: what it finds is the answer.
+                    Some(keys) => {
+                        let mut slots: Vec<Slot> = keys.iter().filter_map(|k| set.rows.find_key(k)).collect();
+                        slots.sort_unstable();
+                        slots.dedup();
+                        slots.into_iter().map(|s| &set.rows[s]).filter(|r| in_company(r)).collect()
+                    }
+                    None => set
+                        .rows
+                        .iter()
+                        .filter(|r| in_company(r) && filter.as_ref().is_none_or(|f| f.matches(r, kind)))
+                        .collect(),
+                };
+                if let Some(fields) = &order {
+                    rows.sort_by(|a, b| {
+                        for f in fields {
+                            let c = SortValue::of(a.props.get(*f)).cmp(&SortValue::of(b.props.get(*f)));
+                            if c != std::cmp::Ordering::Equal {
+                                return c;
+                            }
+                        }
+                        std::cmp::Ordering::Equal
+                    });
+                }
+                if let Some(t) = l.q.get("$top").and_then(|t| t.parse::<usize>().ok()) {
+                    rows.truncate(t);
+                }
+                let skip = match token.map(|t| t.parse::<usize>()).transpose() {
+                    Ok(s) => s.unwrap_or(0),
+                    Err(_) => return bad_token(),
+                };
+                let total = rows.len();
+                let next = (skip + page < total).then(|| (skip + page).to_string());
+                (rows.into_iter().skip(skip).take(page).collect(), next)
+            };
+        let value: Vec<String> = rows
+            .iter()
+            .map(|r| self.entity(set_name, set, r, l.select, l.full, &self.expanded(st, r, &expand)))
+            .collect();
+        let origin = self.origin.lock().unwrap().clone();
+        let context = format!("{origin}{}$metadata#{set_name}", self.base);
+        let mut out = format!("{{\"@odata.context\":{},\"value\":[{}]", json!(context), value.join(","));
+        if let Some(token) = next {
+            let mut qs: Vec<String> = l
+                .query
+                .split('&')
+                .filter(|p| !p.starts_with("$skiptoken=") && !p.is_empty())
+                .map(str::to_string)
+                .collect();
+            qs.push(format!("$skiptoken={}", dualsync::adapters::connectors::odata::keys::encode(&token)));
+            let rel = format!("{set_name}?{}", qs.join("&"));
+            let link = if kind == Kind::Dataverse { format!("{origin}{}{rel}", self.base) } else { rel };
+            out.push_str(&format!(",\"@odata.nextLink\":{}", json!(link)));
+        }
+        out.push('}');
+        let mut a = Ans::text(200, out);
+        if asked.is_some() {
+            a.headers.push(("Preference-Applied".into(), format!("odata.maxpagesize={page}")));
+        }
+        a
     }
 
     /// The body's lookups: `<navigation>@odata.bind` (a record URL by id or key, absolute or
@@ -1079,7 +1201,7 @@ impl Shared {
             .map(|(l, fields)| {
                 let id = row.props.get(&l.property()).and_then(|raw| serde_json::from_str::<String>(raw).ok());
                 let tset = st.sets.get(&l.target);
-                let parent = id.zip(tset).and_then(|(id, t)| t.rows.iter().find(|r| r.id == id).map(|r| (t, r)));
+                let parent = id.zip(tset).and_then(|(id, t)| t.rows.find_id(&id).map(|s| (t, &t.rows[s])));
                 let text = match parent {
                     Some((t, r)) => {
                         let sel = if fields.is_empty() { None } else { Some(fields.as_slice()) };
@@ -1178,26 +1300,28 @@ impl Shared {
             }
             let upto = num("dsnext").unwrap_or(st.etag);
             let skip = num("$skiptoken").unwrap_or(0) as usize;
-            let mut rows: Vec<&Row> = set.rows.iter().filter(|r| r.etag > token).collect();
-            rows.sort_by_key(|r| r.etag);
-            let mut all: Vec<String> = rows.iter().map(|r| self.entity(set_name, set, r, select, false, &[])).collect();
             let deleted = format!("{origin}{}$metadata#{set_name}/$deletedEntity", self.base);
-            all.extend(
-                set.tombstones
-                    .iter()
-                    .filter(|(e, _)| *e > token)
-                    .map(|(_, id)| json!({"@odata.context": deleted, "id": id, "reason": "deleted"}).to_string()),
-            );
-            let more = skip + page < all.len();
-            entries = all.into_iter().skip(skip).take(page).collect();
+            let gone = || set.tombstones.iter().filter(|(e, _)| *e > token);
+            let total = set.rows.changed_after(token).count() + gone().count();
+            // Only this page's entries are written out.
+            entries = set
+                .rows
+                .changed_after(token)
+                .map(|r| self.entity(set_name, set, r, select, false, &[]))
+                .chain(
+                    gone().map(|(_, id)| json!({"@odata.context": deleted, "id": id, "reason": "deleted"}).to_string()),
+                )
+                .skip(skip)
+                .take(page)
+                .collect();
+            let more = skip + page < total;
             next = more.then(|| link(format!("$deltatoken={token}&$skiptoken={}&dsnext={upto}", skip + page)));
             delta = (!more).then(|| link(format!("$deltatoken={upto}")));
             context = format!("{origin}{}$metadata#{set_name}/$delta", self.base);
         } else {
             let from = num("dsfrom").unwrap_or(st.etag);
             let after = num("$skiptoken").unwrap_or(0);
-            let mut rows: Vec<&Row> = set.rows.iter().filter(|r| r.etag > after).collect();
-            rows.sort_by_key(|r| r.etag);
+            let mut rows: Vec<&Row> = set.rows.changed_after(after).take(page + 1).collect();
             let more = rows.len() > page;
             rows.truncate(page);
             entries.extend(rows.iter().map(|r| self.entity(set_name, set, r, select, false, &[])));
@@ -1353,7 +1477,7 @@ impl Shared {
         Ok(out)
     }
 
-    fn find(&self, set: &Set, pred: &str) -> Result<Option<usize>, Ans> {
+    fn find(&self, set: &Set, pred: &str) -> Result<Option<Slot>, Ans> {
         let vals = self.pred_values(set, pred)?;
         if let Some(idf) = &set.id_field {
             if vals.len() == 1 && vals[0].0 == *idf {
@@ -1361,7 +1485,7 @@ impl Shared {
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_string))
                     .unwrap_or_else(|| vals[0].1.clone());
-                return Ok(set.rows.iter().position(|r| r.id.eq_ignore_ascii_case(&id)));
+                return Ok(set.rows.find_id(&id));
             }
         }
         let mut names: Vec<&String> = vals.iter().map(|(n, _)| n).collect();
@@ -1376,7 +1500,7 @@ impl Shared {
             .iter()
             .map(|k| vals.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default())
             .collect();
-        Ok(set.rows.iter().position(|r| row_key(r, &set.keys, self.kind) == norm_key(&want, self.kind)))
+        Ok(set.rows.find_key(&want))
     }
 }
 
@@ -1477,14 +1601,6 @@ fn literal_json(lit: &str) -> Option<String> {
     dualsync::adapters::connectors::odata::keys::is_number(lit).then(|| lit.to_string())
 }
 
-fn cmp_json(a: Option<&String>, b: Option<&String>) -> std::cmp::Ordering {
-    let num = |x: Option<&String>| x.and_then(|s| s.parse::<f64>().ok());
-    match (num(a), num(b)) {
-        (Some(x), Some(y)) => x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal),
-        _ => a.cmp(&b),
-    }
-}
-
 /// `$filter` expressions: `eq` comparisons joined by `and`, `or` and parentheses.
 enum Filter {
     Eq(String, String),
@@ -1543,6 +1659,39 @@ impl Filter {
         let json = literal_json(lit).ok_or_else(|| format!("bad literal {lit}"))?;
         Ok(Filter::Eq(name.clone(), json))
     }
+    /// The key values a filter names, one per record, when it is nothing but records' keys:
+    /// `or` between records, each an `and` of `eq` over exactly the key fields.
+    fn key_lookups(&self, keys: &[String]) -> Option<Vec<Vec<String>>> {
+        match self {
+            Filter::Or(a, b) => {
+                let mut out = a.key_lookups(keys)?;
+                out.extend(b.key_lookups(keys)?);
+                Some(out)
+            }
+            _ => {
+                let mut eq = HashMap::new();
+                self.equalities(&mut eq)?;
+                if eq.len() != keys.len() {
+                    return None;
+                }
+                let key: Option<Vec<String>> = keys.iter().map(|k| eq.get(k.as_str()).map(|v| v.to_string())).collect();
+                key.map(|k| vec![k])
+            }
+        }
+    }
+
+    /// Field → value of an `and` of `eq`s; `None` for anything else, or a field given twice.
+    fn equalities<'a>(&'a self, out: &mut HashMap<&'a str, &'a str>) -> Option<()> {
+        match self {
+            Filter::Eq(f, v) => out.insert(f, v).is_none().then_some(()),
+            Filter::And(a, b) => {
+                a.equalities(out)?;
+                b.equalities(out)
+            }
+            _ => None,
+        }
+    }
+
     fn matches(&self, r: &Row, kind: Kind) -> bool {
         match self {
             Filter::Eq(f, v) => {

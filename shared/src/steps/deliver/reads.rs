@@ -19,9 +19,14 @@ impl Steps {
             groups.entry((*m, *s)).or_default().push(n);
         }
         let mut out: HashMap<usize, Result<Option<Record>, ConnectorError>> = HashMap::with_capacity(refs.len());
-        for ((m, side), ns) in groups {
+        // Every (map, side) at once: the calls are independent, and each may be a round trip.
+        let calls = groups.iter().map(|((m, side), ns)| {
             let keys: Vec<Key> = ns.iter().map(|n| refs[*n].2.clone()).collect();
-            match lj.connector(side).read(lj.spec(m, side), &keys).await {
+            async move { lj.connector(*side).read(lj.spec(*m, *side), &keys).await }
+        });
+        let answers = futures::future::join_all(calls).await;
+        for (ns, answer) in groups.into_values().zip(answers) {
+            match answer {
                 Ok(records) => {
                     let mut records = records.into_iter();
                     for n in ns {

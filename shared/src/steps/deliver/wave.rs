@@ -121,8 +121,8 @@ impl Steps {
         let read = |side: fn(&ChangeRef) -> Side| {
             self.read_grouped(lj, wanted.iter().map(move |(m, c)| (*m, side(c), &c.key)))
         };
-        let src = read(|c| c.source).await;
-        let dst = read(|c| c.source.other()).await;
+        // Both sides at once: over a WAN each read is a round trip, and neither depends on the other.
+        let (src, dst) = futures::join!(read(|c| c.source), read(|c| c.source.other()));
         self.failpoints.check("deliver.after_read")?;
         for (((i, link), rs), ro) in live.into_iter().zip(src).zip(dst) {
             let it = &mut items[i];

@@ -289,41 +289,47 @@ impl OdataApp {
         out
     }
 
-    /// Runs GET queries: one alone, several as one `$batch`; every entity they give.
+    /// Runs GET queries: one alone, several as `$batch` requests of `batch_size`, sent at once
+    /// (the limiter bounds them); every entity they give.
     async fn run_queries(&self, urls: Vec<String>) -> Result<Vec<RawEntity>, ConnectorError> {
-        let mut out = Vec::new();
         if urls.len() == 1 {
             let page = self.get_page(&urls[0], self.spec.page_size).await?;
             return self.get_all(page).await;
         }
-        for chunk in urls.chunks(self.spec.batch_size.max(1)) {
-            let prefer = paging::max_page_size(self.spec.page_size);
-            let items: Vec<batch::Item> = chunk
-                .iter()
-                .map(|u| {
-                    batch::Item::Single(batch::Request {
-                        method: "GET",
-                        url: u.clone(),
-                        headers: vec![("Accept".into(), "application/json".into()), ("Prefer".into(), prefer.clone())],
-                        body: None,
-                    })
+        let chunks = urls.chunks(self.spec.batch_size.max(1)).map(|chunk| self.run_query_batch(chunk));
+        let found = futures::future::try_join_all(chunks).await?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    /// GET queries as one `$batch`; every entity they give.
+    async fn run_query_batch(&self, chunk: &[String]) -> Result<Vec<RawEntity>, ConnectorError> {
+        let mut out = Vec::new();
+        let prefer = paging::max_page_size(self.spec.page_size);
+        let items: Vec<batch::Item> = chunk
+            .iter()
+            .map(|u| {
+                batch::Item::Single(batch::Request {
+                    method: "GET",
+                    url: u.clone(),
+                    headers: vec![("Accept".into(), "application/json".into()), ("Prefer".into(), prefer.clone())],
+                    body: None,
                 })
-                .collect();
-            let responses = self.send_batch(&items, &[]).await?;
-            if responses.len() != chunk.len() {
-                return Err(self
-                    .t
-                    .transient(format!("$batch answered {} of {} queries", responses.len(), chunk.len()), None));
+            })
+            .collect();
+        let responses = self.send_batch(&items, &[]).await?;
+        if responses.len() != chunk.len() {
+            return Err(self
+                .t
+                .transient(format!("$batch answered {} of {} queries", responses.len(), chunk.len()), None));
+        }
+        for r in responses {
+            let a = Answer { status: r.status, headers: r.headers, body: r.body };
+            if !a.ok() {
+                return Err(self.failure(&a, &[]));
             }
-            for r in responses {
-                let a = Answer { status: r.status, headers: r.headers, body: r.body };
-                if !a.ok() {
-                    return Err(self.failure(&a, &[]));
-                }
-                let page = values::parse_page(&a.body)
-                    .map_err(|e| self.t.transient(format!("unreadable answer: {e}"), None))?;
-                out.extend(self.get_all(page).await?);
-            }
+            let page =
+                values::parse_page(&a.body).map_err(|e| self.t.transient(format!("unreadable answer: {e}"), None))?;
+            out.extend(self.get_all(page).await?);
         }
         Ok(out)
     }
@@ -359,8 +365,9 @@ impl OdataApp {
         decoded.map_err(|e| self.t.transient(e.to_string(), None))
     }
 
-    /// Sends planned requests (alone, or `batch_size` to a `$batch`); one answer each, or the
-    /// whole call's failure. A batch answered short leaves the rest `None` (not run).
+    /// Sends planned requests (alone, or `batch_size` to a `$batch`, the batches at once: the
+    /// limiter bounds them, and no request depends on another); one answer each, or the whole
+    /// call's failure. A batch answered short leaves the rest `None` (not run).
     async fn send_planned(
         &self,
         planned: Vec<Planned>,
@@ -371,41 +378,51 @@ impl OdataApp {
             let headers: Vec<(&str, String)> = p.headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
             return Ok(vec![Some(self.t.send(p.method, &p.url, &headers, p.body).await?)]);
         }
-        let mut out = Vec::with_capacity(planned.len());
-        for chunk in planned.chunks(self.spec.batch_size.max(1)) {
-            let items: Vec<batch::Item> = chunk
-                .iter()
-                .map(|p| {
-                    let mut headers = p.headers.clone();
-                    if p.body.is_some() {
-                        headers.push(("Content-Type".into(), "application/json".into()));
-                    }
-                    batch::Item::Single(batch::Request {
-                        method: method_name(&p.method),
-                        url: p.url.clone(),
-                        headers,
-                        body: p.body.clone(),
-                    })
-                })
-                .collect();
-            let responses = self.send_batch(&items, redact).await?;
-            let mut by_id: HashMap<String, batch::Response> = HashMap::new();
-            let mut in_order = Vec::new();
-            for r in responses {
-                match &r.content_id {
-                    Some(id) => {
-                        by_id.insert(id.clone(), r);
-                    }
-                    None => in_order.push(r),
+        let batches = planned.chunks(self.spec.batch_size.max(1)).map(|chunk| self.send_planned_batch(chunk, redact));
+        // Each runs to its end, so no request is cut off in flight when another fails.
+        let answers: Result<Vec<_>, _> = futures::future::join_all(batches).await.into_iter().collect();
+        Ok(answers?.into_iter().flatten().collect())
+    }
+
+    /// Planned requests as one `$batch`; one answer each, `None` for those it did not run.
+    async fn send_planned_batch(
+        &self,
+        chunk: &[Planned],
+        redact: &[String],
+    ) -> Result<Vec<Option<Answer>>, ConnectorError> {
+        let mut out = Vec::with_capacity(chunk.len());
+        let items: Vec<batch::Item> = chunk
+            .iter()
+            .map(|p| {
+                let mut headers = p.headers.clone();
+                if p.body.is_some() {
+                    headers.push(("Content-Type".into(), "application/json".into()));
                 }
+                batch::Item::Single(batch::Request {
+                    method: method_name(&p.method),
+                    url: p.url.clone(),
+                    headers,
+                    body: p.body.clone(),
+                })
+            })
+            .collect();
+        let responses = self.send_batch(&items, redact).await?;
+        let mut by_id: HashMap<String, batch::Response> = HashMap::new();
+        let mut in_order = Vec::new();
+        for r in responses {
+            match &r.content_id {
+                Some(id) => {
+                    by_id.insert(id.clone(), r);
+                }
+                None => in_order.push(r),
             }
-            let mut in_order = in_order.into_iter();
-            for i in 0..chunk.len() {
-                // Content-IDs number the batch's requests from 1 (see `batch::encode`).
-                let id = (i + 1).to_string();
-                let r = by_id.remove(&id).or_else(|| in_order.next());
-                out.push(r.map(|r| Answer { status: r.status, headers: r.headers, body: r.body }));
-            }
+        }
+        let mut in_order = in_order.into_iter();
+        for i in 0..chunk.len() {
+            // Content-IDs number the batch's requests from 1 (see `batch::encode`).
+            let id = (i + 1).to_string();
+            let r = by_id.remove(&id).or_else(|| in_order.next());
+            out.push(r.map(|r| Answer { status: r.status, headers: r.headers, body: r.body }));
         }
         Ok(out)
     }
