@@ -36,6 +36,7 @@ use common::{Control, FaultyRegistry, Hook};
 use dualsync::adapters::connectors::odata::OdataApp;
 use dualsync::domain::change::{ChangeNotification, Operation, Parts, TransactionNotification};
 use dualsync::domain::config::{compile, parse_job};
+use dualsync::domain::errors::ErrorStatus;
 use dualsync::domain::job::{ConnectorSpec, Side};
 use dualsync::ports::Connector;
 use dualsync::runtime::local::LocalRuntime;
@@ -630,3 +631,62 @@ fn edits_on_both_services_converge_through_their_events() {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// What the property found, as fixed cases
+
+/// Primary A. B's user creates p0 and it is synced to A; the job is stopped; A's service sends
+/// the echo of that write, and B's user deletes p0: capture, the job stopped, records a row for
+/// each ("retry it once the job is active"). The operator starts the job and retries: the rows
+/// went to delivery as plain changes, A's first (first seen): A holding p0 and B not, it created
+/// p0 on B again, and B's delete, behind it, found p0 there: the deleted record came back on
+/// both sides. And alone, a delete's row retried found its record gone at the source and the
+/// other side's copy not dualsync's create: skipped, never applied. A delete's row now says it
+/// is one, and a retry runs it through the live path again, before the request's other rows.
+#[test]
+fn found_a_delete_captured_while_the_job_was_stopped_is_applied_when_retried() {
+    use Action::*;
+    let deliver = |batch| [StepKind::Capture, StepKind::Sequence, StepKind::Deliver].map(|step| Step { step, batch });
+    // The echo of the synced create first, then the delete.
+    let mut actions = vec![Edit { side: Side::B, recs: vec![Rec::Parent(0)] }, Feeds { limit: 9 }];
+    actions.extend(deliver(4));
+    actions.extend([
+        Lifecycle(Op::Stop),
+        Feeds { limit: 9 },
+        Step { step: StepKind::Capture, batch: 4 },
+        // Rows are retried in the order first seen: the echo's row a second before the delete's.
+        Advance { ms: 1000 },
+        Delete { side: Side::B, rec: Rec::Parent(0) },
+        Feeds { limit: 9 },
+        Step { step: StepKind::Capture, batch: 4 },
+    ]);
+    // The record created on A by its user, synced, then deleted on B while the job is stopped.
+    let mut alone = vec![Edit { side: Side::A, recs: vec![Rec::Parent(0)] }, Feeds { limit: 9 }];
+    alone.extend(deliver(4));
+    alone.extend(deliver(4));
+    alone.extend([
+        Lifecycle(Op::Stop),
+        Delete { side: Side::B, rec: Rec::Parent(0) },
+        Feeds { limit: 9 },
+        Step { step: StepKind::Capture, batch: 4 },
+    ]);
+    for (actions, fno_events) in [(&actions, true), (&actions, false), (&alone, true)] {
+        run(block_on(async {
+            let mut h = harness(Side::A, fno_events).await;
+            for a in actions {
+                h.act(a).await;
+            }
+            h.settle().await?;
+            h.check_converged().await?;
+            let got = [h.value(Side::A, Rec::Parent(0)), h.value(Side::B, Rec::Parent(0))];
+            prop_assert_eq!(got, [None, None], "B's user deleted p0");
+            let open: Vec<_> = h
+                .error_rows()
+                .await
+                .into_iter()
+                .filter(|e| e.retriable && matches!(e.status, ErrorStatus::Open | ErrorStatus::Retrying))
+                .collect();
+            prop_assert!(open.is_empty(), "rows left open: {:#?}", open);
+            Ok(())
+        }));
+    }
+}
