@@ -24,7 +24,7 @@
 //!
 //! Cases: `PROPTEST_CASES` when set, else [`CASES_ODATA`]. A `Retry-After` above zero is not
 //! drawn: the connector waits it out in real time (its limiter's gate), and so would the test.
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -190,13 +190,17 @@ struct Change {
     own: bool,
 }
 
+/// Changes users made: (side, change).
+type UserChanges = Arc<Mutex<Vec<(Side, Change)>>>;
+
 /// The two services and their change feeds.
 struct ServiceApps {
     servers: [Arc<Server>; 2],
     /// Per side, each record as last observed: (id, etag).
     seen: [BTreeMap<Rec, (String, u64)>; 2],
-    /// Records users wrote or deleted since the last observation: their change is a user's.
-    touched: Arc<Mutex<BTreeSet<(Side, Rec)>>>,
+    /// The users' changes as they made them, not yet in the feeds (a record a user deletes
+    /// right after dualsync created it, within one action, is never observed present).
+    users: UserChanges,
     /// Per side, the changes not yet sent to ingress, oldest first.
     feed: [VecDeque<Change>; 2],
     /// fno's changes as data events (else as the project's JSON notification).
@@ -235,7 +239,7 @@ impl ServiceApps {
 
     /// A user's write of `v` to `r`; the value it replaced, or `None` (outer) when it wrote
     /// nothing (a child whose parent is not there, unless `orphans`).
-    fn put(server: &Server, side: Side, r: Rec, v: u64, orphans: bool) -> Option<Option<u64>> {
+    fn put(server: &Server, users: &UserChanges, side: Side, r: Rec, v: u64, orphans: bool) -> Option<Option<u64>> {
         if let Rec::Child(p, _) = r {
             if !orphans && Self::read(server, side, Rec::Parent(p)).is_none() {
                 return None;
@@ -244,18 +248,36 @@ impl ServiceApps {
         let before = Self::read(server, side, r);
         let names = &NAMES[side.index()];
         server.put(names.set(r), names.record(r, v));
+        let (id, etag) = Self::version(server, side, r).expect("the record just written");
+        let change = Change { rec: r, op: Operation::Upsert, etag, id, created: before.is_none(), own: false };
+        users.lock().unwrap().push((side, change));
         Some(before)
     }
 
     /// A user's delete of `r` (a parent with its children); what it deleted.
-    fn remove(server: &Server, side: Side, r: Rec) -> Vec<Rec> {
+    fn remove(server: &Server, users: &UserChanges, side: Side, r: Rec) -> Vec<Rec> {
         let names = &NAMES[side.index()];
         let mut recs: Vec<Rec> = match r {
             Rec::Parent(p) => (1..=CHILDREN).map(|c| Rec::Child(p, c)).collect(),
             Rec::Child(..) => vec![],
         };
         recs.push(r);
-        recs.into_iter().filter(|&d| server.delete(names.set(d), &names.key(d))).collect()
+        let mut gone = Vec::new();
+        for d in recs {
+            let Some((id, etag)) = Self::version(server, side, d) else { continue };
+            if server.delete(names.set(d), &names.key(d)) {
+                let change = Change { rec: d, op: Operation::Delete, etag, id, created: false, own: false };
+                users.lock().unwrap().push((side, change));
+                gone.push(d);
+            }
+        }
+        gone
+    }
+
+    /// The record's id and etag in the service, if it is there.
+    fn version(server: &Server, side: Side, r: Rec) -> Option<(String, u64)> {
+        let names = &NAMES[side.index()];
+        Some((server.id_of(names.set(r), &names.key(r))?, server.etag_of(names.set(r), &names.key(r))?))
     }
 
     /// The ingress request of one change as its app sends it.
@@ -356,19 +378,16 @@ impl Apps for ServiceApps {
     fn edit(&mut self, side: Side, recs: &[Rec], counter: &mut u64, orphans: bool, _txid: &str) -> Vec<UserWrite> {
         let mut written = Vec::new();
         for &r in recs {
-            if let Some(before) = Self::put(self.server(side), side, r, *counter + 1, orphans) {
+            if let Some(before) = Self::put(self.server(side), &self.users, side, r, *counter + 1, orphans) {
                 *counter += 1;
                 written.push((r, *counter, before));
-                self.touched.lock().unwrap().insert((side, r));
             }
         }
         written
     }
 
     fn delete(&mut self, side: Side, r: Rec, _txid: &str) -> Vec<Rec> {
-        let gone = Self::remove(self.server(side), side, r);
-        self.touched.lock().unwrap().extend(gone.iter().map(|&d| (side, d)));
-        gone
+        Self::remove(self.server(side), &self.users, side, r)
     }
 
     fn value(&self, side: Side, r: Rec) -> Option<u64> {
@@ -435,23 +454,17 @@ impl Apps for ServiceApps {
         _txid: String,
         edits: Arc<Mutex<Vec<HookEdit>>>,
     ) -> Hook {
-        let (server, touched) = (self.servers[side.index()].clone(), self.touched.clone());
+        let (server, users) = (self.servers[side.index()].clone(), self.users.clone());
         Box::new(move || {
             Box::pin(async move {
                 let mut edits = edits.lock().unwrap();
-                let mut touched = touched.lock().unwrap();
                 match value {
-                    None => {
-                        for d in Self::remove(&server, side, rec) {
-                            edits.push((side, d, None, None));
-                            touched.insert((side, d));
-                        }
-                    }
+                    None => edits
+                        .extend(Self::remove(&server, &users, side, rec).into_iter().map(|d| (side, d, None, None))),
                     Some(v) => {
                         // Orphans allowed: the property's apps take children without parents.
-                        if let Some(before) = Self::put(&server, side, rec, v, true) {
+                        if let Some(before) = Self::put(&server, &users, side, rec, v, true) {
                             edits.push((side, rec, Some(v), before));
-                            touched.insert((side, rec));
                         }
                     }
                 }
@@ -459,22 +472,31 @@ impl Apps for ServiceApps {
         })
     }
 
-    /// Compares each record with how it was last seen: a new etag is a change (created when it
-    /// was not there), a record gone a delete, a new id a delete then a create.
+    /// The users' changes go into the feeds as they were made; then each record is compared
+    /// with how it was last seen (after those), and what differs is dualsync's writes: a new
+    /// etag a change (created when it was not there), a record gone a delete, a new id a delete
+    /// then a create.
     fn observe(&mut self) {
-        let touched = std::mem::take(&mut *self.touched.lock().unwrap());
+        for (side, c) in std::mem::take(&mut *self.users.lock().unwrap()) {
+            match c.op {
+                Operation::Upsert => self.seen[side.index()].insert(c.rec, (c.id.clone(), c.etag)),
+                Operation::Delete => self.seen[side.index()].remove(&c.rec),
+            };
+            self.feed[side.index()].push_back(c);
+        }
         for side in Side::BOTH {
-            let names = &NAMES[side.index()];
             for r in all_recs() {
-                let server = &self.servers[side.index()];
-                let now = server
-                    .id_of(names.set(r), &names.key(r))
-                    .and_then(|id| Some((id, server.etag_of(names.set(r), &names.key(r))?)));
+                let now = Self::version(&self.servers[side.index()], side, r);
                 let before = self.seen[side.index()].get(&r).cloned();
-                let own = !touched.contains(&(side, r));
                 let feed = &mut self.feed[side.index()];
-                let gone =
-                    |(id, etag): (String, u64)| Change { rec: r, op: Operation::Delete, etag, id, created: false, own };
+                let gone = |(id, etag): (String, u64)| Change {
+                    rec: r,
+                    op: Operation::Delete,
+                    etag,
+                    id,
+                    created: false,
+                    own: true,
+                };
                 match (&before, &now) {
                     (None, None) => continue,
                     (Some(b), None) => feed.push_back(gone(b.clone())),
@@ -486,14 +508,8 @@ impl Apps for ServiceApps {
                             feed.push_back(gone(b.clone()));
                         }
                         let created = b.is_none() || again.is_some();
-                        feed.push_back(Change {
-                            rec: r,
-                            op: Operation::Upsert,
-                            etag: *etag,
-                            id: id.clone(),
-                            created,
-                            own,
-                        });
+                        let (id, etag) = (id.clone(), *etag);
+                        feed.push_back(Change { rec: r, op: Operation::Upsert, etag, id, created, own: true });
                     }
                 }
                 match now {
@@ -541,7 +557,7 @@ async fn harness(primary: Side, fno_events: bool) -> Harness {
     let apps = ServiceApps {
         servers: [Arc::new(fno), Arc::new(dv)],
         seen: Default::default(),
-        touched: Arc::default(),
+        users: Arc::default(),
         feed: Default::default(),
         fno_events,
         sent: 0,
@@ -689,4 +705,37 @@ fn found_a_delete_captured_while_the_job_was_stopped_is_applied_when_retried() {
             Ok(())
         }));
     }
+}
+
+/// Primary B (a harness bug, not the product's: the test's feed of service changes). B's user
+/// creates p1, A's user a child of p1 (A has no p1); one delivery creates the child on B and then
+/// p1 on A, and just before that write B's user deletes p1 with its children. The feed compared
+/// the services' records after each action: the child, created and deleted on B within the
+/// action, was never seen there, and B's delete of it never sent; A kept it. Users' changes now
+/// go into the feeds as they are made.
+#[test]
+fn found_a_child_created_by_dualsync_and_deleted_by_a_user_in_one_delivery_is_deleted_on_both_sides() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::B, recs: vec![Rec::Parent(0)] },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Step { step: StepKind::Sequence, batch: 1 },
+        Step { step: StepKind::Deliver, batch: 1 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        DuringWrite { target: Side::A, side: Side::B, rec: Rec::Parent(1), delete: true },
+        Delete { side: Side::A, rec: Rec::Parent(0) },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0), Rec::Child(1, 1)] },
+        Edit { side: Side::B, recs: vec![Rec::Parent(1)] },
+        Feeds { limit: 6 },
+        Step { step: StepKind::Capture, batch: 3 },
+        Step { step: StepKind::Sequence, batch: 3 },
+        Step { step: StepKind::Deliver, batch: 3 },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 4 },
+        Step { step: StepKind::Sequence, batch: 4 },
+        Step { step: StepKind::Deliver, batch: 4 },
+    ];
+    run(block_on(convergence_over_services(Side::B, false, &actions)));
 }
