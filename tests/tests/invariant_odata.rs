@@ -739,3 +739,39 @@ fn found_a_child_created_by_dualsync_and_deleted_by_a_user_in_one_delivery_is_de
     ];
     run(block_on(convergence_over_services(Side::B, false, &actions)));
 }
+
+/// Not fixed yet (ignored; see docs/design-notes.md 24). Primary A. B's user creates p2, which
+/// is synced to A (a create, its echo from A not yet delivered), then deletes it while the job
+/// is stopped: capture records the delete's row. When the job starts, the held delivery of A's
+/// echo comes first: A holds what was last synced, B nothing, and delivery creates p2 on B again
+/// (a record the other side lacks is always written) and resolves the link's open rows, the
+/// delete's among them. The retry has nothing left to do: the deleted record is back on both
+/// sides. A fix needs delivery to tell a target deleted since the last sync (the source still
+/// holding the last synced content) from one never synced, and to leave the delete's row open.
+#[test]
+#[ignore = "found by the OData model test; not fixed yet"]
+fn found_a_delete_held_while_the_job_was_stopped_is_not_undone_by_the_other_sides_echo() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::B, recs: vec![Rec::Parent(2), Rec::Parent(1)] },
+        Feeds { limit: 2 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Step { step: StepKind::Sequence, batch: 1 },
+        Step { step: StepKind::Deliver, batch: 1 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Delete { side: Side::B, rec: Rec::Parent(2) },
+        Delete { side: Side::A, rec: Rec::Parent(0) },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Step { step: StepKind::Capture, batch: 1 },
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Step { step: StepKind::Sequence, batch: 1 },
+        Step { step: StepKind::Deliver, batch: 1 },
+        Lifecycle(Op::Stop),
+        Feeds { limit: 1 },
+        Step { step: StepKind::Capture, batch: 1 },
+        Step { step: StepKind::Sequence, batch: 1 },
+        Step { step: StepKind::Deliver, batch: 1 },
+    ];
+    run(block_on(convergence_over_services(Side::A, false, &actions)));
+}
