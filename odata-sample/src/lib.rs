@@ -280,6 +280,12 @@ impl Server {
         });
     }
 
+    /// The etag number of a record (`W/"<n>"`; the change number of its last change), by key
+    /// values: what a Dataverse webhook tells as its `RowVersion`.
+    pub fn etag_of(&self, set: &str, key: &[Value]) -> Option<u64> {
+        self.find(set, key, |r| r.etag)
+    }
+
     /// The id of a record (Dataverse's primary id), by key values.
     pub fn id_of(&self, set: &str, key: &[Value]) -> Option<String> {
         self.find(set, key, |r| r.id.clone())
@@ -387,6 +393,11 @@ impl Server {
 
     pub fn fault(&self, f: Fault) {
         self.shared.faults.lock().unwrap().push_back(f);
+    }
+
+    /// Drops the faults no request has met yet.
+    pub fn clear_faults(&self) {
+        self.shared.faults.lock().unwrap().clear();
     }
 
     pub fn log(&self) -> Vec<Logged> {

@@ -392,6 +392,7 @@ async fn a_request_selects_at_most_ten_thousand_records(backend: Backend) {
                 last_seen_ms: t0 + i,
                 status: ErrorStatus::Open,
                 request: None,
+                delete: false,
             };
             Put {
                 pk: keys::errors_pk("j"),

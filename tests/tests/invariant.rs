@@ -37,32 +37,32 @@
 //! else the defaults below (5,100 in all, and 80 big ones: 185 s of CPU in a debug build, two
 //! tests at a time; 187 s wall on a two-core machine shared with other work, load average near
 //! 5; property 1d alone 29 s of CPU, 34 s wall). Each property first runs the seeds saved in
-//! `invariant.proptest-regressions` (eleven).
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+//!
+//! The harness is `model/` (shared with `invariant_odata.rs`, the same invariant over two OData
+//! services); this file holds the sqlite apps behind it and the properties over them.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 mod common;
+mod model;
 
-use common::{Control, FaultyRegistry, Writes};
+use async_trait::async_trait;
+use common::{Control, FaultyRegistry, Hook, Writes};
 use dualsync::adapters::connectors::sqlite::transaction;
-use dualsync::adapters::embedded::EmbeddedDb;
 use dualsync::domain::canon;
-use dualsync::domain::change::Key;
 use dualsync::domain::config::parse_job;
-use dualsync::domain::errors::{ConflictRecord, ErrorStatus, SyncError};
-use dualsync::domain::job::{JobStatus, Side};
-use dualsync::domain::requests::RequestAction;
-use dualsync::ports::{ManualClock, OutMessage, Queue};
-use dualsync::runtime::local::{LocalRuntime, BATCH};
-use dualsync::runtime::verify;
-use dualsync::runtime::worker::{run_once, settle};
-use dualsync::state::ErrorFilter;
-use dualsync::steps::{Failpoints, LoadedJob, StepError, StepKind};
+use dualsync::domain::job::Side;
+use dualsync::runtime::local::LocalRuntime;
+use dualsync::steps::StepKind;
+use model::*;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde_json::json;
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -80,46 +80,9 @@ const CASES_FAULTS: u32 = 3000;
 const CASES_BIG: u32 = 80;
 const BIG_CASE_COST: u32 = 10;
 
-/// Parents `p0..p2`, children `1..=2` of each: few, so that edits and deliveries meet often.
-const PARENTS: u8 = 3;
-const CHILDREN: u8 = 2;
-
-/// A transaction over the queue limit ([`Action::BigEdit`]): a parent and this many children,
-/// under a transaction id this long. Every change reference carries its transaction id, so the
-/// transaction's captured form, and its lane once sequenced, take more than one queue message
-/// (`MAX_MESSAGE_BYTES`, 240 KiB): capture keeps it in pieces and sequence reads it back whole,
-/// then splits the lane across messages of its FIFO group. The id stays within what capture's
-/// dedupe item can hold (a 2,048-byte partition key).
-const BIG_CHILDREN: u8 = 130;
-const BIG_TXID_BYTES: usize = 1900;
-
-/// Queues give a message back after 30 s; moving the clock this far makes it visible again.
-const PAST_VISIBILITY_MS: i64 = 31_000;
-
-/// A message received 5 times goes to the dead-letter queue. At most 4 crashes between two
-/// drains, each only while every message of its queue has been received fewer than 4 times
-/// (system failures, such as an app's time-out, count receives too), keep every message out of
-/// it: further crash actions run their step without crashing.
-const MAX_CRASHES: usize = 4;
-
-const DRAIN_ROUNDS: usize = 200;
-
-const STEPS: [StepKind; 4] = [StepKind::Capture, StepKind::Sequence, StepKind::Deliver, StepKind::Reconcile];
-
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
-}
-
 /// [`CASES_BIG`], or one per [`BIG_CASE_COST`] of `PROPTEST_CASES` when it is set.
 fn big_cases() -> u32 {
     (cases(CASES_BIG * BIG_CASE_COST) / BIG_CASE_COST).max(1)
-}
-
-fn app_name(side: Side) -> &'static str {
-    match side {
-        Side::A => "a",
-        Side::B => "b",
-    }
 }
 
 fn job_yaml(primary: Side) -> String {
@@ -194,71 +157,27 @@ const SQL: [SideSql; 2] = [
     },
 ];
 
-// ---------------------------------------------------------------------------------------------
-// Records and actions
-
-/// A record of either map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Rec {
-    Parent(u8),
-    /// Parent, child number (1-based).
-    Child(u8, u8),
-}
-
-impl Rec {
-    fn pid(self) -> String {
-        match self {
-            Rec::Parent(p) | Rec::Child(p, _) => format!("p{p}"),
+/// The value `r` holds on a side (`None`: no such record). A parent's two fields always come
+/// from one write; anything else is a torn write.
+fn value_of(conn: &Connection, side: Side, r: Rec) -> Option<u64> {
+    let sql = &SQL[side.index()];
+    match r {
+        Rec::Parent(_) => {
+            let row: Option<(String, i64)> = conn
+                .query_row(sql.read_parent, [r.pid()], |x| Ok((x.get(0)?, x.get(1)?)))
+                .optional()
+                .expect("read parent");
+            row.map(|(name, n)| {
+                assert_eq!(name, format!("n{n}"), "{side:?} {r:?}: fields from different writes");
+                n as u64
+            })
         }
-    }
-    fn map(self) -> &'static str {
-        match self {
-            Rec::Parent(_) => "parents",
-            Rec::Child(..) => "children",
-        }
-    }
-    fn map_idx(self) -> usize {
-        match self {
-            Rec::Parent(_) => 0,
-            Rec::Child(..) => 1,
-        }
-    }
-    fn key(self) -> Key {
-        match self {
-            Rec::Parent(_) => Key(vec![self.pid()]),
-            Rec::Child(_, c) => Key(vec![self.pid(), c.to_string()]),
-        }
-    }
-    /// The content written with value `v`, as side A's fields (what `canon` reads).
-    fn fields_a(self, v: u64) -> canon::Fields {
-        let fields = match self {
-            Rec::Parent(_) => json!({ "pid": self.pid(), "name": format!("n{v}"), "n": v }),
-            Rec::Child(_, c) => json!({ "pid": self.pid(), "cno": c, "label": format!("l{v}") }),
-        };
-        serde_json::from_value(fields).expect("fields")
-    }
-    /// The value the record holds on a side (`None`: no such record). A parent's two fields
-    /// always come from one write; anything else is a torn write.
-    fn value(self, conn: &Connection, side: Side) -> Option<u64> {
-        let sql = &SQL[side.index()];
-        match self {
-            Rec::Parent(_) => {
-                let row: Option<(String, i64)> = conn
-                    .query_row(sql.read_parent, [self.pid()], |x| Ok((x.get(0)?, x.get(1)?)))
-                    .optional()
-                    .expect("read parent");
-                row.map(|(name, n)| {
-                    assert_eq!(name, format!("n{n}"), "{side:?} {self:?}: fields from different writes");
-                    n as u64
-                })
-            }
-            Rec::Child(_, c) => {
-                let label: Option<String> = conn
-                    .query_row(sql.read_child, params![self.pid(), c as i64], |x| x.get(0))
-                    .optional()
-                    .expect("read child");
-                label.map(|l| l.trim_start_matches('l').parse().expect("label"))
-            }
+        Rec::Child(_, c) => {
+            let label: Option<String> = conn
+                .query_row(sql.read_child, params![r.pid(), c as i64], |x| x.get(0))
+                .optional()
+                .expect("read child");
+            label.map(|l| l.trim_start_matches('l').parse().expect("label"))
         }
     }
 }
@@ -279,18 +198,18 @@ fn delete_rec(conn: &mut Connection, side: Side, r: Rec, txid: &str) -> Vec<Rec>
         match r {
             Rec::Parent(p) => {
                 for c in 1..=BIG_CHILDREN {
-                    if Rec::Child(p, c).value(tx, side).is_some() {
+                    if value_of(tx, side, Rec::Child(p, c)).is_some() {
                         gone.push(Rec::Child(p, c));
                     }
                 }
-                if r.value(tx, side).is_some() {
+                if value_of(tx, side, r).is_some() {
                     gone.push(r);
                 }
                 tx.execute(children, [r.pid()])?;
                 tx.execute(parents, [r.pid()])?;
             }
             Rec::Child(_, c) => {
-                if r.value(tx, side).is_some() {
+                if value_of(tx, side, r).is_some() {
                     gone.push(r);
                 }
                 tx.execute(child, params![r.pid(), c])?;
@@ -307,11 +226,11 @@ fn upsert_rec(conn: &mut Connection, side: Side, r: Rec, v: u64, txid: &str) -> 
     let sql = &SQL[side.index()];
     transaction(conn, txid, |tx| {
         if let Rec::Child(p, _) = r {
-            if Rec::Parent(p).value(tx, side).is_none() {
+            if value_of(tx, side, Rec::Parent(p)).is_none() {
                 return Ok(None);
             }
         }
-        let before = r.value(tx, side);
+        let before = value_of(tx, side, r);
         match r {
             Rec::Parent(_) => tx.execute(sql.upsert_parent, params![r.pid(), format!("n{v}"), v])?,
             Rec::Child(_, c) => tx.execute(sql.upsert_child, params![r.pid(), c, format!("l{v}")])?,
@@ -320,336 +239,58 @@ fn upsert_rec(conn: &mut Connection, side: Side, r: Rec, v: u64, txid: &str) -> 
     })
     .expect("app transaction")
 }
-
-fn all_recs() -> impl Iterator<Item = Rec> {
-    (0..PARENTS).flat_map(|p| std::iter::once(Rec::Parent(p)).chain((1..=CHILDREN).map(move |c| Rec::Child(p, c))))
-}
-
-/// Every failpoint of the steps and the step it is in.
-const POINTS: [(&str, StepKind); 7] = [
-    ("capture.after_send", StepKind::Capture),
-    ("sequence.after_send", StepKind::Sequence),
-    ("deliver.after_read", StepKind::Deliver),
-    ("deliver.after_mark", StepKind::Deliver),
-    ("deliver.after_write", StepKind::Deliver),
-    ("deliver.after_commit", StepKind::Deliver),
-    ("deliver.before_ack", StepKind::Deliver),
-];
-
-#[derive(Clone)]
-enum Action {
-    /// One app transaction upserting these records with fresh values; a child only where its
-    /// parent exists on that side (skipped otherwise).
-    Edit { side: Side, recs: Vec<Rec> },
-    /// Move up to `limit` change-log rows of each app onto the capture queue.
-    Feeds { limit: usize },
-    /// Run one step once on a batch of up to `batch` messages.
-    Step { step: StepKind, batch: usize },
-    /// Arm a failpoint (index into [`POINTS`]), run its step (it stops there, acknowledging
-    /// nothing), then move the clock past the visibility timeout so that the batch comes back.
-    Crash { point: usize, batch: usize },
-    /// Send a copy of one of the queue's messages (a FIFO copy gets a new deduplication id).
-    Duplicate { step: StepKind, pick: Index },
-    /// Move the clock.
-    Advance { ms: i64 },
-    /// One app transaction over the queue limit: the parent and children `1..=BIG_CHILDREN`
-    /// of it, with fresh values, under a long transaction id (see [`BIG_CHILDREN`]).
-    BigEdit { side: Side, parent: u8 },
-    /// One app transaction deleting the record (a parent with its children).
-    Delete { side: Side, rec: Rec },
-    /// From now on, side's app writes like this.
-    Fault { side: Side, writes: Writes },
-    /// Arms a user's edit (or delete) of `rec` on `side`, made just before the next write to
-    /// `target`: between a delivery's read and its write.
-    DuringWrite { target: Side, side: Side, rec: Rec, delete: bool },
-    /// The operator stops, starts, pauses or resumes the job (ignored where not allowed).
-    Lifecycle(Op),
-    /// The operator retries every open error.
-    Retry,
-    /// Two deliver workers on the same messages: the first receives up to `batch` of them, the
-    /// visibility timeout passes and the second receives them again (a redelivery, with what
-    /// follows in their groups, racing the delivery still under way, as when an invocation
-    /// outlives the timeout). Both run at once on one thread, each connector call yielding to
-    /// the other worker first where the next bit of `yields` is set (see `Control::yields`), so
-    /// both may read before either writes.
-    TwoWorkers { batch: usize, yields: u64 },
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Op {
-    Stop,
-    Start,
-    Pause,
-    Resume,
-}
-
-impl std::fmt::Debug for Action {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Action::Edit { side, recs } => write!(f, "Edit({side:?}, {recs:?})"),
-            Action::Feeds { limit } => write!(f, "Feeds({limit})"),
-            Action::Step { step, batch } => write!(f, "{step:?}({batch})"),
-            Action::Crash { point, batch } => write!(f, "Crash({}, {batch})", POINTS[*point].0),
-            Action::Duplicate { step, pick } => write!(f, "Duplicate({step:?}, {:?})", pick),
-            Action::Advance { ms } => write!(f, "Advance({ms})"),
-            Action::BigEdit { side, parent } => write!(f, "BigEdit({side:?}, p{parent})"),
-            Action::Delete { side, rec } => write!(f, "Delete({side:?}, {rec:?})"),
-            Action::Fault { side, writes } => write!(f, "Fault({side:?}, {writes:?})"),
-            Action::DuringWrite { target, side, rec, delete } => {
-                write!(f, "DuringWrite(to {target:?}: {} {rec:?} on {side:?})", if *delete { "delete" } else { "edit" })
-            }
-            Action::Lifecycle(op) => write!(f, "{op:?}"),
-            Action::Retry => write!(f, "Retry"),
-            Action::TwoWorkers { batch, yields } => write!(f, "TwoWorkers({batch}, {yields:#x})"),
-        }
-    }
-}
-
-fn side() -> impl Strategy<Value = Side> {
-    prop_oneof![Just(Side::A), Just(Side::B)]
-}
-
-fn step_kind() -> impl Strategy<Value = StepKind> {
-    prop_oneof![Just(StepKind::Capture), Just(StepKind::Sequence), Just(StepKind::Deliver)]
-}
-
-fn rec() -> impl Strategy<Value = Rec> {
-    prop_oneof![(0..PARENTS).prop_map(Rec::Parent), (0..PARENTS, 1..=CHILDREN).prop_map(|(p, c)| Rec::Child(p, c))]
-}
-
-fn edit() -> impl Strategy<Value = Action> {
-    (side(), prop::collection::vec(rec(), 1..4)).prop_map(|(side, recs)| Action::Edit { side, recs })
-}
-
-fn pipeline_action() -> impl Strategy<Value = Action> {
-    prop_oneof![
-        2 => (1usize..10).prop_map(|limit| Action::Feeds { limit }),
-        6 => (step_kind(), 1usize..5).prop_map(|(step, batch)| Action::Step { step, batch }),
-        3 => (0..POINTS.len(), 1usize..5).prop_map(|(point, batch)| Action::Crash { point, batch }),
-        1 => (step_kind(), any::<Index>()).prop_map(|(step, pick)| Action::Duplicate { step, pick }),
-        // Mostly short; now and then past the FIFO deduplication window (5 minutes).
-        1 => prop_oneof![4 => 0i64..40_000, 1 => 250_000i64..400_000].prop_map(|ms| Action::Advance { ms }),
-    ]
-}
-
-fn chaos_action() -> impl Strategy<Value = Action> {
-    prop_oneof![1 => edit(), 2 => pipeline_action()]
-}
-
-fn big_edit() -> impl Strategy<Value = Action> {
-    (side(), 0..PARENTS).prop_map(|(side, parent)| Action::BigEdit { side, parent })
-}
-
-fn fault_action() -> impl Strategy<Value = Action> {
-    let writes = prop_oneof![
-        3 => Just(Writes::Work),
-        1 => Just(Writes::Fail),
-        1 => Just(Writes::Refuse),
-        1 => Just(Writes::LandThenFail),
-    ];
-    let op = prop_oneof![Just(Op::Stop), Just(Op::Start), Just(Op::Pause), Just(Op::Resume)];
-    prop_oneof![
-        4 => edit(),
-        1 => (side(), rec()).prop_map(|(side, rec)| Action::Delete { side, rec }),
-        8 => pipeline_action(),
-        1 => (side(), writes).prop_map(|(side, writes)| Action::Fault { side, writes }),
-        1 => (side(), side(), rec(), any::<bool>())
-            .prop_map(|(target, side, rec, delete)| Action::DuringWrite { target, side, rec, delete }),
-        1 => op.prop_map(Action::Lifecycle),
-        1 => Just(Action::Retry),
-        1 => (1usize..5, any::<u64>()).prop_map(|(batch, yields)| Action::TwoWorkers { batch, yields }),
-    ]
-}
-
 // ---------------------------------------------------------------------------------------------
-// The harness
+// The sqlite apps
 
-/// A user's write made by an armed hook: (side, record, value (`None`: deleted), value replaced).
-type HookEdit = (Side, Rec, Option<u64>, Option<u64>);
-
-struct Harness {
+/// The two sqlite apps: their users' connections, and their change logs, which the runtime
+/// pumps onto the capture queue.
+struct SqliteApps {
     _dir: tempfile::TempDir,
-    rt: LocalRuntime,
-    lj: Arc<LoadedJob>,
-    clock: ManualClock,
-    primary: Side,
-    /// The failpoint that fires (once) when reached.
-    armed: Arc<Mutex<Option<String>>>,
-    /// Crashes since the pipeline was last drained.
-    crashes: usize,
-    /// The apps' own connections: what their users write through.
-    apps: [Connection; 2],
-    /// Fresh values: never repeat.
-    counter: u64,
-    txids: u64,
-    dups: u64,
-    /// The last value users wrote to each record on each side (A, B).
-    last: BTreeMap<Rec, [Option<u64>; 2]>,
-    /// Every value users wrote to each record.
-    written: BTreeMap<Rec, Vec<u64>>,
-    /// Per value users wrote: every value it replaced, directly (the value its side held when it
-    /// was written) or through the one it replaced.
-    replaced: HashMap<u64, BTreeSet<u64>>,
-    /// When set, every message a step may have received: (step, group, body).
-    log: Option<BTreeSet<(usize, Option<String>, String)>>,
-    /// Whether a child may be created where its parent does not exist (the delivery then fails
-    /// with a missing reference, an application error).
-    orphans: bool,
-    /// Each side's connector faults.
-    controls: [Control; 2],
-    /// Edits made by armed [`Action::DuringWrite`] hooks: (side, record, value, value replaced;
-    /// `None` values for deletes), merged into the history after each action.
-    hook_edits: Arc<Mutex<Vec<HookEdit>>>,
-    paths: [std::path::PathBuf; 2],
+    conns: [Connection; 2],
+    paths: [PathBuf; 2],
 }
 
-impl Harness {
-    async fn new(primary: Side) -> Harness {
-        Self::with_seq(primary, true).await
-    }
-
-    /// `reads_seq`: whether the connectors' reads give each record's latest change seq (off:
-    /// capture's link-state path).
-    async fn with_seq(primary: Side, reads_seq: bool) -> Harness {
-        // In memory when the machine offers it: thousands of cases create their apps afresh.
-        let shm = std::path::Path::new("/dev/shm");
-        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("tempdir");
-        let paths = [dir.path().join("a.db"), dir.path().join("b.db")];
-        let open = |p: &std::path::Path| {
-            let c = Connection::open(p).expect("open app");
-            c.pragma_update(None, "journal_mode", "WAL").expect("wal");
-            c.pragma_update(None, "synchronous", "OFF").expect("synchronous");
-            c.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
-            c
-        };
-        let apps = [open(&paths[0]), open(&paths[1])];
-        apps[0].execute_batch(SCHEMA_A).expect("schema a");
-        apps[1].execute_batch(SCHEMA_B).expect("schema b");
-
-        let mut def = parse_job("job.yaml", &job_yaml(primary)).expect("job");
-        def.apps[0].path = Some(paths[0].display().to_string());
-        def.apps[1].path = Some(paths[1].display().to_string());
-        let clock = ManualClock::new(1_700_000_000_000);
-        let armed: Arc<Mutex<Option<String>>> = Arc::default();
-        let fire = armed.clone();
-        let failpoints = Failpoints::new(move |point| {
-            let mut armed = fire.lock().unwrap();
-            if armed.as_deref() == Some(point) {
-                *armed = None;
-                true
-            } else {
-                false
-            }
-        });
-        let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).expect("state db");
-        let controls = [Control::new(), Control::new()].map(|c| Control { reads_change_seq: reads_seq, ..c });
-        let registry = Arc::new(FaultyRegistry::new(controls.clone()));
-        let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), failpoints, registry);
-        rt.apply(def).await.expect("apply");
-        rt.start("j").await.expect("start");
-        let lj = rt.steps.load_job("j").await.expect("load").expect("job");
-        Harness {
-            _dir: dir,
-            rt,
-            lj,
-            clock,
-            primary,
-            armed,
-            crashes: 0,
-            apps,
-            counter: 0,
-            txids: 0,
-            dups: 0,
-            last: BTreeMap::new(),
-            written: BTreeMap::new(),
-            replaced: HashMap::new(),
-            log: None,
-            orphans: false,
-            controls,
-            hook_edits: Arc::default(),
-            paths,
-        }
-    }
-
-    /// Records a user's write (or delete, `v` = `None`) in the history.
-    fn remember(&mut self, side: Side, r: Rec, v: Option<u64>, before: Option<u64>) {
-        self.last.entry(r).or_default()[side.index()] = v;
-        let Some(v) = v else { return };
-        self.written.entry(r).or_default().push(v);
-        let mut replaced = BTreeSet::new();
-        if let Some(b) = before {
-            replaced.insert(b);
-            replaced.extend(self.replaced.get(&b).into_iter().flatten().copied());
-        }
-        self.replaced.insert(v, replaced);
-    }
-
-    fn merge_hook_edits(&mut self) {
-        let edits: Vec<_> = std::mem::take(&mut *self.hook_edits.lock().unwrap());
-        for (side, r, v, before) in edits {
-            self.remember(side, r, v, before);
-        }
-    }
-
-    /// One app transaction deleting `r` on `side` (a parent with its children).
-    fn delete(&mut self, side: Side, r: Rec) {
-        self.txids += 1;
-        let txid = format!("app-{}", self.txids);
-        let deleted = delete_rec(&mut self.apps[side.index()], side, r, &txid);
-        for d in deleted {
-            self.remember(side, d, None, None);
-        }
-    }
-
-    /// One app transaction on `side`; returns the records written and their values.
-    fn edit(&mut self, side: Side, recs: &[Rec]) -> Vec<(Rec, u64)> {
-        self.edit_padded(side, recs, 0)
-    }
-
-    /// [`Self::edit`] under a transaction id `pad` bytes longer.
-    fn edit_padded(&mut self, side: Side, recs: &[Rec], pad: usize) -> Vec<(Rec, u64)> {
+#[async_trait(?Send)]
+impl Apps for SqliteApps {
+    fn edit(&mut self, side: Side, recs: &[Rec], counter: &mut u64, orphans: bool, txid: &str) -> Vec<UserWrite> {
         let sql = &SQL[side.index()];
-        self.txids += 1;
-        let txid = format!("app-{}{}", self.txids, "x".repeat(pad));
-        let (mut counter, orphans) = (self.counter, self.orphans);
-        // (record, value, the value it replaces)
-        let written = transaction(&mut self.apps[side.index()], &txid, |tx| {
+        let mut next = *counter;
+        let written = transaction(&mut self.conns[side.index()], txid, |tx| {
             let mut written = Vec::new();
             for &r in recs {
                 if let Rec::Child(p, _) = r {
-                    if !orphans && Rec::Parent(p).value(tx, side).is_none() {
+                    if !orphans && value_of(tx, side, Rec::Parent(p)).is_none() {
                         continue;
                     }
                 }
-                let before = r.value(tx, side);
-                counter += 1;
+                let before = value_of(tx, side, r);
+                next += 1;
                 match r {
-                    Rec::Parent(_) => {
-                        tx.execute(sql.upsert_parent, params![r.pid(), format!("n{counter}"), counter])?
-                    }
-                    Rec::Child(_, c) => tx.execute(sql.upsert_child, params![r.pid(), c, format!("l{counter}")])?,
+                    Rec::Parent(_) => tx.execute(sql.upsert_parent, params![r.pid(), format!("n{next}"), next])?,
+                    Rec::Child(_, c) => tx.execute(sql.upsert_child, params![r.pid(), c, format!("l{next}")])?,
                 };
-                written.push((r, counter, before));
+                written.push((r, next, before));
             }
             Ok(written)
         })
         .expect("app transaction");
-        self.counter = counter;
-        for &(r, v, before) in &written {
-            self.remember(side, r, Some(v), before);
-        }
-        written.into_iter().map(|(r, v, _)| (r, v)).collect()
+        *counter = next;
+        written
+    }
+
+    fn delete(&mut self, side: Side, r: Rec, txid: &str) -> Vec<Rec> {
+        delete_rec(&mut self.conns[side.index()], side, r, txid)
     }
 
     fn value(&self, side: Side, r: Rec) -> Option<u64> {
-        r.value(&self.apps[side.index()], side)
+        value_of(&self.conns[side.index()], side, r)
     }
 
     /// Every row of every table of both apps, versions included, and the last change-log seq.
     fn dump(&self) -> Vec<Vec<String>> {
         let mut out = Vec::new();
         for side in Side::BOTH {
-            let conn = &self.apps[side.index()];
+            let conn = &self.conns[side.index()];
             for sql in SQL[side.index()].dump {
                 let mut stmt = conn.prepare(sql).expect("dump");
                 let rows = stmt
@@ -673,311 +314,69 @@ impl Harness {
         out
     }
 
-    /// Runs one step once on up to `batch` messages; returns how many it took.
-    async fn step(&mut self, step: StepKind, batch: usize) -> usize {
-        let queue = self.rt.queue(step).clone();
-        if let Some(log) = &mut self.log {
-            let i = STEPS.iter().position(|s| *s == step).expect("step");
-            log.extend(queue.peek_all().expect("peek").into_iter().map(|m| (i, m.group, m.body)));
-        }
-        let steps = &self.rt.steps;
-        let input = queue.as_ref();
-        run_once(input, batch, &|m| async move {
-            let r = steps.handle(step, input, &m).await;
-            (m, r)
-        })
-        .await
-        .expect("step")
+    async fn feeds(&mut self, rt: &LocalRuntime, limit: usize) -> usize {
+        rt.pump_feeds(limit).await.expect("pump feeds")
     }
 
-    async fn resend(&mut self, step: StepKind, group: Option<String>, body: String) {
-        let msg = match step {
-            StepKind::Deliver => {
-                self.dups += 1;
-                OutMessage::fifo(body, group.expect("FIFO group"), format!("duplicate-{}", self.dups))
-            }
-            _ => OutMessage::standard(body),
-        };
-        self.rt.queue(step).send(vec![msg]).await.expect("send");
-    }
-
-    /// Applies an action; returns the edits it made: (side, record, value).
-    async fn act(&mut self, a: &Action) -> Vec<(Side, Rec, u64)> {
-        match a {
-            Action::Edit { side, recs } => {
-                return self.edit(*side, recs).into_iter().map(|(r, v)| (*side, r, v)).collect();
-            }
-            Action::Feeds { limit } => {
-                self.rt.pump_feeds(*limit).await.expect("pump feeds");
-            }
-            Action::Step { step, batch } => {
-                self.step(*step, *batch).await;
-            }
-            Action::Crash { point, batch } => {
-                let (name, step) = POINTS[*point];
-                let may_crash = self.may_crash(step);
-                if may_crash {
-                    *self.armed.lock().unwrap() = Some(name.to_string());
-                }
-                self.step(step, *batch).await;
-                // Still armed: the step did not get there (nothing to do, or not that far).
-                if self.armed.lock().unwrap().take().is_none() && may_crash {
-                    self.crashes += 1;
-                    self.clock.advance(PAST_VISIBILITY_MS);
-                }
-            }
-            Action::Duplicate { step, pick } => {
-                let msgs = self.rt.queue(*step).peek_all().expect("peek");
-                if !msgs.is_empty() {
-                    let m = pick.get(&msgs).clone();
-                    self.resend(*step, m.group, m.body).await;
-                }
-            }
-            Action::Advance { ms } => self.clock.advance(*ms),
-            Action::BigEdit { side, parent } => {
-                let recs: Vec<Rec> = std::iter::once(Rec::Parent(*parent))
-                    .chain((1..=BIG_CHILDREN).map(|c| Rec::Child(*parent, c)))
-                    .collect();
-                let written = self.edit_padded(*side, &recs, BIG_TXID_BYTES);
-                return written.into_iter().map(|(r, v)| (*side, r, v)).collect();
-            }
-            Action::Delete { side, rec } => self.delete(*side, *rec),
-            Action::Fault { side, writes } => self.controls[side.index()].set(*writes),
-            Action::DuringWrite { target, side, rec, delete } => {
-                self.counter += 1;
-                let (value, side, rec, delete) = (self.counter, *side, *rec, *delete);
-                let (path, edits) = (self.paths[side.index()].clone(), self.hook_edits.clone());
-                self.txids += 1;
-                let txid = format!("app-{}", self.txids);
-                *self.controls[target.index()].before_write.lock().unwrap() = Some(Box::new(move || {
-                    Box::pin(async move {
-                        let mut conn = Connection::open(&path).expect("open app");
-                        conn.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
-                        let mut edits = edits.lock().unwrap();
-                        if delete {
-                            edits.extend(
-                                delete_rec(&mut conn, side, rec, &txid).into_iter().map(|r| (side, r, None, None)),
-                            );
-                        } else if let Some(before) = upsert_rec(&mut conn, side, rec, value, &txid) {
-                            edits.push((side, rec, Some(value), before));
+    fn user_hook(
+        &self,
+        side: Side,
+        rec: Rec,
+        value: Option<u64>,
+        txid: String,
+        edits: Arc<Mutex<Vec<HookEdit>>>,
+    ) -> Hook {
+        let path = self.paths[side.index()].clone();
+        Box::new(move || {
+            Box::pin(async move {
+                let mut conn = Connection::open(&path).expect("open app");
+                conn.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
+                let mut edits = edits.lock().unwrap();
+                match value {
+                    None => {
+                        edits.extend(delete_rec(&mut conn, side, rec, &txid).into_iter().map(|r| (side, r, None, None)))
+                    }
+                    Some(v) => {
+                        if let Some(before) = upsert_rec(&mut conn, side, rec, v, &txid) {
+                            edits.push((side, rec, Some(v), before));
                         }
-                    })
-                }));
-            }
-            Action::Lifecycle(op) => {
-                // Whatever the status: an operator's command the job refuses changes nothing.
-                let admin = self.rt.admin();
-                let _ = match op {
-                    Op::Stop => self.rt.stop("j").await.map_err(|e| e.to_string()),
-                    Op::Start => self.rt.start("j").await.map_err(|e| e.to_string()),
-                    Op::Pause => admin.pause("j").await.map(|_| ()).map_err(|e| e.to_string()),
-                    Op::Resume => admin.resume("j").await.map(|_| ()).map_err(|e| e.to_string()),
-                };
-            }
-            Action::Retry => {
-                // Refused when nothing is open or the job is not active: nothing to do then.
-                let _ = self.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await;
-            }
-            Action::TwoWorkers { batch, yields } => self.two_workers(*batch, *yields).await,
-        }
-        self.merge_hook_edits();
-        Vec::new()
-    }
-
-    /// Whether a step may receive its messages once without handling them (a crash, or the
-    /// first of two workers) and still keep them all out of the dead-letter queue (see
-    /// [`MAX_CRASHES`]).
-    fn may_crash(&self, step: StepKind) -> bool {
-        let msgs = self.rt.queue(step).peek_all().expect("peek");
-        self.crashes < MAX_CRASHES && msgs.iter().all(|m| m.receive_count < MAX_CRASHES as u32)
-    }
-
-    /// [`Action::TwoWorkers`]. The second receive counts as a crash (the message is received
-    /// once more than it is handled): past [`MAX_CRASHES`] it is an ordinary step.
-    async fn two_workers(&mut self, batch: usize, yields: u64) {
-        if !self.may_crash(StepKind::Deliver) {
-            self.step(StepKind::Deliver, batch).await;
-            return;
-        }
-        let queue = self.rt.queue(StepKind::Deliver).clone();
-        let first = queue.receive(batch).await.expect("receive");
-        if first.is_empty() {
-            return;
-        }
-        self.crashes += 1;
-        self.clock.advance(PAST_VISIBILITY_MS);
-        let second = queue.receive(batch).await.expect("receive");
-        for c in &self.controls {
-            c.yields.store(yields, std::sync::atomic::Ordering::SeqCst);
-        }
-        let (steps, input) = (&self.rt.steps, queue.as_ref());
-        let (one, two) = tokio::join!(
-            steps.handle(StepKind::Deliver, input, &first),
-            steps.handle(StepKind::Deliver, input, &second)
-        );
-        for c in &self.controls {
-            c.yields.store(0, std::sync::atomic::Ordering::SeqCst);
-        }
-        // Each worker answers for what it received, as `run_once` does: the first one's receipts
-        // are stale by now, so only the second one's answers count.
-        for (msgs, result) in [(&first, one), (&second, two)] {
-            match result {
-                Ok(outcomes) => settle(input, msgs, &outcomes).await.expect("settle"),
-                Err(StepError::Crashed(_)) => {}
-                Err(e) => panic!("deliver failed: {e}"),
-            }
-        }
-    }
-
-    /// Ends the faults: apps write again, the job runs, every open error is retried (a few
-    /// times, each after a drain), as an operator would once the apps are back.
-    async fn settle(&mut self) -> Result<(), TestCaseError> {
-        for c in &self.controls {
-            c.set(Writes::Work);
-            c.before_write.lock().unwrap().take();
-        }
-        match self.rt.state.job("j").await.expect("job").1 {
-            JobStatus::Stopped => self.rt.start("j").await.expect("start"),
-            JobStatus::Paused | JobStatus::Resuming => {
-                self.rt.admin().resume("j").await.expect("resume");
-            }
-            _ => {}
-        }
-        self.drain().await?;
-        for _ in 0..3 {
-            if self.rt.admin().submit("j", RequestAction::Retry, ErrorFilter::default()).await.is_err() {
-                break;
-            }
-            self.drain().await?;
-        }
-        Ok(())
-    }
-
-    /// Runs every step until the pipeline is idle, moving the clock past the visibility timeout
-    /// between rounds; a failure if it does not get there.
-    async fn drain(&mut self) -> Result<(), TestCaseError> {
-        for _ in 0..DRAIN_ROUNDS {
-            for _ in 0..1000 {
-                let mut moved = self.rt.pump_feeds(BATCH).await.expect("pump feeds");
-                for step in STEPS {
-                    moved += self.step(step, 8).await;
+                    }
                 }
-                if moved == 0 {
-                    break;
-                }
-            }
-            if self.rt.is_idle().await.expect("idle") {
-                self.crashes = 0;
-                return Ok(());
-            }
-            self.clock.advance(PAST_VISIBILITY_MS);
-        }
-        let queues: Vec<_> = STEPS.iter().map(|s| (s, self.rt.queue(*s).peek_all().expect("peek"))).collect();
-        Err(TestCaseError::fail(format!("the pipeline did not drain in {DRAIN_ROUNDS} rounds: {queues:#?}")))
-    }
-
-    async fn error_rows(&self) -> Vec<SyncError> {
-        let rows = self.rt.state.error_rows("j", &ErrorFilter::default()).await.expect("error rows");
-        rows.into_iter().map(|(_, e)| e).collect()
-    }
-
-    async fn conflicts(&self) -> Vec<ConflictRecord> {
-        let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.rt.state.conflicts("j", 500, after.as_deref()).await.expect("conflicts");
-            out.extend(page.items);
-            match page.next {
-                Some(n) => after = Some(n),
-                None => return out,
-            }
-        }
-    }
-
-    /// The invariant after a drain: nothing dead-lettered; every record in step on both sides
-    /// unless it has an open error to retry, and no such error on a record that is in step; no
-    /// update lost. Without orphans, no open error at all.
-    async fn check_converged(&self) -> Result<(), TestCaseError> {
-        for (i, dlq) in self.rt.dead_letters.iter().enumerate() {
-            let msgs = dlq.peek_all().expect("peek");
-            prop_assert!(msgs.is_empty(), "dead-letter queue {i} holds messages: {msgs:#?}");
-        }
-        let errors = self.error_rows().await;
-        let conflicts = self.conflicts().await;
-        let open: Vec<&SyncError> = errors
-            .iter()
-            .filter(|e| matches!(e.status, ErrorStatus::Open | ErrorStatus::Retrying) && e.category.retriable())
-            .collect();
-        // Children created only where their parent exists, and deliveries keeping a parent
-        // before its children: no missing reference; and sqlite apps have no system failures.
-        prop_assert!(self.orphans || open.is_empty(), "open application/system errors: {open:#?}");
-        // "Every link with no open error is in step": a record with an open retriable error is
-        // exempt. A concurrency skip (not retriable) exempts nothing: a newer change of the
-        // record exists and is delivered.
-        let exempt: HashSet<(String, Key)> = open.iter().map(|e| (e.map.clone(), e.key.clone())).collect();
-        let mut out_of_step: HashSet<(String, Key)> = HashSet::new();
-        for cmp in verify::compare(&self.lj).await.expect("compare") {
-            out_of_step
-                .extend(cmp.differ.iter().chain(cmp.only.iter().flatten()).map(|k| (cmp.map.clone(), k.clone())));
-            let unexcused: Vec<&Key> = cmp
-                .differ
-                .iter()
-                .chain(cmp.only.iter().flatten())
-                .filter(|k| !exempt.contains(&(cmp.map.clone(), (*k).clone())))
-                .collect();
-            prop_assert!(
-                unexcused.is_empty(),
-                "map {}: out of step after draining, with no open error: {unexcused:?}\ncomparison: {cmp:?}\napps: \
-                 {:#?}\nerrors: {errors:#?}",
-                cmp.map,
-                self.dump()
-            );
-        }
-        // And the other way round: an error still open on a record in step misleads operators
-        // (and no later sync of the record would resolve it).
-        let stale: Vec<&&SyncError> =
-            open.iter().filter(|e| !out_of_step.contains(&(e.map.clone(), e.key.clone()))).collect();
-        prop_assert!(stale.is_empty(), "open errors of records that are in step: {stale:#?}");
-        // The small model's records, and any other a user wrote (the children of big edits).
-        let recs: BTreeSet<Rec> = all_recs().chain(self.written.keys().copied()).collect();
-        for r in recs {
-            if exempt.contains(&(r.map().to_string(), r.key())) {
-                continue;
-            }
-            let Some(v) = self.value(Side::A, r) else { continue };
-            // Written by a user at some point (deletes and resurrections aside, never invented).
-            prop_assert!(self.written.get(&r).is_some_and(|w| w.contains(&v)), "{r:?} holds {v}, which no user wrote");
-            let last = self.last.get(&r).copied().unwrap_or_default();
-            prop_assert!(
-                last.contains(&Some(v)),
-                "{r:?} holds {v} on both sides, but the last values users wrote to it (A, B) are {last:?}: an \
-                 older value came back"
-            );
-            // A write whose outcome was unknown (a time-out) proves nothing about a later edit of
-            // its target: the two are decided as a conflict, by the primary, with a row that
-            // says so. Such a decision is not a silent loss.
-            let map = &self.lj.job.maps[r.map_idx()];
-            let hash = canon::hash(&canon::canon(map, Side::A, &r.fields_a(v)).expect("canon"));
-            let decided = conflicts
-                .iter()
-                .any(|c| c.map == r.map() && c.key == r.key() && c.hashes[self.primary.index()] == hash);
-            let newer: Vec<(u64, &BTreeSet<u64>)> = self.written[&r]
-                .iter()
-                .filter(|_| !decided)
-                .filter_map(|w| self.replaced.get(w).filter(|p| p.contains(&v)).map(|p| (*w, p)))
-                .collect();
-            prop_assert!(
-                newer.is_empty(),
-                "{r:?} holds {v} on both sides, but users replaced that value (value, what it replaced): \
-                 {newer:?}: a lost update"
-            );
-        }
-        Ok(())
+            })
+        })
     }
 }
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime").block_on(f)
+impl Harness {
+    async fn new(primary: Side) -> Harness {
+        Self::with_seq(primary, true).await
+    }
+
+    /// `reads_seq`: whether the connectors' reads give each record's latest change seq (off:
+    /// capture's link-state path).
+    async fn with_seq(primary: Side, reads_seq: bool) -> Harness {
+        // In memory when the machine offers it: thousands of cases create their apps afresh.
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("tempdir");
+        let paths = [dir.path().join("a.db"), dir.path().join("b.db")];
+        let open = |p: &Path| {
+            let c = Connection::open(p).expect("open app");
+            c.pragma_update(None, "journal_mode", "WAL").expect("wal");
+            c.pragma_update(None, "synchronous", "OFF").expect("synchronous");
+            c.busy_timeout(std::time::Duration::from_secs(5)).expect("busy timeout");
+            c
+        };
+        let conns = [open(&paths[0]), open(&paths[1])];
+        conns[0].execute_batch(SCHEMA_A).expect("schema a");
+        conns[1].execute_batch(SCHEMA_B).expect("schema b");
+        let mut def = parse_job("job.yaml", &job_yaml(primary)).expect("job");
+        def.apps[0].path = Some(paths[0].display().to_string());
+        def.apps[1].path = Some(paths[1].display().to_string());
+        let controls = [Control::new(), Control::new()].map(|c| Control { reads_change_seq: reads_seq, ..c });
+        let registry = Arc::new(FaultyRegistry::new(controls.clone()));
+        let apps = Box::new(SqliteApps { _dir: dir, conns, paths });
+        Harness::start(primary, def, apps, registry, controls).await
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1204,12 +603,6 @@ proptest! {
 
 // ---------------------------------------------------------------------------------------------
 // What the properties found, as fixed cases (the minimal inputs proptest shrank them to)
-
-fn run(r: Result<(), TestCaseError>) {
-    if let Err(e) = r {
-        panic!("{e}");
-    }
-}
 
 /// A parent created and updated again before its first delivery: its first change was skipped
 /// as stale, so the child created in between reached the other app before the parent

@@ -69,6 +69,7 @@ impl Fixture {
             txid: format!("t-{key}"),
             category,
             message: format!("missing reference: customers/{key}"),
+            delete: false,
         };
         self.admin.state.record_error("sales", e).await.unwrap()
     }

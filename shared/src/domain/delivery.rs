@@ -210,6 +210,14 @@ impl Progress {
         records[c.source.other().index()] = other.map(Seen::observed);
         let settled = state.map(|s| s.settled(records)).unwrap_or_default();
         let rows = state.map(|s| s.open_errors.clone()).unwrap_or_default();
+        // The other side no longer holds the record it held at the last sync, and the source
+        // has not changed since: the other side deleted it. While the link has rows to retry,
+        // that delete may be one of them (held while the job was stopped): it decides. Written
+        // here, the record came back on the side whose user deleted it, and the sync resolved
+        // the delete's row with the others.
+        if other.is_none() && !rows.is_empty() && settled.hash.as_deref() == Some(source.hash) {
+            return Progress::Done(Done { end: End::OtherSideChanged, release: None });
+        }
         let unchanged = Done { end: End::Synced { wrote: false, resolves: Vec::new() }, release: release(link) };
         match decide(state, c.source, cx.primary, source.observed(), other.map(Seen::observed)) {
             Decision::InStep => {
@@ -499,6 +507,21 @@ mod tests {
             Progress::ToCheck(w) => w,
             other => panic!("not a write: {other:?}"),
         }
+    }
+
+    /// The other side lost the record since the last sync, the source unchanged: with rows to
+    /// retry on the link (the other side's delete, held while the job was stopped), that delete
+    /// decides and the rows stay open; without, the record is written there as before.
+    #[test]
+    fn a_record_deleted_on_the_other_side_with_rows_waiting_is_not_written_again() {
+        let mut l = synced("h0");
+        l.open_errors = vec!["ts#row".into()];
+        let p = Progress::read(&CX, &change(Side::A, 6), at(&l), seen("h0"), None);
+        assert_eq!(end(&p), &End::OtherSideChanged);
+        // The source changed since: its change goes (an edit wins over a delete, as before).
+        assert!(!write(Progress::read(&CX, &change(Side::A, 6), at(&l), seen("h1"), None)).conflict);
+        l.open_errors.clear();
+        assert!(!write(Progress::read(&CX, &change(Side::A, 6), at(&l), seen("h0"), None)).conflict);
     }
 
     #[test]

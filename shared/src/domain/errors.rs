@@ -89,6 +89,11 @@ pub struct SyncError {
     /// The retry request that last took this row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
+    /// The change the row holds is a delete: a retry runs it through the live path again (as
+    /// capture does), not through delivery, which would take the record missing at its source
+    /// for a stale change.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete: bool,
 }
 
 /// A conflict: both sides changed since the last sync; the primary's side won.

@@ -175,6 +175,7 @@ mod tests {
             last_seen_ms: 0,
             status,
             request: Some("r".into()),
+            delete: false,
         }
     }
 

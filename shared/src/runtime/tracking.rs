@@ -229,6 +229,7 @@ async fn take_page(
                 map.name,
                 job.app_name(side.other())
             ),
+            delete: false,
         };
         state.record_error(&job.name, error).await?;
     }

@@ -30,6 +30,8 @@ pub struct NewError {
     /// integration key could not be found. Such a row cannot be retried (nothing could address
     /// the record's counterpart) and is linked to no record; the operator mends it by hand.
     pub by_record_id: bool,
+    /// The change is a delete (see [`SyncError::delete`]).
+    pub delete: bool,
 }
 
 /// Error rows counted by category and by status.
@@ -82,6 +84,8 @@ impl State {
                 row.txid = e.txid.clone();
                 row.message = e.message.clone();
                 row.status = ErrorStatus::Open;
+                // The row holds the record's latest failed change from this source.
+                row.delete = e.delete;
                 let put = Put {
                     pk: pk.clone(),
                     sk: item.sk.clone(),
@@ -113,6 +117,7 @@ impl State {
                     last_seen_ms: now,
                     status: ErrorStatus::Open,
                     request: None,
+                    delete: e.delete,
                 };
                 let rows = vec![
                     Put {
@@ -192,6 +197,16 @@ impl State {
                 .is_some()
         })
         .await
+    }
+
+    /// A retried row whose change went through: resolved, unless something reopened it since
+    /// (a new failure of the same link and cause, recorded by the retry itself).
+    pub async fn resolve_retried(&self, job: &str, sk: &str) -> Result<(), KvError> {
+        self.update_rows(job, &[sk.to_string()], |row| {
+            (row.status == ErrorStatus::Retrying).then(|| row.status = ErrorStatus::Resolved).is_some()
+        })
+        .await
+        .map(|_| ())
     }
 
     /// A retried change was handled without syncing its record (skipped as not the latest, or

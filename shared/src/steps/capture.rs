@@ -133,8 +133,6 @@ impl Steps {
                 Operation::Upsert => upserts.push((c, map.mode, ch.version.clone())),
             }
         }
-        let all: Vec<&ChangeRef> = upserts.iter().map(|(c, _, _)| c).chain(deletes.iter().map(|(_, c)| c)).collect();
-
         // A paused job keeps capturing: delivery keeps its changes until it resumes.
         if !(lj.status == JobStatus::Active || lj.status.holds_deliveries()) {
             let msg = format!(
@@ -142,9 +140,7 @@ impl Steps {
                 job.name,
                 lj.status.as_str()
             );
-            for c in all {
-                self.record(&lj, c, ErrorCategory::Application, msg.clone()).await?;
-            }
+            self.record_each(&lj, &upserts, &deletes, &msg).await?;
             return self.finish(&lj, source, &tx, Vec::new()).await;
         }
 
@@ -157,9 +153,7 @@ impl Steps {
                 async_entities.into_iter().collect::<Vec<_>>().join(", "),
                 live_entities.into_iter().collect::<Vec<_>>().join(", "),
             );
-            for c in all {
-                self.record(&lj, c, ErrorCategory::Application, msg.clone()).await?;
-            }
+            self.record_each(&lj, &upserts, &deletes, &msg).await?;
             return self.finish(&lj, source, &tx, Vec::new()).await;
         }
 
@@ -225,9 +219,29 @@ impl Steps {
         Ok(Outcome::Done)
     }
 
+    /// Records an application error row for each change of a transaction that goes no further;
+    /// a delete's row says so, so that its retry runs the live delete again (a retry through
+    /// delivery would find the record missing at its source and skip it, or let the other
+    /// side's change create it again).
+    async fn record_each(
+        &self,
+        lj: &LoadedJob,
+        upserts: &[(ChangeRef, Mode, Option<String>)],
+        deletes: &[(usize, ChangeRef)],
+        msg: &str,
+    ) -> Result<(), StepError> {
+        for (c, _, _) in upserts {
+            self.record(lj, c, ErrorCategory::Application, msg.to_string()).await?;
+        }
+        for (_, c) in deletes {
+            self.record_delete(lj, c, ErrorCategory::Application, msg.to_string()).await?;
+        }
+        Ok(())
+    }
+
     /// Deletes the counterpart of a change of map `m` now; `Some(outcome)` when the message
-    /// must be retried.
-    async fn delete_now(
+    /// must be retried. Also how a retry request runs a delete's row again.
+    pub(crate) async fn delete_now(
         &self,
         lj: &LoadedJob,
         m: usize,
@@ -288,7 +302,7 @@ impl Steps {
             }
             Err(ConnectorError::Rejected { message, .. }) => {
                 let msg = format!("{} refused the delete of {}/{}: {message}", job.app_name(target), c.map, c.key);
-                self.record(lj, c, ErrorCategory::Application, msg).await?;
+                self.record_delete(lj, c, ErrorCategory::Application, msg).await?;
                 Ok(None)
             }
         }

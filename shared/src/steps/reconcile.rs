@@ -145,19 +145,24 @@ impl Steps {
                 let sks: Vec<String> = retriable.iter().map(|(sk, _)| sk.clone()).collect();
                 self.state.mark_retrying(job, &sks, id).await?;
                 let now = self.state.now_ms();
-                let changes: Vec<ChangeRef> = retriable
-                    .iter()
-                    .map(|(sk, row)| ChangeRef {
-                        map: row.map.clone(),
-                        source: row.source,
-                        key: row.key.clone(),
-                        seq: row.seq,
-                        txid: row.txid.clone(),
-                        at_ms: now,
-                        retry_of: Some(sk.clone()),
-                        waited: false,
-                    })
-                    .collect();
+                let change = |sk: &String, row: &SyncError| ChangeRef {
+                    map: row.map.clone(),
+                    source: row.source,
+                    key: row.key.clone(),
+                    seq: row.seq,
+                    txid: row.txid.clone(),
+                    at_ms: now,
+                    retry_of: Some(sk.clone()),
+                    waited: false,
+                };
+                // Deletes first, through the live path as capture runs them, before the other
+                // rows' changes can reach delivery: one of the other side's, delivered first,
+                // would create the record again on the side whose user deleted it.
+                let (deletes, others): (Vec<_>, Vec<_>) = retriable.iter().partition(|(_, row)| row.delete);
+                for (sk, row) in deletes {
+                    self.retry_delete(&compiled.name, &change(sk, row), row.attempts).await?;
+                }
+                let changes: Vec<ChangeRef> = others.into_iter().map(|(sk, row)| change(sk, row)).collect();
                 // In dependency order, whatever order the rows were first seen in.
                 let out = redelivery(&compiled, changes, &format!("retry-{id}"));
                 for chunk in out.chunks(500) {
@@ -168,6 +173,25 @@ impl Steps {
         request.progress = progress;
         request.status = RequestStatus::Done;
         self.finish_request(request).await
+    }
+
+    /// Runs a delete's row again through the live path (capture's): resolved once it went
+    /// through (or made a row of its own: the record exists again, the app refused), open again
+    /// with the reason when the app could not be reached.
+    async fn retry_delete(&self, job: &str, c: &ChangeRef, attempts: u32) -> Result<(), StepError> {
+        let sk = c.retry_of.clone().unwrap_or_default();
+        // The rows retried are of maps the job has (checked by the caller).
+        let lj = self.load_job(job).await?;
+        let Some((m, lj)) = lj.and_then(|lj| Some((lj.job.map(&c.map)?.0, lj))) else {
+            return Ok(self.state.settle_retry(job, &sk, "the job no longer maps this record").await?);
+        };
+        match self.delete_now(&lj, m, c, attempts).await? {
+            None | Some(Outcome::Done) => self.state.resolve_retried(job, &sk).await?,
+            Some(Outcome::Retry { reason, .. } | Outcome::Poison { reason }) => {
+                self.state.settle_retry(job, &sk, &reason).await?
+            }
+        }
+        Ok(())
     }
 
     async fn finish_request(&self, request: ReconcileRequest) -> Result<String, StepError> {

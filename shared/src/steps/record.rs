@@ -27,6 +27,22 @@ impl Steps {
         self.record_raw(&lj.job.name, c, &entity, lj.job.app_name(c.source), category, message).await
     }
 
+    /// As [`Steps::record`], for a delete: its row's retry runs the live delete again
+    /// (`SyncError::delete`).
+    pub(crate) async fn record_delete(
+        &self,
+        lj: &LoadedJob,
+        c: &ChangeRef,
+        category: ErrorCategory,
+        message: String,
+    ) -> Result<(), StepError> {
+        let entity = lj.job.map(&c.map).map(|(_, m)| m.entity(c.source).to_string()).unwrap_or_else(|| c.map.clone());
+        let e = self.new_error(&lj.job.name, c, &entity, lj.job.app_name(c.source), category, message);
+        let e = NewError { delete: true, ..e };
+        self.state.record_error(&lj.job.name, e).await?;
+        Ok(())
+    }
+
     /// Records rows, then checks the alert rule once if any is an application error.
     pub(crate) async fn record_all<'c>(
         &self,
@@ -55,13 +71,28 @@ impl Steps {
         category: ErrorCategory,
         message: String,
     ) -> Result<(), StepError> {
+        let e = self.new_error(job, c, entity, app, category, message);
+        self.state.record_error(job, e).await?;
+        Ok(())
+    }
+
+    /// The row of change `c`, counted and logged (the key only).
+    fn new_error(
+        &self,
+        job: &str,
+        c: &ChangeRef,
+        entity: &str,
+        app: &str,
+        category: ErrorCategory,
+        message: String,
+    ) -> NewError {
         match category {
             ErrorCategory::Concurrency => Metrics::add(&self.metrics.concurrency, 1),
             ErrorCategory::Application => Metrics::add(&self.metrics.application, 1),
             _ => {}
         }
         warn!(job, map = %c.map, key = %c.key, category = category.as_str(), %message, "sync error");
-        let e = NewError {
+        NewError {
             map: c.map.clone(),
             entity: entity.to_string(),
             app: app.to_string(),
@@ -72,8 +103,7 @@ impl Steps {
             txid: c.txid.clone(),
             category,
             message,
-        };
-        self.state.record_error(job, e).await?;
-        Ok(())
+            delete: false,
+        }
     }
 }

@@ -208,15 +208,23 @@ impl Connector for Faulty {
     }
 }
 
-/// The sqlite apps, each side behind a [`Faulty`] connector with its [`Control`].
+/// The apps, each side behind a [`Faulty`] connector with its [`Control`]: the job's sqlite
+/// apps, or connectors the test opened itself ([`Self::over`]).
 pub struct FaultyRegistry {
     inner: SqliteRegistry,
+    opened: Option<[Arc<dyn Connector>; 2]>,
     controls: [Control; 2],
 }
 
 impl FaultyRegistry {
     pub fn new(controls: [Control; 2]) -> Self {
-        FaultyRegistry { inner: SqliteRegistry::default(), controls }
+        FaultyRegistry { inner: SqliteRegistry::default(), opened: None, controls }
+    }
+
+    /// Over connectors opened by the test (an odata app with a time-out of its own), whatever
+    /// the job says of its apps.
+    pub fn over(connectors: [Arc<dyn Connector>; 2], controls: [Control; 2]) -> Self {
+        FaultyRegistry { inner: SqliteRegistry::default(), opened: Some(connectors), controls }
     }
 
     /// With fresh controls (every write works): the registry and its controls.
@@ -234,7 +242,10 @@ impl AppRegistry for FaultyRegistry {
 
 impl ConnectorRegistry for FaultyRegistry {
     fn connectors(&self, job: &Job) -> Result<[Arc<dyn Connector>; 2], ConnectorError> {
-        let [a, b] = self.inner.connectors(job)?;
+        let [a, b] = match &self.opened {
+            Some(c) => c.clone(),
+            None => self.inner.connectors(job)?,
+        };
         Ok([
             Arc::new(Faulty { inner: a, control: self.controls[0].clone() }),
             Arc::new(Faulty { inner: b, control: self.controls[1].clone() }),

@@ -34,6 +34,7 @@ pub async fn fit(state: &State, mut tx: TransactionNotification) -> Result<Vec<T
                         ch.entity,
                         ch.key.display().len()
                     ),
+                    delete: false,
                 };
                 state.record_error(&tx.job, error).await?;
             }

@@ -273,6 +273,7 @@ impl Ingress {
                  could not be read back: {reason}; {mend}",
                 change.entity
             ),
+            delete: false,
         };
         self.state.record_error(&route.job.name, error).await.map_err(|e| unavailable(&StepError::from(e)))?;
         Ok(())
