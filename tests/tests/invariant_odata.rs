@@ -81,26 +81,9 @@ apps:
     auth: {{ kind: none }}
     ingress: {{ auth: {{ kind: webhook_key, key_env: DV_KEY }}, own_user_id: {OWN_USER} }}
 primary: {}
-table_groups:
-  - name: g
-    maps:
-      - name: parents
-        sequence: 1
-        entities: {{ a: parents, b: owners }}
-        keys: [{{ a: pid, b: owner_id }}]
-        fields:
-          - {{ a: name, b: title }}
-          - {{ a: n, b: num }}
-      - name: children
-        sequence: 2
-        entities: {{ a: children, b: items }}
-        keys: [{{ a: pid, b: owner_id }}, {{ a: cno, b: item_no }}]
-        fields: [{{ a: label, b: caption }}]
-        lookups:
-          - map: parents
-            fields: [{{ a: pid, b: owner_id }}]
-",
-        app_name(primary)
+{}",
+        app_name(primary),
+        model::MAPS
     )
 }
 

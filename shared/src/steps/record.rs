@@ -23,8 +23,7 @@ impl Steps {
         category: ErrorCategory,
         message: String,
     ) -> Result<(), StepError> {
-        let entity = lj.job.map(&c.map).map(|(_, m)| m.entity(c.source).to_string()).unwrap_or_else(|| c.map.clone());
-        self.record_raw(&lj.job.name, c, &entity, lj.job.app_name(c.source), category, message).await
+        self.record_change(lj, c, category, message, false).await
     }
 
     /// As [`Steps::record`], for a delete: its row's retry runs the live delete again
@@ -36,10 +35,20 @@ impl Steps {
         category: ErrorCategory,
         message: String,
     ) -> Result<(), StepError> {
+        self.record_change(lj, c, category, message, true).await
+    }
+
+    async fn record_change(
+        &self,
+        lj: &LoadedJob,
+        c: &ChangeRef,
+        category: ErrorCategory,
+        message: String,
+        delete: bool,
+    ) -> Result<(), StepError> {
         let entity = lj.job.map(&c.map).map(|(_, m)| m.entity(c.source).to_string()).unwrap_or_else(|| c.map.clone());
         let e = self.new_error(&lj.job.name, c, &entity, lj.job.app_name(c.source), category, message);
-        let e = NewError { delete: true, ..e };
-        self.state.record_error(&lj.job.name, e).await?;
+        self.state.record_error(&lj.job.name, NewError { delete, ..e }).await?;
         Ok(())
     }
 

@@ -65,6 +65,28 @@ pub fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
+/// The maps of both model tests' job (A's entities are `invariant.rs`'s tables): parents and
+/// their children, keyed by the parent's key and a number, with a lookup of the parent.
+pub const MAPS: &str = "table_groups:
+  - name: g
+    maps:
+      - name: parents
+        sequence: 1
+        entities: { a: parents, b: owners }
+        keys: [{ a: pid, b: owner_id }]
+        fields:
+          - { a: name, b: title }
+          - { a: n, b: num }
+      - name: children
+        sequence: 2
+        entities: { a: children, b: items }
+        keys: [{ a: pid, b: owner_id }, { a: cno, b: item_no }]
+        fields: [{ a: label, b: caption }]
+        lookups:
+          - map: parents
+            fields: [{ a: pid, b: owner_id }]
+";
+
 pub fn app_name(side: Side) -> &'static str {
     match side {
         Side::A => "a",
