@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// Deliver workers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// odata: the target's `batch_size` (operations per `$batch`) [default: the connector's].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// odata: how the source's changes reach ingress.
     #[arg(long, value_enum, default_value_t = crate::bench_odata::Events::Notification)]
     events: crate::bench_odata::Events,
@@ -90,7 +93,7 @@ pub async fn run(data_dir: &Path, args: BenchArgs) -> Result<()> {
         BenchApps::Sqlite => sqlite(data_dir, &args, args.records.unwrap_or(200_000)).await,
         BenchApps::Odata => {
             let n = args.records.unwrap_or(100_000);
-            crate::bench_odata::run(data_dir, n, args.tx_size, args.workers, args.events).await
+            crate::bench_odata::run(data_dir, n, args.tx_size, args.workers, args.events, args.batch_size).await
         }
     }
 }

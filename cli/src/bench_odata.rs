@@ -1,6 +1,7 @@
 //! `dualsync bench --apps odata`: the embedded pipeline between two OData sample services on
 //! loopback, each answering 20 ms late (a WAN round trip) and the target holding Dataverse's
-//! service protection (52 requests in flight). N customers are created in the fno-like source
+//! service protection (52 requests in flight; 6,000 requests and 1,200 s of execution per
+//! 5-minute window). N customers are created in the fno-like source
 //! as its users would, `tx_size` to a transaction, and the source tells of them as an app does,
 //! through the ingress handler (what `POST /ingress/bench/fno/{source}` runs) into capture: the
 //! project's notification, one per transaction, or fno business events, one per record, posted
@@ -20,7 +21,7 @@ use dualsync::domain::config::parse_job;
 use dualsync::runtime::local::LocalRuntime;
 use dualsync::steps::ingress::Request;
 use dualsync::steps::Metrics;
-use odata_sample::{Kind, Options, Server, Traffic};
+use odata_sample::{Kind, Options, Protection, Server, Traffic};
 
 use crate::bench::{peak_rss_mib, percentile};
 use crate::sample_apps::{account, company};
@@ -32,10 +33,12 @@ const DATAVERSE_CONCURRENCY: usize = 52;
 /// The header fno's business events are posted with, and the key's (in-process) variable.
 const KEY_HEADER: &str = "x-bench-key";
 const KEY_ENV: &str = "BENCH_EVENTS_KEY";
-/// The bench stops when no record has arrived for this long.
-const STALL: Duration = Duration::from_secs(60);
+/// The bench stops when no record has arrived for this long: longer than Dataverse's window,
+/// whose Retry-After can hold every request back for most of it.
+const STALL: Duration = Duration::from_secs(360);
 
-fn job_yaml(fno: &str, dataverse: &str) -> String {
+fn job_yaml(fno: &str, dataverse: &str, batch_size: Option<usize>) -> String {
+    let batch_size = batch_size.map(|n| format!("\n    batch_size: {n}")).unwrap_or_default();
     format!(
         "job: bench
 apps:
@@ -49,7 +52,7 @@ apps:
     connector: odata
     url: '{dataverse}'
     flavor: dataverse
-    auth: {{ kind: none }}
+    auth: {{ kind: none }}{batch_size}
 primary: fno
 companies: [USMF, DEMF]
 table_groups:
@@ -126,7 +129,14 @@ pub enum Events {
     Notification,
 }
 
-pub async fn run(data_dir: &Path, n: usize, tx_size: usize, workers: usize, events: Events) -> Result<()> {
+pub async fn run(
+    data_dir: &Path,
+    n: usize,
+    tx_size: usize,
+    workers: usize,
+    events: Events,
+    batch_size: Option<usize>,
+) -> Result<()> {
     let dir = data_dir.join("bench-odata");
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
@@ -135,7 +145,12 @@ pub async fn run(data_dir: &Path, n: usize, tx_size: usize, workers: usize, even
     fno.add_set("CustomersV3", &["dataAreaId", "CustomerAccount"], None);
     let dataverse = Server::start(
         Kind::Dataverse,
-        Options { latency: LATENCY, max_concurrent: DATAVERSE_CONCURRENCY, ..Options::default() },
+        Options {
+            latency: LATENCY,
+            max_concurrent: DATAVERSE_CONCURRENCY,
+            protection: Some(Protection::DATAVERSE),
+            ..Options::default()
+        },
     )
     .await;
     dataverse.add_set("accounts", &["msdyn_company", "accountnumber"], Some("accountid"));
@@ -143,7 +158,7 @@ pub async fn run(data_dir: &Path, n: usize, tx_size: usize, workers: usize, even
     let mut rt = LocalRuntime::open(&dir)?;
     rt.deliver_workers = workers.max(1);
     let rt = Arc::new(rt);
-    rt.apply(parse_job("bench job", &job_yaml(&fno.url, &dataverse.url))?).await?;
+    rt.apply(parse_job("bench job", &job_yaml(&fno.url, &dataverse.url, batch_size))?).await?;
     rt.start("bench").await?;
     let metrics = rt.steps.metrics.clone();
     metrics.keep_latencies();
@@ -157,10 +172,15 @@ pub async fn run(data_dir: &Path, n: usize, tx_size: usize, workers: usize, even
         Events::Notification => format!("a notification per transaction of {tx_size}"),
     };
     println!(
-        "dualsync bench --apps odata: {n} records, {told}, {} deliver workers; \
-         both services {} ms per request, Dataverse at most {DATAVERSE_CONCURRENCY} in flight",
+        "dualsync bench --apps odata: {n} records, {told}, {} deliver workers, $batch of {} to the target; \
+         both services {} ms per request, Dataverse at most {DATAVERSE_CONCURRENCY} in flight, \
+         {} requests and {} s of execution per {} s",
         rt.deliver_workers,
-        LATENCY.as_millis()
+        batch_size.unwrap_or(dualsync::domain::job::OdataSpec::DEFAULT_BATCH_SIZE),
+        LATENCY.as_millis(),
+        Protection::DATAVERSE.requests,
+        Protection::DATAVERSE.execution.as_secs(),
+        Protection::DATAVERSE.window.as_secs(),
     );
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let tasks = rt.spawn(shutdown);
@@ -233,6 +253,13 @@ pub async fn run(data_dir: &Path, n: usize, tx_size: usize, workers: usize, even
         "most in flight     fno {}, dataverse {}",
         fno.shared.most_in_flight.load(std::sync::atomic::Ordering::SeqCst),
         dataverse.shared.most_in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    let (busiest, execution) = dataverse.busiest(Protection::DATAVERSE.window);
+    println!(
+        "dataverse window   busiest {} s: {busiest} requests, {:.1} s of execution; all run: {:.1} s of execution",
+        Protection::DATAVERSE.window.as_secs(),
+        execution.as_secs_f64(),
+        dst.execution.as_secs_f64()
     );
     println!("peak memory        {:.1} MiB", peak_rss_mib().unwrap_or(f64::NAN));
 

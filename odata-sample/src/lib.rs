@@ -7,7 +7,8 @@
 //!   `0x80060882`, on a missing record 404 `0x80060891`; a `POST` with a taken key answers
 //!   `0x80040237`; string comparisons ignore case; key values holding `/ < > * % & : \ ? +` are
 //!   refused in a URL; more than `max_concurrent` requests in flight answer 429 `0x80072326`
-//!   with Retry-After; validation failures are 400 `0x80044331`.
+//!   with Retry-After, and so do requests past the request-count or execution-time window
+//!   when `Options::protection` is on (`protection`); validation failures are 400 `0x80044331`.
 //! - fno (`/data/`): keys include `dataAreaId`; collections show the default company's records
 //!   unless `cross-company=true`; `PATCH` on a missing record is 404 (no upsert); a duplicate
 //!   `POST` and validation failures answer 500 with the Infolog in `innererror` (naming the
@@ -41,6 +42,8 @@ use store::{Rows, Slot, SortValue};
 
 pub mod events;
 pub use events::{EventKey, Subscription, UserTx};
+mod protection;
+pub use protection::Protection;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -133,6 +136,8 @@ pub struct Shared {
     in_flight: AtomicUsize,
     pub most_in_flight: AtomicUsize,
     pub max_concurrent: usize,
+    /// Dataverse's request-count and execution-time window, when on.
+    window: Option<protection::Window>,
     /// Answers that were 429 (service protection), whatever the cause.
     pub throttled: AtomicUsize,
     /// Added to every request (see [`Options::latency`]).
@@ -171,11 +176,21 @@ pub struct Options {
     /// Every request takes this long more, counted in flight: a WAN round trip to the
     /// service (the bench runs with 20 ms). Zero by default.
     pub latency: Duration,
+    /// Dataverse: the request-count and execution-time limits over a sliding window
+    /// ([`Protection::DATAVERSE`]). Off by default.
+    pub protection: Option<Protection>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_concurrent: 52, max_page: 5000, auth: None, token_lifetime_secs: 3600, latency: Duration::ZERO }
+        Options {
+            max_concurrent: 52,
+            max_page: 5000,
+            auth: None,
+            token_lifetime_secs: 3600,
+            latency: Duration::ZERO,
+            protection: None,
+        }
     }
 }
 
@@ -189,6 +204,8 @@ pub struct Traffic {
     pub batch_parts: usize,
     /// Answers that were 429.
     pub throttled: usize,
+    /// The service's own time on them (arrival to answer, less the added latency).
+    pub execution: Duration,
 }
 
 impl Server {
@@ -208,6 +225,7 @@ impl Server {
             in_flight: AtomicUsize::new(0),
             most_in_flight: AtomicUsize::new(0),
             max_concurrent: opts.max_concurrent,
+            window: opts.protection.filter(|_| kind == Kind::Dataverse).map(protection::Window::new),
             throttled: AtomicUsize::new(0),
             latency: opts.latency,
             max_page: opts.max_page,
@@ -408,12 +426,37 @@ impl Server {
         self.shared.log.lock().unwrap().clear();
     }
 
+    /// The most requests, and the most execution time, that any window of `span` held (by
+    /// arrival; token requests and 429s left out): how close a run came to the protection
+    /// limits.
+    pub fn busiest(&self, span: Duration) -> (usize, Duration) {
+        let log = self.shared.log.lock().unwrap();
+        let mut served: Vec<(Instant, Duration)> = log
+            .iter()
+            .filter(|l| !l.path.starts_with("/token") && l.status != 429)
+            .map(|l| (l.arrived, l.at.duration_since(l.arrived).saturating_sub(self.shared.latency)))
+            .collect();
+        served.sort_by_key(|(at, _)| *at);
+        let (mut most, mut most_execution, mut execution, mut first) = (0, Duration::ZERO, Duration::ZERO, 0);
+        for (i, (at, spent)) in served.iter().enumerate() {
+            execution += *spent;
+            while served[first].0 + span <= *at {
+                execution -= served[first].1;
+                first += 1;
+            }
+            most = most.max(i + 1 - first);
+            most_execution = most_execution.max(execution);
+        }
+        (most, most_execution)
+    }
+
     /// Requests, batches and 429s served so far.
     pub fn traffic(&self) -> Traffic {
         let log = self.shared.log.lock().unwrap();
         let mut t = Traffic { throttled: self.shared.throttled.load(Ordering::SeqCst), ..Traffic::default() };
         for l in log.iter().filter(|l| !l.path.starts_with("/token")) {
             t.requests += 1;
+            t.execution += l.at.duration_since(l.arrived).saturating_sub(self.shared.latency);
             if l.parts > 0 {
                 t.batches += 1;
                 t.batch_parts += l.parts;
@@ -522,6 +565,8 @@ impl Shared {
         }
         let mut stall = None;
         let mut parts = 0;
+        // Whether the window counted this request (its execution time is added at the end).
+        let mut admitted = false;
         let ans = if path == "/token" {
             self.token(&body)
         } else if !self.authorized(hdr("authorization")) {
@@ -530,7 +575,12 @@ impl Shared {
             let mut a = self.err(429, "0x80072326", "Number of concurrent requests exceeded the limit of 52.");
             a.headers.push(("Retry-After".into(), "1".into()));
             a
+        } else if let Some(refused) = self.window.as_ref().and_then(|w| w.admit(arrived).err()) {
+            let mut a = self.err(429, refused.code, &refused.message);
+            a.headers.push(("Retry-After".into(), refused.retry_after_secs.to_string()));
+            a
         } else {
+            admitted = true;
             match fault {
                 Some(Fault::Throttle(secs)) => {
                     let mut a = self.err(
@@ -580,6 +630,10 @@ impl Shared {
         }
         if ans.status == 429 {
             self.throttled.fetch_add(1, Ordering::SeqCst);
+        }
+        if let Some(w) = self.window.as_ref().filter(|_| admitted) {
+            let now = Instant::now();
+            w.spent(now, now.duration_since(arrived).saturating_sub(self.latency));
         }
         self.log.lock().unwrap().push(Logged {
             arrived,

@@ -81,6 +81,18 @@ pub enum WriteFailure {
     Transient { message: String, retry_after: Option<Duration> },
 }
 
+/// A write that failed with the whole request it went in.
+impl From<&ConnectorError> for WriteFailure {
+    fn from(e: &ConnectorError) -> WriteFailure {
+        match e {
+            ConnectorError::Transient { message, retry_after, .. } => {
+                WriteFailure::Transient { message: message.clone(), retry_after: *retry_after }
+            }
+            ConnectorError::Rejected { message, .. } => WriteFailure::Rejected(message.clone()),
+        }
+    }
+}
+
 /// A connector call that failed as a whole.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum ConnectorError {

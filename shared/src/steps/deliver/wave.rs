@@ -288,10 +288,7 @@ impl Steps {
                         message: "connector answered too few results".into(),
                         retry_after: None,
                     })),
-                    Err(ConnectorError::Transient { message, retry_after, .. }) => {
-                        Err(WriteFailure::Transient { message: message.clone(), retry_after: *retry_after })
-                    }
-                    Err(ConnectorError::Rejected { message, .. }) => Err(WriteFailure::Rejected(message.clone())),
+                    Err(e) => Err(WriteFailure::from(e)),
                 };
                 let it = &mut items[i];
                 let Progress::ToWrite(_, rev) = it.progress else { continue };

@@ -366,22 +366,34 @@ impl OdataApp {
     }
 
     /// Sends planned requests (alone, or `batch_size` to a `$batch`, the batches at once: the
-    /// limiter bounds them, and no request depends on another); one answer each, or the whole
-    /// call's failure. A batch answered short leaves the rest `None` (not run).
+    /// limiter bounds them, and no request depends on another); one answer each, `None` for
+    /// those a batch answered short of (not run). A batch refused as a whole fails only its
+    /// own requests, since the others may have landed; the call fails when every batch did.
     async fn send_planned(
         &self,
         planned: Vec<Planned>,
         redact: &[String],
-    ) -> Result<Vec<Option<Answer>>, ConnectorError> {
+    ) -> Result<Vec<Result<Option<Answer>, ConnectorError>>, ConnectorError> {
         if planned.len() == 1 {
             let Some(p) = planned.into_iter().next() else { return Ok(vec![]) };
             let headers: Vec<(&str, String)> = p.headers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            return Ok(vec![Some(self.t.send(p.method, &p.url, &headers, p.body).await?)]);
+            return Ok(vec![Ok(Some(self.t.send(p.method, &p.url, &headers, p.body).await?))]);
         }
-        let batches = planned.chunks(self.spec.batch_size.max(1)).map(|chunk| self.send_planned_batch(chunk, redact));
+        let chunks = planned.chunks(self.spec.batch_size.max(1));
+        let sizes: Vec<usize> = chunks.clone().map(<[Planned]>::len).collect();
         // Each runs to its end, so no request is cut off in flight when another fails.
-        let answers: Result<Vec<_>, _> = futures::future::join_all(batches).await.into_iter().collect();
-        Ok(answers?.into_iter().flatten().collect())
+        let answers = futures::future::join_all(chunks.map(|chunk| self.send_planned_batch(chunk, redact))).await;
+        if let Some(Err(e)) = answers.iter().find(|a| a.is_err()).filter(|_| answers.iter().all(Result::is_err)) {
+            return Err(e.clone());
+        }
+        Ok(answers
+            .into_iter()
+            .zip(sizes)
+            .flat_map(|(answer, n)| match answer {
+                Ok(answers) => answers.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e); n],
+            })
+            .collect())
     }
 
     /// Planned requests as one `$batch`; one answer each, `None` for those it did not run.
@@ -667,16 +679,17 @@ impl Connector for OdataApp {
         for (n, i) in planned_ops.into_iter().enumerate() {
             let op = &ops[i];
             let create_only = op.precondition == Precondition::CreateOnly;
-            results[i] = Some(match answers.get(n).cloned().flatten() {
-                Some(a) if a.ok() => Ok(written_version(&a)),
-                Some(a) => {
+            results[i] = Some(match answers.get(n).cloned().unwrap_or(Ok(None)) {
+                Err(e) => Err(WriteFailure::from(&e)),
+                Ok(Some(a)) if a.ok() => Ok(written_version(&a)),
+                Ok(Some(a)) => {
                     let err = ServiceError::parse(&a.body);
                     let class = classify(a.status, a.retry_after(), &err);
                     let message =
                         errors::message(a.status, &err, &class, &Self::secrets_of(op, entity), &self.t.auth_hint);
                     Err(errors::write_failure(&class, create_only, message))
                 }
-                None => Err(WriteFailure::Transient {
+                Ok(None) => Err(WriteFailure::Transient {
                     message: "the service stopped the $batch before this operation".into(),
                     retry_after: None,
                 }),
@@ -709,10 +722,10 @@ impl Connector for OdataApp {
         }
         let n = planned.len();
         let answers = self.send_planned(planned, &[]).await?;
-        for a in answers.iter().take(n) {
-            match a {
+        for a in answers.into_iter().take(n) {
+            match a? {
                 Some(a) if a.ok() || a.status == 404 => {}
-                Some(a) => return Err(self.failure(a, &[])),
+                Some(a) => return Err(self.failure(&a, &[])),
                 None => return Err(self.t.transient("the service stopped the $batch before a delete".into(), None)),
             }
         }
