@@ -100,7 +100,9 @@ impl Window {
                 retry_after_secs: retry(spent.executions.front().map(|(at, _)| *at)),
             });
         }
-        spent.arrivals.push_back(now);
+        // Requests reach this point a little out of their arrival order: keep the window sorted.
+        let at = spent.arrivals.iter().rposition(|a| *a <= now).map_or(0, |p| p + 1);
+        spent.arrivals.insert(at, now);
         Ok(())
     }
 
@@ -132,6 +134,17 @@ mod tests {
         assert!(refused.message.contains("limit of 3 over time window of 10 seconds"), "{}", refused.message);
         w.admit(t0 + Duration::from_secs(10)).expect("room again once the first request left");
         assert!(w.admit(t0 + Duration::from_millis(10_500)).is_err(), "the second is still in the window");
+    }
+
+    #[test]
+    fn requests_admitted_out_of_arrival_order_leave_the_window_by_arrival() {
+        let w = Window::new(SMALL);
+        let t0 = Instant::now();
+        for s in [2, 1, 0] {
+            w.admit(t0 + Duration::from_secs(s)).unwrap();
+        }
+        w.admit(t0 + Duration::from_secs(10)).expect("the request that arrived at 0 s left at 10 s");
+        assert!(w.admit(t0 + Duration::from_secs(10)).is_err(), "the one at 1 s is still in");
     }
 
     #[test]
