@@ -237,6 +237,10 @@ fn print_job(v: &JobView) {
     if let Some(reason) = &v.paused_reason {
         println!("  paused: {reason}");
     }
+    if v.kept_deliveries > 0 {
+        let at_least = if v.kept_deliveries >= dualsync::admin::KEPT_COUNTED { "at least " } else { "" };
+        println!("  {at_least}{} deliveries kept until the job is active", v.kept_deliveries);
+    }
     if let Some(rule) = &v.alert {
         println!(
             "  alert rule: pause after {} application errors in {} minutes",

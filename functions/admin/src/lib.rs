@@ -1,4 +1,4 @@
-//! The admin HTTP JSON API over [`Admin`]: jobs, pause and resume, error rows and counts, the
+//! The admin HTTP JSON API over [`Admin`]: jobs, start and stop, pause and resume, error rows and counts, the
 //! conflict log, retry/dismiss requests, and dead letters with their redrive (documented in
 //! `docs/admin-api.openapi.yaml`).
 //!
@@ -22,13 +22,15 @@ use dualsync::admin::Admin;
 pub use auth::with_token;
 pub use error::ApiError;
 pub use input::{DEFAULT_LIMIT, MAX_LIMIT};
-pub use routes::{NewRequest, RedriveBody, Resumed};
+pub use routes::{HandedBack, NewRequest, RedriveBody};
 
 /// Every (method, path) the API serves; [`router`] is built from this list, and a test checks
 /// it against the OpenAPI document.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/jobs"),
     ("GET", "/jobs/{job}"),
+    ("POST", "/jobs/{job}/start"),
+    ("POST", "/jobs/{job}/stop"),
     ("POST", "/jobs/{job}/pause"),
     ("POST", "/jobs/{job}/resume"),
     ("GET", "/jobs/{job}/errors"),

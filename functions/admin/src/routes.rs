@@ -23,6 +23,8 @@ pub(crate) fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Admin>> {
     match (method, path) {
         ("GET", "/jobs") => get(jobs),
         ("GET", "/jobs/{job}") => get(job),
+        ("POST", "/jobs/{job}/start") => post(start),
+        ("POST", "/jobs/{job}/stop") => post(stop),
         ("POST", "/jobs/{job}/pause") => post(pause),
         ("POST", "/jobs/{job}/resume") => post(resume),
         ("GET", "/jobs/{job}/errors") => get(errors),
@@ -47,20 +49,30 @@ async fn job(State(admin): AdminState, Params(job): Params<String>) -> Answer<Jo
     Ok(Json(admin.job(&job).await?))
 }
 
+async fn start(State(admin): AdminState, Params(job): Params<String>) -> Answer<HandedBack> {
+    let (job, handed_back) = admin.start(&job).await?;
+    Ok(Json(HandedBack { job, handed_back }))
+}
+
+async fn stop(State(admin): AdminState, Params(job): Params<String>) -> Answer<JobView> {
+    Ok(Json(admin.stop(&job).await?))
+}
+
 async fn pause(State(admin): AdminState, Params(job): Params<String>) -> Answer<JobView> {
     Ok(Json(admin.pause(&job).await?))
 }
 
-/// The answer to a resume: the job, and how many kept deliveries went back to the deliver queue.
+/// The answer to a start or a resume: the job, and how many kept deliveries went back to the
+/// deliver queue.
 #[derive(Debug, Serialize)]
-pub struct Resumed {
+pub struct HandedBack {
     pub job: JobView,
     pub handed_back: usize,
 }
 
-async fn resume(State(admin): AdminState, Params(job): Params<String>) -> Answer<Resumed> {
+async fn resume(State(admin): AdminState, Params(job): Params<String>) -> Answer<HandedBack> {
     let (job, handed_back) = admin.resume(&job).await?;
-    Ok(Json(Resumed { job, handed_back }))
+    Ok(Json(HandedBack { job, handed_back }))
 }
 
 async fn errors(

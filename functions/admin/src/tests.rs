@@ -352,6 +352,41 @@ async fn pause_and_resume_answer_the_job() {
 }
 
 #[tokio::test]
+async fn start_and_stop_answer_the_job_with_its_shape() {
+    let f = fixture().await;
+    // The apps' preparation is the backend's (the local runner installs change capture): here
+    // it fails once, then succeeds.
+    let failing: dualsync::admin::Installer = Arc::new(|_| {
+        Err(dualsync::ports::ConnectorError::Rejected { app: "fno".into(), message: "no such table".into() })
+    });
+    let app = router(Arc::new((*f.admin).clone().with_installer(failing)));
+    let (status, refused) = send(&app, "POST", "/jobs/sales/start", None, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(message(&refused), "the apps could not be prepared: fno: no such table");
+    let (_, job) = f.call("GET", "/jobs/sales", None).await;
+    assert_eq!(job["status"], "stopped", "a start that failed leaves the job stopped: {job}");
+
+    let app = router(Arc::new((*f.admin).clone().with_installer(Arc::new(|_| Ok(())))));
+    let (status, started) = send(&app, "POST", "/jobs/sales/start", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    assert_eq!(started["job"]["status"], "active", "{started}");
+    assert_eq!(started["handed_back"], 0, "{started}");
+    let (status, again) = send(&app, "POST", "/jobs/sales/start", None, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "starting an active job: {again}");
+
+    let (status, stopped) = f.call("POST", "/jobs/sales/stop", None).await;
+    assert_eq!(status, StatusCode::OK, "{stopped}");
+    assert_eq!(stopped["status"], "stopped", "{stopped}");
+    assert_eq!(stopped["kept_deliveries"], 0, "{stopped}");
+    assert_eq!(stopped["primary"], "fno", "{stopped}");
+    assert_eq!(stopped["apps"][0], json!({"name": "fno", "connector": "sqlite"}), "{stopped}");
+    let map = &stopped["table_groups"][0]["maps"][0];
+    assert_eq!(map["name"], "customers", "{stopped}");
+    assert_eq!(map["sequence"], 1, "{stopped}");
+    assert_eq!(map["entities"]["dataverse"], "account", "{stopped}");
+}
+
+#[tokio::test]
 async fn conflicts_are_paged() {
     let f = fixture().await;
     for (i, key) in ["C1", "C2"].into_iter().enumerate() {
