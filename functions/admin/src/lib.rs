@@ -1,5 +1,5 @@
 //! The admin HTTP JSON API over [`Admin`]: jobs, pause and resume, error rows and counts, the
-//! conflict log, retry/dismiss requests, and dead letters with their redrive (documented in
+//! conflict log, metrics by the minute, retry/dismiss requests, and dead letters with their redrive (documented in
 //! `docs/admin-api.openapi.yaml`).
 //!
 //! [`router`] serves [`ROUTES`]; the local runner wraps it in [`with_token`] (a bearer token),
@@ -35,6 +35,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/jobs/{job}/errors/counts"),
     ("GET", "/jobs/{job}/errors/{id}"),
     ("GET", "/jobs/{job}/conflicts"),
+    ("GET", "/jobs/{job}/metrics"),
     ("POST", "/jobs/{job}/requests"),
     ("GET", "/jobs/{job}/requests"),
     ("GET", "/jobs/{job}/requests/{id}"),
