@@ -108,16 +108,15 @@ async fn browser(driver_port: u16, profile: &Path) -> Client {
     let caps = json!({ "browserName": "chrome", "goog:chromeOptions": { "binary": CHROMIUM, "args": args } });
     let caps = caps.as_object().unwrap().clone();
     let url = format!("http://127.0.0.1:{driver_port}");
-    let mut last = String::new();
     let deadline = Instant::now() + PATIENCE;
     // chromedriver takes a moment to listen: connect until it answers.
     loop {
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        match ClientBuilder::new(connector).capabilities(caps.clone()).connect(&url).await {
+        let why = match ClientBuilder::new(connector).capabilities(caps.clone()).connect(&url).await {
             Ok(c) => return c,
-            Err(e) => last = e.to_string(),
-        }
-        assert!(Instant::now() < deadline, "no WebDriver session from {CHROMEDRIVER} on {url}: {last}");
+            Err(e) => e.to_string(),
+        };
+        assert!(Instant::now() < deadline, "no WebDriver session from {CHROMEDRIVER} on {url}: {why}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -296,8 +295,20 @@ async fn operator(c: &Client, port: u16, a: &Path, b: &Path) {
     .await;
     assert_eq!(count(b, "SELECT count(*) FROM contacts WHERE contact_id LIKE 'r%'"), 3, "the retried records");
 
+    // The charts draw the job's metrics: records synced by the minute, and the three refusals.
+    click(c, "#nav-charts").await;
+    until("records synced on the chart", || async move {
+        c.find_all(Locator::Css("#delivered-chart rect")).await.is_ok_and(|bars| !bars.is_empty())
+            && c.find_all(Locator::Css("#errors-chart rect")).await.is_ok_and(|bars| !bars.is_empty())
+    })
+    .await;
+
     // Pause and resume from the job page: a change made while paused waits, then arrives.
     click(c, "#nav-jobs").await;
+    until("the delivery lag on the job page", || async move {
+        text(c, "[data-lag='people']").await.starts_with("p50 ≤ ")
+    })
+    .await;
     click(c, "button[data-action='pause'][data-job='people']").await;
     until("the job to show as paused", || async move { text(c, "[data-job-status='people']").await == "paused" }).await;
     sqlite(a, "INSERT INTO people (id, name) VALUES ('p2', 'Grace')");

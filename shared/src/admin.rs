@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::domain::config::JobDef;
 use crate::domain::errors::{ConflictRecord, SyncError};
 use crate::domain::job::{AlertRule, Job, JobStatus};
+use crate::domain::metrics::MetricsView;
 use crate::domain::requests::{ReconcileRequest, RequestAction, RequestStatus};
 use crate::ports::{ConnectorError, Page, Queue, QueueError};
 use crate::state::{ErrorCounts, ErrorFilter, State, StateError};
@@ -132,6 +133,9 @@ impl JobView {
 /// What a job's start does to its apps before the job turns active: the local runner installs
 /// change capture in its sqlite apps; on AWS the apps send their changes themselves.
 pub type Installer = Arc<dyn Fn(&Job) -> Result<(), ConnectorError> + Send + Sync>;
+
+/// The window of [`Admin::metrics`] when no start is given.
+pub const DEFAULT_METRICS_WINDOW_MS: i64 = 60 * 60_000;
 
 /// How long a request may hold a place without being noted as sent before a later call sends
 /// it: longer than any submit takes between the two (the admin function times out after 30 s).
@@ -258,6 +262,14 @@ impl Admin {
     ) -> Result<Page<ConflictRecord>, AdminError> {
         self.state.job_record(job).await?;
         Ok(self.state.conflicts(job, limit.clamp(1, 1000), after).await?)
+    }
+
+    /// The job's metrics from the minute holding `since_ms` (default: the last hour) to now.
+    pub async fn metrics(&self, job: &str, since_ms: Option<i64>) -> Result<MetricsView, AdminError> {
+        self.state.job_record(job).await?;
+        let since = since_ms.unwrap_or_else(|| self.state.now_ms() - DEFAULT_METRICS_WINDOW_MS);
+        let minutes = self.state.metrics(job, since).await?;
+        Ok(MetricsView::new(job, since, &minutes))
     }
 
     /// Creates a retry or dismiss request and queues it for the reconcile step.

@@ -197,7 +197,8 @@ async function lag(name) {
     const m = await api('GET', '/jobs/' + enc(name) + '/metrics' + query({ since: Date.now() - 15 * 60000 }));
     const last = (m.minutes || []).filter((x) => x.delivered > 0).pop();
     if (!last) return 'nothing delivered in 15 min';
-    return 'p50 ' + seconds(last.lag_ms_p50) + ', max ' + seconds(last.lag_ms_max) + ' (' +
+    // The API gives the upper bounds of the lag's histogram buckets.
+    return 'p50 ≤ ' + seconds(last.lag_ms_p50) + ', max ≤ ' + seconds(last.lag_ms_max) + ' (minute of ' +
       new Date(last.at_ms).toLocaleTimeString(undefined, { hour12: false }) + ')';
   } catch (e) {
     if (e.status === 401) throw e;
@@ -517,8 +518,9 @@ async function chartsPage() {
   const picker = h('select', { id: 'chart-hours', onchange: (e) => { sessionStorage.setItem('dualsync.hours', e.target.value); route(); } },
     [1, 3, 12, 24].map((n) => h('option', { value: n, selected: n === hours }, 'last ' + n + ' h')));
   let m;
+  const span = { from: Date.now() - hours * 3600000, to: Date.now() };
   try {
-    m = await api('GET', '/jobs/' + enc(j.job) + '/metrics' + query({ since: Date.now() - hours * 3600000 }));
+    m = await api('GET', '/jobs/' + enc(j.job) + '/metrics' + query({ since: span.from }));
   } catch (e) {
     if (e.status === 404 && /no route/.test(e.message)) {
       show(h('h2', {}, 'Charts of ' + j.job), h('p', { class: 'muted' }, 'This backend serves no metrics.'));
@@ -537,12 +539,12 @@ async function chartsPage() {
     h('div', { class: 'charts' },
       h('h3', {}, 'Errors per minute, by category'),
       legend(CATEGORIES.concat(['conflict'])),
-      stacked(minutes, CATEGORIES.concat(['conflict']), (x, c) => (c === 'conflict' ? x.conflicts : (x.errors || {})[c]) || 0, 'errors-chart'),
+      stacked(span, minutes, CATEGORIES.concat(['conflict']), (x, c) => (c === 'conflict' ? x.conflicts : (x.errors || {})[c]) || 0, 'errors-chart'),
       h('h3', {}, 'Records synced per minute'),
-      stacked(minutes, ['delivered'], (x) => x.delivered || 0, 'delivered-chart'),
+      stacked(span, minutes, ['delivered'], (x) => x.delivered || 0, 'delivered-chart'),
       h('h3', {}, 'Delivery lag (from the change to its delivery)'),
       legend(['p50', 'max']),
-      lines(minutes, [['p50', (x) => x.lag_ms_p50], ['max', (x) => x.lag_ms_max]], 'lag-chart')));
+      lines(span, minutes.filter((x) => x.delivered > 0), [['p50', (x) => x.lag_ms_p50], ['max', (x) => x.lag_ms_max]], 'lag-chart')));
   every(15000, async () => { if (location.hash === '#charts') await chartsPage(); });
 }
 
@@ -550,21 +552,25 @@ function legend(names) {
   return h('p', { class: 'legend' }, names.map((n) => h('span', {}, h('i', { class: 'swatch-' + n }), n)));
 }
 
-const W = 900, H = 180, PAD = 40;
+const W = 900, H = 180, PAD = 48;
+const MINUTE = 60000;
 
-function frame(id, maxY, minutes, unit) {
+// The x of a time in the span (minutes with nothing counted are left out by the API: the
+// axis is time, not the list).
+function xOf(span, ms) {
+  return PAD + ((W - PAD - 10) * (ms - span.from)) / Math.max(1, span.to - span.from);
+}
+
+function frame(id, span, maxY, empty, unit) {
   const g = svg('svg', { id, width: W, height: H + 30, viewBox: '0 0 ' + W + ' ' + (H + 30), role: 'img' });
   g.append(svg('line', { x1: PAD, y1: H, x2: W - 10, y2: H, stroke: '#999' }));
   g.append(svg('line', { x1: PAD, y1: 10, x2: PAD, y2: H, stroke: '#999' }));
   g.append(svg('text', { x: PAD - 4, y: 16, 'text-anchor': 'end', 'font-size': 11 }, fmt(maxY, unit)));
   g.append(svg('text', { x: PAD - 4, y: H, 'text-anchor': 'end', 'font-size': 11 }, '0'));
-  if (minutes.length) {
-    const t = (ms) => new Date(ms).toLocaleTimeString(undefined, { hour12: false, hour: '2-digit', minute: '2-digit' });
-    g.append(svg('text', { x: PAD, y: H + 16, 'font-size': 11 }, t(minutes[0].at_ms)));
-    g.append(svg('text', { x: W - 10, y: H + 16, 'text-anchor': 'end', 'font-size': 11 }, t(minutes[minutes.length - 1].at_ms)));
-  } else {
-    g.append(svg('text', { x: W / 2, y: H / 2, 'text-anchor': 'middle', fill: '#777' }, 'nothing in this period'));
-  }
+  const t = (ms) => new Date(ms).toLocaleTimeString(undefined, { hour12: false, hour: '2-digit', minute: '2-digit' });
+  g.append(svg('text', { x: PAD, y: H + 16, 'font-size': 11 }, t(span.from)));
+  g.append(svg('text', { x: W - 10, y: H + 16, 'text-anchor': 'end', 'font-size': 11 }, t(span.to)));
+  if (empty) g.append(svg('text', { x: W / 2, y: H / 2, 'text-anchor': 'middle', fill: '#777' }, 'nothing in this period'));
   return g;
 }
 
@@ -572,33 +578,38 @@ function fmt(v, unit) {
   return unit === 'ms' ? seconds(v) : String(v);
 }
 
-// One bar per minute, the series stacked.
-function stacked(minutes, series, value, id) {
+// One bar per minute at its time, the series stacked.
+function stacked(span, minutes, series, value, id) {
   const totals = minutes.map((x) => series.reduce((s, c) => s + value(x, c), 0));
   const maxY = Math.max(1, ...totals);
-  const g = frame(id, maxY, minutes);
-  const step = (W - PAD - 10) / Math.max(1, minutes.length);
-  minutes.forEach((x, i) => {
+  const g = frame(id, span, maxY, !totals.some((n) => n > 0));
+  const width = Math.max(1, xOf(span, span.from + MINUTE) - xOf(span, span.from) - 1);
+  for (const x of minutes) {
     let y = H;
     for (const c of series) {
       const v = value(x, c);
       if (!v) continue;
       const hgt = ((H - 10) * v) / maxY;
       y -= hgt;
-      g.append(svg('rect', { x: PAD + i * step + 1, y, width: Math.max(1, step - 2), height: hgt, fill: COLORS[c] },
+      g.append(svg('rect', { x: xOf(span, x.at_ms).toFixed(1), y: y.toFixed(1), width: width.toFixed(1), height: hgt.toFixed(1), fill: COLORS[c] },
         svg('title', {}, new Date(x.at_ms).toLocaleTimeString(undefined, { hour12: false }) + ' ' + c + ': ' + v)));
     }
-  });
+  }
   return g;
 }
 
-function lines(minutes, series, id) {
+// A line per series through the minutes that have a value, a dot on each.
+function lines(span, minutes, series, id) {
   const maxY = Math.max(1, ...minutes.flatMap((x) => series.map(([, f]) => f(x) || 0)));
-  const g = frame(id, maxY, minutes, 'ms');
-  const step = (W - PAD - 10) / Math.max(1, minutes.length - 1);
+  const g = frame(id, span, maxY, minutes.length === 0, 'ms');
   for (const [name, f] of series) {
-    const pts = minutes.map((x, i) => (PAD + i * step).toFixed(1) + ',' + (H - ((H - 10) * (f(x) || 0)) / maxY).toFixed(1));
-    if (pts.length) g.append(svg('polyline', { points: pts.join(' '), fill: 'none', stroke: COLORS[name], 'stroke-width': 2 }));
+    const pts = minutes.filter((x) => f(x) !== undefined)
+      .map((x) => [xOf(span, x.at_ms + MINUTE / 2), H - ((H - 10) * f(x)) / maxY, x, f(x)]);
+    if (pts.length > 1) g.append(svg('polyline', { points: pts.map(([px, py]) => px.toFixed(1) + ',' + py.toFixed(1)).join(' '), fill: 'none', stroke: COLORS[name], 'stroke-width': 2 }));
+    for (const [px, py, x, v] of pts) {
+      g.append(svg('circle', { cx: px.toFixed(1), cy: py.toFixed(1), r: 2.5, fill: COLORS[name] },
+        svg('title', {}, new Date(x.at_ms).toLocaleTimeString(undefined, { hour12: false }) + ' ' + name + ': ' + seconds(v))));
+    }
   }
   return g;
 }

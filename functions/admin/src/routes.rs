@@ -7,13 +7,16 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Json;
 use dualsync::admin::{Admin, JobView, Redrive, RedriveReport};
 use dualsync::domain::errors::{ConflictRecord, DeadLetter, SyncError};
+use dualsync::domain::metrics::MetricsView;
 use dualsync::domain::requests::{ReconcileRequest, RequestAction};
 use dualsync::ports::Page;
 use dualsync::state::{ErrorCounts, ErrorFilter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::input::{check_range, JsonBody, Params, QueryPairs, QueryParams, FILTER_PARAMS, PAGE_PARAMS, QUEUE_PARAM};
+use crate::input::{
+    check_range, JsonBody, Params, QueryPairs, QueryParams, FILTER_PARAMS, PAGE_PARAMS, QUEUE_PARAM, SINCE_PARAM,
+};
 
 type AdminState = State<Arc<Admin>>;
 type Answer<T> = Result<Json<T>, ApiError>;
@@ -31,6 +34,7 @@ pub(crate) fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Admin>> {
         ("GET", "/jobs/{job}/errors/counts") => get(counts),
         ("GET", "/jobs/{job}/errors/{id}") => get(error),
         ("GET", "/jobs/{job}/conflicts") => get(conflicts),
+        ("GET", "/jobs/{job}/metrics") => get(metrics),
         ("POST", "/jobs/{job}/requests") => post(submit),
         ("GET", "/jobs/{job}/requests") => get(requests),
         ("GET", "/jobs/{job}/requests/{id}") => get(request),
@@ -104,6 +108,15 @@ async fn conflicts(
 ) -> Answer<Page<ConflictRecord>> {
     let q = QueryParams::parse(q, &[PAGE_PARAMS])?;
     Ok(Json(admin.conflicts(&job, q.limit()?, q.after()).await?))
+}
+
+async fn metrics(
+    State(admin): AdminState,
+    Params(job): Params<String>,
+    QueryPairs(q): QueryPairs,
+) -> Answer<MetricsView> {
+    let q = QueryParams::parse(q, &[SINCE_PARAM])?;
+    Ok(Json(admin.metrics(&job, q.since()?).await?))
 }
 
 /// The body of `POST /jobs/{job}/requests`.

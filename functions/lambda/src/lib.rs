@@ -68,7 +68,10 @@ impl Handler {
     pub async fn from_env(step: StepKind) -> Result<Self, Error> {
         let env = Env::from_vars(step, |k| std::env::var(k).ok())?;
         let sdk = sdk_config(None).await;
-        Ok(Self::new(step, &env, &sdk, aws_registry(&sdk), Arc::new(Usage::default())))
+        let handler = Self::new(step, &env, &sdk, aws_registry(&sdk), Arc::new(Usage::default()));
+        // A deployed function prints its metrics for CloudWatch (embedded metric format).
+        handler.steps.metrics.emf.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(handler)
     }
 
     /// A handler over given AWS settings and apps (tests point these at an emulator).

@@ -100,6 +100,7 @@ impl Steps {
             ErrorCategory::Application => Metrics::add(&self.metrics.application, 1),
             _ => {}
         }
+        self.metrics.count(job, |t| t.error(category));
         warn!(job, map = %c.map, key = %c.key, category = category.as_str(), %message, "sync error");
         NewError {
             map: c.map.clone(),
