@@ -119,14 +119,21 @@ def main():
             d.click("#retry-selection")
             until("the retry preview", lambda: d.present("#request-preview"))
             d.shot("errors")
+            # Retry the selection, then follow the request to its end.
+            d.click("#confirm-request")
+            until("the request", lambda: d.present("#request-result"))
             d.click("#nav-requests")
-            until("the requests page", lambda: d.present("#requests-table"))
+            until("the request to finish", lambda: d.text("[data-settled]") == "final")
             d.shot("requests")
             d.click("#nav-conflicts")
             until("the conflicts page", lambda: d.present("#conflicts-table"))
             d.shot("conflicts")
             d.click("#nav-charts")
-            until("the charts page", lambda: d.present("#lag-chart") or "no metrics" in d.text("#view"))
+            until("the charts page", lambda: d.present("#chart-hours"))
+            # The demo's minutes: the shortest window.
+            d.click("#chart-hours option[value='0.25']")
+            until("the last 15 minutes", lambda: "15 min" in d.text("#view h2"))
+            until("the charts", lambda: d.present("#lag-chart"))
             d.shot("charts")
         finally:
             d.s("DELETE", "")

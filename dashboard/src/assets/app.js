@@ -410,13 +410,15 @@ async function requestsPage() {
     const live = await Promise.all(list.map((r) => (r.settled ? r : api('GET', '/jobs/' + enc(j.job) + '/requests/' + enc(r.id)))));
     const rows = live.slice().reverse().map((r) => {
       const p = r.progress;
-      const share = p.selected ? Math.round((100 * p.done) / p.selected) : 100;
+      // Rows that cannot be retried (concurrency skips) are left as they are: they count as handled.
+      const handled = Math.min(p.selected, p.done + p.not_retriable);
+      const share = p.selected ? Math.round((100 * handled) / p.selected) : 100;
       const fill = h('i', {});
       fill.style.width = share + '%';
       return h('tr', { 'data-request': r.id },
         h('td', {}, r.id), h('td', {}, r.action), h('td', {}, when(r.created_ms)),
         statusCell(r.status, { 'data-request-status': r.id }),
-        h('td', {}, h('span', { class: 'bar' }, fill), ' ', p.done + ' / ' + p.selected),
+        h('td', { class: 'progress' }, h('span', { class: 'bar' }, fill), ' ', handled + ' / ' + p.selected),
         h('td', { 'data-succeeded': r.id }, p.succeeded), h('td', {}, p.still_failing), h('td', {}, p.not_retriable),
         h('td', { 'data-settled': r.id }, r.settled ? 'final' : 'in progress'),
         h('td', {}, r.reason || describe(r.filter)));
@@ -514,9 +516,9 @@ const COLORS = { application: '#d1495b', system: '#edae49', concurrency: '#66a18
 
 async function chartsPage() {
   const j = currentJob();
-  const hours = Number(sessionStorage.getItem('dualsync.hours') || 3);
+  const hours = Number(sessionStorage.getItem('dualsync.hours') || 1);
   const picker = h('select', { id: 'chart-hours', onchange: (e) => { sessionStorage.setItem('dualsync.hours', e.target.value); route(); } },
-    [1, 3, 12, 24].map((n) => h('option', { value: n, selected: n === hours }, 'last ' + n + ' h')));
+    [0.25, 1, 3, 12, 24].map((n) => h('option', { value: n, selected: n === hours }, n < 1 ? 'last ' + n * 60 + ' min' : 'last ' + n + ' h')));
   let m;
   const span = { from: Date.now() - hours * 3600000, to: Date.now() };
   try {
@@ -535,7 +537,7 @@ async function chartsPage() {
     h('p', { class: 'counts', id: 'metric-totals' },
       h('span', {}, 'delivered: ' + (totals.delivered || 0)), h('span', {}, 'conflicts: ' + (totals.conflicts || 0)),
       h('span', {}, 'dead letters: ' + (totals.dead_letters || 0)), h('span', {}, 'throttle waits: ' + (totals.throttle_waits || 0)),
-      Object.keys(errs).map((c) => h('span', {}, c + ' errors: ' + errs[c]))),
+      CATEGORIES.map((c) => h('span', {}, c + ' errors: ' + (errs[c] || 0)))),
     h('div', { class: 'charts' },
       h('h3', {}, 'Errors per minute, by category'),
       legend(CATEGORIES.concat(['conflict'])),
