@@ -203,7 +203,7 @@ impl Tally {
     }
 
     /// The CloudWatch embedded metric format object for this tally of `job` at `at_ms`: one
-    /// line per job and batch. Counts are always present (zero included, so that an alarm on
+    /// line per job and batch, each metric both per job and over all jobs. Counts are always present (zero included, so that an alarm on
     /// them sees data), the lag only when something was delivered.
     pub fn emf(&self, job: &str, at_ms: i64, step: &str) -> Value {
         let mut metrics = vec![
@@ -242,7 +242,8 @@ impl Tally {
                 "Timestamp": at_ms,
                 "CloudWatchMetrics": [{
                     "Namespace": NAMESPACE,
-                    "Dimensions": [[DIMENSION]],
+                    // Per job, and over all jobs (no dimension: what the stack's alarms watch).
+                    "Dimensions": [[DIMENSION], []],
                     "Metrics": metrics,
                 }],
             }),
@@ -408,7 +409,7 @@ mod tests {
         let line = t.emf("sales", 1_700_000_000_000, "deliver");
         let directive = &line["_aws"]["CloudWatchMetrics"][0];
         assert_eq!(directive["Namespace"], "Dualsync");
-        assert_eq!(directive["Dimensions"], json!([["Job"]]));
+        assert_eq!(directive["Dimensions"], json!([["Job"], []]));
         // Every metric the directive names is a member of the line (EMF's rule).
         for m in directive["Metrics"].as_array().unwrap() {
             let name = m["Name"].as_str().unwrap();

@@ -43,7 +43,7 @@ impl Steps {
                 Outcome::Retry { reason, .. } | Outcome::Poison { reason } => reason,
             };
             // Field values never reach a reason: steps name keys at most.
-            warn!(queue = input.name(), message = %m.id, receive_count = m.receive_count, %reason, "message not handled");
+            warn!(queue = input.name(), message_id = %m.id, receive_count = m.receive_count, %reason, "message not handled");
             if max > 0 && m.receive_count >= max {
                 self.state.record_dead_letter(input.name(), m, reason).await?;
                 if let Some(job) = crate::state::job_of(&m.body) {

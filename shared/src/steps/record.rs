@@ -101,7 +101,7 @@ impl Steps {
             _ => {}
         }
         self.metrics.count(job, |t| t.error(category));
-        warn!(job, map = %c.map, key = %c.key, category = category.as_str(), %message, "sync error");
+        warn!(job, map = %c.map, key = %c.key, category = category.as_str(), reason = %message, "sync error");
         NewError {
             map: c.map.clone(),
             entity: entity.to_string(),

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValue};
 use aws_sdk_dynamodb::Client;
 use futures::stream::{self, StreamExt};
@@ -40,8 +39,8 @@ impl DynamoKv {
         DynamoKv { client, table, clock, usage }
     }
 
-    fn unavailable(&self, op: &str, e: impl std::error::Error) -> KvError {
-        KvError::Unavailable(format!("DynamoDB {op} on table {}: {}", self.table, DisplayErrorContext(e)))
+    fn unavailable(&self, op: &str, reason: impl std::fmt::Display) -> KvError {
+        KvError::Unavailable(format!("DynamoDB {op} on table {}: {reason}", self.table))
     }
 
     fn key(pk: &str, sk: &str) -> Attrs {
@@ -104,7 +103,7 @@ impl DynamoKv {
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
                 Ok(Err(KvError::ConditionFailed { pk: put.pk.clone(), sk: put.sk.clone() }))
             }
-            Err(e) => Err(self.unavailable("UpdateItem", e)),
+            Err(e) => Err(self.unavailable("UpdateItem", super::brief(&e))),
         }
     }
 
@@ -190,7 +189,7 @@ impl KvStore for DynamoKv {
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| self.unavailable("GetItem", e))?;
+            .map_err(|e| self.unavailable("GetItem", super::brief(&e)))?;
         self.bill_read(out.item());
         match out.item() {
             Some(attrs) => self.decode(attrs, self.clock.now_ms()),
@@ -221,7 +220,7 @@ impl KvStore for DynamoKv {
                     .request_items(&self.table, request)
                     .send()
                     .await
-                    .map_err(|e| self.unavailable("BatchGetItem", e))?;
+                    .map_err(|e| self.unavailable("BatchGetItem", super::brief(&e)))?;
                 let items = out.responses().and_then(|r| r.get(&self.table)).map(Vec::as_slice).unwrap_or_default();
                 for attrs in items {
                     self.bill_read(Some(attrs));
@@ -305,7 +304,7 @@ impl KvStore for DynamoKv {
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
                 Err(KvError::ConditionFailed { pk: pk.to_string(), sk: sk.to_string() })
             }
-            Err(e) => Err(self.unavailable("DeleteItem", e)),
+            Err(e) => Err(self.unavailable("DeleteItem", super::brief(&e))),
         }
     }
 
@@ -355,7 +354,7 @@ impl KvStore for DynamoKv {
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(|e| self.unavailable("Query", e))?;
+                .map_err(|e| self.unavailable("Query", super::brief(&e)))?;
             let mut bytes = 0;
             for attrs in out.items() {
                 let t = |k: &str| attrs.get(k).and_then(|v| v.as_s().ok()).map_or(0, String::len);
@@ -428,7 +427,7 @@ impl KvStore for DynamoKv {
             .set_expression_attribute_values(Some(values))
             .send()
             .await
-            .map_err(|e| self.unavailable("UpdateItem", e))?;
+            .map_err(|e| self.unavailable("UpdateItem", super::brief(&e)))?;
         Ok(())
     }
 }

@@ -199,8 +199,10 @@ impl Steps {
             if let Progress::ToMark(w) = &it.progress {
                 if w.conflict {
                     Metrics::add(&self.metrics.conflicts, 1);
-                    self.metrics.count(&job.name, |t| t.conflicts += 1);
-                    self.state.record_conflict(self.conflict(job, it)).await?;
+                    // Counted once per conflict row: both sides' changes may see one conflict.
+                    if self.state.record_conflict(self.conflict(job, it)).await? {
+                        self.metrics.count(&job.name, |t| t.conflicts += 1);
+                    }
                 }
             }
         }
@@ -425,8 +427,10 @@ impl Steps {
         }
         for c in conflicts {
             Metrics::add(&self.metrics.conflicts, 1);
-            self.metrics.count(&c.job, |t| t.conflicts += 1);
-            self.state.record_conflict(c).await?;
+            let job = c.job.clone();
+            if self.state.record_conflict(c).await? {
+                self.metrics.count(&job, |t| t.conflicts += 1);
+            }
         }
         Ok(results.into_iter())
     }
