@@ -108,8 +108,9 @@ pub struct MapView {
     pub entities: std::collections::BTreeMap<String, String>,
 }
 
-/// How many kept deliveries a job view counts at most (one query page).
-pub const KEPT_COUNTED: usize = 1000;
+/// How many kept deliveries a job view counts at most: one small query page, since a dashboard
+/// reads job views every few seconds.
+pub const KEPT_COUNTED: usize = 100;
 
 impl JobView {
     fn shape(def: &JobDef) -> (Vec<AppView>, Vec<GroupView>) {

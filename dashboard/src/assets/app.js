@@ -240,7 +240,7 @@ function jobCard(j, lagText) {
       h('dt', {}, 'Apps'), h('dd', {}, j.apps.map((a) => a.name + ' (' + a.connector + ')').join(' ↔ '), ', primary ', h('strong', {}, j.primary)),
       h('dt', {}, 'Errors'), h('dd', { class: 'counts' }, byCat, h('span', { class: 'muted' }, 'open: ' + (j.errors.by_status.open || 0) + ' of ' + j.errors.total)),
       h('dt', {}, 'Queued'), h('dd', {}, j.requests_queued + ' request(s); ' +
-        (j.kept_deliveries >= 1000 ? '1000 or more' : j.kept_deliveries) + ' delivery(ies) kept until the job is active'),
+        (j.kept_deliveries >= 100 ? '100 or more' : j.kept_deliveries) + ' delivery(ies) kept until the job is active'),
       h('dt', {}, 'Delivery lag'), h('dd', { 'data-lag': j.job }, lagText),
       j.alert ? [h('dt', {}, 'Alert rule'), h('dd', {}, 'pause after ' + j.alert.application_errors + ' application errors in ' + j.alert.minutes + ' min')] : null),
     h('h3', {}, 'Table groups (delivered in this order; maps by sequence)'),
