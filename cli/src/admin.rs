@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use dualsync::admin::{JobView, Redrive};
 use dualsync::domain::config::{load_job_file, JobDef};
 use dualsync::domain::errors::{DeadLetter, ErrorCategory, ErrorStatus, SyncError};
+use dualsync::domain::metrics::MetricsView;
 use dualsync::domain::requests::{ReconcileRequest, RequestAction};
 use dualsync::state::ErrorFilter;
 use dualsync::steps::initial_sync::reset_checkpoints;
@@ -211,6 +212,7 @@ pub async fn job(data_dir: &Path, backend: &BackendArgs, cmd: JobCommand) -> Res
             }
             for name in names {
                 print_job(&rt.admin.job(&name).await?);
+                print_metrics(&rt.admin.metrics(&name, None).await?);
             }
         }
         JobCommand::Pause { job } => print_job(&rt.admin.pause(&job).await?),
@@ -237,12 +239,34 @@ fn print_job(v: &JobView) {
     if let Some(reason) = &v.paused_reason {
         println!("  paused: {reason}");
     }
+    if v.kept_deliveries > 0 {
+        let at_least = if v.kept_deliveries >= dualsync::admin::KEPT_COUNTED { "at least " } else { "" };
+        println!("  {at_least}{} deliveries kept until the job is active", v.kept_deliveries);
+    }
     if let Some(rule) = &v.alert {
         println!(
             "  alert rule: pause after {} application errors in {} minutes",
             rule.application_errors, rule.minutes
         );
     }
+}
+
+/// The job's counts over the last hour (`Admin::metrics`' default window).
+fn print_metrics(m: &MetricsView) {
+    let t = &m.totals;
+    let lag = match (t.lag_ms_p50, t.lag_ms_max) {
+        (Some(p50), Some(max)) => format!(" (delivery lag: median under {p50} ms, longest under {max} ms)"),
+        _ => String::new(),
+    };
+    let errors: Vec<String> = t.errors.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    println!(
+        "  last hour: {} delivered{lag}, {} conflict(s), {} dead letter(s), {} throttling wait(s); error rows: {}",
+        t.delivered,
+        t.conflicts,
+        t.dead_letters,
+        t.throttle_waits,
+        errors.join(", ")
+    );
 }
 
 pub async fn errors(data_dir: &Path, backend: &BackendArgs, cmd: ErrorsCommand) -> Result<()> {

@@ -11,7 +11,7 @@ use dualsync::admin::Admin;
 use dualsync::runtime::local::LocalRuntime;
 use dualsync::state::State;
 use dualsync::steps::reconcile::ReconcileMessage;
-use dualsync::steps::{lifecycle, StepKind};
+use dualsync::steps::StepKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
@@ -65,22 +65,14 @@ impl Backend {
     }
 
     /// Starts a job. Locally this also installs change capture in its sqlite apps; on AWS the
-    /// apps send their changes to the capture queue themselves.
+    /// apps send their changes to the capture queue themselves (see `Admin::with_installer`).
     pub async fn start(&self, job: &str) -> Result<()> {
-        match self.local() {
-            Some(rt) => rt.start(job).await?,
-            None => {
-                lifecycle::start(self.state(), self.admin.deliver.as_ref(), job, |_| Ok(())).await?;
-            }
-        }
+        self.admin.start(job).await?;
         Ok(())
     }
 
     pub async fn stop(&self, job: &str) -> Result<()> {
-        match self.local() {
-            Some(rt) => rt.stop(job).await?,
-            None => lifecycle::stop(self.state(), job).await?,
-        }
+        self.admin.stop(job).await?;
         Ok(())
     }
 

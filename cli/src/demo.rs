@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,17 @@ pub struct DemoArgs {
     /// The sample apps: sqlite databases, or OData services in this process.
     #[arg(long, value_enum, default_value = "sqlite")]
     apps: AppsKind,
+    /// After the demo, keep the runner up with the dashboard and the admin API on --admin-addr
+    /// until Ctrl-C (local backend).
+    #[arg(long)]
+    serve: bool,
+    /// Where --serve listens (loopback addresses only).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    admin_addr: SocketAddr,
+    /// The admin API's bearer token with --serve. Without one, a random token is written to
+    /// DATA_DIR/demo/admin-token.
+    #[arg(long, env = "DUALSYNC_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -72,6 +84,12 @@ pub async fn run(data_dir: &Path, backend: &BackendArgs, args: DemoArgs) -> Resu
     if args.apps == AppsKind::Odata && backend.backend != BackendKind::Local {
         bail!("--apps odata runs on the local backend only: its apps listen on this machine's loopback");
     }
+    if args.serve {
+        if backend.backend != BackendKind::Local {
+            bail!("--serve runs on the local backend only: on AWS the demo's stage is deleted at its end");
+        }
+        crate::run::loopback("--admin-addr", args.admin_addr)?;
+    }
     match args.apps {
         AppsKind::Sqlite => demo(&SqliteApps::create(&dir)?, &dir, backend, args, started).await,
         AppsKind::Odata => demo(&OdataApps::start().await?, &dir, backend, args, started).await,
@@ -93,9 +111,41 @@ async fn demo(apps: &impl DemoApps, dir: &Path, backend: &BackendArgs, args: Dem
     apps.point(&mut def);
     let rt = Pipeline::open(dir, backend, "demo").await?;
     println!("running on {}", rt.describe());
+    let serve = args.serve.then(|| (args.admin_addr, args.admin_token.clone()));
     let result = scenario(&rt, apps, args, def, started).await;
+    if let Pipeline::Local(local) = &rt {
+        look_around(dir);
+        if let Some((addr, token)) = serve {
+            let token = crate::run::admin_token(token, dir, "admin-token", "DUALSYNC_ADMIN_TOKEN")?;
+            if let Err(e) = &result {
+                eprintln!("dualsync demo: {e:#}");
+            }
+            crate::run::serve(local, dir, addr, token, false, &format!("the demo's job '{JOB}' runs")).await?;
+        }
+    }
     rt.close().await?;
     result
+}
+
+/// Says how to look at what the demo did: its state is in its own data folder, not the
+/// default one, so every command names it.
+fn look_around(dir: &Path) {
+    let d = dir.display().to_string();
+    let d = if d.contains(char::is_whitespace) { format!("'{d}'") } else { d };
+    println!();
+    println!("The demo's state is in {d}. To look at what happened:");
+    for command in [
+        format!("job status {JOB}"),
+        format!("errors list {JOB}"),
+        format!("errors counts {JOB}"),
+        format!("conflicts {JOB}"),
+    ] {
+        println!("  dualsync --data-dir {d} {command}");
+    }
+    println!(
+        "Or run the demo with --serve: the runner then stays up with the dashboard on http://127.0.0.1:7878{}",
+        dualsync_dashboard::PATH
+    );
 }
 
 async fn scenario(rt: &Pipeline, apps: &impl DemoApps, args: DemoArgs, def: JobDef, started: Instant) -> Result<()> {

@@ -4,6 +4,7 @@ mod aws;
 mod backend;
 mod bench;
 mod bench_odata;
+mod dashboard;
 mod demo;
 mod demo_apps;
 mod doctor;
@@ -31,8 +32,11 @@ struct Cli {
 enum Command {
     /// Two sample apps, a job, an initial load, concurrent edits on both sides; prints what happened.
     Demo(demo::DemoArgs),
-    /// Runs a job file's job on this machine until Ctrl-C.
+    /// Runs a job file's job on this machine until Ctrl-C (with the dashboard on its admin address).
     Run(run::RunArgs),
+    /// Serves the web dashboard of a deployed stack on this machine (--backend aws): its calls
+    /// are signed with your AWS credentials for the stack's admin function URL.
+    Dashboard(dashboard::DashboardArgs),
     /// Checks that a job file's apps can serve it; prints each problem with how to fix it.
     Doctor(doctor::DoctorArgs),
     /// Syncs N records end to end through the embedded pipeline and prints figures.
@@ -72,6 +76,7 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Demo(args) => demo::run(&cli.data_dir, &cli.backend, args).await,
             Command::Run(args) => run::run(&cli.data_dir, args).await,
+            Command::Dashboard(args) => dashboard::run(&cli.data_dir, &cli.backend, args).await,
             Command::Doctor(args) => doctor::run(args).await,
             Command::Bench(args) => bench::run(&cli.data_dir, args).await,
             Command::Job(cmd) => admin::job(&cli.data_dir, &cli.backend, cmd).await,

@@ -652,3 +652,16 @@ table_groups:
     let stdout = run_ok(dualsync(dir.path()).arg("doctor").arg(&job));
     assert!(stdout.contains("both apps can serve job 'people'"), "{stdout}");
 }
+
+/// `dualsync dashboard` is for a stack (locally `dualsync run` serves the dashboard), and it
+/// listens on loopback only: it acts with the user's AWS credentials.
+#[test]
+fn dashboard_is_for_a_stack_and_listens_on_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dualsync(dir.path()).arg("dashboard").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("served by `dualsync run`"), "{stderr}");
+    let out = dualsync(dir.path()).args(["--backend", "aws", "dashboard", "--addr", "0.0.0.0:7879"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("loopback address only"), "{stderr}");
+}

@@ -5,14 +5,16 @@
 use serde::Serialize;
 use std::sync::Arc;
 
+use crate::domain::config::JobDef;
 use crate::domain::errors::{ConflictRecord, SyncError};
-use crate::domain::job::{AlertRule, JobStatus};
+use crate::domain::job::{AlertRule, Job, JobStatus};
+use crate::domain::metrics::MetricsView;
 use crate::domain::requests::{ReconcileRequest, RequestAction, RequestStatus};
-use crate::ports::{Page, Queue, QueueError};
+use crate::ports::{ConnectorError, Page, Queue, QueueError};
 use crate::state::{ErrorCounts, ErrorFilter, State, StateError};
-use crate::steps::pause;
 use crate::steps::reconcile::ReconcileMessage;
 use crate::steps::StepError;
+use crate::steps::{lifecycle, pause};
 
 mod dead_letters;
 pub use dead_letters::{DeadLetterQueue, Redrive, RedriveReport, MAX_REDRIVE};
@@ -48,6 +50,8 @@ impl From<StepError> for AdminError {
     fn from(e: StepError) -> Self {
         match e {
             StepError::State(e) => e.into(),
+            // Only a start meets its apps here: preparing them failed, the job is stopped again.
+            StepError::Connector(e) => AdminError::Refused(format!("the apps could not be prepared: {e}")),
             other => AdminError::Internal(other.to_string()),
         }
     }
@@ -73,7 +77,66 @@ pub struct JobView {
     pub errors: ErrorCounts,
     /// Retry and dismiss requests queued or running.
     pub requests_queued: usize,
+    /// Deliveries kept aside while the job is not active (paused, stopped), counted up to
+    /// [`KEPT_COUNTED`]: a count of `KEPT_COUNTED` means at least that many.
+    pub kept_deliveries: usize,
+    /// The apps, side A first, and which one wins conflicts.
+    pub apps: Vec<AppView>,
+    pub primary: String,
+    /// The table groups in delivery order, each with its maps and their sequence.
+    pub table_groups: Vec<GroupView>,
 }
+
+/// An app of a job: its name and connector (never its address or secrets).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AppView {
+    pub name: String,
+    pub connector: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupView {
+    pub name: String,
+    pub maps: Vec<MapView>,
+}
+
+/// A table map: its name, its place in the group, and the entity it pairs in each app.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MapView {
+    pub name: String,
+    pub sequence: u32,
+    pub entities: std::collections::BTreeMap<String, String>,
+}
+
+/// How many kept deliveries a job view counts at most: one small query page, since a dashboard
+/// reads job views every few seconds.
+pub const KEPT_COUNTED: usize = 100;
+
+impl JobView {
+    fn shape(def: &JobDef) -> (Vec<AppView>, Vec<GroupView>) {
+        let apps = def.apps.iter().map(|a| AppView { name: a.name.clone(), connector: a.connector.clone() }).collect();
+        let groups = def
+            .table_groups
+            .iter()
+            .map(|g| GroupView {
+                name: g.name.clone(),
+                maps: g
+                    .maps
+                    .iter()
+                    .map(|m| MapView { name: m.name.clone(), sequence: m.sequence, entities: m.entities.clone() })
+                    .collect(),
+            })
+            .collect();
+        (apps, groups)
+    }
+}
+
+/// What a job's start does to its apps before the job turns active: the local runner installs
+/// change capture in its sqlite apps; on AWS the apps send their changes themselves.
+pub type Installer = Arc<dyn Fn(&Job) -> Result<(), ConnectorError> + Send + Sync>;
+
+/// The window of [`Admin::metrics`] when no start is given.
+pub const DEFAULT_METRICS_WINDOW_MS: i64 = 60 * 60_000;
 
 /// How long a request may hold a place without being noted as sent before a later call sends
 /// it: longer than any submit takes between the two (the admin function times out after 30 s).
@@ -89,13 +152,22 @@ pub struct Admin {
     /// The work queues with their dead-letter queues, in pipeline order (see
     /// [`Admin::with_dead_letter_queues`]).
     pub dead_letter_queues: Vec<DeadLetterQueue>,
+    /// Run by [`Admin::start`] (see [`Installer`]); nothing unless set with
+    /// [`Admin::with_installer`].
+    pub install: Installer,
 }
 
 impl Admin {
     /// An admin over the state and the queues it sends to; dead letters need
     /// [`Admin::with_dead_letter_queues`] as well.
     pub fn new(state: State, deliver: Arc<dyn Queue>, reconcile: Arc<dyn Queue>) -> Self {
-        Admin { state, deliver, reconcile, dead_letter_queues: Vec::new() }
+        Admin { state, deliver, reconcile, dead_letter_queues: Vec::new(), install: Arc::new(|_| Ok(())) }
+    }
+
+    /// What a start does to the job's apps first (see [`Installer`]).
+    pub fn with_installer(mut self, install: Installer) -> Self {
+        self.install = install;
+        self
     }
 
     /// The work queues and their dead-letter queues, in pipeline order.
@@ -117,6 +189,8 @@ impl Admin {
         self.send_unsent_requests(name).await?;
         let errors = self.state.error_counts(name, &ErrorFilter::default()).await?;
         let requests_queued = self.state.queued_requests(name).await?;
+        let kept_deliveries = self.state.parked(name, KEPT_COUNTED).await?.len();
+        let (apps, table_groups) = JobView::shape(&record.def);
         Ok(JobView {
             job: record.def.job,
             status: record.status,
@@ -125,7 +199,25 @@ impl Admin {
             alert: record.def.alert,
             errors,
             requests_queued,
+            kept_deliveries,
+            apps,
+            primary: record.def.primary,
+            table_groups,
         })
+    }
+
+    /// Starts a stopped job (DESIGN §1): prepares its apps, then hands back what delivery kept
+    /// while it was stopped. Returns the job and how many kept deliveries went back.
+    pub async fn start(&self, name: &str) -> Result<(JobView, usize), AdminError> {
+        let install = self.install.clone();
+        let n = lifecycle::start(&self.state, self.deliver.as_ref(), name, move |job| install(job)).await?;
+        Ok((self.job(name).await?, n))
+    }
+
+    /// Stops a job: it moves no data until started again; what is captured or in flight is kept.
+    pub async fn stop(&self, name: &str) -> Result<JobView, AdminError> {
+        lifecycle::stop(&self.state, name).await?;
+        self.job(name).await
     }
 
     pub async fn pause(&self, name: &str) -> Result<JobView, AdminError> {
@@ -171,6 +263,14 @@ impl Admin {
     ) -> Result<Page<ConflictRecord>, AdminError> {
         self.state.job_record(job).await?;
         Ok(self.state.conflicts(job, limit.clamp(1, 1000), after).await?)
+    }
+
+    /// The job's metrics from the minute holding `since_ms` (default: the last hour) to now.
+    pub async fn metrics(&self, job: &str, since_ms: Option<i64>) -> Result<MetricsView, AdminError> {
+        self.state.job_record(job).await?;
+        let since = since_ms.unwrap_or_else(|| self.state.now_ms() - DEFAULT_METRICS_WINDOW_MS);
+        let minutes = self.state.metrics(job, since).await?;
+        Ok(MetricsView::new(job, since, &minutes))
     }
 
     /// Creates a retry or dismiss request and queues it for the reconcile step.

@@ -154,7 +154,7 @@ async fn deliver_fails_a_group_from_its_first_failure_and_other_groups_go_on() {
     let deliver = &h.stack.handlers[2];
     let msgs = deliver.input().receive(10).await.unwrap();
     assert_eq!(msgs.len(), 3, "{msgs:#?}");
-    let response = deliver.handle(sqs_event(&msgs)).await.unwrap();
+    let response = deliver.handle("test", sqs_event(&msgs)).await.unwrap();
     let failed: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
     let group_of = |id: &str| msgs.iter().find(|m| m.id == id).and_then(|m| m.group.clone());
     let p1_group = group_of(failed.first().expect("a failure"));

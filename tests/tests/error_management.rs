@@ -169,6 +169,7 @@ on_both_backends!(
     conflicts_stay_out_of_the_error_list,
     the_admin_api_serves_the_backend,
     dead_letters_are_listed_shown_and_redriven,
+    metrics_count_what_the_pipeline_did,
 );
 
 async fn rows_repeat_filter_page_and_count(backend: Backend) {
@@ -632,4 +633,39 @@ async fn dead_letters_are_listed_shown_and_redriven(backend: Backend) {
     }
     assert!(matches!(h.admin.dead_letter("capture", "nope").await, Err(AdminError::NotFound(_))));
     assert!(matches!(h.admin.dead_letters(Some("nope"), 10, None).await, Err(AdminError::NotFound(_))));
+}
+
+/// The per-job metrics reach the state table from the steps' batches, on both backends (the
+/// AWS one through DynamoDB's `UpdateItem ADD`), and agree with what the pipeline did.
+async fn metrics_count_what_the_pipeline_did(backend: Backend) {
+    let h = harness(backend, None).await;
+    h.exec(
+        Side::A,
+        "INSERT INTO parents (pid, name, co, kind) VALUES ('p1', 'n', 'X', 'small'), ('p2', 'n', 'X', 'small')",
+    );
+    h.drain().await;
+    h.exec(Side::A, "UPDATE parents SET name = 'from a' WHERE pid = 'p1'");
+    h.exec(Side::B, "UPDATE owners SET title = 'from b' WHERE owner_id = 'p1'");
+    h.drain().await;
+    h.orphans("p9", 2).await;
+    let capture = &h.admin.dead_letter_queues[0];
+    capture.work.send(vec![OutMessage::standard(r#"{"job":"j"}"#.into())]).await.unwrap();
+    h.drain().await;
+
+    let m = h.admin.metrics("j", Some(0)).await.unwrap();
+    let written = match &h.pipeline {
+        Pipeline::Local { rt, .. } => &rt.steps.metrics.written,
+        Pipeline::Aws { stack } => &stack.metrics.written,
+    };
+    let written = dualsync::steps::Metrics::get(written);
+    assert!(written >= 3, "two creates and the primary's side of the conflict: {written}");
+    assert_eq!(m.totals.delivered, written, "every write reached the table: {m:#?}");
+    assert_eq!(m.totals.conflicts, 1, "one conflict, whichever sides saw it: {m:#?}");
+    assert_eq!(m.totals.dead_letters, 1, "{m:#?}");
+    assert_eq!(m.totals.errors["application"], 2, "the two orphans: {m:#?}");
+    assert_eq!(m.totals.throttle_waits, 0);
+    let lagged: u64 = m.minutes.iter().filter(|x| x.lag_ms_max.is_some()).map(|x| x.delivered).sum();
+    assert_eq!(lagged, written, "every delivery has its lag: {m:#?}");
+    assert!(m.minutes.windows(2).all(|w| w[0].at_ms < w[1].at_ms), "oldest first, one entry a minute");
+    assert_eq!(m.minutes.iter().map(|x| x.delivered).sum::<u64>(), m.totals.delivered);
 }

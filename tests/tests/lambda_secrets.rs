@@ -260,7 +260,7 @@ table_groups:
     assert_eq!(msgs.len(), 1);
     // Its last receive: the failure is recorded with the message before SQS moves it on.
     msgs[0].receive_count = MAX_RECEIVE_COUNT;
-    let response = capture.handle(sqs_event(&msgs)).await.unwrap();
+    let response = capture.handle("test", sqs_event(&msgs)).await.unwrap();
     assert_eq!(response.batch_item_failures.len(), 1, "the message failed");
     let queue = queue_name(&r.capture_url);
     let row = capture.steps().state.dead_letter(&queue, &msgs[0].id).await.unwrap().expect("a dead-letter row");

@@ -23,6 +23,9 @@ pub const PAGE_PARAMS: &[&str] = &["limit", "after"];
 /// The dead-letter list's queue parameter.
 pub const QUEUE_PARAM: &[&str] = &["queue"];
 
+/// The metrics' start.
+pub const SINCE_PARAM: &[&str] = &["since"];
+
 /// Path parameters (`/jobs/{job}/...`).
 pub struct Params<T>(pub T);
 
@@ -145,6 +148,11 @@ impl QueryParams {
             &format!("expected a whole number from 1 to {MAX_LIMIT}"),
         )?;
         Ok(limit.unwrap_or(DEFAULT_LIMIT))
+    }
+
+    /// `since`: milliseconds since the epoch.
+    pub fn since(&self) -> Result<Option<i64>, ApiError> {
+        self.parsed("since", |v| v.parse::<i64>().ok().filter(|n| *n >= 0), "expected milliseconds since the epoch")
     }
 
     /// `after`: the `next` cursor of the previous page.

@@ -1,6 +1,6 @@
-//! The admin HTTP JSON API over [`Admin`]: jobs, pause and resume, error rows and counts, the
-//! conflict log, retry/dismiss requests, and dead letters with their redrive (documented in
-//! `docs/admin-api.openapi.yaml`).
+//! The admin HTTP JSON API over [`Admin`]: jobs, start and stop, pause and resume, error rows and
+//! counts, the conflict log, metrics by the minute, retry/dismiss requests, and dead letters with
+//! their redrive (documented in `docs/admin-api.openapi.yaml`).
 //!
 //! [`router`] serves [`ROUTES`]; the local runner wraps it in [`with_token`] (a bearer token),
 //! and the admin Lambda serves it as it is behind a function URL with AWS_IAM auth.
@@ -22,19 +22,22 @@ use dualsync::admin::Admin;
 pub use auth::with_token;
 pub use error::ApiError;
 pub use input::{DEFAULT_LIMIT, MAX_LIMIT};
-pub use routes::{NewRequest, RedriveBody, Resumed};
+pub use routes::{HandedBack, NewRequest, RedriveBody};
 
 /// Every (method, path) the API serves; [`router`] is built from this list, and a test checks
 /// it against the OpenAPI document.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/jobs"),
     ("GET", "/jobs/{job}"),
+    ("POST", "/jobs/{job}/start"),
+    ("POST", "/jobs/{job}/stop"),
     ("POST", "/jobs/{job}/pause"),
     ("POST", "/jobs/{job}/resume"),
     ("GET", "/jobs/{job}/errors"),
     ("GET", "/jobs/{job}/errors/counts"),
     ("GET", "/jobs/{job}/errors/{id}"),
     ("GET", "/jobs/{job}/conflicts"),
+    ("GET", "/jobs/{job}/metrics"),
     ("POST", "/jobs/{job}/requests"),
     ("GET", "/jobs/{job}/requests"),
     ("GET", "/jobs/{job}/requests/{id}"),

@@ -35,7 +35,10 @@ impl Env {
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     dualsync_lambda::init_tracing();
-    let env = Env::from_vars(|k| std::env::var(k).ok()).inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
+    let env = match Env::from_vars(|k| std::env::var(k).ok()) {
+        Ok(env) => env,
+        Err(e) => return dualsync_lambda::refuse_events(e).await,
+    };
     // The clients, built once per cold start and shared by every request.
     let sdk = sdk_config(None).await;
     let admin = dualsync::adapters::aws::admin(&sdk, &env.table, &env.queue_urls, Arc::new(Usage::default()));

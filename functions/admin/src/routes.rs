@@ -7,13 +7,16 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Json;
 use dualsync::admin::{Admin, JobView, Redrive, RedriveReport};
 use dualsync::domain::errors::{ConflictRecord, DeadLetter, SyncError};
+use dualsync::domain::metrics::MetricsView;
 use dualsync::domain::requests::{ReconcileRequest, RequestAction};
 use dualsync::ports::Page;
 use dualsync::state::{ErrorCounts, ErrorFilter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
-use crate::input::{check_range, JsonBody, Params, QueryPairs, QueryParams, FILTER_PARAMS, PAGE_PARAMS, QUEUE_PARAM};
+use crate::input::{
+    check_range, JsonBody, Params, QueryPairs, QueryParams, FILTER_PARAMS, PAGE_PARAMS, QUEUE_PARAM, SINCE_PARAM,
+};
 
 type AdminState = State<Arc<Admin>>;
 type Answer<T> = Result<Json<T>, ApiError>;
@@ -23,12 +26,15 @@ pub(crate) fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Admin>> {
     match (method, path) {
         ("GET", "/jobs") => get(jobs),
         ("GET", "/jobs/{job}") => get(job),
+        ("POST", "/jobs/{job}/start") => post(start),
+        ("POST", "/jobs/{job}/stop") => post(stop),
         ("POST", "/jobs/{job}/pause") => post(pause),
         ("POST", "/jobs/{job}/resume") => post(resume),
         ("GET", "/jobs/{job}/errors") => get(errors),
         ("GET", "/jobs/{job}/errors/counts") => get(counts),
         ("GET", "/jobs/{job}/errors/{id}") => get(error),
         ("GET", "/jobs/{job}/conflicts") => get(conflicts),
+        ("GET", "/jobs/{job}/metrics") => get(metrics),
         ("POST", "/jobs/{job}/requests") => post(submit),
         ("GET", "/jobs/{job}/requests") => get(requests),
         ("GET", "/jobs/{job}/requests/{id}") => get(request),
@@ -47,20 +53,30 @@ async fn job(State(admin): AdminState, Params(job): Params<String>) -> Answer<Jo
     Ok(Json(admin.job(&job).await?))
 }
 
+async fn start(State(admin): AdminState, Params(job): Params<String>) -> Answer<HandedBack> {
+    let (job, handed_back) = admin.start(&job).await?;
+    Ok(Json(HandedBack { job, handed_back }))
+}
+
+async fn stop(State(admin): AdminState, Params(job): Params<String>) -> Answer<JobView> {
+    Ok(Json(admin.stop(&job).await?))
+}
+
 async fn pause(State(admin): AdminState, Params(job): Params<String>) -> Answer<JobView> {
     Ok(Json(admin.pause(&job).await?))
 }
 
-/// The answer to a resume: the job, and how many kept deliveries went back to the deliver queue.
+/// The answer to a start or a resume: the job, and how many kept deliveries went back to the
+/// deliver queue.
 #[derive(Debug, Serialize)]
-pub struct Resumed {
+pub struct HandedBack {
     pub job: JobView,
     pub handed_back: usize,
 }
 
-async fn resume(State(admin): AdminState, Params(job): Params<String>) -> Answer<Resumed> {
+async fn resume(State(admin): AdminState, Params(job): Params<String>) -> Answer<HandedBack> {
     let (job, handed_back) = admin.resume(&job).await?;
-    Ok(Json(Resumed { job, handed_back }))
+    Ok(Json(HandedBack { job, handed_back }))
 }
 
 async fn errors(
@@ -92,6 +108,15 @@ async fn conflicts(
 ) -> Answer<Page<ConflictRecord>> {
     let q = QueryParams::parse(q, &[PAGE_PARAMS])?;
     Ok(Json(admin.conflicts(&job, q.limit()?, q.after()).await?))
+}
+
+async fn metrics(
+    State(admin): AdminState,
+    Params(job): Params<String>,
+    QueryPairs(q): QueryPairs,
+) -> Answer<MetricsView> {
+    let q = QueryParams::parse(q, &[SINCE_PARAM])?;
+    Ok(Json(admin.metrics(&job, q.since()?).await?))
 }
 
 /// The body of `POST /jobs/{job}/requests`.

@@ -352,6 +352,41 @@ async fn pause_and_resume_answer_the_job() {
 }
 
 #[tokio::test]
+async fn start_and_stop_answer_the_job_with_its_shape() {
+    let f = fixture().await;
+    // The apps' preparation is the backend's (the local runner installs change capture): here
+    // it fails once, then succeeds.
+    let failing: dualsync::admin::Installer = Arc::new(|_| {
+        Err(dualsync::ports::ConnectorError::Rejected { app: "fno".into(), message: "no such table".into() })
+    });
+    let app = router(Arc::new((*f.admin).clone().with_installer(failing)));
+    let (status, refused) = send(&app, "POST", "/jobs/sales/start", None, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(message(&refused), "the apps could not be prepared: fno: no such table");
+    let (_, job) = f.call("GET", "/jobs/sales", None).await;
+    assert_eq!(job["status"], "stopped", "a start that failed leaves the job stopped: {job}");
+
+    let app = router(Arc::new((*f.admin).clone().with_installer(Arc::new(|_| Ok(())))));
+    let (status, started) = send(&app, "POST", "/jobs/sales/start", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{started}");
+    assert_eq!(started["job"]["status"], "active", "{started}");
+    assert_eq!(started["handed_back"], 0, "{started}");
+    let (status, again) = send(&app, "POST", "/jobs/sales/start", None, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "starting an active job: {again}");
+
+    let (status, stopped) = f.call("POST", "/jobs/sales/stop", None).await;
+    assert_eq!(status, StatusCode::OK, "{stopped}");
+    assert_eq!(stopped["status"], "stopped", "{stopped}");
+    assert_eq!(stopped["kept_deliveries"], 0, "{stopped}");
+    assert_eq!(stopped["primary"], "fno", "{stopped}");
+    assert_eq!(stopped["apps"][0], json!({"name": "fno", "connector": "sqlite"}), "{stopped}");
+    let map = &stopped["table_groups"][0]["maps"][0];
+    assert_eq!(map["name"], "customers", "{stopped}");
+    assert_eq!(map["sequence"], 1, "{stopped}");
+    assert_eq!(map["entities"]["dataverse"], "account", "{stopped}");
+}
+
+#[tokio::test]
 async fn conflicts_are_paged() {
     let f = fixture().await;
     for (i, key) in ["C1", "C2"].into_iter().enumerate() {
@@ -552,4 +587,40 @@ async fn the_sample_function_url_event_reaches_the_router() {
     let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
     let jobs: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(jobs[0]["job"], "sales", "{jobs}");
+}
+
+#[tokio::test]
+async fn metrics_are_served_by_the_minute_with_totals() {
+    use dualsync::domain::metrics::Tally;
+    let f = fixture().await;
+    let mut t = Tally { delivered: 3, conflicts: 1, ..Tally::default() };
+    t.error(ErrorCategory::Application);
+    t.lag.record(40);
+    t.lag.record(3_000);
+    f.admin.state.add_metrics("sales", &t).await.unwrap();
+    f.admin.state.add_metrics("sales", &Tally { delivered: 2, dead_letters: 1, ..Tally::default() }).await.unwrap();
+
+    let (status, m) = f.call("GET", "/jobs/sales/metrics?since=0", None).await;
+    assert_eq!(status, StatusCode::OK, "{m}");
+    assert_eq!(m["job"], "sales");
+    let totals = &m["totals"];
+    assert_eq!((totals["delivered"].as_u64(), totals["conflicts"].as_u64()), (Some(5), Some(1)), "{m}");
+    assert_eq!((totals["dead_letters"].as_u64(), totals["throttle_waits"].as_u64()), (Some(1), Some(0)), "{m}");
+    assert_eq!(totals["errors"], json!({"application": 1, "system": 0, "concurrency": 0, "conflict": 0}));
+    let minutes = m["minutes"].as_array().unwrap();
+    assert_eq!(minutes.len(), 1, "both batches counted in this minute: {m}");
+    assert_eq!(minutes[0]["delivered"], 5);
+    assert_eq!((minutes[0]["lag_ms_p50"].as_u64(), minutes[0]["lag_ms_max"].as_u64()), (Some(50), Some(5_000)));
+    assert_eq!(minutes[0]["at_ms"].as_i64().unwrap() % 60_000, 0, "a minute's start");
+
+    // A window after the minute holds nothing; the totals still name every category.
+    let later = minutes[0]["at_ms"].as_i64().unwrap() + 60_000;
+    let (_, m) = f.call("GET", &format!("/jobs/sales/metrics?since={later}"), None).await;
+    assert_eq!((m["minutes"].as_array().map(Vec::len), m["totals"]["delivered"].as_u64()), (Some(0), Some(0)));
+
+    let (status, answer) = f.call("GET", "/jobs/sales/metrics?since=yesterday", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(message(&answer), "query parameter 'since' is 'yesterday': expected milliseconds since the epoch");
+    let (status, _) = f.call("GET", "/jobs/nope/metrics", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -10,8 +10,10 @@ use lambda_runtime::{service_fn, LambdaEvent};
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     dualsync_lambda::init_tracing();
-    let env =
-        SenderEnv::from_vars(|k| std::env::var(k).ok()).inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
+    let env = match SenderEnv::from_vars(|k| std::env::var(k).ok()) {
+        Ok(env) => env,
+        Err(e) => return dualsync_lambda::refuse_events(e).await,
+    };
     // Built once per cold start. The apps' connectors come from the same registry the other
     // functions use (keys read back by id go through it).
     let sdk = sdk_config(None).await;

@@ -16,7 +16,10 @@ pub struct Env {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvError {
-    #[error("environment variable {0} is not set (template.yaml sets it for every function)")]
+    #[error(
+        "environment variable {0} is not set (template.yaml sets it for every function; on this machine \
+         pass it with --env-var, or every variable at once with --env-file infra/emulator.env)"
+    )]
     Missing(&'static str),
     #[error("environment variable {name} is '{value}': {expected}")]
     Invalid { name: &'static str, value: String, expected: &'static str },
@@ -127,6 +130,37 @@ mod tests {
             let mut pairs = all.to_vec();
             pairs[i].1 = "";
             assert_eq!(SenderEnv::from_vars(vars(&pairs)), Err(EnvError::Missing(missing)));
+        }
+    }
+
+    /// `infra/emulator.env` gives every function what it reads, for the stage `dualsync aws
+    /// bootstrap --stage dev` makes, at the emulator its AWS_ENDPOINT_URL names.
+    #[test]
+    fn the_emulator_env_file_serves_every_function_of_stage_dev() {
+        let text = include_str!("../../../infra/emulator.env");
+        let pairs: Vec<(&str, &str)> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| l.split_once('=').unwrap_or_else(|| panic!("not KEY=VALUE: {l}")))
+            .collect();
+        let var = vars(&pairs);
+        let endpoint = var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL");
+        let names = dualsync::adapters::aws::Names::new("dev");
+        for step in [StepKind::Capture, StepKind::Sequence, StepKind::Deliver, StepKind::Reconcile] {
+            let env = Env::from_vars(step, &var).unwrap_or_else(|e| panic!("{step:?}: {e}"));
+            assert_eq!(env.table, names.table());
+            for url in [&env.sequence_queue_url, &env.deliver_queue_url, &env.input_queue_url] {
+                assert!(url.starts_with(&endpoint), "{url} is not on {endpoint}");
+            }
+            assert_eq!(queue_name(&env.sequence_queue_url), names.sequence_queue());
+            assert_eq!(queue_name(&env.deliver_queue_url), names.deliver_queue());
+        }
+        let sender = SenderEnv::from_vars(&var).unwrap();
+        assert_eq!(queue_name(&sender.capture_queue_url), names.capture_queue());
+        assert_eq!(queue_name(&var("RECONCILE_QUEUE_URL").unwrap()), names.reconcile_queue());
+        for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"] {
+            assert!(var(k).is_some(), "{k}: the SDK needs it even for an emulator");
         }
     }
 

@@ -15,7 +15,7 @@ use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use dualsync::adapters::aws::{sdk_config, AwsRegistry, AwsSecrets, DynamoKv, SqsQueue, Usage};
 use dualsync::ports::{Queue, SystemClock};
 use dualsync::state::State;
-use dualsync::steps::{ConnectorRegistry, StepKind, Steps};
+use dualsync::steps::{ConnectorRegistry, Outcome, StepKind, Steps};
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use tracing::Instrument;
 
@@ -25,16 +25,38 @@ pub use env::{input_var, Env, EnvError, SenderEnv};
 /// Runs the Lambda runtime loop for one step.
 pub async fn run(step: StepKind) -> Result<(), Error> {
     init_tracing();
-    let handler = Handler::from_env(step).await?;
+    let handler = match Handler::from_env(step).await {
+        Ok(h) => h,
+        Err(e) => return refuse_events(e).await,
+    };
     let handler = &handler;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        let request_id = event.context.request_id.clone();
-        handler.handle(event.payload).instrument(tracing::info_span!("lambda", %request_id)).await
+        handler.handle(&event.context.request_id, event.payload).await
     }))
     .await
 }
 
-/// JSON logs, level from `RUST_LOG` (the template sets it from its `LogLevel` parameter).
+/// What a function does when its setup fails (a variable unset): logs why, then answers every
+/// event with that error, readable, instead of exiting. A process that exits reports nothing to
+/// the runtime API, so `cargo lambda invoke` waited for an answer for ever; on AWS the error
+/// is then the invocation's, in its log and its caller's answer, each time.
+pub async fn refuse_events(why: impl std::fmt::Display) -> Result<(), Error> {
+    let why = why.to_string();
+    tracing::error!(error = %why, "cannot start: every event is answered with this error");
+    let why = &why;
+    // The runtime logs each invocation's error with its request id.
+    lambda_runtime::run(service_fn(move |_: LambdaEvent<serde_json::Value>| async move {
+        Err::<(), _>(lambda_runtime::Diagnostic {
+            error_type: "CannotStart".into(),
+            error_message: format!("cannot start: {why}"),
+        })
+    }))
+    .await
+}
+
+/// JSON logs, level from `RUST_LOG` (the template sets it from its `LogLevel` parameter), one
+/// `message` per line, and the fields of the innermost span (an invocation's request id and
+/// correlation id, see [`Handler::handle`]) on each line.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -68,7 +90,10 @@ impl Handler {
     pub async fn from_env(step: StepKind) -> Result<Self, Error> {
         let env = Env::from_vars(step, |k| std::env::var(k).ok())?;
         let sdk = sdk_config(None).await;
-        Ok(Self::new(step, &env, &sdk, aws_registry(&sdk), Arc::new(Usage::default())))
+        let handler = Self::new(step, &env, &sdk, aws_registry(&sdk), Arc::new(Usage::default()));
+        // A deployed function prints its metrics for CloudWatch (embedded metric format).
+        handler.steps.metrics.emf.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(handler)
     }
 
     /// A handler over given AWS settings and apps (tests point these at an emulator).
@@ -119,11 +144,28 @@ impl Handler {
     /// Handles one SQS event: runs the step and reports the messages that failed, after
     /// setting their visibility (the retry backoff; zero for poison, so it reaches the
     /// dead-letter queue without waiting out the timeout each time).
-    pub async fn handle(&self, event: SqsEvent) -> Result<SqsBatchResponse, Error> {
+    ///
+    /// Every line logged meanwhile carries the invocation's `request_id` and the batch's
+    /// `correlation_id` (one span holds both: the JSON logs show the innermost span's fields),
+    /// and the batch ends with one line saying what became of its messages.
+    pub async fn handle(&self, request_id: &str, event: SqsEvent) -> Result<SqsBatchResponse, Error> {
         let (msgs, unreadable) = in_messages(event.records);
-        let span = tracing::info_span!("batch", step = ?self.step, messages = msgs.len(), correlation_id = %correlation_id(&msgs));
+        let span = tracing::info_span!(
+            "invocation",
+            request_id,
+            step = self.step.name(),
+            messages = msgs.len(),
+            correlation_id = %correlation_id(&msgs)
+        );
         async {
             let outcomes = self.steps.handle(self.step, self.input.as_ref(), &msgs).await?;
+            let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+            tracing::info!(
+                done = count(|o| *o == Outcome::Done),
+                retried = count(|o| matches!(o, Outcome::Retry { .. })),
+                poison = count(|o| matches!(o, Outcome::Poison { .. })),
+                "batch handled"
+            );
             let (response, releases) = batch_response(&msgs, &outcomes, unreadable);
             for (receipt, delay) in releases {
                 if let Err(e) = self.input.release(&receipt, delay).await {

@@ -49,7 +49,8 @@ pub async fn poll_once(handler: &Handler, batch: usize) -> Result<Option<Invocat
         return Ok(None);
     }
     let started = Instant::now();
-    let response = handler.handle(sqs_event(&msgs)).await?;
+    // What Lambda would give as the request id: one per invocation.
+    let response = handler.handle(&format!("local-{}", msgs[0].id), sqs_event(&msgs)).await?;
     let billed = started.elapsed();
     let failed: HashSet<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
     let done: Vec<String> =

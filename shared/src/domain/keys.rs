@@ -149,6 +149,14 @@ pub fn dead_letter_index_pk(queue: &str) -> String {
     format!("DEADIDX#{}", escape(queue))
 }
 
+/// A job's per-minute metric counters (sort key: the minute's start, zero-padded ms).
+pub fn metrics_pk(job: &str) -> String {
+    format!("METRICS#{}", escape(job))
+}
+pub fn metrics_sk(minute_ms: i64) -> String {
+    format!("{:015}", minute_ms.max(0))
+}
+
 pub fn init_pk(job: &str, map: &str) -> String {
     format!("INIT#{}#{}", escape(job), escape(map))
 }

@@ -9,5 +9,6 @@ pub mod ingress;
 pub mod job;
 pub mod keys;
 pub mod link;
+pub mod metrics;
 pub mod requests;
 pub mod sequence;

@@ -75,6 +75,18 @@ pub trait KvStore: Send + Sync {
     /// Items of one partition whose sort key is in `range`, in sort-key order, `limit` at most,
     /// starting after the sort key `after`.
     async fn query(&self, pk: &str, range: &SkRange, limit: usize, after: Option<&str>) -> Result<Page<Item>, KvError>;
+    /// Adds to counters of a counter item, creating it (and any counter it lacks) at zero: one
+    /// unconditional write, with no read (DynamoDB `UpdateItem ADD`), so writers never race.
+    /// The item reads back with a body of `{name: count}`; `expires_at` is set each time.
+    /// Names are `[a-z0-9_]` (each counter is an attribute of its own in DynamoDB), and a
+    /// counter item is only ever written through `add`.
+    async fn add(&self, pk: &str, sk: &str, counters: &[(String, u64)], expires_at: Option<i64>)
+        -> Result<(), KvError>;
+}
+
+/// Whether `name` may name a counter of [`KvStore::add`].
+pub(crate) fn counter_name_ok(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// The smallest string greater than every string that starts with `prefix`, if there is one.

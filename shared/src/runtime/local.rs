@@ -390,8 +390,10 @@ impl LocalRuntime {
         let work = [&self.capture, &self.sequence, &self.deliver, &self.reconcile];
         let queues = work.iter().zip(&self.dead_letters);
         let queues = queues.map(|(w, d)| crate::admin::DeadLetterQueue { work: (*w).clone(), dead: d.clone() });
+        let apps = self.apps.clone();
         crate::admin::Admin::new(self.state.clone(), self.deliver.clone(), self.reconcile.clone())
             .with_dead_letter_queues(queues.collect())
+            .with_installer(Arc::new(move |job| install_capture(apps.as_ref(), job)))
     }
 
     /// The handler of pushed events (webhooks, business events) over this runtime's state, apps

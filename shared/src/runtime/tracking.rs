@@ -109,7 +109,7 @@ pub async fn poll_map(
         let page = match source.track(&spec, pos.link.as_deref()).await? {
             Tracked::Page(p) => p,
             Tracked::Expired(message) if !report.resynced => {
-                warn!(job = %job.name, app, map = %map.name, %message,
+                warn!(job = %job.name, app, map = %map.name, reason = %message,
                     "change tracking: the app no longer knows the delta token; listing the map afresh (full resync)");
                 report.resynced = true;
                 pos = TrackingPosition { link: None, listing: pos.listing, listing_open: false };

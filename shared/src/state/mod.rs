@@ -1,6 +1,7 @@
 //! Typed access to the items of the one key-value table (DESIGN §4), over the [`KvStore`] port.
 mod dead_letters;
 mod errors;
+mod metrics;
 mod parking;
 mod parts;
 mod requests;
@@ -10,6 +11,7 @@ mod waiters;
 pub use crate::domain::requests::ErrorFilter;
 pub use dead_letters::{job_of, DeadLetterCursor, DEAD_LETTER_RETENTION_MS};
 pub use errors::{ErrorCounts, NewError, ERROR_RETENTION_MS};
+pub use metrics::METRICS_RETENTION_MS;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::sync::Arc;
 pub use tracking::TrackingPosition;

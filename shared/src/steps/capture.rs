@@ -38,7 +38,7 @@ impl Steps {
                 Err(e @ StepError::Crashed(_)) => return Err(e),
                 Err(StepError::Queue(e @ QueueError::TooLarge { .. })) => Outcome::Poison { reason: e.to_string() },
                 Err(e) => {
-                    warn!(message = %m.id, error = %e, "capture failed; the message will be retried");
+                    warn!(message_id = %m.id, error = %e, "capture failed; the message will be retried");
                     Outcome::Retry { delay: self.backoff.delay(m.receive_count, None), reason: e.to_string() }
                 }
             });
@@ -296,7 +296,7 @@ impl Steps {
                 Ok(None)
             }
             Err(ConnectorError::Transient { retry_after, message, .. }) => {
-                warn!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, %message, "live delete failed; will retry");
+                warn!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, reason = %message, "live delete failed; will retry");
                 let reason = format!("live delete of {}/{}: {message}", c.map, c.key);
                 Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, retry_after), reason }))
             }

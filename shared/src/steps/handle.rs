@@ -20,7 +20,8 @@ impl Steps {
         input: &dyn Queue,
         msgs: &[InMessage],
     ) -> Result<Vec<Outcome>, StepError> {
-        let mut outcomes = match self.run(step, msgs).await {
+        let ran = super::metrics::scope(self.run(step, msgs)).await;
+        let mut outcomes = match ran {
             Ok(o) => o,
             Err(e @ StepError::Crashed(_)) => return Err(e),
             Err(e) => {
@@ -42,11 +43,15 @@ impl Steps {
                 Outcome::Retry { reason, .. } | Outcome::Poison { reason } => reason,
             };
             // Field values never reach a reason: steps name keys at most.
-            warn!(queue = input.name(), message = %m.id, receive_count = m.receive_count, %reason, "message not handled");
+            warn!(queue = input.name(), message_id = %m.id, receive_count = m.receive_count, %reason, "message not handled");
             if max > 0 && m.receive_count >= max {
                 self.state.record_dead_letter(input.name(), m, reason).await?;
+                if let Some(job) = crate::state::job_of(&m.body) {
+                    self.metrics.count(&job, |t| t.dead_letters += 1);
+                }
             }
         }
+        self.flush_metrics(step.name()).await;
         Ok(outcomes)
     }
 }

@@ -7,6 +7,7 @@ pub mod handle;
 pub mod ingress;
 pub mod initial_sync;
 pub mod lifecycle;
+pub mod metrics;
 pub mod pause;
 pub mod reconcile;
 pub mod record;
@@ -14,13 +15,13 @@ pub mod redeliver;
 pub mod sequence;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::domain::job::{Job, JobStatus, Side};
 use crate::ports::{Bind, Connector, ConnectorError, EntitySpec, Queue};
 use crate::state::{State, StateError};
+pub use metrics::Metrics;
 
 /// What became of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +42,17 @@ pub enum StepKind {
     Sequence,
     Deliver,
     Reconcile,
+}
+
+impl StepKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Capture => "capture",
+            StepKind::Sequence => "sequence",
+            StepKind::Deliver => "deliver",
+            StepKind::Reconcile => "reconcile",
+        }
+    }
 }
 
 impl Steps {
@@ -94,45 +106,6 @@ pub enum StepError {
     /// A request names something that does not exist: it cannot be run at all.
     #[error("{0}")]
     Refused(String),
-}
-
-/// Counters the demo, the benchmark and the runner's progress read.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub captured: AtomicU64,
-    pub out_of_scope: AtomicU64,
-    pub echoes_suppressed: AtomicU64,
-    pub written: AtomicU64,
-    pub in_step: AtomicU64,
-    pub other_side_changed: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub concurrency: AtomicU64,
-    pub application: AtomicU64,
-    pub system_retries: AtomicU64,
-    pub system_recorded: AtomicU64,
-    pub live_deletes: AtomicU64,
-    latencies: Mutex<Option<Vec<u32>>>,
-}
-
-impl Metrics {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-    /// Starts keeping change-to-delivery latencies (milliseconds), for the benchmark.
-    pub fn keep_latencies(&self) {
-        *self.latencies.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
-    }
-    pub fn record_latency(&self, ms: i64) {
-        if let Some(v) = self.latencies.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            v.push(ms.clamp(0, u32::MAX as i64) as u32);
-        }
-    }
-    pub fn take_latencies(&self) -> Vec<u32> {
-        self.latencies.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default()
-    }
 }
 
 /// Opens the connectors of a job's two apps (the runtime decides how, and caches them).
@@ -243,6 +216,7 @@ impl Steps {
     /// The job, compiled and with its connectors; `None` if there is no such job. Reads the job
     /// item once per call (status changes take effect at once), compiles once per revision.
     pub async fn load_job(&self, name: &str) -> Result<Option<Arc<LoadedJob>>, StepError> {
+        metrics::working_on(&self.metrics, name);
         let (record, _) = match self.state.job_record(name).await {
             Ok(r) => r,
             Err(StateError::UnknownJob(_)) => return Ok(None),

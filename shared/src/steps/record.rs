@@ -100,7 +100,8 @@ impl Steps {
             ErrorCategory::Application => Metrics::add(&self.metrics.application, 1),
             _ => {}
         }
-        warn!(job, map = %c.map, key = %c.key, category = category.as_str(), %message, "sync error");
+        self.metrics.count(job, |t| t.error(category));
+        warn!(job, map = %c.map, key = %c.key, category = category.as_str(), reason = %message, "sync error");
         NewError {
             map: c.map.clone(),
             entity: entity.to_string(),

@@ -6,17 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::error::DisplayErrorContext;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValue};
 use aws_sdk_dynamodb::Client;
 use futures::stream::{self, StreamExt};
 
 use super::usage::{item_bytes, read_units, write_units, Usage};
-use crate::ports::kv::prefix_end;
+use crate::ports::kv::{counter_name_ok, prefix_end};
 use crate::ports::kv::{Expect, Item, KvError, KvStore, Page, Put, SkRange};
 use crate::ports::Clock;
 
 type Attrs = HashMap<String, AttributeValue>;
+
+/// The attribute name prefix of a counter of [`KvStore::add`]: each counter is a number
+/// attribute of its own, since `ADD` works on top-level numbers and the body is JSON text.
+const COUNTER: &str = "n_";
 
 /// DynamoDB's BatchGetItem limit.
 const BATCH_GET: usize = 100;
@@ -36,8 +39,8 @@ impl DynamoKv {
         DynamoKv { client, table, clock, usage }
     }
 
-    fn unavailable(&self, op: &str, e: impl std::error::Error) -> KvError {
-        KvError::Unavailable(format!("DynamoDB {op} on table {}: {}", self.table, DisplayErrorContext(e)))
+    fn unavailable(&self, op: &str, reason: impl std::fmt::Display) -> KvError {
+        KvError::Unavailable(format!("DynamoDB {op} on table {}: {reason}", self.table))
     }
 
     fn key(pk: &str, sk: &str) -> Attrs {
@@ -100,7 +103,7 @@ impl DynamoKv {
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
                 Ok(Err(KvError::ConditionFailed { pk: put.pk.clone(), sk: put.sk.clone() }))
             }
-            Err(e) => Err(self.unavailable("UpdateItem", e)),
+            Err(e) => Err(self.unavailable("UpdateItem", super::brief(&e))),
         }
     }
 
@@ -115,8 +118,20 @@ impl DynamoKv {
             return Ok(None);
         }
         let rev = attrs.get("rev").and_then(number).ok_or_else(|| corrupt("no revision"))?;
-        let body = text("body").ok_or_else(|| corrupt("no body"))?;
-        let body = serde_json::from_str(&body).map_err(|e| corrupt(&format!("body is not JSON: {e}")))?;
+        let body = match text("body") {
+            Some(body) => serde_json::from_str(&body).map_err(|e| corrupt(&format!("body is not JSON: {e}")))?,
+            // A counter item (`add`): its counters are the body.
+            None => {
+                let counters: serde_json::Map<String, serde_json::Value> = attrs
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.strip_prefix(COUNTER)?.to_string(), number(v)?.into())))
+                    .collect();
+                if counters.is_empty() {
+                    return Err(corrupt("no body"));
+                }
+                serde_json::Value::Object(counters)
+            }
+        };
         Ok(Some(Item { pk, sk, rev, body, expires_at }))
     }
 
@@ -174,7 +189,7 @@ impl KvStore for DynamoKv {
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| self.unavailable("GetItem", e))?;
+            .map_err(|e| self.unavailable("GetItem", super::brief(&e)))?;
         self.bill_read(out.item());
         match out.item() {
             Some(attrs) => self.decode(attrs, self.clock.now_ms()),
@@ -205,7 +220,7 @@ impl KvStore for DynamoKv {
                     .request_items(&self.table, request)
                     .send()
                     .await
-                    .map_err(|e| self.unavailable("BatchGetItem", e))?;
+                    .map_err(|e| self.unavailable("BatchGetItem", super::brief(&e)))?;
                 let items = out.responses().and_then(|r| r.get(&self.table)).map(Vec::as_slice).unwrap_or_default();
                 for attrs in items {
                     self.bill_read(Some(attrs));
@@ -289,7 +304,7 @@ impl KvStore for DynamoKv {
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
                 Err(KvError::ConditionFailed { pk: pk.to_string(), sk: sk.to_string() })
             }
-            Err(e) => Err(self.unavailable("DeleteItem", e)),
+            Err(e) => Err(self.unavailable("DeleteItem", super::brief(&e))),
         }
     }
 
@@ -339,7 +354,7 @@ impl KvStore for DynamoKv {
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(|e| self.unavailable("Query", e))?;
+                .map_err(|e| self.unavailable("Query", super::brief(&e)))?;
             let mut bytes = 0;
             for attrs in out.items() {
                 let t = |k: &str| attrs.get(k).and_then(|v| v.as_s().ok()).map_or(0, String::len);
@@ -365,6 +380,55 @@ impl KvStore for DynamoKv {
         }
         let next = if more { items.last().map(|i| i.sk.clone()) } else { None };
         Ok(Page { items, next })
+    }
+
+    /// One `UpdateItem` with `ADD`: no read and no condition, so concurrent adds all count.
+    async fn add(
+        &self,
+        pk: &str,
+        sk: &str,
+        counters: &[(String, u64)],
+        expires_at: Option<i64>,
+    ) -> Result<(), KvError> {
+        if let Some((name, _)) = counters.iter().find(|(n, _)| !counter_name_ok(n)) {
+            return Err(KvError::Corrupt {
+                pk: pk.to_string(),
+                sk: sk.to_string(),
+                reason: format!("'{name}' cannot name a counter: use a-z, 0-9 and _"),
+            });
+        }
+        let mut names: HashMap<String, String> = HashMap::new();
+        let mut values: Attrs = HashMap::from([(":one".to_string(), n(1))]);
+        let mut adds = vec!["rev :one".to_string()];
+        for (i, (name, count)) in counters.iter().enumerate() {
+            names.insert(format!("#c{i}"), format!("{COUNTER}{name}"));
+            values.insert(format!(":c{i}"), n(count));
+            adds.push(format!("#c{i} :c{i}"));
+        }
+        let mut update = format!("ADD {}", adds.join(", "));
+        match expires_at {
+            Some(ms) => {
+                update.push_str(" SET expires_at = :exp, exp_ms = :exp_ms");
+                values.insert(":exp".into(), n(ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) != 0)));
+                values.insert(":exp_ms".into(), n(ms));
+            }
+            None => update.push_str(" REMOVE expires_at, exp_ms"),
+        }
+        self.usage.dynamo_request();
+        // Counters are a few dozen bytes each: one write unit unless an item has hundreds.
+        let bytes = pk.len() + sk.len() + counters.iter().map(|(c, _)| c.len() + COUNTER.len() + 21).sum::<usize>();
+        self.usage.write_units(write_units(bytes + 40));
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(pk, sk)))
+            .update_expression(update)
+            .set_expression_attribute_names((!names.is_empty()).then_some(names))
+            .set_expression_attribute_values(Some(values))
+            .send()
+            .await
+            .map_err(|e| self.unavailable("UpdateItem", super::brief(&e)))?;
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 //! functions open them ([`AwsRegistry`]) and the secrets they read ([`AwsSecrets`]).
 mod dynamo;
 mod registry;
+mod sdk_error;
 mod secrets;
 mod sqs;
 mod usage;
@@ -20,6 +21,7 @@ use aws_sdk_sqs::types::QueueAttributeName;
 
 pub use dynamo::DynamoKv;
 pub use registry::AwsRegistry;
+pub use sdk_error::brief;
 pub use secrets::AwsSecrets;
 pub use sqs::SqsQueue;
 pub use usage::{Usage, UsageSnapshot};
@@ -152,12 +154,8 @@ pub struct Resources {
     pub dead_letter_urls: [String; 4],
 }
 
-fn call_error(op: &'static str, resource: &str, e: impl std::error::Error) -> AwsError {
-    AwsError::Call {
-        op,
-        resource: resource.to_string(),
-        reason: aws_sdk_sqs::error::DisplayErrorContext(e).to_string(),
-    }
+fn call_error(op: &'static str, resource: &str, e: impl std::error::Error + 'static) -> AwsError {
+    AwsError::Call { op, resource: resource.to_string(), reason: sdk_error::causes(&e) }
 }
 
 impl Resources {
@@ -166,16 +164,21 @@ impl Resources {
         let missing =
             |resource: String, reason: String| AwsError::Missing { stage: names.stage.clone(), resource, reason };
         let dynamo = aws_sdk_dynamodb::Client::new(sdk);
-        dynamo.describe_table().table_name(names.table()).send().await.map_err(|e| {
-            missing(format!("table {}", names.table()), aws_sdk_dynamodb::error::DisplayErrorContext(e).to_string())
-        })?;
+        dynamo
+            .describe_table()
+            .table_name(names.table())
+            .send()
+            .await
+            .map_err(|e| missing(format!("table {}", names.table()), brief(&e)))?;
         let sqs = aws_sdk_sqs::Client::new(sdk);
         let mut urls = Vec::new();
         for q in names.queues().iter().flat_map(|q| [q.clone(), names.dead_letter_queue(q)]) {
-            let out =
-                sqs.get_queue_url().queue_name(&q).send().await.map_err(|e| {
-                    missing(format!("queue {q}"), aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
-                })?;
+            let out = sqs
+                .get_queue_url()
+                .queue_name(&q)
+                .send()
+                .await
+                .map_err(|e| missing(format!("queue {q}"), brief(&e)))?;
             urls.push(out.queue_url().unwrap_or_default().to_string());
         }
         Ok(Self::from_urls(names, urls))
@@ -325,7 +328,7 @@ async fn create_table(sdk: &SdkConfig, table: &str) -> Result<(), AwsError> {
             // Already enabled is fine: TTL is then as wanted.
             if let Err(e) = client.update_time_to_live().table_name(table).time_to_live_specification(ttl).send().await
             {
-                let text = aws_sdk_dynamodb::error::DisplayErrorContext(&e).to_string();
+                let text = brief(&e);
                 if !text.contains("already enabled") {
                     return Err(call_error("UpdateTimeToLive", table, e));
                 }

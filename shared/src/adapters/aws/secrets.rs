@@ -133,13 +133,9 @@ where
             }
         }
         SdkError::TimeoutError(_) => SecretError::Transient { what, reason: format!("{op}: timed out") },
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => SecretError::Transient {
-            what,
-            reason: format!("{op}: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(&e)),
-        },
-        _ => SecretError::Refused {
-            what,
-            reason: format!("{op}: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(&e)),
-        },
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            SecretError::Transient { what, reason: format!("{op}: {}", super::brief(&e)) }
+        }
+        _ => SecretError::Refused { what, reason: format!("{op}: {}", super::brief(&e)) },
     }
 }

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageSystemAttributeName,
     QueueAttributeName, SendMessageBatchRequestEntry,
@@ -56,7 +55,7 @@ impl SqsQueue {
             .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
             .send()
             .await
-            .map_err(|e| self.unavailable("GetQueueAttributes", DisplayErrorContext(e)))?;
+            .map_err(|e| self.unavailable("GetQueueAttributes", super::brief(&e)))?;
         let get = |a: QueueAttributeName| -> u64 {
             out.attributes().and_then(|m| m.get(&a)).and_then(|v| v.parse().ok()).unwrap_or(0)
         };
@@ -93,7 +92,7 @@ impl SqsQueue {
             .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| self.unavailable("SendMessageBatch", DisplayErrorContext(e)))?;
+            .map_err(|e| self.unavailable("SendMessageBatch", super::brief(&e)))?;
         if let Some(f) = out.failed().first() {
             return Err(self.unavailable(
                 "SendMessageBatch",
@@ -160,7 +159,7 @@ impl Queue for SqsQueue {
             .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
             .send()
             .await
-            .map_err(|e| self.unavailable("ReceiveMessage", DisplayErrorContext(e)))?;
+            .map_err(|e| self.unavailable("ReceiveMessage", super::brief(&e)))?;
         let msgs: Vec<InMessage> = out
             .messages()
             .iter()
@@ -202,7 +201,7 @@ impl Queue for SqsQueue {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| self.unavailable("DeleteMessageBatch", DisplayErrorContext(e)))?;
+                .map_err(|e| self.unavailable("DeleteMessageBatch", super::brief(&e)))?;
             // A stale receipt (the message came back to someone else) deletes nothing, as locally.
             if let Some(f) = out.failed().iter().find(|f| f.code() != "ReceiptHandleIsInvalid") {
                 return Err(self.unavailable("DeleteMessageBatch", f.message().unwrap_or(f.code())));
@@ -226,7 +225,7 @@ impl Queue for SqsQueue {
             .entries(entry)
             .send()
             .await
-            .map_err(|e| self.unavailable("ChangeMessageVisibility", DisplayErrorContext(e)))?;
+            .map_err(|e| self.unavailable("ChangeMessageVisibility", super::brief(&e)))?;
         Ok(())
     }
 }

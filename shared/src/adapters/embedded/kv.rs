@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::Value;
 
 use super::db::EmbeddedDb;
-use crate::ports::kv::{prefix_end, Expect, Item, KvError, KvStore, Page, Put, SkRange};
+use crate::ports::kv::{counter_name_ok, prefix_end, Expect, Item, KvError, KvStore, Page, Put, SkRange};
 
 /// [`KvStore`] over the `kv` table of an [`EmbeddedDb`]. Get one with [`EmbeddedDb::kv`].
 #[derive(Debug, Clone)]
@@ -229,6 +229,38 @@ impl KvStore for EmbeddedKv {
         let next = if more { items.last().map(|i: &Item| i.sk.clone()) } else { None };
         Ok(Page { items, next })
     }
+
+    /// Read, add and write in one immediate transaction (the writer lock), so adds never race.
+    /// An expired item starts again from zero.
+    async fn add(
+        &self,
+        pk: &str,
+        sk: &str,
+        counters: &[(String, u64)],
+        expires_at: Option<i64>,
+    ) -> Result<(), KvError> {
+        if let Some((name, _)) = counters.iter().find(|(n, _)| !counter_name_ok(n)) {
+            return Err(corrupt(pk, sk, format!("'{name}' cannot name a counter: use a-z, 0-9 and _")));
+        }
+        let now = self.db.now_ms();
+        let mut conn = self.db.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
+        let mut body = match get_in(&tx, pk, sk, now)? {
+            Some(raw) => match raw.into_item(pk)?.body {
+                Value::Object(m) => m,
+                _ => return Err(corrupt(pk, sk, "a counter item's body is not an object")),
+            },
+            None => serde_json::Map::new(),
+        };
+        for (name, n) in counters {
+            let was = body.get(name).and_then(Value::as_u64).unwrap_or(0);
+            body.insert(name.clone(), Value::from(was.saturating_add(*n)));
+        }
+        let put = Put { pk: pk.to_string(), sk: sk.to_string(), body: Value::Null, expires_at, expect: Expect::Any };
+        let text = serde_json::to_string(&body).map_err(|e| corrupt(pk, sk, e))?;
+        put_in(&tx, &put, &text, now)??;
+        tx.commit().map_err(unavailable)
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +298,21 @@ mod tests {
         let item = kv.get("p", "s").await.expect("get").expect("present");
         assert_eq!((item.rev, item.body), (3, json!(5)), "failed puts wrote nothing");
         assert_eq!(kv.get("p", "other").await.expect("get"), None);
+    }
+
+    #[tokio::test]
+    async fn adds_create_counters_and_sum_them() {
+        let (kv, clock) = setup();
+        let exp = Some(clock.now_ms() + 100);
+        kv.add("m", "1", &[("a".into(), 2), ("b".into(), 1)], exp).await.expect("create");
+        kv.add("m", "1", &[("a".into(), 3), ("c".into(), 4)], exp).await.expect("add");
+        let item = kv.get("m", "1").await.expect("get").expect("present");
+        assert_eq!(item.body, json!({"a": 5, "b": 1, "c": 4}));
+        assert_eq!(item.rev, 2);
+        assert!(kv.add("m", "1", &[("A#".into(), 1)], None).await.is_err(), "a name DynamoDB could not hold");
+        clock.advance(100);
+        kv.add("m", "1", &[("a".into(), 1)], None).await.expect("after expiry");
+        assert_eq!(kv.get("m", "1").await.expect("get").expect("present").body, json!({"a": 1}), "starts again");
     }
 
     #[tokio::test]

@@ -134,6 +134,10 @@ impl Steps {
                         outcomes[*i] = Outcome::Done;
                     } else {
                         Metrics::add(&self.metrics.system_retries, u64::from(pos == heads[l]));
+                        if pos == heads[l] && retry_after.is_some() {
+                            // Given back to wait out the app's Retry-After.
+                            self.metrics.count(&job_name, |t| t.throttle_waits += 1);
+                        }
                         outcomes[*i] = Outcome::Retry {
                             delay: self.backoff.delay(m.receive_count, *retry_after),
                             reason: if pos == heads[l] {

@@ -199,7 +199,10 @@ impl Steps {
             if let Progress::ToMark(w) = &it.progress {
                 if w.conflict {
                     Metrics::add(&self.metrics.conflicts, 1);
-                    self.state.record_conflict(self.conflict(job, it)).await?;
+                    // Counted once per conflict row: both sides' changes may see one conflict.
+                    if self.state.record_conflict(self.conflict(job, it)).await? {
+                        self.metrics.count(&job.name, |t| t.conflicts += 1);
+                    }
                 }
             }
         }
@@ -293,8 +296,13 @@ impl Steps {
                 let it = &mut items[i];
                 let Progress::ToWrite(_, rev) = it.progress else { continue };
                 if answer.is_ok() {
+                    let lag = self.state.now_ms() - it.c.at_ms;
                     Metrics::add(&self.metrics.written, 1);
-                    self.metrics.record_latency(self.state.now_ms() - it.c.at_ms);
+                    self.metrics.record_latency(lag);
+                    self.metrics.count(&job.name, |t| {
+                        t.delivered += 1;
+                        t.lag.record(lag.max(0) as u64);
+                    });
                 }
                 let progress = std::mem::replace(&mut it.progress, Progress::Again);
                 let (next, put) = progress.written(&context(job, it.c), it.c, answer.map(|_| ()));
@@ -416,7 +424,10 @@ impl Steps {
         }
         for c in conflicts {
             Metrics::add(&self.metrics.conflicts, 1);
-            self.state.record_conflict(c).await?;
+            let job = c.job.clone();
+            if self.state.record_conflict(c).await? {
+                self.metrics.count(&job, |t| t.conflicts += 1);
+            }
         }
         Ok(results.into_iter())
     }

@@ -122,7 +122,10 @@ impl Limiter {
                 }
             };
             match wait {
-                Wait::Until(t) => tokio::time::sleep_until(t.into()).await,
+                Wait::Until(t) => {
+                    crate::steps::metrics::note_throttle_wait();
+                    tokio::time::sleep_until(t.into()).await
+                }
                 Wait::Slot => notified.await,
             }
         }
