@@ -141,6 +141,11 @@ table_groups:
         status.contains("people: active (revision 1), 0 open and 0 retrying error(s), 0 request(s) queued"),
         "{status}"
     );
+    // The last hour's metrics, read from the stage's table: nothing has moved yet.
+    assert!(
+        status.contains("  last hour: 0 delivered, 0 conflict(s), 0 dead letter(s), 0 throttling wait(s); error rows: application 0, concurrency 0, conflict 0, system 0"),
+        "{status}"
+    );
     // Pause and resume, and the error and request commands.
     run_ok(on_aws(dir.path(), &stage).args(["job", "pause", "people"]));
     let status = run_ok(on_aws(dir.path(), &stage).args(["job", "status", "people"]));

@@ -380,6 +380,10 @@ async fn a_key_too_long_to_store_is_an_error_row_of_its_own(backend: Backend) {
     let told = |what: &str| errors.iter().filter(|e| e.message.contains(what)).count();
     assert_eq!(told("too long to store"), 2, "{errors:#?}");
     assert_eq!(told("more than a queue message holds"), 1, "{errors:#?}");
+    // Counted in the job's metrics, the one ingress recorded (outside the steps) too.
+    let minutes = h.state().metrics("j", 0).await.unwrap();
+    let counted: u64 = minutes.iter().map(|(_, t)| t.errors.get("application").copied().unwrap_or(0)).sum();
+    assert_eq!(counted, 3, "{minutes:?}");
     assert_eq!(h.query_b("SELECT count(*) FROM records"), 2, "the other changes synced");
     h.assert_no_dead_letters().await;
 }

@@ -377,3 +377,12 @@ async fn a_function_that_cannot_start_answers_why() {
     assert!(line.is_some(), "the log says why: {lines:#?}");
     assert!(!w.logs().contains("Missing("), "the readable message, not the Debug form: {}", w.logs());
 }
+
+/// The check above sees a key twice, which serde_json's `Value` does not.
+#[test]
+fn a_repeated_key_is_seen() {
+    let twice = r#"{"fields":{"message":"message not handled","message":"m-1"}}"#;
+    assert_eq!(serde_json::from_str::<serde_json::Value>(twice).unwrap()["fields"]["message"], "m-1");
+    assert!(std::panic::catch_unwind(|| json_lines(twice)).is_err());
+    assert_eq!(json_lines(r#"{"fields":{"message":"m"},"span":{"message_id":"1"}}"#).len(), 1);
+}

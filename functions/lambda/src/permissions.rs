@@ -100,7 +100,8 @@ pub const SEND_ACTIONS: [&str; 1] = ["sqs:SendMessage"];
 pub const DRAIN_ACTIONS: [&str; 3] = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"];
 /// On the state table, the same for every function: each one holds a `State` over `DynamoKv`,
 /// and these are the calls DynamoKv makes (get, get_many, put and put_many as conditional
-/// updates, delete, query; a test here reads them from its source).
+/// updates, add as an unconditional `ADD` update, delete, query; a test here reads them from its
+/// source).
 pub const TABLE_ACTIONS: [&str; 5] =
     ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"];
 /// On the function's own log group (Lambda writes its logs with the function's role).

@@ -265,12 +265,10 @@ pub fn emf_error_metric(c: ErrorCategory) -> String {
 pub struct MinuteView {
     pub at_ms: i64,
     pub delivered: u64,
-    /// The upper bound of the lag bucket holding the median (see the module's note).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The upper bound of the lag bucket holding the median (see the module's note); `null`
+    /// when nothing was delivered.
     pub lag_ms_p50: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_ms_max: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_ms_mean: Option<u64>,
     pub conflicts: u64,
     pub dead_letters: u64,
@@ -303,9 +301,7 @@ pub struct Totals {
     pub throttle_waits: u64,
     /// Every category, zero included.
     pub errors: BTreeMap<&'static str, u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_ms_p50: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_ms_max: Option<u64>,
 }
 
@@ -438,6 +434,7 @@ mod tests {
         let json = serde_json::to_value(&v).unwrap();
         assert_eq!(json["minutes"][1]["errors"]["application"], 1);
         assert_eq!(json["totals"]["dead_letters"], 0);
+        assert!(json["minutes"][0]["lag_ms_p50"].is_null(), "present, null: nothing was delivered with a lag");
         assert_eq!(minute_of(125_000), 120_000);
         assert_eq!(minute_of(-1), -60_000);
     }

@@ -231,7 +231,7 @@ async fn take_page(
             ),
             delete: false,
         };
-        state.record_error(&job.name, error).await?;
+        state.record_error_counted(&job.name, error).await?;
     }
     if !changes.is_empty() {
         let tx = TransactionNotification {

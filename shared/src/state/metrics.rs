@@ -1,7 +1,7 @@
 //! A job's metrics by the minute (`METRICS#job` / `<minute>`): counters that every handled
 //! batch adds to (one `KvStore::add` per job and batch, no read), so the admin API and the CLI
 //! show the same counts on every backend.
-use super::State;
+use super::{NewError, State};
 use crate::domain::keys;
 use crate::domain::metrics::{minute_of, Tally};
 use crate::ports::{KvError, SkRange};
@@ -22,6 +22,17 @@ impl State {
         let minute = minute_of(self.now_ms());
         let expires = Some(minute + METRICS_RETENTION_MS);
         self.kv.add(&keys::metrics_pk(job), &keys::metrics_sk(minute), &counters, expires).await
+    }
+
+    /// Records an error row outside the steps (ingress, change tracking), where no batch's
+    /// tally carries it to the job's minute: counted with a write of its own. Such rows are
+    /// rare (a change too large for a message, a record known by its id only).
+    pub async fn record_error_counted(&self, job: &str, e: NewError) -> Result<String, KvError> {
+        let mut tally = Tally::default();
+        tally.error(e.category);
+        let id = self.record_error(job, e).await?;
+        self.add_metrics(job, &tally).await?;
+        Ok(id)
     }
 
     /// The minutes of `job` from the one holding `since_ms` on, oldest first.

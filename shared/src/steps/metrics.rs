@@ -115,3 +115,27 @@ impl Steps {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_throttle_wait_counts_for_the_job_being_worked_on_inside_a_step_only() {
+        let metrics = Arc::new(Metrics::default());
+        note_throttle_wait(); // outside any step: nowhere to count it
+        scope(async {
+            note_throttle_wait(); // no job yet
+            working_on(&metrics, "a");
+            note_throttle_wait();
+            working_on(&metrics, "b");
+            note_throttle_wait();
+            note_throttle_wait();
+        })
+        .await;
+        let tallies = metrics.take_tallies();
+        assert_eq!(tallies.len(), 2, "{tallies:?}");
+        assert_eq!((tallies["a"].throttle_waits, tallies["b"].throttle_waits), (1, 2));
+        assert!(metrics.take_tallies().is_empty(), "taken once");
+    }
+}

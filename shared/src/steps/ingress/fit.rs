@@ -36,7 +36,7 @@ pub async fn fit(state: &State, mut tx: TransactionNotification) -> Result<Vec<T
                     ),
                     delete: false,
                 };
-                state.record_error(&tx.job, error).await?;
+                state.record_error_counted(&tx.job, error).await?;
             }
         }
     }

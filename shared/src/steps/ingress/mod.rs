@@ -275,7 +275,7 @@ impl Ingress {
             ),
             delete: false,
         };
-        self.state.record_error(&route.job.name, error).await.map_err(|e| unavailable(&StepError::from(e)))?;
+        self.state.record_error_counted(&route.job.name, error).await.map_err(|e| unavailable(&StepError::from(e)))?;
         Ok(())
     }
 
