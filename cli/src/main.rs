@@ -7,6 +7,7 @@ mod bench_odata;
 mod demo;
 mod demo_apps;
 mod doctor;
+mod initial_sync;
 mod pipeline;
 mod run;
 mod sample_apps;
@@ -52,7 +53,7 @@ enum Command {
     /// Conflicts: which side won.
     Conflicts(admin::ConflictsArgs),
     /// Copies what exists in one app to the other.
-    InitialSync(admin::InitialSyncArgs),
+    InitialSync(initial_sync::InitialSyncArgs),
     /// AWS resources: create them on an account or emulator; measure the cost per record.
     #[command(subcommand)]
     Aws(aws::AwsCommand),
@@ -79,7 +80,7 @@ fn main() -> Result<()> {
             Command::Requests(cmd) => admin::requests(&cli.data_dir, &cli.backend, cmd).await,
             Command::DeadLetters(cmd) => admin::dead_letters(&cli.data_dir, &cli.backend, cmd).await,
             Command::Conflicts(args) => admin::conflicts(&cli.data_dir, &cli.backend, args).await,
-            Command::InitialSync(args) => admin::initial_sync(&cli.data_dir, &cli.backend, args).await,
+            Command::InitialSync(args) => initial_sync::run(&cli.data_dir, &cli.backend, args).await,
             Command::Aws(cmd) => aws::run(&cli.backend, cmd).await,
         }
     })

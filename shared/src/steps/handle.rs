@@ -20,7 +20,7 @@ impl Steps {
         input: &dyn Queue,
         msgs: &[InMessage],
     ) -> Result<Vec<Outcome>, StepError> {
-        let mut outcomes = match self.run(step, msgs).await {
+        let mut outcomes = match self.run(step, input, msgs).await {
             Ok(o) => o,
             Err(e @ StepError::Crashed(_)) => return Err(e),
             Err(e) => {
