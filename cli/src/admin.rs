@@ -230,6 +230,20 @@ fn print_job(v: &JobView) {
             rule.application_errors, rule.minutes
         );
     }
+    for p in &v.initial_sync {
+        let of = p.total.map_or(String::new(), |t| format!(" of {t}"));
+        let state = if p.finished() {
+            "done".to_string()
+        } else if p.listed_all {
+            format!("{} of {} pages done", p.pages_done, p.pages)
+        } else {
+            format!("{} of {}+ pages done, listing", p.pages_done, p.pages)
+        };
+        println!(
+            "  initial sync of {} from {}: {} records{of} synced, {} listed, {state}",
+            p.map, p.from, p.done, p.listed
+        );
+    }
 }
 
 pub async fn errors(data_dir: &Path, backend: &BackendArgs, cmd: ErrorsCommand) -> Result<()> {

@@ -119,6 +119,7 @@ async fn queue_on_aws(rt: &Backend, args: &InitialSyncArgs) -> Result<()> {
         from: args.from.clone(),
         map: args.map.clone(),
         company: args.company.clone(),
+        page_size: (args.page_size != DEFAULT_PAGE).then_some(args.page_size),
     };
     rt.queue_reconcile(&message).await?;
     println!(

@@ -3,6 +3,7 @@ mod admin;
 mod aws;
 mod backend;
 mod bench;
+mod bench_isync;
 mod bench_odata;
 mod demo;
 mod demo_apps;

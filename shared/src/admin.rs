@@ -73,6 +73,9 @@ pub struct JobView {
     pub errors: ErrorCounts,
     /// Retry and dismiss requests queued or running.
     pub requests_queued: usize,
+    /// Initial syncs begun, per map and source app (of every company).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub initial_sync: Vec<crate::steps::initial_sync::SyncProgress>,
 }
 
 /// How long a request may hold a place without being noted as sent before a later call sends
@@ -125,6 +128,7 @@ impl Admin {
             alert: record.def.alert,
             errors,
             requests_queued,
+            initial_sync: crate::steps::initial_sync::progress(&self.state, name).await?,
         })
     }
 

@@ -34,6 +34,9 @@ pub enum ReconcileMessage {
         map: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         company: Option<String>,
+        /// Records per page listed (default 500).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        page_size: Option<usize>,
     },
     /// Delivers page `page` of an initial sync's map (a task its listing stored).
     SyncPage {
@@ -93,9 +96,7 @@ impl Steps {
             };
             let result = match &message {
                 ReconcileMessage::Run { job, request } => self.run_request(job, request).await,
-                ReconcileMessage::InitialSync { job, from, map, company } => {
-                    self.sync_listing(input, job, from, map.as_deref(), company.as_deref()).await
-                }
+                ReconcileMessage::InitialSync { .. } => self.sync_listing(input, &message).await,
                 ReconcileMessage::SyncPage { job, from, map, company, page } => {
                     self.sync_page(input, job, from, map, company.as_deref(), *page).await
                 }

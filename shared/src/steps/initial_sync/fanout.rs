@@ -23,16 +23,16 @@ use crate::steps::{StepError, Steps};
 pub const PAGES_PER_LISTING: u64 = 20;
 
 impl Steps {
-    /// Runs a listing message.
-    pub async fn sync_listing(
-        &self,
-        queue: &dyn Queue,
-        job: &str,
-        from_app: &str,
-        map: Option<&str>,
-        company: Option<&str>,
-    ) -> Result<String, StepError> {
-        let opts = self.options(job, from_app, map, company).await?;
+    /// Runs a listing message ([`ReconcileMessage::InitialSync`]).
+    pub async fn sync_listing(&self, queue: &dyn Queue, message: &ReconcileMessage) -> Result<String, StepError> {
+        let ReconcileMessage::InitialSync { job, from: from_app, map, company, page_size } = message else {
+            return Err(StepError::Refused("not an initial sync listing".into()));
+        };
+        let (job, from_app, map, company) = (job.as_str(), from_app.as_str(), map.as_deref(), company.as_deref());
+        let mut opts = self.options(job, from_app, map, company).await?;
+        if let Some(n) = page_size {
+            opts = opts.page_size(*n);
+        }
         let lj = self.sync_job(job, &opts).await?;
         let kv = self.state.kv().as_ref();
         for m in selected_maps(&lj, &opts) {
@@ -66,7 +66,7 @@ impl Steps {
                 self.failpoints.check("initial_sync.after_list")?;
             }
             if !cp.listed_all {
-                queue.send(vec![listing(job, from_app, map, company).out()]).await?;
+                queue.send(vec![message.out()]).await?;
                 return Ok(format!("map {name}: {} page(s) listed, listing goes on", cp.pages));
             }
             if cp.pages_done < cp.pages {
@@ -103,7 +103,14 @@ impl Steps {
                 // The map is done: the sync goes on with the maps after it (the listing
                 // message of the whole sync finds this one done and passes it).
                 let whole = self.whole_sync_map(job, from_app, map, company).await?;
-                queue.send(vec![listing(job, from_app, whole.as_deref(), company).out()]).await?;
+                let next = ReconcileMessage::InitialSync {
+                    job: job.into(),
+                    from: from_app.into(),
+                    map: whole,
+                    company: company.map(String::from),
+                    page_size: cp.page_size,
+                };
+                queue.send(vec![next.out()]).await?;
             }
         }
         Ok(format!("page {n} of {map}: {} record(s), {system} system failure(s)", task.entries.len()))
@@ -139,14 +146,5 @@ impl Steps {
         let items = SyncItems::new(job, map, from_app, company);
         let (cp, _) = items.checkpoint(self.state.kv().as_ref()).await?;
         Ok(cp.only_map.then(|| map.to_string()))
-    }
-}
-
-fn listing(job: &str, from_app: &str, map: Option<&str>, company: Option<&str>) -> ReconcileMessage {
-    ReconcileMessage::InitialSync {
-        job: job.into(),
-        from: from_app.into(),
-        map: map.map(String::from),
-        company: company.map(String::from),
     }
 }

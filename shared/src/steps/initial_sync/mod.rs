@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde::Serialize;
 use tokio::task::JoinSet;
 
 pub use counts::{Counts, InitialSyncReport, MapReport};
@@ -252,6 +253,7 @@ impl Steps {
             return Ok(cp);
         }
         cp.only_map = opts.map.is_some();
+        cp.page_size = (opts.page_size != DEFAULT_PAGE).then_some(opts.page_size);
         if count {
             cp.source_total = Some(self.count(lj, m, opts.from).await?);
             if opts.company.is_none() {
@@ -463,6 +465,53 @@ fn entries(
             })
         })
         .collect()
+}
+
+/// How far an initial sync of one map from one app is (`dualsync job status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyncProgress {
+    pub map: String,
+    pub from: String,
+    /// Records listed so far, and those of the pages done.
+    pub listed: u64,
+    pub done: u64,
+    pub pages: u64,
+    pub pages_done: u64,
+    /// Every page is listed.
+    pub listed_all: bool,
+    /// Records the source held when the map began, where counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+impl SyncProgress {
+    pub fn finished(&self) -> bool {
+        self.listed_all && self.pages_done >= self.pages
+    }
+}
+
+/// The initial syncs a job has begun (of every company), read off their checkpoints.
+pub async fn progress(state: &crate::state::State, job: &str) -> Result<Vec<SyncProgress>, crate::state::StateError> {
+    let (compiled, _) = state.job(job).await?;
+    let mut out = Vec::new();
+    for map in &compiled.maps {
+        for app in &compiled.apps {
+            let items = SyncItems::new(job, &map.name, &app.name, None);
+            let Some(item) = state.kv().get(&items.pk, &items.sk).await? else { continue };
+            let Ok(cp) = serde_json::from_value::<pages::Checkpoint>(item.body) else { continue };
+            out.push(SyncProgress {
+                map: map.name.clone(),
+                from: app.name.clone(),
+                listed: cp.listed,
+                done: cp.done,
+                pages: cp.pages,
+                pages_done: cp.pages_done,
+                listed_all: cp.listed_all,
+                total: cp.source_total,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Forgets the checkpoints and page tasks of an initial sync so that it runs again from the
