@@ -40,9 +40,9 @@ pub struct InitialSyncArgs {
     /// conflict; writes nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Records per page.
-    #[arg(long, default_value_t = DEFAULT_PAGE)]
-    page_size: usize,
+    /// Records per page [default: 500 locally, 100 on AWS, where a page is a message].
+    #[arg(long)]
+    page_size: Option<usize>,
     /// Pages delivered at once (each app's concurrency limit applies beneath).
     #[arg(long, default_value_t = DEFAULT_PAGES_IN_FLIGHT)]
     pages_in_flight: usize,
@@ -75,7 +75,7 @@ pub async fn run(data_dir: &Path, backend: &BackendArgs, args: InitialSyncArgs) 
         only_failed: args.only_failed,
         dry_run: args.dry_run,
         pages_in_flight: args.pages_in_flight.max(1),
-        ..SyncOptions::new(side).page_size(args.page_size)
+        ..SyncOptions::new(side).page_size(args.page_size.unwrap_or(DEFAULT_PAGE))
     };
     let mut shown = Progress::new();
     let report = local.steps.initial_sync(&args.job, &opts, |e| shown.show(e)).await?;
@@ -119,7 +119,7 @@ async fn queue_on_aws(rt: &Backend, args: &InitialSyncArgs) -> Result<()> {
         from: args.from.clone(),
         map: args.map.clone(),
         company: args.company.clone(),
-        page_size: (args.page_size != DEFAULT_PAGE).then_some(args.page_size),
+        page_size: args.page_size,
     };
     rt.queue_reconcile(&message).await?;
     println!(

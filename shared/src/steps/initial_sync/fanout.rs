@@ -18,9 +18,13 @@ use crate::ports::Queue;
 use crate::steps::reconcile::ReconcileMessage;
 use crate::steps::{StepError, Steps};
 
-/// Pages one listing message lists: with pages of 500, 10,000 records' listing (a few seconds
-/// against an OData app) per invocation.
+/// Pages one listing message lists per invocation.
 pub const PAGES_PER_LISTING: u64 = 20;
+
+/// Records per page on AWS unless the sync asks for another size: the reconcile function takes
+/// up to 10 messages an invocation (template.yaml's BatchSize) within its 30 s time-out, and a
+/// record costs a few DynamoDB round trips, so 10 pages of 100 stay well inside it.
+pub const AWS_PAGE: usize = 100;
 
 impl Steps {
     /// Runs a listing message ([`ReconcileMessage::InitialSync`]).
@@ -29,10 +33,7 @@ impl Steps {
             return Err(StepError::Refused("not an initial sync listing".into()));
         };
         let (job, from_app, map, company) = (job.as_str(), from_app.as_str(), map.as_deref(), company.as_deref());
-        let mut opts = self.options(job, from_app, map, company).await?;
-        if let Some(n) = page_size {
-            opts = opts.page_size(*n);
-        }
+        let opts = self.options(job, from_app, map, company).await?.page_size(page_size.unwrap_or(AWS_PAGE));
         let lj = self.sync_job(job, &opts).await?;
         let kv = self.state.kv().as_ref();
         for m in selected_maps(&lj, &opts) {

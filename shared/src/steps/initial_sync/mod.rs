@@ -253,7 +253,7 @@ impl Steps {
             return Ok(cp);
         }
         cp.only_map = opts.map.is_some();
-        cp.page_size = (opts.page_size != DEFAULT_PAGE).then_some(opts.page_size);
+        cp.page_size = Some(opts.page_size);
         if count {
             cp.source_total = Some(self.count(lj, m, opts.from).await?);
             if opts.company.is_none() {

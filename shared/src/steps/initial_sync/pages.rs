@@ -52,7 +52,7 @@ pub struct Checkpoint {
     /// maps after it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub only_map: bool,
-    /// Records per page asked for, where not the default (AWS: the next map's listing keeps it).
+    /// Records per page (AWS: the next map's listing keeps it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_size: Option<usize>,
 }
