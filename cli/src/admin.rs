@@ -10,8 +10,6 @@ use dualsync::domain::errors::{DeadLetter, ErrorCategory, ErrorStatus, SyncError
 use dualsync::domain::metrics::MetricsView;
 use dualsync::domain::requests::{ReconcileRequest, RequestAction};
 use dualsync::state::ErrorFilter;
-use dualsync::steps::initial_sync::reset_checkpoints;
-use dualsync::steps::reconcile::ReconcileMessage;
 
 use crate::backend::{Backend, BackendArgs};
 
@@ -159,17 +157,6 @@ pub struct ConflictsArgs {
     after: Option<String>,
 }
 
-#[derive(Args)]
-pub struct InitialSyncArgs {
-    job: String,
-    /// The app to copy from.
-    #[arg(long)]
-    from: String,
-    /// Start over instead of resuming from the last checkpoint.
-    #[arg(long)]
-    restart: bool,
-}
-
 /// Reads a job file and resolves its sqlite paths against the file's folder.
 pub fn read_job_file(path: &Path) -> Result<JobDef> {
     let (mut def, _) = load_job_file(path)?;
@@ -247,6 +234,20 @@ fn print_job(v: &JobView) {
         println!(
             "  alert rule: pause after {} application errors in {} minutes",
             rule.application_errors, rule.minutes
+        );
+    }
+    for p in &v.initial_sync {
+        let of = p.total.map_or(String::new(), |t| format!(" of {t}"));
+        let state = if p.finished() {
+            "done".to_string()
+        } else if p.listed_all {
+            format!("{} of {} pages done", p.pages_done, p.pages)
+        } else {
+            format!("{} of {}+ pages done, listing", p.pages_done, p.pages)
+        };
+        println!(
+            "  initial sync of {} from {}: {} records{of} synced, {} listed, {state}",
+            p.map, p.from, p.done, p.listed
         );
     }
 }
@@ -461,38 +462,6 @@ pub async fn conflicts(data_dir: &Path, backend: &BackendArgs, args: ConflictsAr
     }
     if let Some(next) = page.next {
         println!("more: --after '{next}'");
-    }
-    Ok(())
-}
-
-pub async fn initial_sync(data_dir: &Path, backend: &BackendArgs, args: InitialSyncArgs) -> Result<()> {
-    let rt = Backend::open(data_dir, backend).await?;
-    let (job, _) = rt.state().job(&args.job).await?;
-    let Some(side) = job.side_of(&args.from) else {
-        bail!(
-            "app '{}' is not an app of job '{}' (apps: {}, {})",
-            args.from,
-            job.name,
-            job.apps[0].name,
-            job.apps[1].name
-        );
-    };
-    if args.restart {
-        reset_checkpoints(rt.state(), &args.job, &args.from).await?;
-    }
-    let Some(rt) = rt.local() else {
-        rt.queue_reconcile(&ReconcileMessage::InitialSync { job: args.job.clone(), from: args.from.clone() }).await?;
-        println!("initial sync of job '{}' from {} queued for the reconcile function", args.job, args.from);
-        return Ok(());
-    };
-    let report = rt.steps.initial_sync(&args.job, side, 500, |map, n| eprintln!("{map}: {n} records")).await?;
-    println!("{} records in {} pages", report.records, report.pages);
-    if report.system_errors > 0 {
-        println!(
-            "{} record(s) not synced for a system failure, each with a retriable error row: \
-             `dualsync errors retry {} --category system` once the app is back",
-            report.system_errors, args.job
-        );
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use rusqlite::params;
 use dualsync::adapters::aws::{bootstrap, sdk_config, Names, Resources, Usage, UsageSnapshot};
 use dualsync::domain::config::parse_job;
 use dualsync::domain::job::Side;
+use dualsync::steps::reconcile::ReconcileMessage;
 use dualsync::steps::Metrics;
 use dualsync_lambda::stack::Stack;
 
@@ -40,7 +41,14 @@ pub struct CostArgs {
     /// The functions' memory, for the GB-seconds.
     #[arg(long, default_value_t = 256)]
     memory_mb: u32,
+    /// An initial sync of N records that src holds before the job starts, fanned out by the
+    /// reconcile function one message per page, instead of live changes.
+    #[arg(long)]
+    initial_sync: bool,
 }
+
+/// The reconcile function's time-out (template.yaml's Globals): no invocation may take longer.
+const FUNCTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(backend: &BackendArgs, cmd: AwsCommand) -> Result<()> {
     let sdk = sdk_config(backend.endpoint_url.as_deref()).await;
@@ -68,8 +76,8 @@ mod price {
 }
 
 async fn cost(sdk: &aws_config::SdkConfig, args: CostArgs) -> Result<()> {
-    let half = (args.records / 2).max(1);
-    let synced = (half * 2) as f64;
+    let half = if args.initial_sync { args.records.max(1) } else { (args.records / 2).max(1) };
+    let synced = if args.initial_sync { half as f64 } else { (half * 2) as f64 };
     let stage = format!("cost{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let resources = bootstrap(sdk, &Names::new(&stage)).await.context("creating the benchmark's table and queues")?;
     let result = measure(sdk, &resources, &args, half, synced, &stage).await;
@@ -89,12 +97,61 @@ async fn measure(
     let (src, dst) = (dir.path().join("src.db"), dir.path().join("dst.db"));
     open(&src)?.execute_batch(SRC)?;
     open(&dst)?.execute_batch(DST)?;
+    if args.initial_sync {
+        // Rows from before the job: only an initial sync copies them.
+        let mut conn = open(&src)?;
+        let tx = conn.transaction()?;
+        {
+            let mut ins =
+                tx.prepare("INSERT INTO items (id, name, qty, price, note) VALUES (?1, 'item', ?1 % 97, 1.5, 'old')")?;
+            for i in 0..half {
+                ins.execute(params![i as i64])?;
+            }
+        }
+        tx.commit()?;
+    }
     let usage = Arc::new(Usage::default());
     let stack = Stack::new(sdk, resources, usage.clone());
     stack.state().apply_job(parse_job("cost job", &job_yaml(&src, &dst))?).await?;
     stack.start("bench").await.map_err(|e| anyhow::anyhow!("{e}"))?;
     // Setup is not what a synced record costs.
     usage.reset();
+    if args.initial_sync {
+        println!("dualsync aws cost --initial-sync: {half} records in src before the job, stage {stage}");
+        let admin = resources.admin(sdk, usage.clone());
+        let listing = ReconcileMessage::InitialSync {
+            job: "bench".into(),
+            from: "src".into(),
+            map: None,
+            company: None,
+            page_size: None,
+        };
+        admin.reconcile.send(vec![listing.out()]).await?;
+        let started = Instant::now();
+        let (mut invocations, mut billed_ms, mut longest) = (0u64, 0u64, Duration::ZERO);
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        while synced_count(&src, &dst, Side::A)? < half {
+            if Instant::now() > deadline {
+                bail!("only {} of {half} records copied in an hour", synced_count(&src, &dst, Side::A)?);
+            }
+            for inv in stack.poll_round().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+                invocations += 1;
+                billed_ms += (inv.billed.as_millis() as u64).max(1);
+                longest = longest.max(inv.billed);
+            }
+        }
+        let written = Metrics::get(&stack.metrics.written);
+        report(args, synced, written, invocations, billed_ms, &usage.snapshot(), started.elapsed());
+        println!(
+            "longest invocation {:.2} s (the functions' time-out: {} s)",
+            longest.as_secs_f64(),
+            FUNCTION_TIMEOUT.as_secs()
+        );
+        if longest > FUNCTION_TIMEOUT {
+            bail!("an invocation took longer than the functions' time-out");
+        }
+        return Ok(());
+    }
 
     println!(
         "dualsync aws cost: {} changes ({half} inserts in src, then {half} edits of them in dst), transactions of {}, stage {stage}",

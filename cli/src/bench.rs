@@ -37,6 +37,16 @@ pub struct BenchArgs {
     /// odata: how the source's changes reach ingress.
     #[arg(long, value_enum, default_value_t = crate::bench_odata::Events::Notification)]
     events: crate::bench_odata::Events,
+    /// An initial sync instead of live changes: N customers and N order lines with a lookup
+    /// [default N: 1000000] (sqlite apps).
+    #[arg(long)]
+    initial_sync: bool,
+    /// --initial-sync: records per page.
+    #[arg(long, default_value_t = dualsync::steps::initial_sync::DEFAULT_PAGE)]
+    page_size: usize,
+    /// --initial-sync: pages delivered at once.
+    #[arg(long)]
+    pages_in_flight: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -90,6 +100,13 @@ pub(crate) fn percentile(sorted: &[u32], p: f64) -> u32 {
 
 pub async fn run(data_dir: &Path, args: BenchArgs) -> Result<()> {
     match args.apps {
+        BenchApps::Sqlite if args.initial_sync => {
+            let n = args.records.unwrap_or(1_000_000);
+            crate::bench_isync::run(data_dir, n, args.page_size, args.pages_in_flight).await
+        }
+        BenchApps::Odata if args.initial_sync => {
+            bail!("--initial-sync runs between sqlite apps (the OData initial-sync benchmark is still to come)")
+        }
         BenchApps::Sqlite => sqlite(data_dir, &args, args.records.unwrap_or(200_000)).await,
         BenchApps::Odata => {
             let n = args.records.unwrap_or(100_000);

@@ -4,6 +4,7 @@
 //! seen.
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use dualsync::steps::initial_sync::{SyncEvent, SyncOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -157,9 +158,16 @@ async fn scenario(rt: &Pipeline, apps: &impl DemoApps, args: DemoArgs, def: JobD
     // 3. Initial sync, both ways.
     let total = (sample::GROUPS + n + args.orders * 6) as u64;
     let pb = bar(total, "initial sync");
-    let report = rt.steps().initial_sync(JOB, Side::A, 500, |map, k| pb.set_message(format!("{map}: {k}"))).await?;
+    let report = rt
+        .steps()
+        .initial_sync(JOB, &SyncOptions::new(Side::A), |e| {
+            if let SyncEvent::Page { map, done } = e {
+                pb.set_message(format!("{map}: {done}"))
+            }
+        })
+        .await?;
     pb.set_position(report.records as u64);
-    let back = rt.steps().initial_sync(JOB, Side::B, 500, |_, _| {}).await?;
+    let back = rt.steps().initial_sync(JOB, &SyncOptions::new(Side::B), |_| {}).await?;
     pb.finish_with_message(format!(
         "{} records fno → dataverse, {} records dataverse → fno",
         report.records, back.records

@@ -3,11 +3,13 @@ mod admin;
 mod aws;
 mod backend;
 mod bench;
+mod bench_isync;
 mod bench_odata;
 mod dashboard;
 mod demo;
 mod demo_apps;
 mod doctor;
+mod initial_sync;
 mod pipeline;
 mod run;
 mod sample_apps;
@@ -56,7 +58,7 @@ enum Command {
     /// Conflicts: which side won.
     Conflicts(admin::ConflictsArgs),
     /// Copies what exists in one app to the other.
-    InitialSync(admin::InitialSyncArgs),
+    InitialSync(initial_sync::InitialSyncArgs),
     /// AWS resources: create them on an account or emulator; measure the cost per record.
     #[command(subcommand)]
     Aws(aws::AwsCommand),
@@ -84,7 +86,7 @@ fn main() -> Result<()> {
             Command::Requests(cmd) => admin::requests(&cli.data_dir, &cli.backend, cmd).await,
             Command::DeadLetters(cmd) => admin::dead_letters(&cli.data_dir, &cli.backend, cmd).await,
             Command::Conflicts(args) => admin::conflicts(&cli.data_dir, &cli.backend, args).await,
-            Command::InitialSync(args) => admin::initial_sync(&cli.data_dir, &cli.backend, args).await,
+            Command::InitialSync(args) => initial_sync::run(&cli.data_dir, &cli.backend, args).await,
             Command::Aws(cmd) => aws::run(&cli.backend, cmd).await,
         }
     })

@@ -51,7 +51,7 @@ impl Pipeline {
         }
     }
 
-    pub fn steps(&self) -> &Steps {
+    pub fn steps(&self) -> &Arc<Steps> {
         match self {
             Pipeline::Local(rt) => &rt.steps,
             Pipeline::Aws { stack, .. } => stack.steps(),

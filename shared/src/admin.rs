@@ -85,6 +85,9 @@ pub struct JobView {
     pub primary: String,
     /// The table groups in delivery order, each with its maps and their sequence.
     pub table_groups: Vec<GroupView>,
+    /// Initial syncs begun, per map and source app (of every company).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub initial_sync: Vec<crate::steps::initial_sync::SyncProgress>,
 }
 
 /// An app of a job: its name and connector (never its address or secrets).
@@ -203,6 +206,7 @@ impl Admin {
             apps,
             primary: record.def.primary,
             table_groups,
+            initial_sync: crate::steps::initial_sync::progress(&self.state, name).await?,
         })
     }
 

@@ -14,6 +14,7 @@ use dualsync::domain::errors::ErrorCategory;
 use dualsync::ports::{OutMessage, Queue};
 use dualsync::runtime::verify::compare;
 use dualsync::state::ErrorFilter;
+use dualsync::steps::reconcile::ReconcileMessage;
 use dualsync::steps::{Backoff, Metrics};
 use dualsync_lambda::poller::sqs_event;
 use dualsync_lambda::stack::{Stack, LAMBDA_BATCH};
@@ -31,12 +32,18 @@ struct H {
 }
 
 async fn harness() -> H {
+    harness_with(|_| {}).await
+}
+
+/// The harness, with rows written into app A (at the path given) before the job starts.
+async fn harness_with(before: impl FnOnce(&std::path::Path)) -> H {
     let sdk = emulator().await;
     let names = Names::new(&format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
     let resources = bootstrap(&sdk, &names).await.expect("bootstrap");
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
     let def = create_apps(&a, &b);
+    before(&a);
     let (apps, [_, b_writes]) = FaultyRegistry::fresh();
     let stack =
         Arc::new(Stack::with_apps(&sdk, &resources, Arc::new(Usage::default()), apps).with_backoff(Backoff::QUICK));
@@ -224,4 +231,37 @@ async fn duplicate_deliveries_change_nothing() {
     assert_eq!(own_writes(&h.b) + own_writes(&h.a), 3);
     let errors = h.stack.state().error_rows("j", &ErrorFilter::default()).await.unwrap();
     assert!(errors.is_empty(), "{errors:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_sync_fans_out_one_message_per_page_and_the_job_status_follows_it() {
+    let h = harness_with(|a| {
+        let conn = rusqlite::Connection::open(a).unwrap();
+        for i in 1..=130 {
+            let pid = format!("p{i:03}");
+            conn.execute("INSERT INTO parents (pid, name, co, kind) VALUES (?1, 'n', 'X', 'small')", [&pid]).unwrap();
+            conn.execute("INSERT INTO children (pid, cno, label) VALUES (?1, 1, 'l')", [&pid]).unwrap();
+        }
+    })
+    .await;
+    // Pages of 5: 26 a map, more than one listing message lists (20 pages each).
+    let listing = ReconcileMessage::InitialSync {
+        job: "j".into(),
+        from: "a".into(),
+        map: None,
+        company: None,
+        page_size: Some(5),
+    };
+    let admin = h.resources.admin(&h.sdk, Arc::new(Usage::default()));
+    admin.reconcile.send(vec![listing.out()]).await.unwrap();
+    h.drain().await;
+    assert_eq!((query(&h.b, "SELECT count(*) FROM owners"), query(&h.b, "SELECT count(*) FROM items")), (130, 130));
+    h.assert_converged().await;
+    let view = admin.job("j").await.unwrap();
+    assert!(view.errors.by_status.is_empty(), "{:?}", view.errors);
+    // The job's status shows each map's sync done, every page of it (26 of 5 records: each its
+    // own task and message, the listing handed on after 20), and the empty notes map too.
+    let progress: Vec<_> =
+        view.initial_sync.iter().map(|p| (p.map.as_str(), p.done, p.pages, p.pages_done, p.finished())).collect();
+    assert_eq!(progress, [("parents", 130, 26, 26, true), ("children", 130, 26, 26, true), ("notes", 0, 1, 1, true)]);
 }

@@ -20,6 +20,7 @@ use dualsync::domain::errors::ErrorStatus;
 use dualsync::domain::job::{Side, StoredSecret};
 use dualsync::ports::{OutMessage, SecretStore};
 use dualsync::state::ErrorFilter;
+use dualsync::steps::initial_sync::SyncOptions;
 use dualsync::steps::{lifecycle, StepKind};
 use dualsync_lambda::poller::{poll_once, sqs_event};
 use dualsync_lambda::tracker::{Polled, Tracker};
@@ -204,7 +205,7 @@ async fn deployed_handlers_read_odata_secrets_from_secrets_manager_and_ssm_and_s
     start(&capture, def).await;
     // fno's records go to Dataverse: listed from fno with its secret from Secrets Manager,
     // written to Dataverse by the deliver function with its secret from SSM.
-    let report = capture.steps().initial_sync("sec", Side::A, 5, |_, _| {}).await.unwrap();
+    let report = capture.steps().initial_sync("sec", &SyncOptions::new(Side::A).page_size(5), |_| {}).await.unwrap();
     assert_eq!(report.records, 12, "{report:?}");
     drain(&sdk, &r, &[&capture, &sequence, &deliver]).await;
     assert_eq!(d.count("accounts"), 12);

@@ -14,6 +14,7 @@ use dualsync::adapters::connectors::odata::OdataApp;
 use dualsync::domain::change::Key;
 use dualsync::domain::job::{AuthSpec, BatchFormat, Flavor, OdataSpec};
 use dualsync::ports::{Connector, ConnectorError, EntitySpec, Precondition, WriteFailure, WriteOp};
+use dualsync::steps::initial_sync::SyncOptions;
 use odata_sample::{Fault, Kind, Options, Server};
 
 fn spec(server: &Server, flavor: Flavor) -> OdataSpec {
@@ -871,7 +872,7 @@ table_groups:
         let (rt, clock) = started(def, "s").await;
 
         // What Dataverse holds before the job: an initial sync copies it.
-        let report = rt.steps.initial_sync("s", Side::B, 100, |_, _| {}).await.unwrap();
+        let report = rt.steps.initial_sync("s", &SyncOptions::new(Side::B).page_size(100), |_| {}).await.unwrap();
         assert_eq!(report.records, 1, "{report:?}");
         drain(&rt, &clock).await;
         assert_eq!(row(&a, "D-1"), Some(("from dataverse".into(), 7.25)));
@@ -1062,7 +1063,7 @@ table_groups:
         }
         let def = parse_job("job.yaml", &FNO_DATAVERSE.replace("FNO", &f.url).replace("DV", &d.url)).unwrap();
         let (rt, clock) = started(def, "fd").await;
-        let report = rt.steps.initial_sync("fd", Side::A, 10, |_, _| {}).await.unwrap();
+        let report = rt.steps.initial_sync("fd", &SyncOptions::new(Side::A).page_size(10), |_| {}).await.unwrap();
         assert_eq!(report.records, 30, "{report:?}");
         drain(&rt, &clock).await;
         assert_eq!(d.count("accounts"), 30);
@@ -1072,7 +1073,7 @@ table_groups:
         // Run again: every record is in step (12.50 in fno, 12.5 in Dataverse): nothing written.
         d.clear_log();
         dualsync::steps::initial_sync::reset_checkpoints(&rt.state, "fd", "fno").await.unwrap();
-        let again = rt.steps.initial_sync("fd", Side::A, 10, |_, _| {}).await.unwrap();
+        let again = rt.steps.initial_sync("fd", &SyncOptions::new(Side::A).page_size(10), |_| {}).await.unwrap();
         assert_eq!(again.records, 30, "{again:?}");
         drain(&rt, &clock).await;
         assert!(!d.log().is_empty(), "the second run read Dataverse");
@@ -1152,7 +1153,7 @@ table_groups:
 
         // An initial sync from Dataverse finds every record in step: nothing is written.
         s.clear_log();
-        let report = rt.steps.initial_sync("lk", Side::B, 100, |_, _| {}).await.unwrap();
+        let report = rt.steps.initial_sync("lk", &SyncOptions::new(Side::B).page_size(100), |_| {}).await.unwrap();
         assert_eq!(report.records, 4, "{report:?}");
         drain(&rt, &clock).await;
         assert!(s.log().iter().all(|l| l.method == "GET"), "nothing written: {:#?}", s.log());

@@ -78,7 +78,7 @@ pub fn aws_registry(sdk: &aws_config::SdkConfig) -> Arc<dyn ConnectorRegistry> {
 /// One step with its clients, built once per cold start and reused by every event.
 pub struct Handler {
     step: StepKind,
-    steps: Steps,
+    steps: Arc<Steps>,
     /// The queue the event came from: failed messages get their visibility changed on it.
     input: Arc<dyn Queue>,
 }
@@ -119,17 +119,23 @@ impl Handler {
         let kv = DynamoKv::new(dynamo, env.table.clone(), Arc::new(SystemClock), usage.clone());
         let state = State::new(Arc::new(kv), Arc::new(SystemClock));
         let steps = Steps::new(state, apps, queue(&env.sequence_queue_url), queue(&env.deliver_queue_url));
-        Handler { step, steps, input: queue(&env.input_queue_url) }
+        Handler { step, steps: Arc::new(steps), input: queue(&env.input_queue_url) }
     }
 
     /// Counts into `metrics` (shared by the functions of one [`stack::Stack`]).
+    /// (Made while the handler is built, before its steps are shared.)
     pub fn with_metrics(mut self, metrics: Arc<dualsync::steps::Metrics>) -> Self {
-        self.steps.metrics = metrics;
+        if let Some(steps) = Arc::get_mut(&mut self.steps) {
+            steps.metrics = metrics;
+        }
         self
     }
 
+    /// (Made while the handler is built, before its steps are shared.)
     pub fn set_backoff(&mut self, backoff: dualsync::steps::Backoff) {
-        self.steps.backoff = backoff;
+        if let Some(steps) = Arc::get_mut(&mut self.steps) {
+            steps.backoff = backoff;
+        }
     }
 
     /// The queue this function's events come from.
@@ -137,7 +143,7 @@ impl Handler {
         self.input.as_ref()
     }
 
-    pub fn steps(&self) -> &Steps {
+    pub fn steps(&self) -> &Arc<Steps> {
         &self.steps
     }
 

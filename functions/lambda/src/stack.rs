@@ -112,7 +112,7 @@ impl Stack {
 
     /// The steps of the capture function: for what admin commands do directly (initial sync,
     /// reading state).
-    pub fn steps(&self) -> &Steps {
+    pub fn steps(&self) -> &Arc<Steps> {
         self.handlers[0].steps()
     }
 

@@ -157,6 +157,19 @@ pub trait Connector: Send + Sync {
     async fn delete(&self, entity: &EntitySpec, keys: &[Key]) -> Result<(), ConnectorError>;
     /// One page of all records of an entity, in key order, for initial sync.
     async fn list(&self, entity: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError>;
+    /// How many records the entity holds (initial sync's progress and its count of records
+    /// only the target holds). Any connector can list them all; those that can ask the app do.
+    async fn count(&self, entity: &EntitySpec) -> Result<u64, ConnectorError> {
+        let (mut n, mut after) = (0u64, None);
+        loop {
+            let page = self.list(entity, after.as_deref(), 5000).await?;
+            n += page.records.len() as u64;
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(n),
+            }
+        }
+    }
     /// The integration key of the record the app names `id` (its own record id, as a Dataverse
     /// webhook whose images were stripped names it), or `None` when there is no such record.
     /// Apps that name no record by id refuse.

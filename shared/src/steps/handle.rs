@@ -20,7 +20,7 @@ impl Steps {
         input: &dyn Queue,
         msgs: &[InMessage],
     ) -> Result<Vec<Outcome>, StepError> {
-        let ran = super::metrics::scope(self.run(step, msgs)).await;
+        let ran = super::metrics::scope(self.run(step, input, msgs)).await;
         let mut outcomes = match ran {
             Ok(o) => o,
             Err(e @ StepError::Crashed(_)) => return Err(e),

@@ -56,13 +56,19 @@ impl StepKind {
 }
 
 impl Steps {
-    /// Runs one step over a batch of its queue's messages.
-    pub async fn run(&self, step: StepKind, msgs: &[crate::ports::InMessage]) -> Result<Vec<Outcome>, StepError> {
+    /// Runs one step over a batch of its queue's messages (`input`: reconcile hands work on to
+    /// messages of its own queue).
+    pub async fn run(
+        &self,
+        step: StepKind,
+        input: &dyn Queue,
+        msgs: &[crate::ports::InMessage],
+    ) -> Result<Vec<Outcome>, StepError> {
         match step {
             StepKind::Capture => self.capture(msgs).await,
             StepKind::Sequence => self.sequence(msgs).await,
             StepKind::Deliver => self.deliver(msgs).await,
-            StepKind::Reconcile => self.reconcile_messages(msgs).await,
+            StepKind::Reconcile => self.reconcile_messages(input, msgs).await,
         }
     }
 }
@@ -106,6 +112,9 @@ pub enum StepError {
     /// A request names something that does not exist: it cannot be run at all.
     #[error("{0}")]
     Refused(String),
+    /// A task the step ran beside it stopped without an answer (it panicked).
+    #[error("{0}")]
+    Task(String),
 }
 
 /// Opens the connectors of a job's two apps (the runtime decides how, and caches them).

@@ -14,7 +14,7 @@ use crate::domain::change::ChangeRef;
 use crate::domain::errors::{ErrorCategory, ErrorStatus, SyncError};
 use crate::domain::job::JobStatus;
 use crate::domain::requests::{Progress, ReconcileRequest, RequestAction, RequestStatus, MAX_REQUEST_RECORDS};
-use crate::ports::{InMessage, OutMessage};
+use crate::ports::{InMessage, OutMessage, Queue};
 use crate::state::{ErrorFilter, StateError};
 
 /// A message on the reconcile queue (FIFO, group = job, so a job's requests run in order).
@@ -23,33 +23,68 @@ use crate::state::{ErrorFilter, StateError};
 pub enum ReconcileMessage {
     /// Runs a stored retry or dismiss request (see [`crate::state::State::create_request`]).
     Run { job: String, request: String },
-    /// Copies what exists in app `from` to the other app (DESIGN §5). Checkpointed per page: a
-    /// run cut short (a Lambda timeout) resumes where it stopped when the message comes again.
-    InitialSync { job: String, from: String },
+    /// Copies what exists in app `from` to the other app (DESIGN §5): lists a bounded number
+    /// of pages of the first map not done, hands each to a [`ReconcileMessage::SyncPage`], and
+    /// hands the rest of the listing on to a message like itself (see
+    /// `steps::initial_sync::fanout`). `map` and `company` limit it to one of each.
+    InitialSync {
+        job: String,
+        from: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        map: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        company: Option<String>,
+        /// Records per page listed (default 500).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        page_size: Option<usize>,
+    },
+    /// Delivers page `page` of an initial sync's map (a task its listing stored).
+    SyncPage {
+        job: String,
+        from: String,
+        map: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        company: Option<String>,
+        page: u64,
+    },
 }
 
 impl ReconcileMessage {
     pub fn job(&self) -> &str {
         match self {
-            ReconcileMessage::Run { job, .. } | ReconcileMessage::InitialSync { job, .. } => job,
+            ReconcileMessage::Run { job, .. }
+            | ReconcileMessage::InitialSync { job, .. }
+            | ReconcileMessage::SyncPage { job, .. } => job,
         }
     }
-    /// The message for the reconcile queue: grouped by job, deduplicated by request.
+    /// The message for the reconcile queue: grouped by job (a job's requests and listings run
+    /// in order), deduplicated by request; pages each in a group of their own, so that they
+    /// run in parallel.
     pub fn out(&self) -> OutMessage {
-        let dedup = match self {
-            ReconcileMessage::Run { request, .. } => format!("run-{request}"),
-            ReconcileMessage::InitialSync { .. } => uuid::Uuid::new_v4().simple().to_string(),
-        };
-        OutMessage::fifo(serde_json::to_string(self).unwrap_or_default(), self.job().to_string(), dedup)
+        let body = serde_json::to_string(self).unwrap_or_default();
+        match self {
+            ReconcileMessage::Run { request, .. } => {
+                OutMessage::fifo(body, self.job().into(), format!("run-{request}"))
+            }
+            ReconcileMessage::InitialSync { .. } => {
+                OutMessage::fifo(body, self.job().into(), uuid::Uuid::new_v4().simple().to_string())
+            }
+            ReconcileMessage::SyncPage { job, from, map, company, page } => {
+                let sync = crate::domain::sequence::short_hash(&[
+                    job.as_bytes(),
+                    from.as_bytes(),
+                    map.as_bytes(),
+                    company.as_deref().unwrap_or("").as_bytes(),
+                ]);
+                OutMessage::fifo(body, format!("init-{sync}-{page}"), format!("page-{sync}-{page}"))
+            }
+        }
     }
 }
 
-/// Pages of an initial sync run from the reconcile queue.
-const INITIAL_SYNC_PAGE: usize = 500;
-
 impl Steps {
     /// The reconcile step over a batch of reconcile-queue messages, in order.
-    pub async fn reconcile_messages(&self, msgs: &[InMessage]) -> Result<Vec<Outcome>, StepError> {
+    pub async fn reconcile_messages(&self, input: &dyn Queue, msgs: &[InMessage]) -> Result<Vec<Outcome>, StepError> {
         let mut outcomes = Vec::with_capacity(msgs.len());
         for m in msgs {
             let message: ReconcileMessage = match serde_json::from_str(&m.body) {
@@ -61,7 +96,10 @@ impl Steps {
             };
             let result = match &message {
                 ReconcileMessage::Run { job, request } => self.run_request(job, request).await,
-                ReconcileMessage::InitialSync { job, from } => self.initial_sync_from(job, from).await,
+                ReconcileMessage::InitialSync { .. } => self.sync_listing(input, &message).await,
+                ReconcileMessage::SyncPage { job, from, map, company, page } => {
+                    self.sync_page(input, job, from, map, company.as_deref(), *page).await
+                }
             };
             outcomes.push(match result {
                 Ok(report) => {
@@ -81,15 +119,6 @@ impl Steps {
             });
         }
         Ok(outcomes)
-    }
-
-    async fn initial_sync_from(&self, job: &str, from: &str) -> Result<String, StepError> {
-        let (compiled, _) = self.state.job(job).await?;
-        let Some(side) = compiled.side_of(from) else {
-            return Err(StepError::Refused(format!("app '{from}' is not an app of job '{job}'")));
-        };
-        let report = self.initial_sync(job, side, INITIAL_SYNC_PAGE, |_, _| {}).await?;
-        Ok(format!("{report:?}"))
     }
 
     /// Runs one stored request. Running it again (a redelivered message) finishes what a crash

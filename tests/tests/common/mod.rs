@@ -206,6 +206,9 @@ impl Connector for Faulty {
     async fn list(&self, e: &EntitySpec, after: Option<&str>, limit: usize) -> Result<ListPage, ConnectorError> {
         self.inner.list(e, after, limit).await
     }
+    async fn count(&self, e: &EntitySpec) -> Result<u64, ConnectorError> {
+        self.inner.count(e).await
+    }
 }
 
 /// The apps, each side behind a [`Faulty`] connector with its [`Control`]: the job's sqlite
@@ -263,6 +266,8 @@ pub struct Local {
     pub clock: ManualClock,
     pub controls: [Control; 2],
     pub job: String,
+    /// A crash to inject: the failpoint, and how many times it passes before it fires (once).
+    pub crash_at: Arc<Mutex<Option<(String, u32)>>>,
 }
 
 impl Local {
@@ -281,10 +286,26 @@ impl Local {
         let (registry, controls) = FaultyRegistry::fresh();
         let clock = ManualClock::new(1_700_000_000_000);
         let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
-        let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), Failpoints::default(), registry);
+        let crash_at: Arc<Mutex<Option<(String, u32)>>> = Arc::default();
+        let armed = crash_at.clone();
+        let failpoints = Failpoints::new(move |point| {
+            let mut armed = armed.lock().unwrap();
+            match armed.as_mut() {
+                Some((p, 0)) if p == point => {
+                    *armed = None;
+                    true
+                }
+                Some((p, n)) if p == point => {
+                    *n -= 1;
+                    false
+                }
+                _ => false,
+            }
+        });
+        let rt = LocalRuntime::with_registry(db, Arc::new(clock.clone()), failpoints, registry);
         rt.apply(def).await.unwrap();
         rt.start(&job).await.unwrap();
-        Local { _dir: dir, a, b, rt: Arc::new(rt), clock, controls, job }
+        Local { _dir: dir, a, b, rt: Arc::new(rt), clock, controls, job, crash_at }
     }
 
     pub fn path(&self, side: Side) -> &Path {

@@ -951,6 +951,17 @@ impl SqliteApp {
         Ok(ListPage { records, next })
     }
 
+    /// The rows `list` would give, counted by SQLite.
+    fn count_sync(&self, entity: &EntitySpec) -> Result<u64, ConnectorError> {
+        let conn = self.read_lock();
+        let info = self.table(&conn, &entity.name, entity.key_fields.iter().map(String::as_str))?;
+        let present: Vec<String> = entity.key_fields.iter().map(|k| format!("{} IS NOT NULL", ident(k))).collect();
+        let sql = format!("SELECT count(*) FROM {} WHERE {}", ident(&info.name), present.join(" AND "));
+        let what = || format!("count {}", entity.name);
+        let n: i64 = conn.query_row(&sql, [], |r| r.get(0)).map_err(|e| self.error(&what(), &e))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     fn changes_sync(&self, after: u64, limit: usize) -> Result<Vec<RawChange>, ConnectorError> {
         let conn = self.read_lock();
         let what = "read change log";
@@ -1294,6 +1305,10 @@ impl Connector for SqliteApp {
 
     async fn read(&self, entity: &EntitySpec, keys: &[Key]) -> Result<Vec<Option<Record>>, ConnectorError> {
         self.read_sync(entity, keys)
+    }
+
+    async fn count(&self, entity: &EntitySpec) -> Result<u64, ConnectorError> {
+        self.count_sync(entity)
     }
 
     /// Each table and its mapped columns exist (change capture is installed when the job

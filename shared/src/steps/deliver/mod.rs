@@ -30,11 +30,29 @@ use crate::ports::InMessage;
 /// A lane: one dependency root's changes in order, each with the index of its message.
 type RootLane = (String, Vec<(usize, ChangeRef)>);
 
+/// What a finished change did, as initial sync's summary counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Written to the other side, which did not hold the record.
+    Created,
+    /// Written over the other side's different content (no conflict: a link said it was ours).
+    Updated,
+    /// Both sides already held the same content: linked, nothing written.
+    InStep,
+    /// Both sides held different content with no sync between: decided by the primary, logged.
+    Conflict,
+    /// Not the latest, superseded by the other side's newer change, or undone.
+    Skipped,
+    /// An error row of this category (a missing reference waiting for its parent included).
+    Failed(ErrorCategory),
+}
+
 /// What became of one change.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChangeResult {
-    /// Delivered, already in step, skipped or recorded: nothing more to do.
-    Done,
+    /// Delivered, already in step, skipped or recorded: nothing more to do. `found`: the other
+    /// side held the record when it was last read (initial sync counts what exists only there).
+    Done { effect: Effect, found: bool },
     /// A system failure: retry later.
     System { message: String, retry_after: Option<Duration> },
 }
@@ -104,7 +122,7 @@ impl Steps {
                 let results = self.deliver_wave(&lj, &changes).await?;
                 for (l, r) in wave.into_iter().zip(results) {
                     match r {
-                        ChangeResult::Done => {
+                        ChangeResult::Done { .. } => {
                             let c = &lanes[l].1[heads[l]].1;
                             if c.retry_of.is_some() {
                                 retried.push(c);

@@ -10,7 +10,7 @@ impl Steps {
     /// delivery resolved or closed stays so; one whose record is now in step (or on neither
     /// side), synced by a newer change, is closed; any other is open again with its attempts
     /// raised (a stale retry is a concurrency skip, DESIGN §2.4).
-    pub(super) async fn settle_retries(&self, lj: &LoadedJob, retried: &[&ChangeRef]) -> Result<(), StepError> {
+    pub(crate) async fn settle_retries(&self, lj: &LoadedJob, retried: &[&ChangeRef]) -> Result<(), StepError> {
         let job = &lj.job;
         let known: Vec<(usize, &ChangeRef)> =
             retried.iter().filter_map(|c| job.map(&c.map).map(|(m, _)| (m, *c))).collect();

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use tracing::{debug, warn};
 
 use super::waiters::Waiter;
-use super::ChangeResult;
+use super::{ChangeResult, Effect};
 use crate::domain::canon::{self, Canon};
 use crate::domain::change::ChangeRef;
 use crate::domain::delivery::{Context, Done, End, LinkAt, Progress, Seen};
@@ -22,6 +22,47 @@ use crate::ports::{ConnectorError, KvError, Precondition, Record, WriteFailure, 
 use crate::state::State;
 use crate::steps::redeliver::redelivery;
 use crate::steps::{LoadedJob, Metrics, StepError, Steps};
+
+/// The wave's items, and the changes of maps the job no longer has (an application error each).
+#[allow(clippy::type_complexity)]
+fn wave_items<'c>(
+    job: &Job,
+    changes: &[&'c ChangeRef],
+) -> (Vec<Item<'c>>, Vec<(&'c ChangeRef, ErrorCategory, String)>) {
+    let mut stray = Vec::new();
+    let mut items = Vec::with_capacity(changes.len());
+    for c in changes {
+        match job.map(&c.map) {
+            Some((map, _)) => items.push(Item {
+                c,
+                map,
+                progress: Progress::ToRead,
+                source: None,
+                hashes: Default::default(),
+                found: false,
+                write: None,
+            }),
+            None => {
+                warn!(job = %job.name, map = %c.map, "delivery for a map the job no longer has");
+                stray.push((*c, ErrorCategory::Application, format!("map '{}' is not in job '{}'", c.map, job.name)));
+            }
+        }
+    }
+    (items, stray)
+}
+
+/// Answers in the order of `changes`, from the answers of the changes of known maps: a stray's
+/// place is an application failure (recorded as such).
+fn in_order(job: &Job, changes: &[&ChangeRef], mut results: impl Iterator<Item = ChangeResult>) -> Vec<ChangeResult> {
+    let stray = ChangeResult::Done { effect: Effect::Failed(ErrorCategory::Application), found: false };
+    changes
+        .iter()
+        .map(|c| match job.map(&c.map) {
+            Some(_) => results.next().unwrap_or_else(|| stray.clone()),
+            None => stray.clone(),
+        })
+        .collect()
+}
 
 /// How often one change goes back to step 1 within a wave after losing a race (a failed write
 /// precondition or link commit) before it is treated as a system failure.
@@ -37,6 +78,34 @@ struct Item<'c> {
     source: Option<(Record, Canon)>,
     /// The content hashes of the source and other side's records as read, for conflict rows.
     hashes: (String, String),
+    /// The other side held the record when last read.
+    found: bool,
+    /// What the write decided when last read would do (created, updated, a conflict won).
+    write: Option<Effect>,
+}
+
+impl Item<'_> {
+    /// What the change did (or, not yet written, would do) as it stands.
+    fn effect(&self) -> Effect {
+        match &self.progress {
+            Progress::ToCommit(_) => Effect::InStep,
+            Progress::ToCheck(_) | Progress::ToMark(_) | Progress::ToWrite(..) => self.write.unwrap_or(Effect::Updated),
+            Progress::Done(done) => self.effect_of(&done.end),
+            Progress::ToRead | Progress::ToUndo | Progress::ToForget { .. } | Progress::Again => Effect::Skipped,
+        }
+    }
+
+    fn effect_of(&self, end: &End) -> Effect {
+        match end {
+            End::Synced { wrote: true, .. } => self.write.unwrap_or(Effect::Updated),
+            End::Synced { wrote: false, .. } => Effect::InStep,
+            End::ConflictLost { .. } => Effect::Conflict,
+            End::OtherSideChanged | End::Undone => Effect::Skipped,
+            End::Failed { category, .. } => Effect::Failed(*category),
+            End::Waiting { .. } => Effect::Failed(ErrorCategory::Application),
+            End::Retry { .. } => Effect::Failed(ErrorCategory::System),
+        }
+    }
 }
 
 impl Steps {
@@ -47,24 +116,7 @@ impl Steps {
         changes: &[&ChangeRef],
     ) -> Result<Vec<ChangeResult>, StepError> {
         let job = &lj.job;
-        // Changes of maps the job no longer has: an application error each.
-        let mut stray = Vec::new();
-        let mut items = Vec::with_capacity(changes.len());
-        for c in changes {
-            match job.map(&c.map) {
-                Some((map, _)) => {
-                    items.push(Item { c, map, progress: Progress::ToRead, source: None, hashes: Default::default() })
-                }
-                None => {
-                    warn!(job = %job.name, map = %c.map, "delivery for a map the job no longer has");
-                    stray.push((
-                        *c,
-                        ErrorCategory::Application,
-                        format!("map '{}' is not in job '{}'", c.map, job.name),
-                    ));
-                }
-            }
-        }
+        let (mut items, stray) = wave_items(job, changes);
         for _ in 0..MAX_RACES {
             let todo: Vec<usize> =
                 (0..items.len()).filter(|i| matches!(items[*i].progress, Progress::ToRead | Progress::Again)).collect();
@@ -92,16 +144,24 @@ impl Steps {
                 .collect();
             self.release_waiters(lj, release).await?;
         }
-        let mut results = self.settle_wave(lj, items, stray).await?;
-        // Answers in the order of `changes`: the strays' places are plain `Done`s.
-        let mut ordered = Vec::with_capacity(changes.len());
-        for c in changes {
-            ordered.push(match job.map(&c.map) {
-                Some(_) => results.next().unwrap_or(ChangeResult::Done),
-                None => ChangeResult::Done,
-            });
-        }
-        Ok(ordered)
+        let results = self.settle_wave(lj, items, stray).await?;
+        Ok(in_order(job, changes, results))
+    }
+
+    /// Steps 1 to 4 only, for a dry run: what delivering each change would do, with nothing
+    /// written (no link, no row, no write). Lookups are not checked: in a dry run the parents
+    /// the same run would create are not there.
+    pub(crate) async fn decide_wave(
+        &self,
+        lj: &LoadedJob,
+        changes: &[&ChangeRef],
+    ) -> Result<Vec<ChangeResult>, StepError> {
+        let (mut items, _) = wave_items(&lj.job, changes);
+        let todo: Vec<usize> = (0..items.len()).collect();
+        self.read_and_decide(lj, &mut items, &todo).await?;
+        let results: Vec<_> =
+            items.iter().map(|it| ChangeResult::Done { effect: it.effect(), found: it.found }).collect();
+        Ok(in_order(&lj.job, changes, results.into_iter()))
     }
 
     /// Steps 1 to 4: the links, step 1 on them, both records read fresh, and each decided.
@@ -156,6 +216,13 @@ impl Steps {
             it.progress = Progress::read(&context(job, c), c, at, seen_s, seen_o);
             debug!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, progress = progress_name(&it.progress), "decided");
             it.hashes = (h_s.unwrap_or_default(), h_o.unwrap_or_default());
+            it.found = ro.is_some();
+            it.write = match &it.progress {
+                Progress::ToCheck(w) if w.if_match.is_none() => Some(Effect::Created),
+                Progress::ToCheck(w) if w.conflict => Some(Effect::Conflict),
+                Progress::ToCheck(_) => Some(Effect::Updated),
+                _ => None,
+            };
             it.source = rs.zip(canon_s);
         }
         Ok(())
@@ -380,7 +447,8 @@ impl Steps {
         for mut it in items {
             let done = std::mem::replace(&mut it.progress, Progress::Again).ended(it.c);
             let retried = it.c.retry_of.clone();
-            let mut result = ChangeResult::Done;
+            let effect = it.effect_of(&done.end);
+            let mut result = ChangeResult::Done { effect, found: it.found };
             match done.end {
                 End::Synced { wrote, resolves } => {
                     Metrics::add(&self.metrics.in_step, u64::from(!wrote));
