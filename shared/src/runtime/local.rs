@@ -518,6 +518,10 @@ impl LocalRuntime {
         }));
         let mut steps = vec![StepKind::Capture, StepKind::Sequence, StepKind::Reconcile];
         steps.extend(std::iter::repeat_n(StepKind::Deliver, self.deliver_workers));
+        // Each deliver worker's receive takes its share of a job's groups, not all of them,
+        // so that the waves of several workers overlap (design note 26).
+        let groups = usize::try_from(crate::domain::sequence::GROUPS).unwrap_or(usize::MAX);
+        self.deliver.share_groups(groups, self.deliver_workers);
         for step in steps {
             let handler = self.steps.clone();
             let queue = self.queue(step).clone() as Arc<dyn Queue>;

@@ -10,10 +10,15 @@
 //! a group with any invisible row is blocked; that is one probe of `queue_touched_group` per
 //! group met, so the cost does not grow with the number of blocked groups.
 //!
+//! Several consumers of one FIFO queue share its groups: with [`EmbeddedQueue::share_groups`]
+//! a receive takes messages of a few groups only and leaves the rest to the next receive, so
+//! the first consumer does not lock every group and leave the others idle (and the others do
+//! not read the whole queue, every poll, to find nothing).
+//!
 //! The receipt is `"<id>.<receive count>"`: a message received again has a higher count, so an
 //! older receipt no longer matches anything (ids are never reused, see the schema in `db.rs`).
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -113,6 +118,8 @@ pub struct EmbeddedQueue {
     config: QueueConfig,
     /// When expired deduplication ids are next cleared out (ms since the epoch).
     next_dedup_purge: AtomicI64,
+    /// FIFO: the groups one receive takes messages of at most; 0: no limit.
+    groups_per_receive: AtomicUsize,
 }
 
 /// A row that may be handed out. Its body is read only once it is chosen, so that skipping
@@ -134,7 +141,22 @@ fn parse_receipt(receipt: &str) -> Option<(i64, i64)> {
 
 impl EmbeddedQueue {
     pub(crate) fn new(db: EmbeddedDb, config: QueueConfig) -> Self {
-        EmbeddedQueue { db, config, next_dedup_purge: AtomicI64::new(i64::MIN) }
+        EmbeddedQueue {
+            db,
+            config,
+            next_dedup_purge: AtomicI64::new(i64::MIN),
+            groups_per_receive: AtomicUsize::new(0),
+        }
+    }
+
+    /// FIFO: lets `consumers` receivers work side by side on a queue of about `groups` message
+    /// groups: each receive takes messages of `groups / consumers` groups at most (rounded up).
+    /// Each group is still in one receiver's hands at a time (a group with a message in flight
+    /// is blocked), so per-group order is kept; what changes is only how the groups are spread.
+    /// One consumer (or none) takes every group again.
+    pub fn share_groups(&self, groups: usize, consumers: usize) {
+        let per_receive = if consumers > 1 { groups.div_ceil(consumers).max(1) } else { 0 };
+        self.groups_per_receive.store(per_receive, Ordering::Relaxed);
     }
 
     pub fn config(&self) -> &QueueConfig {
@@ -237,6 +259,9 @@ impl EmbeddedQueue {
         let fifo = self.config.fifo;
         // FIFO: whether each group seen so far is blocked (asked once per group and receive).
         let mut blocked: HashMap<Option<String>, bool> = HashMap::new();
+        // FIFO: the groups this receive hands out messages of, at most `groups_per_receive`.
+        let groups_per_receive = self.groups_per_receive.load(Ordering::Relaxed);
+        let mut taken: HashSet<Option<String>> = HashSet::new();
         // A standard queue needs no more than `max` rows from each side; a FIFO queue may have
         // to skip rows of blocked groups, so it reads on until it has enough.
         let limit = if fifo { -1 } else { i64::try_from(max).unwrap_or(i64::MAX) };
@@ -282,10 +307,18 @@ impl EmbeddedQueue {
                 if is_blocked {
                     continue;
                 }
+                // Left whole to another receive: `taken` only grows, so once a group is left
+                // out, none of its later messages is taken either (no gap in its order).
+                if groups_per_receive > 0 && taken.len() >= groups_per_receive && !taken.contains(&c.group) {
+                    continue;
+                }
             }
             if dead_lettering && c.receive_count >= max_count {
                 dead.push(c);
                 continue;
+            }
+            if fifo && groups_per_receive > 0 {
+                taken.insert(c.group.clone());
             }
             chosen.push(c);
         }
@@ -645,6 +678,50 @@ mod tests {
         let rest_a = q.receive(10).await.expect("receive");
         assert_eq!(bodies(&rest_a), ["a2", "a3"], "several of one group in one receive, in order");
         assert_eq!(rest_a[0].group.as_deref(), Some("a"));
+    }
+
+    /// Two consumers sharing four groups: each receive takes two groups, whole and in order,
+    /// the receives hold disjoint groups, and a group comes back only once acknowledged.
+    #[tokio::test]
+    async fn fifo_consumers_sharing_groups_receive_disjoint_groups() {
+        let (db, _) = db();
+        let q = db.queue(config("q.fifo", true));
+        q.share_groups(4, 2);
+        q.send(fifo_msgs(&["a1", "b1", "c1", "d1", "a2", "b2", "c2", "d2"])).await.expect("send");
+
+        let first = q.receive(10).await.expect("receive");
+        assert_eq!(bodies(&first), ["a1", "b1", "a2", "b2"], "the first two groups, each in order");
+        let second = q.receive(10).await.expect("receive");
+        assert_eq!(bodies(&second), ["c1", "d1", "c2", "d2"], "the other two groups");
+        assert!(q.receive(10).await.expect("receive").is_empty(), "every group is held by one of them");
+
+        q.send(fifo_msgs(&["a3", "c3"])).await.expect("send");
+        assert!(q.receive(10).await.expect("receive").is_empty(), "a and c are still held");
+        q.ack(&receipts(&second)).await.expect("ack c and d");
+        assert_eq!(bodies(&q.receive(10).await.expect("receive")), ["c3"], "c free again; a still held");
+
+        q.share_groups(4, 1);
+        q.ack(&receipts(&first)).await.expect("ack a and b");
+        q.send(fifo_msgs(&["b3", "d3"])).await.expect("send");
+        assert_eq!(bodies(&q.receive(10).await.expect("receive")), ["a3", "b3", "d3"], "one consumer takes all");
+    }
+
+    /// A group left out of a receive for the share is left out whole: a later receive starts it
+    /// at its head, never in the middle.
+    #[tokio::test]
+    async fn fifo_group_left_to_another_receive_starts_at_its_head() {
+        let (db, _) = db();
+        let q = db.queue(config("q.fifo", true));
+        q.share_groups(2, 2);
+        q.send(fifo_msgs(&["a1", "b1", "a2", "b2", "a3"])).await.expect("send");
+        let a = q.receive(10).await.expect("receive");
+        assert_eq!(bodies(&a), ["a1", "a2", "a3"]);
+        let b = q.receive(1).await.expect("receive");
+        assert_eq!(bodies(&b), ["b1"]);
+        q.ack(&receipts(&a)).await.expect("ack a");
+        assert!(q.receive(10).await.expect("receive").is_empty(), "b2 waits behind b1 in flight");
+        q.ack(&receipts(&b)).await.expect("ack b1");
+        assert_eq!(bodies(&q.receive(10).await.expect("receive")), ["b2"]);
     }
 
     #[tokio::test]
