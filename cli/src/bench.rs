@@ -212,6 +212,6 @@ async fn sqlite(data_dir: &Path, args: &BenchArgs, n: usize) -> Result<()> {
     println!("latency p99        {} ms", percentile(&lat, 0.99));
     println!("peak memory        {:.1} MiB", peak_rss_mib().unwrap_or(f64::NAN));
     println!("plain copy         {copy_rate:.0} records/s");
-    println!("ratio              {:.2} of plain copy", rate / copy_rate);
+    println!("ratio              {:.3} of plain copy", rate / copy_rate);
     Ok(())
 }

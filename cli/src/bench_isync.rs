@@ -94,7 +94,7 @@ pub async fn run(data_dir: &Path, n: usize, page_size: usize, pages_in_flight: O
     println!("records/s          {rate:.0}");
     println!("peak memory        {:.1} MiB", peak_rss_mib().unwrap_or(f64::NAN));
     println!("plain copy         {copy_rate:.0} records/s");
-    println!("ratio              {:.2} of plain copy", rate / copy_rate);
+    println!("ratio              {:.3} of plain copy", rate / copy_rate);
     if synced != total {
         anyhow::bail!("only {synced} of {total} records created");
     }
