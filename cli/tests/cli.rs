@@ -5,6 +5,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{count, people_job, sqlite};
+
 fn dualsync(data_dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dualsync"));
     cmd.arg("--data-dir").arg(data_dir).env("RUST_BACKTRACE", "0");
@@ -181,18 +184,6 @@ table_groups:
     assert!(local.contains("no jobs"), "{local}");
 }
 
-fn sqlite(path: &std::path::Path, sql: &str) {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn.execute_batch(sql).unwrap();
-}
-
-fn count(path: &std::path::Path, sql: &str) -> i64 {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn.query_row(sql, [], |r| r.get(0)).unwrap()
-}
-
 /// One HTTP/1.1 request to the local admin API; the whole answer, status line first.
 fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> String {
     request(port, method, path, token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default(), "")
@@ -226,26 +217,7 @@ fn run_syncs_the_users_apps_and_stops_cleanly_on_ctrl_c() {
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
     sqlite(&a, "CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT)");
     sqlite(&b, "CREATE TABLE contacts (contact_id TEXT PRIMARY KEY, fullname TEXT)");
-    let job = dir.path().join("job.yaml");
-    std::fs::File::create(&job)
-        .unwrap()
-        .write_all(
-            b"job: people
-apps:
-  - { name: a, connector: sqlite, path: a.db }
-  - { name: b, connector: sqlite, path: b.db }
-primary: a
-table_groups:
-  - name: all
-    maps:
-      - name: people
-        sequence: 1
-        entities: { a: people, b: contacts }
-        keys: [{ a: id, b: contact_id }]
-        fields: [{ a: name, b: fullname }]
-",
-        )
-        .unwrap();
+    let job = people_job(dir.path());
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let token = "a-test-token-of-some-length";
     let child = dualsync(&dir.path().join("state"))

@@ -5,13 +5,15 @@
 //!
 //! Every wait is a bounded poll on a condition the page shows; nothing asserts on time.
 use std::future::Future;
-use std::io::Write;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
+
+mod common;
+use common::{count, people_job, sqlite};
 use serde_json::json;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -32,18 +34,6 @@ impl Drop for Owned {
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn sqlite(path: &Path, sql: &str) {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn.execute_batch(sql).unwrap();
-}
-
-fn count(path: &Path, sql: &str) -> i64 {
-    let conn = rusqlite::Connection::open(path).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
 /// Polls `check` until it holds; fails naming `what` if it never does within [`PATIENCE`].
@@ -121,30 +111,6 @@ async fn browser(driver_port: u16, profile: &Path) -> Client {
     }
 }
 
-fn job_file(dir: &Path) -> PathBuf {
-    let job = dir.join("job.yaml");
-    std::fs::File::create(&job)
-        .unwrap()
-        .write_all(
-            b"job: people
-apps:
-  - { name: a, connector: sqlite, path: a.db }
-  - { name: b, connector: sqlite, path: b.db }
-primary: a
-table_groups:
-  - name: all
-    maps:
-      - name: people
-        sequence: 1
-        entities: { a: people, b: contacts }
-        keys: [{ a: id, b: contact_id }]
-        fields: [{ a: name, b: fullname }]
-",
-        )
-        .unwrap();
-    job
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_filters_retries_and_pauses_in_the_browser() {
     for tool in [CHROMIUM, CHROMEDRIVER] {
@@ -160,7 +126,7 @@ async fn an_operator_filters_retries_and_pauses_in_the_browser() {
          CREATE TRIGGER refuse BEFORE INSERT ON contacts WHEN NEW.contact_id LIKE 'r%'
          BEGIN SELECT RAISE(ABORT, 'refused by the app''s rule'); END;",
     );
-    let job = job_file(dir.path());
+    let job = people_job(dir.path());
     let port = free_port();
     let _runner = Owned(
         Command::new(env!("CARGO_BIN_EXE_dualsync"))
