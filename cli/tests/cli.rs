@@ -416,25 +416,7 @@ fn dead_letters_are_listed_shown_and_redriven_locally() {
     let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
     sqlite(&a, "CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT); INSERT INTO people VALUES ('p1', 'Ada')");
     sqlite(&b, "CREATE TABLE contacts (contact_id TEXT PRIMARY KEY, fullname TEXT)");
-    let job = dir.path().join("job.yaml");
-    std::fs::write(
-        &job,
-        "job: people
-apps:
-  - { name: a, connector: sqlite, path: a.db }
-  - { name: b, connector: sqlite, path: b.db }
-primary: a
-table_groups:
-  - name: all
-    maps:
-      - name: people
-        sequence: 1
-        entities: { a: people, b: contacts }
-        keys: [{ a: id, b: contact_id }]
-        fields: [{ a: name, b: fullname }]
-",
-    )
-    .unwrap();
+    let job = people_job(dir.path());
     // A change of a job that does not exist yet, and a message that is not JSON.
     let change = r#"{"job": "people", "app": "a", "txid": "t1", "changes": [{"app": "a", "entity": "people", "key": ["p1"], "op": "upsert", "seq": 1, "at_ms": 0}]}"#;
     send_capture(&state, change);
