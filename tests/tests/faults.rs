@@ -149,6 +149,65 @@ async fn a_delete_and_create_again_on_one_side_ends_present_on_both() {
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
 }
 
+/// A delete whose capture crashed after its live delete ran, before the transaction was marked
+/// captured, comes back after the visibility timeout. By then A's user has created the record
+/// again: the delete, made on the record that is gone, must not delete the new one on either
+/// side (the kill -9 soak found A's new record deleted this way).
+#[tokio::test]
+async fn a_delete_captured_again_after_a_crash_leaves_the_record_created_since() {
+    let h = Local::new().await;
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'n0', 'X', 'small')");
+    h.drain().await;
+    h.exec(Side::B, "DELETE FROM owners WHERE owner_id = 'p5'");
+    h.rt.pump_feeds(1000).await.unwrap();
+    *h.crash_at.lock().unwrap() = Some(("capture.after_send".into(), 0));
+    h.rt.step_once(StepKind::Capture).await.unwrap();
+    assert!(h.crash_at.lock().unwrap().is_none(), "capture crashed after the live delete");
+    assert_eq!(h.query(Side::A, "SELECT count(*) FROM parents WHERE pid = 'p5'"), 0, "the live delete ran");
+    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'again', 'X', 'small')");
+    h.drain().await;
+    // The crashed capture's message is visible again once its visibility timeout has passed.
+    h.clock.advance(301_000);
+    h.drain().await;
+    for (side, sql) in [
+        (Side::A, "SELECT name FROM parents WHERE pid = 'p5'"),
+        (Side::B, "SELECT title FROM owners WHERE owner_id = 'p5'"),
+    ] {
+        assert_eq!(h.text(side, sql).as_deref(), Some("again"), "{side:?}: the record created after the delete");
+    }
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+}
+
+/// Killed between marking a live delete begun and running it, capture comes back and runs it:
+/// the record in the target is still the one the delete meant. Had A's user changed it in
+/// between, the change wins over the delete and the record ends on both sides with it.
+#[tokio::test]
+async fn a_delete_begun_before_a_crash_is_run_again_unless_its_record_changed_since() {
+    for changed in [false, true] {
+        let h = Local::new().await;
+        h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'n0', 'X', 'small')");
+        h.drain().await;
+        h.exec(Side::B, "DELETE FROM owners WHERE owner_id = 'p5'");
+        h.rt.pump_feeds(1000).await.unwrap();
+        *h.crash_at.lock().unwrap() = Some(("capture.delete_marked".into(), 0));
+        h.rt.step_once(StepKind::Capture).await.unwrap();
+        assert!(h.crash_at.lock().unwrap().is_none(), "capture crashed before the live delete");
+        assert_eq!(h.query(Side::A, "SELECT count(*) FROM parents WHERE pid = 'p5'"), 1, "the delete did not run");
+        if changed {
+            h.exec(Side::A, "UPDATE parents SET name = 'edited' WHERE pid = 'p5'");
+        }
+        h.clock.advance(301_000);
+        h.drain().await;
+        let (a, b) = (
+            h.text(Side::A, "SELECT name FROM parents WHERE pid = 'p5'"),
+            h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p5'"),
+        );
+        let want = changed.then(|| "edited".to_string());
+        assert_eq!((a, b), (want.clone(), want), "changed since: {changed}");
+        assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+    }
+}
+
 /// Item 4: deliveries in flight when a job is stopped wait (nothing reaches the dead-letter
 /// queue for it, no error row), and start delivers them in order.
 #[tokio::test]

@@ -64,6 +64,15 @@ pub fn tx_pk(job: &str, app: &str, txid: &str) -> String {
     format!("TX#{}#{}#{}", escape(job), escape(app), escape(txid))
 }
 
+/// In a transaction's partition: capture's mark that it ran the live delete of a record of
+/// the transaction. Hashed, because a record key may be longer than a sort key holds.
+pub fn delete_mark_sk(map: &str, key: &Key) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{}#{}", escape(map), key_part(key)).as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("DELETED#{hex}")
+}
+
 /// In a transaction's partition: capture's dedupe mark of one part of a split transaction.
 pub fn part_captured_sk(index: u32) -> String {
     format!("{CAPTURED}#{index:010}")

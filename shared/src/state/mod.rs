@@ -45,6 +45,13 @@ pub struct VersionedLink {
     pub rev: u64,
 }
 
+/// What capture knew when it began a live delete: the version of the target's record it meant
+/// to delete, as the link last saw it (`None`: the record was never synced there).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeleteMark {
+    pub target_version: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
@@ -252,6 +259,40 @@ impl State {
             expires_at: Some(self.now_ms() + TX_DEDUPE_TTL_MS),
             expect: Expect::Any,
         }
+    }
+
+    /// The mark capture left when it began the live delete of `map`/`key` in this transaction,
+    /// if any: a capture run again after a crash reads it (see `steps::capture::delete_now`).
+    pub async fn delete_mark(
+        &self,
+        job: &str,
+        app: &str,
+        txid: &str,
+        map: &str,
+        key: &Key,
+    ) -> Result<Option<DeleteMark>, KvError> {
+        let item = self.kv.get(&keys::tx_pk(job, app, txid), &keys::delete_mark_sk(map, key)).await?;
+        item.map(|i| decode(&i)).transpose()
+    }
+
+    /// Kept as long as the transaction's dedupe mark: a capture message comes back within it.
+    pub async fn put_delete_mark(
+        &self,
+        job: &str,
+        app: &str,
+        txid: &str,
+        map: &str,
+        key: &Key,
+        mark: &DeleteMark,
+    ) -> Result<(), KvError> {
+        let put = Put {
+            pk: keys::tx_pk(job, app, txid),
+            sk: keys::delete_mark_sk(map, key),
+            body: encode(mark),
+            expires_at: Some(self.now_ms() + TX_DEDUPE_TTL_MS),
+            expect: Expect::Any,
+        };
+        self.kv.put(put).await.map(|_| ())
     }
 
     // ---- change feed positions (local ingress) ----

@@ -7,7 +7,7 @@
 //! version dualsync wrote, and raises each link's highest seen seq so that delivery can tell a
 //! stale change from the latest.
 use std::collections::BTreeSet;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::deliver::ChangeResult;
 use super::{LoadedJob, Metrics, Outcome, StepError, Steps};
@@ -21,7 +21,7 @@ use crate::domain::job::{JobStatus, Mode, Side};
 use crate::domain::keys;
 use crate::domain::link::LinkState;
 use crate::ports::{ConnectorError, InMessage, KvError, OutMessage, Put, QueueError, Record};
-use crate::state::State;
+use crate::state::{DeleteMark, State};
 
 /// How often capture re-reads links whose seen-seq update lost a race before giving up.
 const MAX_RACES: usize = 5;
@@ -250,48 +250,102 @@ impl Steps {
     ) -> Result<Option<Outcome>, StepError> {
         let job = &lj.job;
         let target = c.source.other();
+        let app = job.app_name(c.source);
+        // A capture that ran this delete and did not finish (killed, or its acknowledgement lost)
+        // comes back after the visibility timeout. The record may have been created again since,
+        // on either side: its mark tells whether what the target holds is what it meant to
+        // delete. A retry request is the operator's word and runs the delete again.
+        if c.retry_of.is_none() {
+            if let Some(mark) = self.state.delete_mark(&job.name, app, &c.txid, &c.map, &c.key).await? {
+                return self.delete_again(lj, m, c, mark, receive_count).await;
+            }
+        }
         // Like any change, a delete is read fresh: a record that exists again at its source
         // (created again since, by a user or by our own create that raced the delete) makes it
-        // stale, and the record's newer change decides.
-        match lj.connector(c.source).read(lj.spec(m, c.source), std::slice::from_ref(&c.key)).await {
-            Ok(found) => {
-                if let Some(Some(record)) = found.into_iter().next() {
-                    // Unless what is there is our own create, made after the delete from the
-                    // other side's older state: the delete wins over it, on both sides.
-                    if !self.ours(lj, m, c, &record).await? {
-                        let msg = format!("skipped: {}/{} exists again in {}", c.map, c.key, job.app_name(c.source));
-                        self.record(lj, c, ErrorCategory::Concurrency, msg).await?;
-                        return Ok(None);
-                    }
-                    let source = lj.connector(c.source);
-                    if let Err(e) = source.delete(lj.spec(m, c.source), std::slice::from_ref(&c.key)).await {
-                        let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
-                        let delay = self.backoff.delay(receive_count, e.retry_after());
-                        return Ok(Some(Outcome::Retry { delay, reason }));
-                    }
-                }
+        // stale, and the record's newer change decides. The target is read beside it for the
+        // delete's mark.
+        let key = std::slice::from_ref(&c.key);
+        let (at_source, at_target) = tokio::join!(
+            lj.connector(c.source).read(lj.spec(m, c.source), key),
+            lj.connector(target).read(lj.spec(m, target), key)
+        );
+        let (at_source, at_target) = match (at_source, at_target) {
+            (Ok(s), Ok(t)) => (s.into_iter().next().flatten(), t.into_iter().next().flatten()),
+            (Err(e), _) | (_, Err(e)) => {
+                let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
+                return Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }));
             }
-            Err(e) => {
+        };
+        if let Some(record) = at_source {
+            // Unless what is there is our own create, made after the delete from the other
+            // side's older state: the delete wins over it, on both sides.
+            if !self.ours(lj, m, c, &record).await? {
+                let msg = format!("skipped: {}/{} exists again in {}", c.map, c.key, job.app_name(c.source));
+                self.record(lj, c, ErrorCategory::Concurrency, msg).await?;
+                return Ok(None);
+            }
+            debug!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, "live delete: our create came back at the source; deleting it there");
+            if let Err(e) = lj.connector(c.source).delete(lj.spec(m, c.source), key).await {
                 let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
                 return Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }));
             }
         }
+        if c.retry_of.is_none() {
+            let mark = DeleteMark { target_version: at_target.map(|r| r.version) };
+            self.state.put_delete_mark(&job.name, app, &c.txid, &c.map, &c.key, &mark).await?;
+            self.failpoints.check("capture.delete_marked")?;
+        }
+        self.delete_target(lj, m, c, receive_count).await
+    }
+
+    /// The live delete of `c` began before (its mark says so): the target's record is deleted
+    /// only if it is still the one the delete meant. One created or changed since stays, and
+    /// its own change decides (DESIGN §3: an edit wins over a delete).
+    async fn delete_again(
+        &self,
+        lj: &LoadedJob,
+        m: usize,
+        c: &ChangeRef,
+        mark: DeleteMark,
+        receive_count: u32,
+    ) -> Result<Option<Outcome>, StepError> {
+        let target = c.source.other();
+        let found = match lj.connector(target).read(lj.spec(m, target), std::slice::from_ref(&c.key)).await {
+            Ok(found) => found.into_iter().next().flatten(),
+            Err(e) => {
+                let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
+                return Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }));
+            }
+        };
+        match (found, mark.target_version) {
+            (Some(r), Some(v)) if r.version == v => self.delete_target(lj, m, c, receive_count).await,
+            (Some(_), _) => {
+                debug!(job = %lj.job.name, map = %c.map, key = %c.key, txid = %c.txid, "live delete run again: the target's record is newer than the delete");
+                // Newer, and perhaps our create that raced the delete: its check decides.
+                if self.creating(lj, c).await? {
+                    self.send_check(lj, c).await?;
+                }
+                Ok(None)
+            }
+            // The delete landed; what may be left is its bookkeeping.
+            (None, _) => self.deleted(lj, c).await.map(|()| None),
+        }
+    }
+
+    /// Deletes the target's record of `c`, then its link.
+    async fn delete_target(
+        &self,
+        lj: &LoadedJob,
+        m: usize,
+        c: &ChangeRef,
+        receive_count: u32,
+    ) -> Result<Option<Outcome>, StepError> {
+        let job = &lj.job;
+        let target = c.source.other();
+        debug!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, retry = c.retry_of.is_some(), "live delete");
         match lj.connector(target).delete(lj.spec(m, target), std::slice::from_ref(&c.key)).await {
             Ok(()) => {
-                let link = self.state.links(&job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
-                let creating =
-                    link.and_then(|l| l.state.pending).is_some_and(|p| p.side == target && p.from_version.is_none());
-                if creating {
-                    // Our create of the record may be under way, between its read and its write:
-                    // this delete found nothing to delete then. A check goes down the record's
-                    // lane, behind that delivery: it finds the source gone and undoes a create
-                    // that landed (deliver, `created_here`). The link stays for it to judge.
-                    let check = ChangeRef { retry_of: None, waited: false, ..c.clone() };
-                    let tag = format!("delete-check-{}-{}", c.txid, c.seq);
-                    self.deliver_queue.send(super::redeliver::redelivery(job, vec![check], &tag)).await?;
-                } else {
-                    self.state.delete_link(&job.name, &c.map, &c.key).await?;
-                }
+                self.deleted(lj, c).await?;
                 Metrics::add(&self.metrics.live_deletes, 1);
                 Ok(None)
             }
@@ -306,6 +360,34 @@ impl Steps {
                 Ok(None)
             }
         }
+    }
+
+    /// The target's record of `c` is gone: so is its link, unless our create of it may be
+    /// under way.
+    async fn deleted(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<(), StepError> {
+        if self.creating(lj, c).await? {
+            self.send_check(lj, c).await
+        } else {
+            Ok(self.state.delete_link(&lj.job.name, &c.map, &c.key).await?)
+        }
+    }
+
+    /// Whether the link of `c` marks our create of the record in the delete's target.
+    async fn creating(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<bool, StepError> {
+        let link = self.state.links(&lj.job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
+        let target = c.source.other();
+        Ok(link.and_then(|l| l.state.pending).is_some_and(|p| p.side == target && p.from_version.is_none()))
+    }
+
+    /// Our create of the record may be under way, between its read and its write: this delete
+    /// found nothing to delete then. A check goes down the record's lane, behind that delivery:
+    /// it finds the source gone and undoes a create that landed (deliver, `created_here`). The
+    /// link stays for it to judge.
+    async fn send_check(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<(), StepError> {
+        let check = ChangeRef { retry_of: None, waited: false, ..c.clone() };
+        let tag = format!("delete-check-{}-{}", c.txid, c.seq);
+        self.deliver_queue.send(super::redeliver::redelivery(&lj.job, vec![check], &tag)).await?;
+        Ok(())
     }
 
     /// Whether `record`, at the source of change `c`, holds what our pending create wrote there.

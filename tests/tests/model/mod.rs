@@ -144,7 +144,8 @@ pub fn all_recs() -> impl Iterator<Item = Rec> {
 }
 
 /// Every failpoint of the steps and the step it is in.
-pub const POINTS: [(&str, StepKind); 7] = [
+pub const POINTS: [(&str, StepKind); 8] = [
+    ("capture.delete_marked", StepKind::Capture),
     ("capture.after_send", StepKind::Capture),
     ("sequence.after_send", StepKind::Sequence),
     ("deliver.after_read", StepKind::Deliver),

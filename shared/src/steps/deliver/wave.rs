@@ -214,7 +214,7 @@ impl Steps {
                 ro.as_ref().zip(h_o.as_deref()).map(|(r, hash)| Seen { hash, version: &r.version, seq: r.seq });
             let at = link.as_ref().map(|l| LinkAt { rev: l.rev, state: &l.state });
             it.progress = Progress::read(&context(job, c), c, at, seen_s, seen_o);
-            debug!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, progress = progress_name(&it.progress), "decided");
+            debug!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, seq = c.seq, source = ?c.source, progress = progress_name(&it.progress), "decided");
             it.hashes = (h_s.unwrap_or_default(), h_o.unwrap_or_default());
             it.found = ro.is_some();
             it.write = match &it.progress {
@@ -394,6 +394,10 @@ impl Steps {
         }
         for ((m, side), is) in by_target {
             let keys: Vec<_> = is.iter().map(|&i| items[i].c.key.clone()).collect();
+            for &i in &is {
+                let c = items[i].c;
+                debug!(job = %lj.job.name, map = %c.map, key = %c.key, txid = %c.txid, seq = c.seq, "undo: our create of a deleted record");
+            }
             let answer = lj.connector(side).delete(lj.spec(m, side), &keys).await;
             for &i in &is {
                 let it = &mut items[i];
