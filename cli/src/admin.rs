@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
-use dualsync::admin::{JobView, Redrive};
+use dualsync::admin::{JobView, QueueReading, Reading, Redrive, StepQueues};
 use dualsync::domain::config::{load_job_file, JobDef};
 use dualsync::domain::errors::{DeadLetter, ErrorCategory, ErrorStatus, SyncError};
 use dualsync::domain::metrics::MetricsView;
@@ -190,16 +190,20 @@ pub async fn job(data_dir: &Path, backend: &BackendArgs, cmd: JobCommand) -> Res
             println!("job '{job}' is stopped");
         }
         JobCommand::Status { job } => {
-            let names = match job {
-                Some(j) => vec![j],
-                None => rt.state().job_names().await?,
+            let views = match job {
+                Some(j) => vec![rt.admin.job(&j).await?],
+                None => rt.admin.jobs().await?,
             };
-            if names.is_empty() {
+            if views.is_empty() {
                 println!("no jobs: apply one with `dualsync job apply FILE`");
             }
-            for name in names {
-                print_job(&rt.admin.job(&name).await?);
-                print_metrics(&rt.admin.metrics(&name, None).await?);
+            for view in &views {
+                print_job(view);
+                print_metrics(&rt.admin.metrics(&view.job, None).await?);
+            }
+            // The same queues in every view: printed once, after the jobs.
+            if let Some(view) = views.last() {
+                print_queues(&view.pipeline_queues);
             }
         }
         JobCommand::Pause { job } => print_job(&rt.admin.pause(&job).await?),
@@ -249,6 +253,18 @@ fn print_job(v: &JobView) {
             "  initial sync of {} from {}: {} records{of} synced, {} listed, {state}",
             p.map, p.from, p.done, p.listed
         );
+    }
+}
+
+/// What the pipeline's queues hold, once after the jobs: they are every job's, not one's.
+fn print_queues(queues: &[StepQueues]) {
+    let show = |r: &QueueReading| match &r.depth {
+        Reading::Depth(d) => format!("{} visible / {} in flight", d.visible, d.in_flight),
+        Reading::Unreadable { error } => format!("unreadable ({error})"),
+    };
+    println!("pipeline queues (shared by every job):");
+    for q in queues {
+        println!("  {:<10} {}; dead letters {}", q.step, show(&q.queue), show(&q.dead_letter));
     }
 }
 

@@ -149,6 +149,21 @@ table_groups:
         status.contains("  last hour: 0 delivered, 0 conflict(s), 0 dead letter(s), 0 throttling wait(s); error rows: application 0, concurrency 0, conflict 0, system 0"),
         "{status}"
     );
+    // What is queued, read off the stage's queues: nothing yet, then the initial sync's message
+    // waiting for the reconcile function (none runs here).
+    assert!(
+        status.contains(
+            "pipeline queues (shared by every job):\n  \
+             capture    0 visible / 0 in flight; dead letters 0 visible / 0 in flight\n"
+        ),
+        "{status}"
+    );
+    run_ok(on_aws(dir.path(), &stage).args(["initial-sync", "people", "--from", "a"]));
+    let status = run_ok(on_aws(dir.path(), &stage).args(["job", "status", "people"]));
+    assert!(
+        status.contains("  reconcile  1 visible / 0 in flight; dead letters 0 visible / 0 in flight\n"),
+        "{status}"
+    );
     // Pause and resume, and the error and request commands.
     run_ok(on_aws(dir.path(), &stage).args(["job", "pause", "people"]));
     let status = run_ok(on_aws(dir.path(), &stage).args(["job", "status", "people"]));
@@ -472,6 +487,15 @@ fn dead_letters_are_listed_shown_and_redriven_locally() {
         [(back[0].as_str(), "dead"), (poison.as_str(), "redriven"), (unknown.as_str(), "redriven")],
         "{list}"
     );
+    // What is queued: nothing left to handle, the poison message in capture's dead-letter queue.
+    let status = run_ok(dualsync(&state).args(["job", "status", "people"]));
+    let queues = "pipeline queues (shared by every job):
+  capture    0 visible / 0 in flight; dead letters 1 visible / 0 in flight
+  sequence   0 visible / 0 in flight; dead letters 0 visible / 0 in flight
+  deliver    0 visible / 0 in flight; dead letters 0 visible / 0 in flight
+  reconcile  0 visible / 0 in flight; dead letters 0 visible / 0 in flight
+";
+    assert!(status.ends_with(queues), "{status}");
 
     let out = dualsync(&state).args(["dead-letters", "redrive", "capture"]).output().unwrap();
     assert!(!out.status.success());

@@ -275,6 +275,18 @@ async fn operator(c: &Client, port: u16, a: &Path, b: &Path) {
         text(c, "[data-lag='people']").await.starts_with("p50 ≤ ")
     })
     .await;
+    // What is queued: the pipeline's queues, shown once for every job, each step's with its
+    // dead-letter queue; the retried records are delivered, so nothing waits.
+    assert_eq!(text(c, "#pipeline-queues h3").await, "Pipeline queues (shared by every job)");
+    until("the pipeline's queues to show empty", || async move {
+        let mut cells = Vec::new();
+        for step in ["capture", "sequence", "deliver", "reconcile"] {
+            cells.push(text(c, &format!("[data-queue-depth='{step}']")).await);
+            cells.push(text(c, &format!("[data-dead-letter-depth='{step}']")).await);
+        }
+        cells.iter().all(|t| t == "0 visible / 0 in flight")
+    })
+    .await;
     click(c, "button[data-action='pause'][data-job='people']").await;
     until("the job to show as paused", || async move { text(c, "[data-job-status='people']").await == "paused" }).await;
     sqlite(a, "INSERT INTO people (id, name) VALUES ('p2', 'Grace')");

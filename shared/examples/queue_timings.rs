@@ -60,7 +60,7 @@ async fn main() {
             }
         }
         let t = Instant::now();
-        let d = q.depth().expect("depth");
+        let d = q.depth().await.expect("depth");
         let depth_time = t.elapsed();
         let stats = |v: &mut Vec<Duration>| {
             v.sort();

@@ -17,7 +17,9 @@ use crate::steps::StepError;
 use crate::steps::{lifecycle, pause};
 
 mod dead_letters;
+mod queues;
 pub use dead_letters::{DeadLetterQueue, Redrive, RedriveReport, MAX_REDRIVE};
+pub use queues::{QueueReading, Reading, StepQueues, DEPTH_TIMEOUT};
 
 /// What went wrong, by whose fault: the admin API maps these to 404, 409, 400 and 500.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,9 @@ pub struct JobView {
     /// Deliveries kept aside while the job is not active (paused, stopped), counted up to
     /// [`KEPT_COUNTED`]: a count of `KEPT_COUNTED` means at least that many.
     pub kept_deliveries: usize,
+    /// The pipeline's queues, each step's with its dead-letter queue, in pipeline order: shared
+    /// by every job, so what they hold is every job's backlog, not this one's.
+    pub pipeline_queues: Vec<StepQueues>,
     /// The apps, side A first, and which one wins conflicts.
     pub apps: Vec<AppView>,
     pub primary: String,
@@ -180,14 +185,21 @@ impl Admin {
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobView>, AdminError> {
+        // The queues are every job's: read once for the list.
+        let queues = self.pipeline_queues().await;
         let mut out = Vec::new();
         for name in self.state.job_names().await? {
-            out.push(self.job(&name).await?);
+            out.push(self.job_with(&name, queues.clone()).await?);
         }
         Ok(out)
     }
 
     pub async fn job(&self, name: &str) -> Result<JobView, AdminError> {
+        self.job_with(name, self.pipeline_queues().await).await
+    }
+
+    /// The view of job `name` beside the pipeline's queues as read.
+    async fn job_with(&self, name: &str, pipeline_queues: Vec<StepQueues>) -> Result<JobView, AdminError> {
         let (record, _) = self.state.job_record(name).await?;
         self.send_unsent_requests(name).await?;
         let errors = self.state.error_counts(name, &ErrorFilter::default()).await?;
@@ -203,6 +215,7 @@ impl Admin {
             errors,
             requests_queued,
             kept_deliveries,
+            pipeline_queues,
             apps,
             primary: record.def.primary,
             table_groups,

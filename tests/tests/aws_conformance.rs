@@ -11,7 +11,7 @@ use dualsync::adapters::aws::{self, DynamoKv, Names, SqsQueue, Usage};
 use dualsync::adapters::embedded::{EmbeddedDb, QueueConfig};
 use dualsync::ports::clock::{Clock, ManualClock, SystemClock};
 use dualsync::ports::kv::{Expect, Item, KvError, KvStore, Put, SkRange};
-use dualsync::ports::queue::{InMessage, OutMessage, Queue, QueueError};
+use dualsync::ports::queue::{InMessage, OutMessage, Queue, QueueDepth, QueueError};
 use serde_json::{json, Value};
 
 // ---- set-up ------------------------------------------------------------------------------
@@ -500,6 +500,23 @@ async fn dead_letters_after_max_receives(env: QueueEnv) {
     assert_eq!(bodies(&dead), ["poison"]);
 }
 both!(dead_letters_after_max_receives, super::embedded_queue(true), super::sqs_queue(true));
+
+async fn depth_counts_visible_and_in_flight(env: QueueEnv) {
+    let (q, dlq) = (env.q, env.dlq);
+    let depth = |visible, in_flight| QueueDepth { visible, in_flight };
+    assert_eq!(q.depth().await.expect("depth"), depth(0, 0));
+    q.send(["m1", "m2", "m3"].map(|b| OutMessage::standard(b.into())).to_vec()).await.expect("send");
+    assert_eq!(q.depth().await.expect("depth"), depth(3, 0));
+    let got = receive_n(&*q, 2).await;
+    assert_eq!(q.depth().await.expect("depth"), depth(1, 2), "received and not deleted");
+    q.ack(&receipts(&got[..1])).await.expect("ack");
+    q.release(&got[1].receipt, Duration::from_millis(1_500)).await.expect("release");
+    assert_eq!(q.depth().await.expect("depth"), depth(1, 1), "released with a delay: still in flight");
+    env.time.pass(Duration::from_millis(2_100)).await;
+    assert_eq!(q.depth().await.expect("depth"), depth(2, 0), "its delay passed");
+    assert!(dlq.depth().await.expect("depth").is_empty());
+}
+both!(depth_counts_visible_and_in_flight, super::embedded_queue(false), super::sqs_queue(false));
 
 async fn sqs_usage_counts_billed_requests(env: QueueEnv) {
     let Some(usage) = env.usage else { return };

@@ -225,7 +225,7 @@ async fn stopping_a_job_loses_nothing() {
         h.rt.step_once(StepKind::Deliver).await.unwrap();
         h.clock.advance(301_000);
     }
-    let dead = h.rt.dead_letters[StepKind::Deliver as usize].depth().unwrap();
+    let dead = h.rt.dead_letters[StepKind::Deliver as usize].depth().await.unwrap();
     assert_eq!(dead.visible + dead.in_flight, 0, "dead-lettered for being stopped");
     assert_eq!(h.query(Side::B, "SELECT count(*) FROM items"), 0, "a stopped job moved data");
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);

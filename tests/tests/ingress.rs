@@ -15,7 +15,7 @@ use dualsync::adapters::embedded::EmbeddedDb;
 use dualsync::domain::config::parse_job;
 use dualsync::domain::errors::ErrorCategory;
 use dualsync::domain::job::Side;
-use dualsync::ports::ManualClock;
+use dualsync::ports::{ManualClock, Queue};
 use dualsync::runtime::local::{LocalRuntime, SqliteRegistry};
 use dualsync::state::ErrorFilter;
 use dualsync::steps::ingress::Ingress;
@@ -131,7 +131,7 @@ impl Fixture {
 
     /// Messages waiting on the capture queue (visible, in flight).
     async fn captured(&self) -> (u64, u64) {
-        let d = self.rt.capture.depth().unwrap();
+        let d = self.rt.capture.depth().await.unwrap();
         (d.visible, d.in_flight)
     }
 

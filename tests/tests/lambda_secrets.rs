@@ -18,7 +18,7 @@ use dualsync::domain::change::{ChangeNotification, Key, Operation, Parts, Transa
 use dualsync::domain::config::{parse_job, JobDef};
 use dualsync::domain::errors::ErrorStatus;
 use dualsync::domain::job::{Side, StoredSecret};
-use dualsync::ports::{OutMessage, SecretStore};
+use dualsync::ports::{OutMessage, Queue, SecretStore};
 use dualsync::state::ErrorFilter;
 use dualsync::steps::initial_sync::SyncOptions;
 use dualsync::steps::{lifecycle, StepKind};
@@ -105,7 +105,7 @@ async fn drain(sdk: &aws_config::SdkConfig, r: &Resources, handlers: &[&Handler]
         if handled == 0 {
             let mut busy = false;
             for q in &queues {
-                busy |= q.depth().await.unwrap() != (0, 0);
+                busy |= !q.depth().await.unwrap().is_empty();
             }
             if !busy {
                 return;

@@ -212,15 +212,35 @@ function seconds(ms) {
 
 async function jobsPage() {
   await loadJobs();
-  const lags = await Promise.all(jobs.map((j) => lag(j.job)));
-  const cards = jobs.map((j, i) => jobCard(j, lags[i]));
-  show(h('h2', {}, 'Jobs'), jobs.length ? cards : h('p', { class: 'muted' }, 'No jobs yet: apply one with `dualsync job apply FILE`.'));
-  every(3000, async () => {
-    if ((location.hash || '#jobs') !== '#jobs') return;
-    await loadJobs();
-    const fresh = await Promise.all(jobs.map((j) => lag(j.job)));
-    show(h('h2', {}, 'Jobs'), jobs.map((j, i) => jobCard(j, fresh[i])));
-  });
+  showJobs(await Promise.all(jobs.map((j) => lag(j.job))));
+  every(3000, jobsPageRefresh);
+}
+
+// The jobs, then the pipeline's queues: every job view carries the same queues (they are
+// shared by all jobs), so they are shown once, from the first.
+function showJobs(lags) {
+  if (!jobs.length) {
+    return show(h('h2', {}, 'Jobs'), h('p', { class: 'muted' }, 'No jobs yet: apply one with `dualsync job apply FILE`.'));
+  }
+  show(h('h2', {}, 'Jobs'), jobs.map((j, i) => jobCard(j, lags[i])), queuesCard(jobs[0].pipeline_queues || []));
+}
+
+function depthText(r) {
+  return 'error' in r ? 'unreadable: ' + r.error : r.visible + ' visible / ' + r.in_flight + ' in flight';
+}
+
+function depthCell(r, attr, step) {
+  return h('td', { [attr]: step, class: 'error' in r ? 'bad' : null, title: r.queue }, depthText(r));
+}
+
+function queuesCard(queues) {
+  return h('section', { class: 'card', id: 'pipeline-queues' },
+    h('h3', {}, 'Pipeline queues (shared by every job)'),
+    h('p', { class: 'muted' }, 'What each step has still to handle, for all jobs together: visible = waiting, ' +
+      'in flight = being handled or waiting for a retry. Dead letters are messages a step gave up on.'),
+    h('table', {}, h('tr', {}, h('th', {}, 'Step'), h('th', {}, 'Queue'), h('th', {}, 'Dead letters')),
+      queues.map((q) => h('tr', {}, h('td', {}, q.step),
+        depthCell(q.queue, 'data-queue-depth', q.step), depthCell(q.dead_letter, 'data-dead-letter-depth', q.step)))));
 }
 
 function jobCard(j, lagText) {
@@ -259,9 +279,10 @@ async function act(name, action) {
 }
 
 async function jobsPageRefresh() {
+  if ((location.hash || '#jobs') !== '#jobs') return;
   await loadJobs();
   const lags = await Promise.all(jobs.map((j) => lag(j.job)));
-  if ((location.hash || '#jobs') === '#jobs') show(h('h2', {}, 'Jobs'), jobs.map((j, i) => jobCard(j, lags[i])));
+  if ((location.hash || '#jobs') === '#jobs') showJobs(lags);
 }
 
 // ---- sync errors ------------------------------------------------------------------------

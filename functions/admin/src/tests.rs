@@ -337,6 +337,29 @@ async fn requests_are_accepted_listed_and_read() {
 }
 
 #[tokio::test]
+async fn the_job_view_shows_what_the_pipeline_queues_hold() {
+    let f = fixture().await;
+    let msgs = ["m1", "m2"].map(|b| OutMessage::standard(b.to_string())).to_vec();
+    f.rt.capture.send(msgs).await.unwrap();
+    assert_eq!(f.rt.capture.receive(1).await.unwrap().len(), 1);
+
+    let (status, job) = f.call("GET", "/jobs/sales", None).await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    let depth = |queue: &str, visible: u64, in_flight: u64| json!({ "queue": queue, "visible": visible, "in_flight": in_flight });
+    let idle = |step: &str, queue: &str| json!({ "step": step, "queue": depth(queue, 0, 0), "dead_letter": depth(&format!("{queue}-dlq"), 0, 0) });
+    let expected = json!([
+        { "step": "capture", "queue": depth("capture", 1, 1), "dead_letter": depth("capture-dlq", 0, 0) },
+        idle("sequence", "sequence"),
+        idle("deliver", "deliver.fifo"),
+        idle("reconcile", "reconcile.fifo"),
+    ]);
+    assert_eq!(job["pipeline_queues"], expected, "{job}");
+    // The list reads the queues once and shows them in every job.
+    let (_, jobs) = f.call("GET", "/jobs", None).await;
+    assert_eq!(jobs[0]["pipeline_queues"], expected, "{jobs}");
+}
+
+#[tokio::test]
 async fn pause_and_resume_answer_the_job() {
     let f = fixture().await;
     f.activate().await;

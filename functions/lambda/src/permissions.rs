@@ -98,6 +98,9 @@ pub const SEND_ACTIONS: [&str; 1] = ["sqs:SendMessage"];
 /// Taking messages off a queue the function reads itself (no event source mapping): receive,
 /// then delete once handled (SqsQueue's DeleteMessageBatch needs DeleteMessage).
 pub const DRAIN_ACTIONS: [&str; 3] = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility"];
+/// Reading a queue's depth (`Queue::depth`: SqsQueue reads the approximate counts with
+/// GetQueueAttributes).
+pub const DEPTH_ACTIONS: [&str; 1] = ["sqs:GetQueueAttributes"];
 /// On the state table, the same for every function: each one holds a `State` over `DynamoKv`,
 /// and these are the calls DynamoKv makes (get, get_many, put and put_many as conditional
 /// updates, add as an unconditional `ADD` update, delete, query; a test here reads them from its
@@ -124,6 +127,8 @@ pub struct Needs {
     pub sends_to: &'static [QueueId],
     /// What it receives from, deletes from and releases itself ([`DRAIN_ACTIONS`]).
     pub drains: &'static [QueueId],
+    /// Whose depth it reads ([`DEPTH_ACTIONS`]).
+    pub counts: &'static [QueueId],
     /// Whether it calls the apps, and so reads their stored secrets ([`SECRET_ACTIONS`],
     /// [`PARAMETER_ACTIONS`]).
     pub calls_apps: bool,
@@ -138,6 +143,7 @@ impl Needs {
         let mut all = on(&INPUT_ACTIONS, self.input.as_slice());
         all.extend(on(&SEND_ACTIONS, self.sends_to));
         all.extend(on(&DRAIN_ACTIONS, self.drains));
+        all.extend(on(&DEPTH_ACTIONS, self.counts));
         all
     }
 }
@@ -150,33 +156,56 @@ pub fn needs(function: Function) -> Needs {
     match function {
         // steps/capture.rs: a captured transaction goes to the sequence queue; on the live path
         // it reads the source app and deletes in the target.
-        Function::Capture => {
-            Needs { input: Some(Work(Capture)), sends_to: &[Work(Sequence)], drains: &[], calls_apps: true }
-        }
+        Function::Capture => Needs {
+            input: Some(Work(Capture)),
+            sends_to: &[Work(Sequence)],
+            drains: &[],
+            counts: &[],
+            calls_apps: true,
+        },
         // steps/sequence.rs: delivery groups go to deliver.fifo. It opens the job's connectors
         // but never sends a request, so it reads no stored secret (they are read at first use).
-        Function::Sequence => {
-            Needs { input: Some(Work(Sequence)), sends_to: &[Work(Deliver)], drains: &[], calls_apps: false }
-        }
+        Function::Sequence => Needs {
+            input: Some(Work(Sequence)),
+            sends_to: &[Work(Deliver)],
+            drains: &[],
+            counts: &[],
+            calls_apps: false,
+        },
         // steps/deliver/mod.rs: reads both apps and writes; a job resumed while delivery was
         // keeping its messages aside gets them handed back to deliver.fifo (steps/pause.rs
         // `hand_back`), its own input queue.
         Function::Deliver => {
-            Needs { input: Some(Work(Deliver)), sends_to: &[Work(Deliver)], drains: &[], calls_apps: true }
+            Needs { input: Some(Work(Deliver)), sends_to: &[Work(Deliver)], drains: &[], counts: &[], calls_apps: true }
         }
         // steps/reconcile.rs: a retry puts the rows' changes back on deliver.fifo; an initial
         // sync lists an app.
-        Function::Reconcile => {
-            Needs { input: Some(Work(Reconcile)), sends_to: &[Work(Deliver)], drains: &[], calls_apps: true }
-        }
+        Function::Reconcile => Needs {
+            input: Some(Work(Reconcile)),
+            sends_to: &[Work(Deliver)],
+            drains: &[],
+            counts: &[],
+            calls_apps: true,
+        },
         // admin.rs: a retry or dismiss request is queued on reconcile.fifo; a resume hands the
         // kept deliveries back to deliver.fifo (steps/pause.rs `resume`); a redrive receives
         // from each dead-letter queue, sends back to its work queue, deletes what it sent and
-        // makes the rest visible again (admin.rs `redrive`).
+        // makes the rest visible again (admin.rs `redrive`); a job view reads the depth of every
+        // work and dead-letter queue (admin/queues.rs).
         Function::Admin => Needs {
             input: None,
             sends_to: &[Work(Capture), Work(Sequence), Work(Deliver), Work(Reconcile)],
             drains: &[
+                QueueId::DeadLetter(Capture),
+                QueueId::DeadLetter(Sequence),
+                QueueId::DeadLetter(Deliver),
+                QueueId::DeadLetter(Reconcile),
+            ],
+            counts: &[
+                Work(Capture),
+                Work(Sequence),
+                Work(Deliver),
+                Work(Reconcile),
                 QueueId::DeadLetter(Capture),
                 QueueId::DeadLetter(Sequence),
                 QueueId::DeadLetter(Deliver),
@@ -188,11 +217,15 @@ pub fn needs(function: Function) -> Needs {
         // State reads the job and writes error rows (keys that cannot be read back, changes
         // too large for a message: steps/ingress/fit.rs); a record named only by id has its
         // key read back from its app.
-        Function::Ingress => Needs { input: None, sends_to: &[Work(Capture)], drains: &[], calls_apps: true },
+        Function::Ingress => {
+            Needs { input: None, sends_to: &[Work(Capture)], drains: &[], counts: &[], calls_apps: true }
+        }
         // runtime/tracking.rs: the tracked changes' notifications go to the capture queue; its
         // State reads the jobs, keeps positions and record ids, and writes error rows (deletes of
         // ids never seen); the apps are polled.
-        Function::Tracker => Needs { input: None, sends_to: &[Work(Capture)], drains: &[], calls_apps: true },
+        Function::Tracker => {
+            Needs { input: None, sends_to: &[Work(Capture)], drains: &[], counts: &[], calls_apps: true }
+        }
     }
 }
 
@@ -241,7 +274,8 @@ mod tests {
     #[test]
     fn queue_actions_are_the_calls_sqs_queue_makes() {
         let source = include_str!("../../../shared/src/adapters/aws/sqs.rs");
-        let all: Vec<&str> = INPUT_ACTIONS.iter().chain(&SEND_ACTIONS).chain(&DRAIN_ACTIONS).copied().collect();
+        let all: Vec<&str> =
+            INPUT_ACTIONS.iter().chain(&SEND_ACTIONS).chain(&DRAIN_ACTIONS).chain(&DEPTH_ACTIONS).copied().collect();
         assert_eq!(calls(source, "sqs"), sorted(&all));
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use dualsync::adapters::aws::{DynamoKv, Resources, SqsQueue, Usage, MAX_RECEIVE_COUNT};
 use dualsync::domain::job::{JobStatus, Side};
-use dualsync::ports::{ChangeFeed, SystemClock};
+use dualsync::ports::{ChangeFeed, Queue, SystemClock};
 use dualsync::runtime::ingress::pump_feed;
 use dualsync::runtime::local::{install_capture, AppRegistry, SqliteRegistry};
 use dualsync::state::State;
@@ -188,7 +188,7 @@ impl Stack {
         }
         let deliver = &self.queues[2]; // see the field
         for q in self.queues.iter().chain([deliver]) {
-            if q.depth().await? != (0, 0) {
+            if !q.depth().await?.is_empty() {
                 return Ok(false);
             }
         }

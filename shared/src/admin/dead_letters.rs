@@ -15,6 +15,7 @@ use super::{Admin, AdminError};
 use crate::domain::errors::{DeadLetter, DeadLetterStatus};
 use crate::ports::{InMessage, OutMessage, Page, Queue, QueueError};
 use crate::state::{job_of, DeadLetterCursor};
+use crate::steps::StepKind;
 
 /// The most messages one redrive sends back (the admin function has 30 s): redrive again for
 /// the rest.
@@ -23,6 +24,8 @@ pub const MAX_REDRIVE: usize = 1000;
 /// A work queue and its dead-letter queue.
 #[derive(Clone)]
 pub struct DeadLetterQueue {
+    /// The step that reads the work queue.
+    pub step: StepKind,
     pub work: Arc<dyn Queue>,
     pub dead: Arc<dyn Queue>,
 }

@@ -13,6 +13,6 @@ pub use connector::{
     WriteFailure, WriteOp,
 };
 pub use kv::{Expect, Item, KvError, KvStore, Page, Put, SkRange};
-pub use queue::{InMessage, OutMessage, Queue, QueueError};
+pub use queue::{InMessage, OutMessage, Queue, QueueDepth, QueueError};
 pub use secrets::{Secret, SecretError, SecretStore};
 pub use tracking::{ChangeTracking, Tracked, TrackedChange, TrackedDelete, TrackedPage};

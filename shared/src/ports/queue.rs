@@ -7,6 +7,7 @@
 //! order and never while an earlier one of the group is in flight; a deduplication id seen
 //! within the deduplication window drops the message.
 use async_trait::async_trait;
+use serde::Serialize;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -39,6 +40,24 @@ pub struct InMessage {
     pub receive_count: u32,
 }
 
+/// How many messages a queue holds (what an operator reads to see how far behind a step is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct QueueDepth {
+    /// Ready to be received.
+    pub visible: u64,
+    /// Invisible: received and not yet acknowledged (within the visibility timeout), or
+    /// released or sent with a delay that has not passed. `visible + in_flight` is every
+    /// message held.
+    pub in_flight: u64,
+}
+
+impl QueueDepth {
+    /// No message at all, visible or not.
+    pub fn is_empty(&self) -> bool {
+        self.visible == 0 && self.in_flight == 0
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum QueueError {
     #[error("queue {queue} unavailable: {reason}")]
@@ -58,4 +77,7 @@ pub trait Queue: Send + Sync {
     async fn ack(&self, receipts: &[String]) -> Result<(), QueueError>;
     /// Gives a received message back, visible again after `delay` (backoff for retries).
     async fn release(&self, receipt: &str, delay: Duration) -> Result<(), QueueError>;
+    /// How many messages are visible and how many in flight, now. Exact on the embedded queue;
+    /// on SQS the approximate counts it keeps (they lag sends and receives by up to a minute).
+    async fn depth(&self) -> Result<QueueDepth, QueueError>;
 }

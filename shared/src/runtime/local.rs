@@ -387,9 +387,9 @@ impl LocalRuntime {
 
     /// The operators' service over this runtime's state and queues.
     pub fn admin(&self) -> crate::admin::Admin {
-        let work = [&self.capture, &self.sequence, &self.deliver, &self.reconcile];
-        let queues = work.iter().zip(&self.dead_letters);
-        let queues = queues.map(|(w, d)| crate::admin::DeadLetterQueue { work: (*w).clone(), dead: d.clone() });
+        let queues = StepKind::ALL.into_iter().zip(&self.dead_letters).map(|(step, dead)| {
+            crate::admin::DeadLetterQueue { step, work: self.queue(step).clone(), dead: dead.clone() }
+        });
         let apps = self.apps.clone();
         crate::admin::Admin::new(self.state.clone(), self.deliver.clone(), self.reconcile.clone())
             .with_dead_letter_queues(queues.collect())

@@ -45,6 +45,9 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    /// In pipeline order.
+    pub const ALL: [StepKind; 4] = [StepKind::Capture, StepKind::Sequence, StepKind::Deliver, StepKind::Reconcile];
+
     pub fn name(self) -> &'static str {
         match self {
             StepKind::Capture => "capture",

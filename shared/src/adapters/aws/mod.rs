@@ -53,9 +53,11 @@ pub fn admin(
         Arc::new(SqsQueue::new(sqs.clone(), queue_name(url), url.to_string(), max_receive_count, usage.clone()))
     };
     // A dead-letter queue has no redrive policy of its own.
-    let dead_letter_queues = queue_urls
-        .iter()
-        .map(|url| crate::admin::DeadLetterQueue {
+    let dead_letter_queues = crate::steps::StepKind::ALL
+        .into_iter()
+        .zip(queue_urls)
+        .map(|(step, url)| crate::admin::DeadLetterQueue {
+            step,
             work: queue(url, MAX_RECEIVE_COUNT),
             dead: queue(&dead_letter_url(url), 0),
         })

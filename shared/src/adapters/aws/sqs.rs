@@ -11,7 +11,7 @@ use aws_sdk_sqs::types::{
 use aws_sdk_sqs::Client;
 
 use super::usage::Usage;
-use crate::ports::queue::{InMessage, OutMessage, Queue, QueueError};
+use crate::ports::queue::{InMessage, OutMessage, Queue, QueueDepth, QueueError};
 
 /// SQS limits: entries per batch call, bytes per message and per batch call.
 const BATCH: usize = 10;
@@ -41,29 +41,6 @@ impl SqsQueue {
 
     fn unavailable(&self, op: &str, reason: impl std::fmt::Display) -> QueueError {
         QueueError::Unavailable { queue: self.name.clone(), reason: format!("SQS {op}: {reason}") }
-    }
-
-    /// Messages visible, and in flight (received and not deleted, or delayed).
-    pub async fn depth(&self) -> Result<(u64, u64), QueueError> {
-        self.usage.sqs_call(self.fifo, 0);
-        let out = self
-            .client
-            .get_queue_attributes()
-            .queue_url(&self.url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
-            .send()
-            .await
-            .map_err(|e| self.unavailable("GetQueueAttributes", super::brief(&e)))?;
-        let get = |a: QueueAttributeName| -> u64 {
-            out.attributes().and_then(|m| m.get(&a)).and_then(|v| v.parse().ok()).unwrap_or(0)
-        };
-        Ok((
-            get(QueueAttributeName::ApproximateNumberOfMessages),
-            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-                + get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
-        ))
     }
 
     async fn send_batch(&self, msgs: &[OutMessage]) -> Result<(), QueueError> {
@@ -227,6 +204,33 @@ impl Queue for SqsQueue {
             .await
             .map_err(|e| self.unavailable("ChangeMessageVisibility", super::brief(&e)))?;
         Ok(())
+    }
+
+    /// GetQueueAttributes' approximate counts: in flight are the messages received and not
+    /// deleted (NotVisible) and those sent or released with a delay (Delayed).
+    async fn depth(&self) -> Result<QueueDepth, QueueError> {
+        self.usage.sqs_call(self.fifo, 0);
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| self.unavailable("GetQueueAttributes", super::brief(&e)))?;
+        // A count missing from the answer is an error, not a zero: a depth of 0 says "caught up".
+        let get = |a: QueueAttributeName| -> Result<u64, QueueError> {
+            let v = out.attributes().and_then(|m| m.get(&a));
+            v.and_then(|v| v.parse().ok())
+                .ok_or_else(|| self.unavailable("GetQueueAttributes", format!("no count {} in the answer", a.as_str())))
+        };
+        Ok(QueueDepth {
+            visible: get(QueueAttributeName::ApproximateNumberOfMessages)?,
+            in_flight: get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?
+                + get(QueueAttributeName::ApproximateNumberOfMessagesDelayed)?,
+        })
     }
 }
 

@@ -5,4 +5,4 @@ pub mod queue;
 
 pub use db::EmbeddedDb;
 pub use kv::EmbeddedKv;
-pub use queue::{EmbeddedQueue, QueueConfig, QueueDepth, QueuedMessage};
+pub use queue::{EmbeddedQueue, QueueConfig, QueuedMessage};

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Transaction, TransactionBehavior};
 
 use super::db::EmbeddedDb;
-use crate::ports::queue::{InMessage, OutMessage, Queue, QueueError};
+use crate::ports::queue::{InMessage, OutMessage, Queue, QueueDepth, QueueError};
 
 /// Fresh rows of a queue (?1) in id order, at most ?2 (-1: all), off the covering index
 /// `queue_fresh`.
@@ -86,16 +86,6 @@ impl QueueConfig {
             max_body_bytes: 256 * 1024,
         }
     }
-}
-
-/// How many messages a queue holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct QueueDepth {
-    /// Ready to be received.
-    pub visible: u64,
-    /// Invisible: received and not yet acknowledged (within the visibility timeout), or
-    /// released with a delay that has not passed. `visible + in_flight` is every message held.
-    pub in_flight: u64,
 }
 
 /// A message as stored, for operators and tests (e.g. to inspect a dead-letter queue).
@@ -167,20 +157,7 @@ impl EmbeddedQueue {
         QueueError::Unavailable { queue: self.config.name.clone(), reason: format!("state database: {e}") }
     }
 
-    /// How many messages are visible and how many invisible.
-    pub fn depth(&self) -> Result<QueueDepth, QueueError> {
-        let now = self.db.now_ms();
-        let conn = self.db.lock();
-        let mut stmt = conn.prepare_cached(SQL_DEPTH).map_err(|e| self.unavailable(e))?;
-        let (fresh, back, invisible) = stmt
-            .query_row(params![self.config.name, now], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            })
-            .map_err(|e| self.unavailable(e))?;
-        Ok(QueueDepth { visible: (fresh + back).max(0) as u64, in_flight: invisible.max(0) as u64 })
-    }
-
-    /// True when the queue holds no message, visible or not. Unlike [`Self::depth`], which
+    /// True when the queue holds no message, visible or not. Unlike [`Queue::depth`], which
     /// counts, this is constant time.
     pub fn is_empty(&self) -> Result<bool, QueueError> {
         let conn = self.db.lock();
@@ -508,6 +485,20 @@ impl Queue for EmbeddedQueue {
         stmt.execute(params![visible_at, id, self.config.name, count]).map_err(|e| self.unavailable(e))?;
         Ok(())
     }
+
+    /// Counts the rows (the index `queue_fresh` for the fresh ones, `queue_touched` for the
+    /// rest), exact as of now.
+    async fn depth(&self) -> Result<QueueDepth, QueueError> {
+        let now = self.db.now_ms();
+        let conn = self.db.lock();
+        let mut stmt = conn.prepare_cached(SQL_DEPTH).map_err(|e| self.unavailable(e))?;
+        let (fresh, back, invisible) = stmt
+            .query_row(params![self.config.name, now], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })
+            .map_err(|e| self.unavailable(e))?;
+        Ok(QueueDepth { visible: (fresh + back).max(0) as u64, in_flight: invisible.max(0) as u64 })
+    }
 }
 
 #[cfg(test)]
@@ -551,12 +542,12 @@ mod tests {
         let (db, clock) = db();
         let q = db.queue(config("q", false));
         q.send(std_msgs(&["m1", "m2"])).await.expect("send");
-        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 2, in_flight: 0 });
+        assert_eq!(q.depth().await.expect("depth"), QueueDepth { visible: 2, in_flight: 0 });
 
         let first = q.receive(10).await.expect("receive");
         assert_eq!(bodies(&first), ["m1", "m2"]);
         assert!(first.iter().all(|m| m.receive_count == 1));
-        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 0, in_flight: 2 });
+        assert_eq!(q.depth().await.expect("depth"), QueueDepth { visible: 0, in_flight: 2 });
         assert!(q.receive(10).await.expect("receive").is_empty(), "invisible while in flight");
         assert!(!q.is_empty().expect("is_empty"), "in-flight messages are held");
 
@@ -570,7 +561,7 @@ mod tests {
         assert_ne!(again[0].receipt, first[0].receipt);
 
         q.ack(&receipts(&again)).await.expect("ack");
-        assert_eq!(q.depth().expect("depth"), QueueDepth::default());
+        assert_eq!(q.depth().await.expect("depth"), QueueDepth::default());
         assert!(q.is_empty().expect("is_empty"));
         clock.advance(millis(VIS) * 2);
         assert!(q.receive(10).await.expect("receive").is_empty(), "acked messages are gone");
@@ -628,11 +619,11 @@ mod tests {
         q.ack(std::slice::from_ref(&old.receipt)).await.expect("stale ack");
         q.release(&old.receipt, Duration::ZERO).await.expect("stale release");
         q.ack(&["garbage".to_string(), "1.x".to_string()]).await.expect("malformed ack is ignored");
-        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 0, in_flight: 1 }, "still in flight");
+        assert_eq!(q.depth().await.expect("depth"), QueueDepth { visible: 0, in_flight: 1 }, "still in flight");
         assert!(q.receive(1).await.expect("receive").is_empty());
 
         q.ack(&[new.receipt]).await.expect("ack");
-        assert_eq!(q.depth().expect("depth"), QueueDepth::default());
+        assert_eq!(q.depth().await.expect("depth"), QueueDepth::default());
     }
 
     #[tokio::test]
@@ -643,8 +634,8 @@ mod tests {
         a.send(std_msgs(&["x"])).await.expect("send");
         let got = a.receive(1).await.expect("receive");
         b.ack(&receipts(&got)).await.expect("ack on the wrong queue");
-        assert_eq!(a.depth().expect("depth").in_flight, 1);
-        assert_eq!(b.depth().expect("depth"), QueueDepth::default());
+        assert_eq!(a.depth().await.expect("depth").in_flight, 1);
+        assert_eq!(b.depth().await.expect("depth"), QueueDepth::default());
     }
 
     #[tokio::test]
@@ -654,7 +645,7 @@ mod tests {
         q.send(std_msgs(&["m"])).await.expect("send");
         let m = q.receive(1).await.expect("receive").remove(0);
         q.release(&m.receipt, Duration::from_secs(5)).await.expect("release");
-        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 0, in_flight: 1 });
+        assert_eq!(q.depth().await.expect("depth"), QueueDepth { visible: 0, in_flight: 1 });
         clock.advance(4_999);
         assert!(q.receive(1).await.expect("receive").is_empty());
         clock.advance(1);
@@ -780,7 +771,7 @@ mod tests {
         let next = q.receive(1).await.expect("receive");
         assert_eq!(bodies(&next), ["a2"], "a1 in flight does not hold back a2");
         q.send(fifo_msgs(&["a1"])).await.expect("send again");
-        assert_eq!(q.depth().expect("depth").visible, 1, "no deduplication on a standard queue");
+        assert_eq!(q.depth().await.expect("depth").visible, 1, "no deduplication on a standard queue");
     }
 
     #[tokio::test]
@@ -790,19 +781,19 @@ mod tests {
         cfg.dedup_window = Duration::from_secs(60);
         let q = db.queue(cfg);
         q.send(fifo_msgs(&["a1", "a1"])).await.expect("send");
-        assert_eq!(q.depth().expect("depth").visible, 1, "duplicate in the same batch dropped");
+        assert_eq!(q.depth().await.expect("depth").visible, 1, "duplicate in the same batch dropped");
         let got = q.receive(1).await.expect("receive");
         q.ack(&receipts(&got)).await.expect("ack");
         clock.advance(59_999);
         q.send(fifo_msgs(&["a1"])).await.expect("send");
-        assert_eq!(q.depth().expect("depth").visible, 0, "still within the window, even after the ack");
+        assert_eq!(q.depth().await.expect("depth").visible, 0, "still within the window, even after the ack");
         clock.advance(1);
         q.send(fifo_msgs(&["a1"])).await.expect("send");
-        assert_eq!(q.depth().expect("depth").visible, 1, "the window has passed");
+        assert_eq!(q.depth().await.expect("depth").visible, 1, "the window has passed");
         // Another queue has its own ids.
         let other = db.queue(config("other.fifo", true));
         other.send(fifo_msgs(&["a1"])).await.expect("send");
-        assert_eq!(other.depth().expect("depth").visible, 1);
+        assert_eq!(other.depth().await.expect("depth").visible, 1);
     }
 
     #[tokio::test]
@@ -824,7 +815,7 @@ mod tests {
         }
         let got = q.receive(10).await.expect("receive");
         assert!(got.is_empty(), "both went to the dead-letter queue: {got:?}");
-        assert_eq!(q.depth().expect("depth"), QueueDepth::default());
+        assert_eq!(q.depth().await.expect("depth"), QueueDepth::default());
 
         let dead = dlq.peek_all().expect("peek");
         assert_eq!(
@@ -836,7 +827,7 @@ mod tests {
         let ids = |m: &[InMessage]| m.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&from_dlq), ids(&last), "a message keeps its id in the dead-letter queue");
         q.ack(&receipts(&last)).await.expect("a receipt from before the move");
-        assert_eq!(dlq.depth().expect("depth").in_flight, 2, "does not touch the moved messages");
+        assert_eq!(dlq.depth().await.expect("depth").in_flight, 2, "does not touch the moved messages");
         assert!(from_dlq.iter().all(|m| m.receive_count == 1), "receive count starts over");
     }
 
@@ -853,7 +844,7 @@ mod tests {
         clock.advance(millis(VIS));
         let got = q.receive(10).await.expect("receive");
         assert_eq!(bodies(&got), ["a2"], "a1 dead-lettered in the same receive, a2 handed out");
-        assert_eq!(db.queue(config("dlq", true)).depth().expect("depth").visible, 1);
+        assert_eq!(db.queue(config("dlq", true)).depth().await.expect("depth").visible, 1);
     }
 
     #[tokio::test]
@@ -878,7 +869,7 @@ mod tests {
         let q = db.queue(cfg);
         let err = q.send(std_msgs(&["ok", "too long"])).await.expect_err("too large");
         assert!(matches!(err, QueueError::TooLarge { bytes: 8, .. }), "{err}");
-        assert_eq!(q.depth().expect("depth"), QueueDepth::default());
+        assert_eq!(q.depth().await.expect("depth"), QueueDepth::default());
     }
 
     #[tokio::test]
@@ -895,7 +886,7 @@ mod tests {
         };
         let db = EmbeddedDb::open(&path, Arc::new(clock.clone())).expect("reopen");
         let q = db.queue(config("q.fifo", true));
-        assert_eq!(q.depth().expect("depth"), QueueDepth { visible: 2, in_flight: 1 });
+        assert_eq!(q.depth().await.expect("depth"), QueueDepth { visible: 2, in_flight: 1 });
         assert_eq!(bodies(&q.receive(10).await.expect("receive")), ["b1"], "group a still locked");
         q.ack(&[receipt]).await.expect("ack with a receipt from before the restart");
         let rest = q.receive(10).await.expect("receive");
