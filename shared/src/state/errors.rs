@@ -60,6 +60,23 @@ impl State {
     /// seen and reopens the row. Retriable rows are noted on the link so that its next sync
     /// resolves them. Returns the row's sort key.
     pub async fn record_error(&self, job: &str, e: NewError) -> Result<String, KvError> {
+        // Another step may write the same row between our read and our write (delivery and
+        // capture both record a link's concurrency skips): read it again and repeat.
+        let sk = loop {
+            match self.put_error_row(job, &e).await {
+                Err(KvError::ConditionFailed { .. }) => continue,
+                written => break written?,
+            }
+        };
+        if e.category.retriable() && !e.by_record_id {
+            self.note_open_error(job, &e.map, &e.key, &sk).await?;
+        }
+        Ok(sk)
+    }
+
+    /// One attempt at writing `e`'s row: a new row, or the link's row for this cause updated
+    /// under the revision read.
+    async fn put_error_row(&self, job: &str, e: &NewError) -> Result<String, KvError> {
         let now = self.now_ms();
         let idx_pk = keys::error_index_pk(job);
         let idx_sk = keys::error_index_sk(&e.map, &e.key, e.source, e.category);
@@ -76,7 +93,7 @@ impl State {
         let existing = existing
             .and_then(|item| decode::<SyncError>(&item).ok().map(|row| (item, row)))
             .filter(|(_, row)| row.status != ErrorStatus::Dismissed);
-        let sk = match existing {
+        Ok(match existing {
             Some((item, mut row)) => {
                 row.attempts += 1;
                 row.last_seen_ms = now;
@@ -134,11 +151,7 @@ impl State {
                 }
                 sk
             }
-        };
-        if e.category.retriable() && !e.by_record_id {
-            self.note_open_error(job, &e.map, &e.key, &sk).await?;
-        }
-        Ok(sk)
+        })
     }
 
     async fn note_open_error(&self, job: &str, map: &str, key: &Key, sk: &str) -> Result<(), KvError> {
@@ -361,5 +374,94 @@ impl State {
         })
         .await?;
         Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::embedded::{EmbeddedDb, EmbeddedKv};
+    use crate::ports::{Item, KvStore, ManualClock};
+    use async_trait::async_trait;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// Another worker: writes an error row once, between a recorder's read of it and its update.
+    struct Interloper {
+        kv: EmbeddedKv,
+        armed: AtomicBool,
+    }
+
+    #[async_trait]
+    impl KvStore for Interloper {
+        async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, KvError> {
+            self.kv.get(pk, sk).await
+        }
+        async fn get_many(&self, keys: &[(String, String)]) -> Result<Vec<Option<Item>>, KvError> {
+            self.kv.get_many(keys).await
+        }
+        async fn put(&self, put: Put) -> Result<u64, KvError> {
+            if matches!(put.expect, Expect::Rev(_))
+                && put.pk.starts_with("ERR#")
+                && self.armed.swap(false, Ordering::SeqCst)
+            {
+                let other = Put { expect: Expect::Any, ..put.clone() };
+                self.kv.put(other).await?;
+            }
+            self.kv.put(put).await
+        }
+        async fn put_many(&self, puts: Vec<Put>) -> Result<Vec<Result<u64, KvError>>, KvError> {
+            self.kv.put_many(puts).await
+        }
+        async fn delete(&self, pk: &str, sk: &str, expect: Expect) -> Result<(), KvError> {
+            self.kv.delete(pk, sk, expect).await
+        }
+        async fn query(
+            &self,
+            pk: &str,
+            range: &SkRange,
+            limit: usize,
+            after: Option<&str>,
+        ) -> Result<Page<Item>, KvError> {
+            self.kv.query(pk, range, limit, after).await
+        }
+        async fn add(
+            &self,
+            pk: &str,
+            sk: &str,
+            counters: &[(String, u64)],
+            expires_at: Option<i64>,
+        ) -> Result<(), KvError> {
+            self.kv.add(pk, sk, counters, expires_at).await
+        }
+    }
+
+    /// Capture and delivery record the same link's row at once (the kill -9 soak: a capture
+    /// failed on it three times and waited out its backoff past the drain).
+    #[tokio::test]
+    async fn a_repeat_racing_another_writer_of_its_row_is_still_recorded() {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let db = EmbeddedDb::open_in_memory(Arc::new(clock.clone())).unwrap();
+        let kv = Arc::new(Interloper { kv: db.kv(), armed: AtomicBool::new(false) });
+        let state = State::new(kv.clone(), Arc::new(clock));
+        let e = NewError {
+            map: "m".into(),
+            entity: "e".into(),
+            app: "a".into(),
+            source: Side::A,
+            key: Key(vec!["k".into()]),
+            seq: 1,
+            txid: "t".into(),
+            category: ErrorCategory::Concurrency,
+            message: "skipped".into(),
+            by_record_id: false,
+            delete: false,
+        };
+        let sk = state.record_error("j", e.clone()).await.unwrap();
+        kv.armed.store(true, Ordering::SeqCst);
+        assert_eq!(state.record_error("j", e).await.unwrap(), sk, "the same row");
+        assert!(!kv.armed.load(Ordering::SeqCst), "the other writer came in between");
+        let row: SyncError = decode(&kv.get(&keys::errors_pk("j"), &sk).await.unwrap().unwrap()).unwrap();
+        assert_eq!(row.attempts, 3, "the first, the other writer's and ours");
     }
 }
