@@ -208,6 +208,37 @@ async fn a_delete_begun_before_a_crash_is_run_again_unless_its_record_changed_si
     }
 }
 
+/// A transaction deleting two records, killed after marking its deletes begun and before
+/// running them; A's user edits both meanwhile. Run again, the transaction treats both alike:
+/// each edit is newer than the delete and wins (the kill -9 soak found the delete the first run
+/// never reached run as new, deleting a record A's user had created since).
+#[tokio::test]
+async fn every_delete_of_a_transaction_run_again_after_a_crash_is_judged_by_its_mark() {
+    let h = Local::new().await;
+    h.exec(
+        Side::A,
+        "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'n5', 'X', 'small'), ('p6', 'n6', 'X', 'small')",
+    );
+    h.drain().await;
+    h.exec(Side::B, "DELETE FROM owners WHERE owner_id IN ('p5', 'p6')");
+    h.rt.pump_feeds(1000).await.unwrap();
+    *h.crash_at.lock().unwrap() = Some(("capture.delete_marked".into(), 0));
+    h.rt.step_once(StepKind::Capture).await.unwrap();
+    assert!(h.crash_at.lock().unwrap().is_none(), "capture crashed before its deletes");
+    h.exec(Side::A, "UPDATE parents SET name = 'e5' WHERE pid = 'p5'");
+    h.exec(Side::A, "UPDATE parents SET name = 'e6' WHERE pid = 'p6'");
+    // Only the crashed delete runs again, before A's edits are captured.
+    h.clock.advance(301_000);
+    h.rt.step_once(StepKind::Capture).await.unwrap();
+    h.drain().await;
+    for (pid, name) in [("p5", "e5"), ("p6", "e6")] {
+        let a = h.text(Side::A, &format!("SELECT name FROM parents WHERE pid = '{pid}'"));
+        let b = h.text(Side::B, &format!("SELECT title FROM owners WHERE owner_id = '{pid}'"));
+        assert_eq!((a.as_deref(), b.as_deref()), (Some(name), Some(name)), "{pid}");
+    }
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+}
+
 /// Item 4: deliveries in flight when a job is stopped wait (nothing reaches the dead-letter
 /// queue for it, no error row), and start delivers them in order.
 #[tokio::test]

@@ -158,8 +158,16 @@ impl Steps {
         }
 
         // The live path: deletes and live maps, done now.
-        for (map, c) in &deletes {
-            if let Some(outcome) = self.delete_now(&lj, *map, c, m.receive_count).await? {
+        let begun = match self.begin_deletes(&lj, &deletes, m.receive_count).await? {
+            Ok(begun) => begun,
+            Err(outcome) => return Ok(outcome),
+        };
+        for ((map, c), before) in deletes.iter().zip(begun) {
+            let outcome = match before {
+                Some(mark) => self.delete_again(&lj, *map, c, mark, m.receive_count).await?,
+                None => self.delete_now(&lj, *map, c, m.receive_count).await?,
+            };
+            if let Some(outcome) = outcome {
                 return Ok(outcome);
             }
         }
@@ -239,6 +247,45 @@ impl Steps {
         Ok(())
     }
 
+    /// Marks every delete of a transaction begun before any of them runs, each with the version
+    /// of the target's record it means to delete. A capture that did not finish (killed, or its
+    /// acknowledgement lost) comes back after the visibility timeout, when either side may hold
+    /// a record created or changed since: the marks tell what each delete meant, also for the
+    /// deletes it never reached. Returns, per delete, the mark an earlier run left (`None`:
+    /// begun now), or the outcome when a target could not be read.
+    async fn begin_deletes(
+        &self,
+        lj: &LoadedJob,
+        deletes: &[(usize, ChangeRef)],
+        receive_count: u32,
+    ) -> Result<Result<Vec<Option<DeleteMark>>, Outcome>, StepError> {
+        let job = &lj.job;
+        let mut begun = Vec::with_capacity(deletes.len());
+        for (m, c) in deletes {
+            let app = job.app_name(c.source);
+            if let Some(mark) = self.state.delete_mark(&job.name, app, &c.txid, &c.map, &c.key).await? {
+                begun.push(Some(mark));
+                continue;
+            }
+            let target = c.source.other();
+            let found = match lj.connector(target).read(lj.spec(*m, target), std::slice::from_ref(&c.key)).await {
+                Ok(found) => found.into_iter().next().flatten(),
+                Err(e) => {
+                    let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
+                    let delay = self.backoff.delay(receive_count, e.retry_after());
+                    return Ok(Err(Outcome::Retry { delay, reason }));
+                }
+            };
+            let mark = DeleteMark { target_version: found.map(|r| r.version) };
+            self.state.put_delete_mark(&job.name, app, &c.txid, &c.map, &c.key, &mark).await?;
+            begun.push(None);
+        }
+        if begun.iter().any(Option::is_none) {
+            self.failpoints.check("capture.delete_marked")?;
+        }
+        Ok(Ok(begun))
+    }
+
     /// Deletes the counterpart of a change of map `m` now; `Some(outcome)` when the message
     /// must be retried. Also how a retry request runs a delete's row again.
     pub(crate) async fn delete_now(
@@ -249,29 +296,13 @@ impl Steps {
         receive_count: u32,
     ) -> Result<Option<Outcome>, StepError> {
         let job = &lj.job;
-        let target = c.source.other();
-        let app = job.app_name(c.source);
-        // A capture that ran this delete and did not finish (killed, or its acknowledgement lost)
-        // comes back after the visibility timeout. The record may have been created again since,
-        // on either side: its mark tells whether what the target holds is what it meant to
-        // delete. A retry request is the operator's word and runs the delete again.
-        if c.retry_of.is_none() {
-            if let Some(mark) = self.state.delete_mark(&job.name, app, &c.txid, &c.map, &c.key).await? {
-                return self.delete_again(lj, m, c, mark, receive_count).await;
-            }
-        }
         // Like any change, a delete is read fresh: a record that exists again at its source
         // (created again since, by a user or by our own create that raced the delete) makes it
-        // stale, and the record's newer change decides. The target is read beside it for the
-        // delete's mark.
+        // stale, and the record's newer change decides.
         let key = std::slice::from_ref(&c.key);
-        let (at_source, at_target) = tokio::join!(
-            lj.connector(c.source).read(lj.spec(m, c.source), key),
-            lj.connector(target).read(lj.spec(m, target), key)
-        );
-        let (at_source, at_target) = match (at_source, at_target) {
-            (Ok(s), Ok(t)) => (s.into_iter().next().flatten(), t.into_iter().next().flatten()),
-            (Err(e), _) | (_, Err(e)) => {
+        let at_source = match lj.connector(c.source).read(lj.spec(m, c.source), key).await {
+            Ok(found) => found.into_iter().next().flatten(),
+            Err(e) => {
                 let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
                 return Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }));
             }
@@ -290,15 +321,10 @@ impl Steps {
                 return Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }));
             }
         }
-        if c.retry_of.is_none() {
-            let mark = DeleteMark { target_version: at_target.map(|r| r.version) };
-            self.state.put_delete_mark(&job.name, app, &c.txid, &c.map, &c.key, &mark).await?;
-            self.failpoints.check("capture.delete_marked")?;
-        }
         self.delete_target(lj, m, c, receive_count).await
     }
 
-    /// The live delete of `c` began before (its mark says so): the target's record is deleted
+    /// The live delete of `c` began in an earlier run (its mark says so): the target's record is deleted
     /// only if it is still the one the delete meant. One created or changed since stays, and
     /// its own change decides (DESIGN §3: an edit wins over a delete).
     async fn delete_again(
