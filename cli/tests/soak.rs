@@ -736,7 +736,8 @@ fn kill_9_soak_converges() {
     }
     if !failures.is_empty() {
         panic!(
-            "seed {seed}: {} key(s) fail the soak's checks (data kept in {}; kills at ms {kills:?}):\n{}",
+            "seed {seed}: {} key(s) fail the soak's checks (data kept in {}; ms count from {started_ms} ms \
+             after the Unix epoch, as runner.log's times do; kills at ms {kills:?}):\n{}",
             failures.len(),
             dir.display(),
             failures.join("\n")

@@ -20,6 +20,32 @@ async fn capture_and_sequence(h: &Local) {
     h.rt.step_once(StepKind::Sequence).await.unwrap();
 }
 
+/// `pid`, created on A, synced, then deleted by `side`'s user: the delete waits on the capture
+/// queue.
+async fn synced_then_deleted(h: &Local, pid: &str, side: Side) {
+    h.exec(Side::A, &format!("INSERT INTO parents (pid, name, co, kind) VALUES ('{pid}', 'n0', 'X', 'small')"));
+    h.drain().await;
+    let delete = match side {
+        Side::A => format!("DELETE FROM parents WHERE pid = '{pid}'"),
+        Side::B => format!("DELETE FROM owners WHERE owner_id = '{pid}'"),
+    };
+    h.exec(side, &delete);
+    h.rt.pump_feeds(1000).await.unwrap();
+}
+
+/// Every step until nothing moves, without letting time pass: a message received and held
+/// back stays held.
+async fn settle(h: &Local) {
+    while h.rt.pump().await.unwrap() > 0 {}
+}
+
+/// One batch of capture, killed at failpoint `point`.
+async fn capture_crashing_at(h: &Local, point: &str) {
+    *h.crash_at.lock().unwrap() = Some((point.into(), 0));
+    h.rt.step_once(StepKind::Capture).await.unwrap();
+    assert!(h.crash_at.lock().unwrap().is_none(), "capture crashed at {point}");
+}
+
 /// Item 2: primary A; p1 synced; the write of A's edit to B fails; B's user then edits p1.
 /// Both sides changed since the last sync: A's value wins, and a conflict row says so. (Before:
 /// the failed write's mark passed for a landed one and B's edit for one made on top of it.)
@@ -156,13 +182,8 @@ async fn a_delete_and_create_again_on_one_side_ends_present_on_both() {
 #[tokio::test]
 async fn a_delete_captured_again_after_a_crash_leaves_the_record_created_since() {
     let h = Local::new().await;
-    h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'n0', 'X', 'small')");
-    h.drain().await;
-    h.exec(Side::B, "DELETE FROM owners WHERE owner_id = 'p5'");
-    h.rt.pump_feeds(1000).await.unwrap();
-    *h.crash_at.lock().unwrap() = Some(("capture.after_send".into(), 0));
-    h.rt.step_once(StepKind::Capture).await.unwrap();
-    assert!(h.crash_at.lock().unwrap().is_none(), "capture crashed after the live delete");
+    synced_then_deleted(&h, "p5", Side::B).await;
+    capture_crashing_at(&h, "capture.after_send").await;
     assert_eq!(h.query(Side::A, "SELECT count(*) FROM parents WHERE pid = 'p5'"), 0, "the live delete ran");
     h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'again', 'X', 'small')");
     h.drain().await;
@@ -185,13 +206,8 @@ async fn a_delete_captured_again_after_a_crash_leaves_the_record_created_since()
 async fn a_delete_begun_before_a_crash_is_run_again_unless_its_record_changed_since() {
     for changed in [false, true] {
         let h = Local::new().await;
-        h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'n0', 'X', 'small')");
-        h.drain().await;
-        h.exec(Side::B, "DELETE FROM owners WHERE owner_id = 'p5'");
-        h.rt.pump_feeds(1000).await.unwrap();
-        *h.crash_at.lock().unwrap() = Some(("capture.delete_marked".into(), 0));
-        h.rt.step_once(StepKind::Capture).await.unwrap();
-        assert!(h.crash_at.lock().unwrap().is_none(), "capture crashed before the live delete");
+        synced_then_deleted(&h, "p5", Side::B).await;
+        capture_crashing_at(&h, "capture.delete_marked").await;
         assert_eq!(h.query(Side::A, "SELECT count(*) FROM parents WHERE pid = 'p5'"), 1, "the delete did not run");
         if changed {
             h.exec(Side::A, "UPDATE parents SET name = 'edited' WHERE pid = 'p5'");
@@ -222,9 +238,7 @@ async fn every_delete_of_a_transaction_run_again_after_a_crash_is_judged_by_its_
     h.drain().await;
     h.exec(Side::B, "DELETE FROM owners WHERE owner_id IN ('p5', 'p6')");
     h.rt.pump_feeds(1000).await.unwrap();
-    *h.crash_at.lock().unwrap() = Some(("capture.delete_marked".into(), 0));
-    h.rt.step_once(StepKind::Capture).await.unwrap();
-    assert!(h.crash_at.lock().unwrap().is_none(), "capture crashed before its deletes");
+    capture_crashing_at(&h, "capture.delete_marked").await;
     h.exec(Side::A, "UPDATE parents SET name = 'e5' WHERE pid = 'p5'");
     h.exec(Side::A, "UPDATE parents SET name = 'e6' WHERE pid = 'p6'");
     // Only the crashed delete runs again, before A's edits are captured.
@@ -237,6 +251,96 @@ async fn every_delete_of_a_transaction_run_again_after_a_crash_is_judged_by_its_
         assert_eq!((a.as_deref(), b.as_deref()), (Some(name), Some(name)), "{pid}");
     }
     assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+}
+
+/// A delete captured late (its message retried, or behind a backlog), after its source made
+/// newer changes of the record that have all been applied: B's user deleted p5, created it
+/// again and deleted it again, and A's user then created it anew. The late delete is older than
+/// what B's later delete already did: it is stale and deletes nothing, whether A's new record
+/// has reached B yet or not (the kill -9 soak found A's new record deleted on both sides).
+#[tokio::test]
+async fn a_delete_captured_after_a_newer_delete_of_its_record_deletes_nothing() {
+    for delivered in [false, true] {
+        let h = Local::new().await;
+        synced_then_deleted(&h, "p5", Side::B).await;
+        let late = h.rt.capture.receive(10).await.unwrap();
+        assert_eq!(late.len(), 1, "B's delete, held back");
+        h.exec(Side::B, "INSERT INTO owners (owner_id, title, company, kind_code) VALUES ('p5', 'b2', 'X', 1)");
+        settle(&h).await;
+        assert_eq!(h.text(Side::A, "SELECT name FROM parents WHERE pid = 'p5'").as_deref(), Some("b2"));
+        h.exec(Side::B, "DELETE FROM owners WHERE owner_id = 'p5'");
+        settle(&h).await;
+        assert_eq!(h.query(Side::A, "SELECT count(*) FROM parents WHERE pid = 'p5'"), 0, "B's newer delete ran");
+        h.exec(Side::A, "INSERT INTO parents (pid, name, co, kind) VALUES ('p5', 'again', 'X', 'small')");
+        if delivered {
+            settle(&h).await;
+            assert_eq!(h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p5'").as_deref(), Some("again"));
+        }
+        // The held delete is visible again once its visibility timeout has passed, and runs
+        // before anything else.
+        h.clock.advance(301_000);
+        assert_eq!(h.rt.step_once(StepKind::Capture).await.unwrap(), 1, "only the late delete");
+        h.drain().await;
+        let (a, b) = (
+            h.text(Side::A, "SELECT name FROM parents WHERE pid = 'p5'"),
+            h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p5'"),
+        );
+        assert_eq!((a.as_deref(), b.as_deref()), (Some("again"), Some("again")), "delivered first: {delivered}");
+        let skipped = h.rows(ErrorFilter::default()).await;
+        assert!(
+            skipped.iter().any(|r| r.category == ErrorCategory::Concurrency && r.message.contains("a newer delete")),
+            "{skipped:?}"
+        );
+        assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+    }
+}
+
+/// A's user deletes p6 while B's user edits it. B's edit reaches A first and creates the record
+/// there again; A's delete, captured after, finds that create at its source. It is B's change,
+/// made without seeing the delete, not B's unchanged record sent back: it stays and the record
+/// ends with B's edit on both sides. (Before, the delete took our create for an echo and
+/// deleted it on both sides; the kill -9 soak found a record that A's and B's users had each
+/// written last gone from both.)
+#[tokio::test]
+async fn an_edit_that_reaches_the_deleting_side_first_wins_over_the_delete() {
+    let h = Local::new().await;
+    synced_then_deleted(&h, "p6", Side::A).await;
+    let late = h.rt.capture.receive(10).await.unwrap();
+    assert_eq!(late.len(), 1, "A's delete, held back");
+    h.exec(Side::B, "UPDATE owners SET title = 'b1' WHERE owner_id = 'p6'");
+    settle(&h).await;
+    assert_eq!(h.text(Side::A, "SELECT name FROM parents WHERE pid = 'p6'").as_deref(), Some("b1"), "created on A");
+    h.clock.advance(301_000);
+    h.drain().await;
+    let (a, b) = (
+        h.text(Side::A, "SELECT name FROM parents WHERE pid = 'p6'"),
+        h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p6'"),
+    );
+    assert_eq!((a.as_deref(), b.as_deref()), (Some("b1"), Some("b1")));
+    assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+}
+
+/// B's user deletes p7 while A's user changes it: edits it, or deletes it and creates it anew.
+/// The delete, captured first, finds on A a record other than the one last synced: A's change
+/// wins over the delete and reaches B, as it does when the delete runs again after a crash.
+/// (Before, the delete took A's record with it; the kill -9 soak found each side's new record
+/// deleted by the other side's older delete, so neither user's last write was left.)
+#[tokio::test]
+async fn a_change_made_since_the_last_sync_wins_over_a_delete_from_the_other_side() {
+    for change in ["UPDATE parents SET name = 'again' WHERE pid = 'p7'", "DELETE FROM parents WHERE pid = 'p7'; INSERT INTO parents (pid, name, co, kind) VALUES ('p7', 'again', 'X', 'small')"] {
+        let h = Local::new().await;
+        synced_then_deleted(&h, "p7", Side::B).await;
+        // A's change, not yet captured: only B's delete runs.
+        h.exec(Side::A, change);
+        assert_eq!(h.rt.step_once(StepKind::Capture).await.unwrap(), 1, "only B's delete");
+        h.drain().await;
+        let (a, b) = (
+            h.text(Side::A, "SELECT name FROM parents WHERE pid = 'p7'"),
+            h.text(Side::B, "SELECT title FROM owners WHERE owner_id = 'p7'"),
+        );
+        assert_eq!((a.as_deref(), b.as_deref()), (Some("again"), Some("again")), "{change}");
+        assert!(h.open_rows().await.is_empty(), "{:?}", h.open_rows().await);
+    }
 }
 
 /// Item 4: deliveries in flight when a job is stopped wait (nothing reaches the dead-letter

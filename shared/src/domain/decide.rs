@@ -85,8 +85,13 @@ mod tests {
     /// B's content h1 was being written to A (at version h0) when the process died.
     fn pending_b_to_a() -> LinkState {
         let mut l = link("h0");
-        l.pending =
-            Some(PendingWrite { side: Side::A, hash: "h1".into(), from_version: Some("h0".into()), uncertain: false });
+        l.pending = Some(PendingWrite {
+            side: Side::A,
+            hash: "h1".into(),
+            from_version: Some("h0".into()),
+            uncertain: false,
+            restores: false,
+        });
         l
     }
 

@@ -265,11 +265,18 @@ impl Progress {
                 mark.version[c.source.index()] = settled.version[c.source.index()].clone();
                 mark.open_errors = rows.clone();
                 let if_match = other.map(|o| o.version.to_string());
+                // A create of content the target side held before: synced there, or written by
+                // our earlier write, which may have landed (a time-out) and been deleted since.
+                let written_before = state
+                    .and_then(|s| s.pending.as_ref())
+                    .is_some_and(|p| p.side == c.source.other() && p.hash == source.hash);
+                let restores = if_match.is_none() && (settled.hash.as_deref() == Some(source.hash) || written_before);
                 mark.pending = Some(PendingWrite {
                     side: c.source.other(),
                     hash: source.hash.to_string(),
                     from_version: if_match.clone(),
                     uncertain: false,
+                    restores,
                 });
                 Progress::ToCheck(Write {
                     conflict,
@@ -559,7 +566,13 @@ mod tests {
         assert!(matches!(end(&Progress::read(&CX, &c, None, None, None)), End::Failed { .. }));
         // Our pending create is what the other side holds: undone.
         let mut creating = LinkState {
-            pending: Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: None, uncertain: false }),
+            pending: Some(PendingWrite {
+                side: Side::B,
+                hash: "h1".into(),
+                from_version: None,
+                uncertain: false,
+                restores: false,
+            }),
             ..Default::default()
         };
         assert_eq!(Progress::read(&CX, &c, at(&creating), None, seen("h1")), Progress::ToUndo);
@@ -596,8 +609,13 @@ mod tests {
         }
         // An uncertain mark seen landed: committed so it no longer judges edits as unknown.
         let mut uncertain = l.clone();
-        uncertain.pending =
-            Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: Some("h1".into()), uncertain: true });
+        uncertain.pending = Some(PendingWrite {
+            side: Side::B,
+            hash: "h1".into(),
+            from_version: Some("h1".into()),
+            uncertain: true,
+            restores: false,
+        });
         assert!(matches!(Progress::read(&CX, &c, at(&uncertain), seen("h1"), seen("h1")), Progress::ToCommit(_)));
     }
 
@@ -607,7 +625,13 @@ mod tests {
         let mut created = synced("h0");
         created.hash = None;
         created.synced = [6, 0];
-        created.pending = Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: None, uncertain: false });
+        created.pending = Some(PendingWrite {
+            side: Side::B,
+            hash: "h1".into(),
+            from_version: None,
+            uncertain: false,
+            restores: false,
+        });
         // The echo from B costs no link write: the mark, landed, is the last sync.
         let echo = Progress::read(&CX, &change(Side::B, 2), at(&created), seen("h1"), seen("h1"));
         assert!(matches!(echo, Progress::Done(_)), "{echo:?}");
@@ -656,8 +680,13 @@ mod tests {
     fn a_conflict_lost_against_an_uncertain_mark_sends_the_primarys_record_again() {
         // A's h1 was written to B (at h0) and may have landed; B's user then edited B to h2.
         let mut l = synced("h0");
-        l.pending =
-            Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: Some("h0".into()), uncertain: true });
+        l.pending = Some(PendingWrite {
+            side: Side::B,
+            hash: "h1".into(),
+            from_version: Some("h0".into()),
+            uncertain: true,
+            restores: false,
+        });
         let from_b = change(Side::B, 3);
         let a = Some(Seen { hash: "h1", version: "v7", seq: Some(9) });
         let lost = Progress::read(&CX, &from_b, at(&l), seen("h2"), a);

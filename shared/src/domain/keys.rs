@@ -47,6 +47,9 @@ pub fn txid_too_long(job: &str, app: &str, txid: &str) -> Option<String> {
 
 pub const CONFIG: &str = "CONFIG";
 pub const STATE: &str = "STATE";
+/// In a link's partition: the seq per side of the record's latest delete that ran, kept after
+/// the link itself is gone (see `State::remember_delete`).
+pub const GONE: &str = "GONE";
 pub const CAPTURED: &str = "CAPTURED";
 
 pub fn job_pk(job: &str) -> String {

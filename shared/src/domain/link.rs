@@ -44,6 +44,13 @@ pub struct PendingWrite {
     /// mark proves nothing about a later change of the target: see [`PendingWrite::judge`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub uncertain: bool,
+    /// A create of content `side` held before (the last sync's, or our earlier write's there):
+    /// the record, gone from `side`, written back from the other side unchanged since (an
+    /// echo, a change sent again). A user's delete on `side` wins over it (capture's `ours`). A
+    /// create of other content is the other side's newer change, which wins over a delete made
+    /// before it reached `side`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restores: bool,
 }
 
 /// What a pending write's target record says about it.
@@ -122,6 +129,12 @@ impl LinkState {
         Some(PendingWrite { uncertain: false, ..p.clone() })
     }
 
+    /// Whether `hash` is content this link synced: its last sync's, or its pending write's
+    /// (made to one side from the other's record).
+    pub fn synced_content(&self, hash: &str) -> bool {
+        self.hash.as_deref() == Some(hash) || self.pending.as_ref().is_some_and(|p| p.hash == hash)
+    }
+
     /// This state with its pending write settled against the records now (indexed by side):
     /// if it landed, its content is the last sync.
     pub fn settled(&self, records: [Option<Observed<'_>>; 2]) -> LinkState {
@@ -177,7 +190,13 @@ mod tests {
     fn created_on_b(uncertain: bool) -> LinkState {
         LinkState {
             synced: [5, 0],
-            pending: Some(PendingWrite { side: Side::B, hash: "h1".into(), from_version: None, uncertain }),
+            pending: Some(PendingWrite {
+                side: Side::B,
+                hash: "h1".into(),
+                from_version: None,
+                uncertain,
+                restores: false,
+            }),
             ..Default::default()
         }
     }
@@ -199,7 +218,13 @@ mod tests {
         // create that timed out. A's user then created the record with h2.
         let l = LinkState {
             hash: Some("h1".into()),
-            pending: Some(PendingWrite { side: Side::A, hash: "h1".into(), from_version: None, uncertain: true }),
+            pending: Some(PendingWrite {
+                side: Side::A,
+                hash: "h1".into(),
+                from_version: None,
+                uncertain: true,
+                restores: false,
+            }),
             ..Default::default()
         };
         let now = [Some(Observed { hash: "h2", version: "v2" }), Some(Observed { hash: "h1", version: "v1" })];

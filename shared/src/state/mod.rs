@@ -19,13 +19,15 @@ pub use tracking::TrackingPosition;
 use crate::domain::change::Key;
 use crate::domain::config::{compile, ConfigErrors, JobDef};
 use crate::domain::errors::ConflictRecord;
-use crate::domain::job::{Job, JobStatus};
+use crate::domain::job::{Job, JobStatus, Side};
 use crate::domain::keys;
 use crate::domain::link::LinkState;
 use crate::ports::{Clock, Expect, Item, KvError, KvStore, Page, Put, SkRange};
 
 /// How long capture remembers a transaction id (redelivery window).
 pub const TX_DEDUPE_TTL_MS: i64 = 24 * 3600 * 1000;
+/// How long the seqs of a record's deletes are kept: SQS's longest message retention.
+const GONE_TTL_MS: i64 = 14 * 24 * 3600 * 1000;
 
 /// A job as stored: its definition, status and config revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,7 +48,7 @@ pub struct VersionedLink {
 }
 
 /// What capture knew when it began a live delete: the version of the target's record it meant
-/// to delete, as the link last saw it (`None`: the record was never synced there).
+/// to delete, as read then (`None`: there was none).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeleteMark {
     pub target_version: Option<String>,
@@ -238,6 +240,44 @@ impl State {
             }
         }
         self.kv.delete(&keys::link_pk(job, map, key), keys::STATE, Expect::Any).await
+    }
+
+    /// The seq, per side, of the latest of the record's deletes that ran (see
+    /// [`Self::remember_delete`]): a delete older than that of its side is stale.
+    pub async fn deleted_seqs(&self, job: &str, map: &str, key: &Key) -> Result<[u64; 2], KvError> {
+        Ok(self.deleted_item(job, map, key).await?.0)
+    }
+
+    async fn deleted_item(&self, job: &str, map: &str, key: &Key) -> Result<([u64; 2], Option<u64>), KvError> {
+        match self.kv.get(&keys::link_pk(job, map, key), keys::GONE).await? {
+            Some(item) => Ok((decode(&item)?, Some(item.rev))),
+            None => Ok(([0; 2], None)),
+        }
+    }
+
+    /// Keeps the seq of a delete of the record from `side` that ran, past the link it removes:
+    /// an older delete of the record captured late (its message retried, or behind a backlog)
+    /// is told by it. Kept as long as SQS keeps a message.
+    pub async fn remember_delete(&self, job: &str, map: &str, key: &Key, side: Side, seq: u64) -> Result<(), KvError> {
+        loop {
+            let (mut seqs, rev) = self.deleted_item(job, map, key).await?;
+            if seqs[side.index()] >= seq {
+                return Ok(());
+            }
+            seqs[side.index()] = seq;
+            let put = Put {
+                pk: keys::link_pk(job, map, key),
+                sk: keys::GONE.into(),
+                body: encode(&seqs),
+                expires_at: Some(self.now_ms() + GONE_TTL_MS),
+                expect: rev.map_or(Expect::Absent, Expect::Rev),
+            };
+            // Two deletes of the record at once: the later write reads the other's seq first.
+            match self.kv.put(put).await {
+                Err(KvError::ConditionFailed { .. }) => continue,
+                done => return done.map(|_| ()),
+            }
+        }
     }
 
     /// Writes link items, each under its own condition.

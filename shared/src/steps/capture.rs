@@ -163,11 +163,7 @@ impl Steps {
             Err(outcome) => return Ok(outcome),
         };
         for ((map, c), before) in deletes.iter().zip(begun) {
-            let outcome = match before {
-                Some(mark) => self.delete_again(&lj, *map, c, mark, m.receive_count).await?,
-                None => self.delete_now(&lj, *map, c, m.receive_count).await?,
-            };
-            if let Some(outcome) = outcome {
+            if let Some(outcome) = self.run_delete(&lj, *map, c, before, m.receive_count).await? {
                 return Ok(outcome);
             }
         }
@@ -251,48 +247,95 @@ impl Steps {
     /// of the target's record it means to delete. A capture that did not finish (killed, or its
     /// acknowledgement lost) comes back after the visibility timeout, when either side may hold
     /// a record created or changed since: the marks tell what each delete meant, also for the
-    /// deletes it never reached. Returns, per delete, the mark an earlier run left (`None`:
-    /// begun now), or the outcome when a target could not be read.
+    /// deletes it never reached. Returns, per delete, what an earlier run left or this one
+    /// found, or the outcome when a target could not be read.
     async fn begin_deletes(
         &self,
         lj: &LoadedJob,
         deletes: &[(usize, ChangeRef)],
         receive_count: u32,
-    ) -> Result<Result<Vec<Option<DeleteMark>>, Outcome>, StepError> {
+    ) -> Result<Result<Vec<Begun>, Outcome>, StepError> {
         let job = &lj.job;
         let mut begun = Vec::with_capacity(deletes.len());
         for (m, c) in deletes {
             let app = job.app_name(c.source);
             if let Some(mark) = self.state.delete_mark(&job.name, app, &c.txid, &c.map, &c.key).await? {
-                begun.push(Some(mark));
+                begun.push(Begun::Earlier(mark));
                 continue;
             }
-            let target = c.source.other();
-            let found = match lj.connector(target).read(lj.spec(*m, target), std::slice::from_ref(&c.key)).await {
-                Ok(found) => found.into_iter().next().flatten(),
-                Err(e) => {
-                    let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
-                    let delay = self.backoff.delay(receive_count, e.retry_after());
-                    return Ok(Err(Outcome::Retry { delay, reason }));
-                }
+            let found = match self.read_target(lj, *m, c, receive_count).await {
+                Ok(found) => found,
+                Err(outcome) => return Ok(Err(outcome)),
             };
-            let mark = DeleteMark { target_version: found.map(|r| r.version) };
+            let mark = DeleteMark { target_version: found.as_ref().map(|r| r.version.clone()) };
             self.state.put_delete_mark(&job.name, app, &c.txid, &c.map, &c.key, &mark).await?;
-            begun.push(None);
+            begun.push(Begun::Now(found));
         }
-        if begun.iter().any(Option::is_none) {
+        if begun.iter().any(|b| matches!(b, Begun::Now(_))) {
             self.failpoints.check("capture.delete_marked")?;
         }
         Ok(Ok(begun))
     }
 
-    /// Deletes the counterpart of a change of map `m` now; `Some(outcome)` when the message
-    /// must be retried. Also how a retry request runs a delete's row again.
-    pub(crate) async fn delete_now(
+    /// The delete's target record as it is now; the outcome when it cannot be read.
+    pub(crate) async fn read_target(
         &self,
         lj: &LoadedJob,
         m: usize,
         c: &ChangeRef,
+        receive_count: u32,
+    ) -> Result<Option<Record>, Outcome> {
+        let target = c.source.other();
+        match lj.connector(target).read(lj.spec(m, target), std::slice::from_ref(&c.key)).await {
+            Ok(found) => Ok(found.into_iter().next().flatten()),
+            Err(e) => Err(self.unreachable(c, &e, receive_count)),
+        }
+    }
+
+    /// Runs the live delete of `c`, a change of map `m`, as [`Self::begin_deletes`] left it.
+    /// `Some(outcome)` when the message must be retried. Also how a retry request runs a
+    /// delete's row again.
+    ///
+    /// Like any change, a delete older than one already applied is stale (DESIGN §3 step 1):
+    /// a delete of its record from the same side that ran says so (the link it removed is
+    /// gone). Run, a delete captured late, its message retried or behind a backlog, deleted a
+    /// record created since on either side (the kill -9 soak found one gone from both).
+    pub(crate) async fn run_delete(
+        &self,
+        lj: &LoadedJob,
+        m: usize,
+        c: &ChangeRef,
+        begun: Begun,
+        receive_count: u32,
+    ) -> Result<Option<Outcome>, StepError> {
+        let deleted = self.state.deleted_seqs(&lj.job.name, &c.map, &c.key).await?[c.source.index()];
+        // Seq 0: the app does not tell a delete's place among its changes (OData change
+        // tracking's deleted entities), so its age cannot be judged.
+        if c.seq != 0 && c.seq < deleted {
+            let msg = format!("skipped: a newer delete (seq {deleted}) of {}/{} ran", c.map, c.key);
+            self.record(lj, c, ErrorCategory::Concurrency, msg).await?;
+            return Ok(None);
+        }
+        match begun {
+            Begun::Earlier(mark) => self.delete_again(lj, m, c, mark, receive_count).await,
+            Begun::Now(found) => self.delete_now(lj, m, c, found, receive_count).await,
+        }
+    }
+
+    /// A live delete that could not reach an app: its message is retried.
+    fn unreachable(&self, c: &ChangeRef, e: &ConnectorError, receive_count: u32) -> Outcome {
+        let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
+        Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }
+    }
+
+    /// Deletes `found`, the counterpart of `c`, now, unless the record exists again at the
+    /// source.
+    async fn delete_now(
+        &self,
+        lj: &LoadedJob,
+        m: usize,
+        c: &ChangeRef,
+        found: Option<Record>,
         receive_count: u32,
     ) -> Result<Option<Outcome>, StepError> {
         let job = &lj.job;
@@ -302,14 +345,11 @@ impl Steps {
         let key = std::slice::from_ref(&c.key);
         let at_source = match lj.connector(c.source).read(lj.spec(m, c.source), key).await {
             Ok(found) => found.into_iter().next().flatten(),
-            Err(e) => {
-                let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
-                return Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }));
-            }
+            Err(e) => return Ok(Some(self.unreachable(c, &e, receive_count))),
         };
         if let Some(record) = at_source {
-            // Unless what is there is our own create, made after the delete from the other
-            // side's older state: the delete wins over it, on both sides.
+            // Unless what is there is our own create of the content both sides last agreed
+            // on, made after the delete: the delete wins over it, on both sides.
             if !self.ours(lj, m, c, &record).await? {
                 let msg = format!("skipped: {}/{} exists again in {}", c.map, c.key, job.app_name(c.source));
                 self.record(lj, c, ErrorCategory::Concurrency, msg).await?;
@@ -317,11 +357,10 @@ impl Steps {
             }
             debug!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, "live delete: our create came back at the source; deleting it there");
             if let Err(e) = lj.connector(c.source).delete(lj.spec(m, c.source), key).await {
-                let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
-                return Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }));
+                return Ok(Some(self.unreachable(c, &e, receive_count)));
             }
         }
-        self.delete_target(lj, m, c, receive_count).await
+        self.delete_target(lj, m, c, found, receive_count).await
     }
 
     /// The live delete of `c` began in an earlier run (its mark says so): the target's record is deleted
@@ -335,22 +374,16 @@ impl Steps {
         mark: DeleteMark,
         receive_count: u32,
     ) -> Result<Option<Outcome>, StepError> {
-        let target = c.source.other();
-        let found = match lj.connector(target).read(lj.spec(m, target), std::slice::from_ref(&c.key)).await {
-            Ok(found) => found.into_iter().next().flatten(),
-            Err(e) => {
-                let reason = format!("live delete of {}/{}: {}", c.map, c.key, e.message());
-                return Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, e.retry_after()), reason }));
-            }
+        let found = match self.read_target(lj, m, c, receive_count).await {
+            Ok(found) => found,
+            Err(outcome) => return Ok(Some(outcome)),
         };
         match (found, mark.target_version) {
-            (Some(r), Some(v)) if r.version == v => self.delete_target(lj, m, c, receive_count).await,
+            (Some(r), Some(v)) if r.version == v => self.delete_target(lj, m, c, Some(r), receive_count).await,
             (Some(_), _) => {
                 debug!(job = %lj.job.name, map = %c.map, key = %c.key, txid = %c.txid, "live delete run again: the target's record is newer than the delete");
                 // Newer, and perhaps our create that raced the delete: its check decides.
-                if self.creating(lj, c).await? {
-                    self.send_check(lj, c).await?;
-                }
+                self.check_our_create(lj, c).await?;
                 Ok(None)
             }
             // The delete landed; what may be left is its bookkeeping.
@@ -358,16 +391,39 @@ impl Steps {
         }
     }
 
-    /// Deletes the target's record of `c`, then its link.
+    /// Deletes `found`, the target's record of `c`, then its link. A record other than the one
+    /// last synced stays: the change that made it, made without seeing the delete, wins over
+    /// it (as an edit wins over a delete begun before it, see [`Self::delete_again`]), and a
+    /// check from its side sends it on, also when that change was decided already (a conflict
+    /// it lost).
     async fn delete_target(
         &self,
         lj: &LoadedJob,
         m: usize,
         c: &ChangeRef,
+        found: Option<Record>,
         receive_count: u32,
     ) -> Result<Option<Outcome>, StepError> {
         let job = &lj.job;
         let target = c.source.other();
+        let Some(record) = found else {
+            return self.deleted(lj, c).await.map(|()| None);
+        };
+        let link = self.state.links(&job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
+        let hash = canon::canon(&job.maps[m], target, &record.fields).ok().map(|h| canon::hash(&h));
+        if !link.as_ref().is_some_and(|l| hash.is_some_and(|h| l.state.synced_content(&h))) {
+            let msg = format!(
+                "skipped: {}/{} changed in {} since the last sync; that change wins over the delete",
+                c.map,
+                c.key,
+                job.app_name(target)
+            );
+            self.record(lj, c, ErrorCategory::Concurrency, msg).await?;
+            let link = link.map(|l| l.state).unwrap_or_default();
+            let seq = record.seq.unwrap_or(0).max(link.seen(target)).max(link.synced[target.index()]);
+            let check = ChangeRef { source: target, seq, retry_of: None, waited: false, ..c.clone() };
+            return self.send_check(lj, check, &format!("delete-skip-{}-{}", c.txid, c.seq)).await.map(|()| None);
+        }
         debug!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, retry = c.retry_of.is_some(), "live delete");
         match lj.connector(target).delete(lj.spec(m, target), std::slice::from_ref(&c.key)).await {
             Ok(()) => {
@@ -375,10 +431,9 @@ impl Steps {
                 Metrics::add(&self.metrics.live_deletes, 1);
                 Ok(None)
             }
-            Err(ConnectorError::Transient { retry_after, message, .. }) => {
-                warn!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, reason = %message, "live delete failed; will retry");
-                let reason = format!("live delete of {}/{}: {message}", c.map, c.key);
-                Ok(Some(Outcome::Retry { delay: self.backoff.delay(receive_count, retry_after), reason }))
+            Err(e @ ConnectorError::Transient { .. }) => {
+                warn!(job = %job.name, map = %c.map, key = %c.key, txid = %c.txid, reason = %e.message(), "live delete failed; will retry");
+                Ok(Some(self.unreachable(c, &e, receive_count)))
             }
             Err(ConnectorError::Rejected { message, .. }) => {
                 let msg = format!("{} refused the delete of {}/{}: {message}", job.app_name(target), c.map, c.key);
@@ -391,37 +446,43 @@ impl Steps {
     /// The target's record of `c` is gone: so is its link, unless our create of it may be
     /// under way.
     async fn deleted(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<(), StepError> {
-        if self.creating(lj, c).await? {
-            self.send_check(lj, c).await
-        } else {
-            Ok(self.state.delete_link(&lj.job.name, &c.map, &c.key).await?)
+        self.state.remember_delete(&lj.job.name, &c.map, &c.key, c.source, c.seq).await?;
+        if !self.check_our_create(lj, c).await? {
+            self.state.delete_link(&lj.job.name, &c.map, &c.key).await?;
         }
-    }
-
-    /// Whether the link of `c` marks our create of the record in the delete's target.
-    async fn creating(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<bool, StepError> {
-        let link = self.state.links(&lj.job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
-        let target = c.source.other();
-        Ok(link.and_then(|l| l.state.pending).is_some_and(|p| p.side == target && p.from_version.is_none()))
-    }
-
-    /// Our create of the record may be under way, between its read and its write: this delete
-    /// found nothing to delete then. A check goes down the record's lane, behind that delivery:
-    /// it finds the source gone and undoes a create that landed (deliver, `created_here`). The
-    /// link stays for it to judge.
-    async fn send_check(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<(), StepError> {
-        let check = ChangeRef { retry_of: None, waited: false, ..c.clone() };
-        let tag = format!("delete-check-{}-{}", c.txid, c.seq);
-        self.deliver_queue.send(super::redeliver::redelivery(&lj.job, vec![check], &tag)).await?;
         Ok(())
     }
 
-    /// Whether `record`, at the source of change `c`, holds what our pending create wrote there.
+    /// When the link of `c` marks our create of the record in the delete's target, a check from
+    /// the delete's side judges it (see [`Self::send_check`]); true then.
+    async fn check_our_create(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<bool, StepError> {
+        let link = self.state.links(&lj.job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
+        let target = c.source.other();
+        if !link.and_then(|l| l.state.pending).is_some_and(|p| p.side == target && p.from_version.is_none()) {
+            return Ok(false);
+        }
+        let check = ChangeRef { retry_of: None, waited: false, ..c.clone() };
+        self.send_check(lj, check, &format!("delete-check-{}-{}", c.txid, c.seq)).await?;
+        Ok(true)
+    }
+
+    /// Sends `check` down its record's lane, behind any delivery of the record under way. From
+    /// the delete's side when our create of the record may be under way, between its read and
+    /// its write (this delete found nothing to delete then): it finds the source gone and undoes
+    /// a create that landed (deliver, `created_here`); the link stays for it to judge. From the
+    /// other side when its change wins over the delete.
+    async fn send_check(&self, lj: &LoadedJob, check: ChangeRef, tag: &str) -> Result<(), StepError> {
+        self.deliver_queue.send(super::redeliver::redelivery(&lj.job, vec![check], tag)).await?;
+        Ok(())
+    }
+
+    /// Whether `record`, at the source of change `c`, holds what our pending create wrote there
+    /// from the other side's unchanged record (see [`crate::domain::link::PendingWrite::restores`]).
     async fn ours(&self, lj: &LoadedJob, m: usize, c: &ChangeRef, record: &Record) -> Result<bool, StepError> {
         let link = self.state.links(&lj.job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
         let Some(p) = link.and_then(|l| l.state.pending) else { return Ok(false) };
         let hash = canon::canon(&lj.job.maps[m], c.source, &record.fields).ok().map(|h| canon::hash(&h));
-        Ok(p.side == c.source && p.from_version.is_none() && hash.as_deref() == Some(p.hash.as_str()))
+        Ok(p.side == c.source && p.restores && hash.as_deref() == Some(p.hash.as_str()))
     }
 
     /// Drops echoes of dualsync's own writes and raises each remaining link's seen seq (unless
@@ -478,6 +539,14 @@ impl Steps {
         keep.extend(pending.into_iter().map(|(c, _)| c));
         Ok(keep)
     }
+}
+
+/// A delete of a transaction as [`Steps::begin_deletes`] leaves it.
+pub(crate) enum Begun {
+    /// An earlier run of the transaction's capture marked it begun.
+    Earlier(DeleteMark),
+    /// Begun now: the target's record as read (`None`: absent).
+    Now(Option<Record>),
 }
 
 fn entities<'a>(lj: &LoadedJob, changes: impl Iterator<Item = &'a ChangeRef>) -> BTreeSet<String> {

@@ -8,6 +8,7 @@
 //! not is refused, with the reason on the request.
 use serde::{Deserialize, Serialize};
 
+use super::capture::Begun;
 use super::redeliver::redelivery;
 use super::{Outcome, StepError, Steps};
 use crate::domain::change::ChangeRef;
@@ -214,7 +215,11 @@ impl Steps {
         let Some((m, lj)) = lj.and_then(|lj| Some((lj.job.map(&c.map)?.0, lj))) else {
             return Ok(self.state.settle_retry(job, &sk, "the job no longer maps this record").await?);
         };
-        match self.delete_now(&lj, m, c, attempts).await? {
+        let outcome = match self.read_target(&lj, m, c, attempts).await {
+            Ok(found) => self.run_delete(&lj, m, c, Begun::Now(found), attempts).await?,
+            Err(outcome) => Some(outcome),
+        };
+        match outcome {
             None | Some(Outcome::Done) => self.state.resolve_retried(job, &sk).await?,
             Some(Outcome::Retry { reason, .. } | Outcome::Poison { reason }) => {
                 self.state.settle_retry(job, &sk, &reason).await?
