@@ -757,3 +757,34 @@ fn found_a_delete_held_while_the_job_was_stopped_is_not_undone_by_the_other_side
     ];
     run(block_on(convergence_over_services(Side::A, false, &actions)));
 }
+
+/// Primary A. A's and B's users each write child p0/1 (A's value wins the conflict), then A's
+/// user deletes p0 with its child. B's change of the child, delivered after, finds it gone from A
+/// and writes B's record, which holds A's value, back there. The job is stopped, and capture
+/// records A's delete as a row. Started again, the echo of that write finds both sides in step,
+/// and the sync resolved the delete's row with the link's others: the deleted child came back
+/// on both sides, never retried. A delete's row is now resolved by its retry only.
+#[test]
+fn found_a_delete_held_while_the_job_was_stopped_is_not_resolved_by_a_sync_of_its_record() {
+    use Action::*;
+    let round = |limit, batch| {
+        let steps = [StepKind::Capture, StepKind::Sequence, StepKind::Deliver].map(|step| Step { step, batch });
+        std::iter::once(Feeds { limit }).chain(steps).collect::<Vec<_>>()
+    };
+    let mut actions = vec![
+        Edit { side: Side::A, recs: vec![Rec::Child(0, 1)] },
+        Edit { side: Side::B, recs: vec![Rec::Parent(0), Rec::Parent(0), Rec::Child(0, 1)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(0), Rec::Parent(0), Rec::Parent(0)] },
+    ];
+    actions.extend(round(1, 1));
+    actions.extend([
+        Edit { side: Side::A, recs: vec![Rec::Parent(0), Rec::Parent(0)] },
+        Delete { side: Side::A, rec: Rec::Parent(0) },
+    ]);
+    for (limit, batch) in [(2, 3), (1, 3), (1, 1)] {
+        actions.extend(round(limit, batch));
+    }
+    actions.push(Lifecycle(Op::Stop));
+    actions.extend(round(2, 2));
+    run(block_on(convergence_over_services(Side::A, false, &actions)));
+}

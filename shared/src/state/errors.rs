@@ -173,10 +173,12 @@ impl State {
         }
     }
 
-    /// Marks error rows resolved (the link synced). Rows dismissed meanwhile stay dismissed.
+    /// Marks error rows resolved (the link synced). Rows dismissed meanwhile stay dismissed. A
+    /// delete's row stays open: a sync brings the record that delete removes, so only its retry
+    /// (capture's live path) resolves it.
     pub async fn resolve_errors(&self, job: &str, sks: &[String]) -> Result<(), KvError> {
         self.update_rows(job, sks, |row| {
-            matches!(row.status, ErrorStatus::Open | ErrorStatus::Retrying)
+            (matches!(row.status, ErrorStatus::Open | ErrorStatus::Retrying) && !row.delete)
                 .then(|| row.status = ErrorStatus::Resolved)
                 .is_some()
         })
