@@ -5,6 +5,7 @@ mod backend;
 mod bench;
 mod bench_isync;
 mod bench_odata;
+mod bench_odata_isync;
 mod dashboard;
 mod demo;
 mod demo_apps;
@@ -63,6 +64,10 @@ enum Command {
     #[command(subcommand)]
     Aws(aws::AwsCommand),
 }
+
+/// See the workspace manifest: glibc's allocator was a sixth of the runner's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
