@@ -27,9 +27,9 @@ use crate::bench::{peak_rss_mib, percentile};
 use crate::sample_apps::{account, company};
 
 /// Added to every request on both services.
-const LATENCY: Duration = Duration::from_millis(20);
+pub(crate) const LATENCY: Duration = Duration::from_millis(20);
 /// Dataverse's service protection: concurrent requests per user.
-const DATAVERSE_CONCURRENCY: usize = 52;
+pub(crate) const DATAVERSE_CONCURRENCY: usize = 52;
 /// The header fno's business events are posted with, and the key's (in-process) variable.
 const KEY_HEADER: &str = "x-bench-key";
 const KEY_ENV: &str = "BENCH_EVENTS_KEY";
@@ -37,7 +37,7 @@ const KEY_ENV: &str = "BENCH_EVENTS_KEY";
 /// whose Retry-After can hold every request back for most of it.
 const STALL: Duration = Duration::from_secs(360);
 
-fn job_yaml(fno: &str, dataverse: &str, batch_size: Option<usize>) -> String {
+pub(crate) fn job_yaml(fno: &str, dataverse: &str, batch_size: Option<usize>) -> String {
     let batch_size = batch_size.map(|n| format!("\n    batch_size: {n}")).unwrap_or_default();
     format!(
         "job: bench
@@ -75,7 +75,7 @@ table_groups:
 }
 
 /// Customer `i` as an fno user creates it.
-fn customer(i: usize) -> Value {
+pub(crate) fn customer(i: usize) -> Value {
     json!({
         "dataAreaId": company(i),
         "CustomerAccount": account(i),
@@ -99,7 +99,7 @@ fn business_event(i: usize, now_ms: i64) -> Value {
 }
 
 /// Whether the target's record of customer `i` holds what the source's does.
-fn arrived(target: &Server, i: usize) -> bool {
+pub(crate) fn arrived(target: &Server, i: usize) -> bool {
     let Some(got) = target.get("accounts", &[json!(company(i)), json!(account(i))]) else { return false };
     let want = customer(i);
     let text = |v: Option<&String>| v.and_then(|raw| serde_json::from_str::<Value>(raw).ok());
@@ -141,19 +141,7 @@ pub async fn run(
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
-    let fno = Server::start(Kind::Fno, Options { latency: LATENCY, ..Options::default() }).await;
-    fno.add_set("CustomersV3", &["dataAreaId", "CustomerAccount"], None);
-    let dataverse = Server::start(
-        Kind::Dataverse,
-        Options {
-            latency: LATENCY,
-            max_concurrent: DATAVERSE_CONCURRENCY,
-            protection: Some(Protection::DATAVERSE),
-            ..Options::default()
-        },
-    )
-    .await;
-    dataverse.add_set("accounts", &["msdyn_company", "accountnumber"], Some("accountid"));
+    let (fno, dataverse) = services().await;
 
     let mut rt = LocalRuntime::open(&dir)?;
     rt.deliver_workers = workers.max(1);
@@ -277,6 +265,25 @@ pub async fn run(
     Ok(())
 }
 
-fn traffic_line(name: &str, t: &Traffic) -> String {
+/// The fno-like source and the Dataverse-like target, both `LATENCY` late, the target under
+/// Dataverse's service protection.
+pub(crate) async fn services() -> (Server, Server) {
+    let fno = Server::start(Kind::Fno, Options { latency: LATENCY, ..Options::default() }).await;
+    fno.add_set("CustomersV3", &["dataAreaId", "CustomerAccount"], None);
+    let dataverse = Server::start(
+        Kind::Dataverse,
+        Options {
+            latency: LATENCY,
+            max_concurrent: DATAVERSE_CONCURRENCY,
+            protection: Some(Protection::DATAVERSE),
+            ..Options::default()
+        },
+    )
+    .await;
+    dataverse.add_set("accounts", &["msdyn_company", "accountnumber"], Some("accountid"));
+    (fno, dataverse)
+}
+
+pub(crate) fn traffic_line(name: &str, t: &Traffic) -> String {
     format!("{name:<19}{} ({} $batch carrying {} requests)", t.requests, t.batches, t.batch_parts)
 }

@@ -64,6 +64,18 @@ fn bench_between_odata_services_delivers_every_record() {
     }
 }
 
+#[test]
+fn bench_of_an_initial_sync_between_odata_services_verifies_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three pages, the last one short, two in flight.
+    let args = ["bench", "--apps", "odata", "--initial-sync", "--records", "1234", "--pages-in-flight", "2"];
+    let out = dualsync(dir.path()).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("records            1234 (1234 created)"), "{stdout}");
+    assert!(stdout.contains("all 1234 records in the target with their values, no failed record"), "{stdout}");
+}
+
 /// `dualsync --backend aws` against the emulator `./scripts/test` started.
 fn on_aws(data_dir: &std::path::Path, stage: &str) -> Command {
     let endpoint = std::env::var("DUALSYNC_TEST_AWS_ENDPOINT")

@@ -87,6 +87,21 @@ async fn records_of_a_page_whose_writes_fail_get_retriable_rows_and_a_retry_sync
     assert!(errors.iter().all(|e| e.status == ErrorStatus::Resolved), "{errors:#?}");
 }
 
+/// A throttled app says when to come back: the page waits that long and delivers its records
+/// again, so a sync into an app at its limits slows down instead of leaving error rows.
+#[tokio::test]
+async fn records_the_target_throttled_are_delivered_again_after_its_retry_after() {
+    let h = harness().await;
+    *h.controls[1].writes.lock().unwrap() = Writes::ThrottleOnce;
+    let started = std::time::Instant::now();
+    let report = h.rt.steps.initial_sync("j", &from_a(2), |_| {}).await.unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1), "waited for the Retry-After");
+    assert_eq!(owners(&h), ["p1", "p2", "p3", "p4", "p5"]);
+    assert_eq!((report.records, report.system_errors), (5, 0), "{report:?}");
+    assert!(h.errors().await.is_empty(), "{:#?}", h.errors().await);
+    assert_eq!(map(&report, "parents").total().created, 5);
+}
+
 #[tokio::test]
 async fn a_restarted_initial_sync_goes_through_records_with_open_rows_again() {
     // Restarting from the beginning delivers every record again: the failed ones sync and

@@ -109,6 +109,9 @@ pub enum Writes {
     Refuse,
     /// Made, then answered like a time-out: landed, and the caller cannot know it.
     LandThenFail,
+    /// The next write call refused like a 429 with a Retry-After of 1 s (not made); the ones
+    /// after it work.
+    ThrottleOnce,
 }
 
 pub type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
@@ -189,6 +192,14 @@ impl Connector for Faulty {
                 .map(|_| Err(WriteFailure::Transient { message: "503 service unavailable".into(), retry_after: None }))
                 .collect()),
             Writes::Refuse => Ok(ops.iter().map(|_| Err(WriteFailure::Rejected("400 bad request".into()))).collect()),
+            Writes::ThrottleOnce => {
+                *self.control.writes.lock().unwrap() = Writes::Work;
+                let throttled = WriteFailure::Transient {
+                    message: "429 too many requests".into(),
+                    retry_after: Some(std::time::Duration::from_secs(1)),
+                };
+                Ok(ops.iter().map(|_| Err(throttled.clone())).collect())
+            }
             Writes::LandThenFail => {
                 self.inner.write(e, ops).await?;
                 Err(ConnectorError::Transient {

@@ -11,6 +11,8 @@
 //! so a map's parents finish before it starts. A time-out anywhere loses nothing: a listing
 //! message comes again and lists on from the checkpoint; a page message comes again and
 //! delivers its task again, harmlessly (§3), unless it was marked done.
+use std::time::Duration;
+
 use super::pages::{PageTask, SyncItems};
 use super::{selected_maps, SyncOptions};
 use crate::domain::job::Side;
@@ -98,7 +100,9 @@ impl Steps {
         let Some(task) = items.page(kv, n).await?.filter(|t| !t.done) else {
             return Ok(format!("page {n} of {map} is done already"));
         };
-        let (counts, system) = self.deliver_page(&lj, m, opts.from, &task.entries, false).await?;
+        // No waiting for a throttling app here: the invocation's time-out is short, and the rows
+        // this leaves are retried like any system failure's.
+        let (counts, system) = self.deliver_page(&lj, m, opts.from, &task.entries, false, Duration::ZERO).await?;
         if let Some(cp) = items.finish(kv, n, counts).await? {
             if cp.listed_all && cp.pages_done == cp.pages {
                 // The map is done: the sync goes on with the maps after it (the listing

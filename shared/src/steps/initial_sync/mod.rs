@@ -22,10 +22,11 @@ pub mod pages;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::task::JoinSet;
+use tracing::debug;
 
 pub use counts::{Counts, InitialSyncReport, MapReport};
 use pages::{Entry, PageTask, SyncItems};
@@ -196,9 +197,9 @@ impl Steps {
             while pool.len() < opts.pages_in_flight.max(1) {
                 let Some((n, entries)) = source.next(self, lj, m, opts).await? else { break };
                 let (steps, lj, items, dry_run) = (self.clone(), lj.clone(), items.clone(), opts.dry_run);
-                let from = opts.from;
+                let (from, patience) = (opts.from, self.backoff.cap);
                 pool.spawn(async move {
-                    let (counts, system) = steps.deliver_page(&lj, m, from, &entries, dry_run).await?;
+                    let (counts, system) = steps.deliver_page(&lj, m, from, &entries, dry_run, patience).await?;
                     if let Some(n) = n {
                         items.finish(steps.state.kv().as_ref(), n, counts.clone()).await?;
                     }
@@ -325,7 +326,10 @@ impl Steps {
     }
 
     /// Delivers (or, in a dry run, decides) one page; each record that hit a system failure
-    /// gets a retriable error row. Returns the counts per company and those failures.
+    /// gets a retriable error row. Records the target throttled (it said when to come back:
+    /// Retry-After) are delivered again after that wait, while the page's waits add up to at
+    /// most `patience`: a large sync into a throttling app slows down instead of failing
+    /// records. Returns the counts per company and the failures with rows.
     pub(crate) async fn deliver_page(
         &self,
         lj: &LoadedJob,
@@ -333,6 +337,7 @@ impl Steps {
         from: Side,
         entries: &[Entry],
         dry_run: bool,
+        patience: Duration,
     ) -> Result<(BTreeMap<String, Counts>, usize), StepError> {
         let now = self.state.now_ms();
         let changes: Vec<ChangeRef> = entries
@@ -348,8 +353,33 @@ impl Steps {
                 waited: false,
             })
             .collect();
-        let refs: Vec<&ChangeRef> = changes.iter().collect();
-        let results = if dry_run { self.decide_wave(lj, &refs).await? } else { self.deliver_wave(lj, &refs).await? };
+        let mut results: Vec<Option<ChangeResult>> = changes.iter().map(|_| None).collect();
+        let (mut todo, mut waited): (Vec<usize>, Duration) = ((0..changes.len()).collect(), Duration::ZERO);
+        loop {
+            let refs: Vec<&ChangeRef> = todo.iter().map(|&i| &changes[i]).collect();
+            let got = if dry_run { self.decide_wave(lj, &refs).await? } else { self.deliver_wave(lj, &refs).await? };
+            let throttled = |r: &ChangeResult| match r {
+                ChangeResult::System { retry_after, .. } => *retry_after,
+                ChangeResult::Done { .. } => None,
+            };
+            // At least a second: an app answering Retry-After 0 again and again must not spin.
+            let wait = got
+                .iter()
+                .filter_map(throttled)
+                .max()
+                .map(|w| w.max(Duration::from_secs(1)))
+                .filter(|w| waited + *w <= patience);
+            let again: Vec<usize> =
+                todo.iter().zip(&got).filter(|(_, r)| throttled(r).is_some()).map(|(i, _)| *i).collect();
+            for (&i, r) in todo.iter().zip(got) {
+                results[i] = Some(r);
+            }
+            let Some(wait) = wait else { break };
+            debug!(job = %lj.job.name, map = %lj.job.maps[m].name, records = again.len(), wait_ms = wait.as_millis() as u64, "initial sync: throttled; delivering again after the app's Retry-After");
+            tokio::time::sleep(wait).await;
+            (todo, waited) = (again, waited + wait);
+        }
+        let results: Vec<ChangeResult> = results.into_iter().flatten().collect();
         let (mut counts, mut system) = (BTreeMap::<String, Counts>::new(), 0);
         let mut retried = Vec::new();
         for ((c, e), r) in changes.iter().zip(entries).zip(&results) {
