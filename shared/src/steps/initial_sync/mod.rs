@@ -353,33 +353,32 @@ impl Steps {
                 waited: false,
             })
             .collect();
-        let mut results: Vec<Option<ChangeResult>> = changes.iter().map(|_| None).collect();
-        let (mut todo, mut waited): (Vec<usize>, Duration) = ((0..changes.len()).collect(), Duration::ZERO);
+        let refs: Vec<&ChangeRef> = changes.iter().collect();
+        let mut results =
+            if dry_run { self.decide_wave(lj, &refs).await? } else { self.deliver_wave(lj, &refs).await? };
+        let throttled = |r: &ChangeResult| match r {
+            ChangeResult::System { retry_after, .. } => *retry_after,
+            ChangeResult::Done { .. } => None,
+        };
+        let mut waited = Duration::ZERO;
         loop {
-            let refs: Vec<&ChangeRef> = todo.iter().map(|&i| &changes[i]).collect();
-            let got = if dry_run { self.decide_wave(lj, &refs).await? } else { self.deliver_wave(lj, &refs).await? };
-            let throttled = |r: &ChangeResult| match r {
-                ChangeResult::System { retry_after, .. } => *retry_after,
-                ChangeResult::Done { .. } => None,
-            };
+            let again: Vec<usize> = (0..results.len()).filter(|&i| throttled(&results[i]).is_some()).collect();
             // At least a second: an app answering Retry-After 0 again and again must not spin.
-            let wait = got
+            let wait = again
                 .iter()
-                .filter_map(throttled)
+                .filter_map(|&i| throttled(&results[i]))
                 .max()
                 .map(|w| w.max(Duration::from_secs(1)))
                 .filter(|w| waited + *w <= patience);
-            let again: Vec<usize> =
-                todo.iter().zip(&got).filter(|(_, r)| throttled(r).is_some()).map(|(i, _)| *i).collect();
-            for (&i, r) in todo.iter().zip(got) {
-                results[i] = Some(r);
-            }
             let Some(wait) = wait else { break };
             debug!(job = %lj.job.name, map = %lj.job.maps[m].name, records = again.len(), wait_ms = wait.as_millis() as u64, "initial sync: throttled; delivering again after the app's Retry-After");
             tokio::time::sleep(wait).await;
-            (todo, waited) = (again, waited + wait);
+            waited += wait;
+            let refs: Vec<&ChangeRef> = again.iter().map(|&i| &changes[i]).collect();
+            for (i, r) in again.into_iter().zip(self.deliver_wave(lj, &refs).await?) {
+                results[i] = r;
+            }
         }
-        let results: Vec<ChangeResult> = results.into_iter().flatten().collect();
         let (mut counts, mut system) = (BTreeMap::<String, Counts>::new(), 0);
         let mut retried = Vec::new();
         for ((c, e), r) in changes.iter().zip(entries).zip(&results) {
