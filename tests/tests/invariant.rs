@@ -1010,3 +1010,25 @@ fn found_an_uncertain_write_of_the_content_last_synced_leaves_the_last_sync_know
     ];
     run(block_on(convergence_under_faults(Side::B, false, &actions)));
 }
+
+/// Primary B. B's user creates p0 and p1; A's user creates c(0,1). Two deliver workers on both
+/// messages: the first reads A's child and marks its create on B; A's user deletes p0 with its
+/// child just before a write to A; the second, having read the link before that mark, finds the
+/// child on neither side and deleted the link, whatever it held by then. The first one's create
+/// then landed on B with no link, A's delete took it for B's newer record, and the child came
+/// back on A. A link found on neither side now goes only at the revision read, and not while
+/// it marks a create this change made, which may still land (`LinkState::creating_from`).
+#[test]
+fn found_a_create_racing_a_delete_of_its_source_keeps_its_link() {
+    use Action::*;
+    let actions = [
+        Edit { side: Side::B, recs: vec![Rec::Parent(0), Rec::Parent(1)] },
+        Edit { side: Side::A, recs: vec![Rec::Child(0, 1)] },
+        Feeds { limit: 1 },
+        DuringWrite { target: Side::A, side: Side::A, rec: Rec::Parent(0), delete: true },
+        Step { step: StepKind::Capture, batch: 2 },
+        Step { step: StepKind::Sequence, batch: 2 },
+        TwoWorkers { batch: 2, yields: 0x2fcd_5b9d_43a1_d425 },
+    ];
+    run(block_on(convergence_under_faults(Side::B, false, &actions)));
+}

@@ -8,7 +8,7 @@
 //!                                            │     ToMark ──(pending mark: step 7)──> ToWrite | Again
 //!                                            │     ToWrite ──(write: step 6)──> Done | Again
 //!                                            ├─> ToUndo ──(delete on the other side)──> Done
-//!                                            ├─> ToForget ──(link deleted, rows closed)──> Done
+//!                                            ├─> ToForget ──(link deleted, rows closed)──> Done | Again
 //!                                            └─> Done
 //! ```
 //! `Again` goes back to `ToRead` (a race lost to a concurrent change, bounded by the executor).
@@ -67,10 +67,12 @@ pub enum Progress {
     /// Step 6: the write, its mark at revision `.1`.
     ToWrite(Write, u64),
     /// The source record is gone and the other side holds our create of it, made after the
-    /// live delete found nothing to delete: delete it there too, and the link.
-    ToUndo,
-    /// The record is on neither side: the link goes, and its rows (`rows`) can never sync now.
-    ToForget { rows: Vec<String>, message: String },
+    /// live delete found nothing to delete: delete it there too, and the link if still at
+    /// revision `rev`, closing its rows (`rows`).
+    ToUndo { rev: u64, rows: Vec<String> },
+    /// The record is on neither side: the link goes if still at revision `rev` (a delivery
+    /// racing this one may have marked a create since), and its rows (`rows`) can never sync now.
+    ToForget { rev: u64, rows: Vec<String>, message: String },
     /// Lost a race with a concurrent change (a failed write precondition or link commit):
     /// back to step 1.
     Again,
@@ -184,15 +186,20 @@ impl Progress {
     ) -> Progress {
         let state = link.map(|l| l.state);
         let Some(source) = source else {
-            if created_here(state, c.source.other(), other) {
-                return Progress::ToUndo;
+            if let Some(l) = link.filter(|l| created_here(Some(l.state), c.source.other(), other)) {
+                return Progress::ToUndo { rev: l.rev, rows: l.state.open_errors.clone() };
             }
             let message = format!("skipped: {}/{} no longer exists in {}", c.map, c.key, cx.source_app);
             return match (link, other) {
-                (Some(l), None) => {
+                // Unless this change marked a create there, which may still land: the link
+                // keeps the mark for the source's delete, which capture takes live (a landed
+                // create then goes with it). Forgotten, that create stayed on the other side
+                // with no link, the delete took it for a newer change there, and the record
+                // came back on the side whose user deleted it (found by the property tests).
+                (Some(l), None) if !l.state.creating_from(c.source, c.seq) => {
                     let mut rows = l.state.open_errors.clone();
                     rows.extend(c.retry_of.clone());
-                    Progress::ToForget { rows, message }
+                    Progress::ToForget { rev: l.rev, rows, message }
                 }
                 _ => Progress::failed(ErrorCategory::Concurrency, message),
             };
@@ -388,21 +395,25 @@ impl Progress {
         }
     }
 
-    /// The undo's answer: the record and its link are deleted, or the call failed.
-    pub fn undone(self, failure: Option<(ErrorCategory, &str, Option<Duration>)>) -> Progress {
-        match (self, failure) {
-            (Progress::ToUndo, None) => Progress::done(End::Undone),
-            (Progress::ToUndo, Some((category, message, retry_after))) => {
+    /// The undo's answer: the record and its link are deleted (`Ok(true)`), the record is and
+    /// the link changed since it was read (`Ok(false)`: back to step 1), or the call failed.
+    pub fn undone(self, answer: Result<bool, (ErrorCategory, &str, Option<Duration>)>) -> Progress {
+        match (self, answer) {
+            (Progress::ToUndo { .. }, Ok(true)) => Progress::done(End::Undone),
+            (Progress::ToUndo { .. }, Ok(false)) => Progress::Again,
+            (Progress::ToUndo { .. }, Err((category, message, retry_after))) => {
                 Progress::call_failed(category, message, retry_after)
             }
             (other, _) => other,
         }
     }
 
-    /// The link is deleted and its rows closed: the change ends as a concurrency skip.
-    pub fn forgotten(self) -> Progress {
+    /// The answer to [`Progress::ToForget`]: the link deleted and its rows closed, the change
+    /// ends as a concurrency skip; the link changed since it was read, back to step 1.
+    pub fn forgotten(self, deleted: bool) -> Progress {
         match self {
-            Progress::ToForget { message, .. } => Progress::failed(ErrorCategory::Concurrency, message),
+            Progress::ToForget { message, .. } if deleted => Progress::failed(ErrorCategory::Concurrency, message),
+            Progress::ToForget { .. } => Progress::Again,
             other => other,
         }
     }
@@ -564,6 +575,21 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(end(&Progress::read(&CX, &c, None, None, None)), End::Failed { .. }));
+        // Gone from both while this change's own create may still land there: the link stays.
+        let marked = LinkState {
+            synced: [6, 0],
+            pending: Some(PendingWrite {
+                side: Side::B,
+                hash: "h1".into(),
+                from_version: None,
+                uncertain: false,
+                restores: false,
+            }),
+            ..with_rows.clone()
+        };
+        assert!(matches!(end(&Progress::read(&CX, &c, at(&marked), None, None)), End::Failed { .. }));
+        // A later change (the delete's check from capture) forgets it.
+        assert!(matches!(Progress::read(&CX, &change(Side::A, 7), at(&marked), None, None), Progress::ToForget { .. }));
         // Our pending create is what the other side holds: undone.
         let mut creating = LinkState {
             pending: Some(PendingWrite {
@@ -575,7 +601,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert_eq!(Progress::read(&CX, &c, at(&creating), None, seen("h1")), Progress::ToUndo);
+        assert_eq!(Progress::read(&CX, &c, at(&creating), None, seen("h1")), Progress::ToUndo { rev: 7, rows: vec![] });
         // Someone else's record with other content: not ours to delete.
         assert!(matches!(end(&Progress::read(&CX, &c, at(&creating), None, seen("h2"))), End::Failed { .. }));
         // An update (not a create) pending: not undone either.
@@ -835,13 +861,19 @@ mod tests {
 
     #[test]
     fn undo_and_forget_end_the_change() {
-        assert_eq!(end(&Progress::ToUndo.undone(None)), &End::Undone);
-        assert!(matches!(end(&Progress::ToUndo.undone(Some((ErrorCategory::System, "503", None)))), End::Retry { .. }));
+        let undo = Progress::ToUndo { rev: 2, rows: vec![] };
+        assert_eq!(end(&undo.clone().undone(Ok(true))), &End::Undone);
+        assert_eq!(undo.clone().undone(Ok(false)), Progress::Again);
+        assert!(matches!(end(&undo.clone().undone(Err((ErrorCategory::System, "503", None)))), End::Retry { .. }));
         assert!(matches!(
-            end(&Progress::ToUndo.undone(Some((ErrorCategory::Application, "403", None)))),
+            end(&undo.undone(Err((ErrorCategory::Application, "403", None)))),
             End::Failed { category: ErrorCategory::Application, .. }
         ));
-        let p = Progress::ToForget { rows: vec![], message: "gone".into() }.forgotten();
-        assert_eq!(end(&p), &End::Failed { category: ErrorCategory::Concurrency, message: "gone".into() });
+        let forget = Progress::ToForget { rev: 3, rows: vec![], message: "gone".into() };
+        assert_eq!(
+            end(&forget.clone().forgotten(true)),
+            &End::Failed { category: ErrorCategory::Concurrency, message: "gone".into() }
+        );
+        assert_eq!(forget.forgotten(false), Progress::Again);
     }
 }

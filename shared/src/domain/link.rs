@@ -118,6 +118,15 @@ impl LinkState {
         self.pending.as_ref().is_some_and(|p| p.uncertain || (p.side != source && self.synced[source.index()] == seq))
     }
 
+    /// Whether the pending mark is a create on the other side that change `seq` from `source`
+    /// made itself. That change, coming again (a redelivery racing the delivery under way, a
+    /// retry after a time-out), may find neither record while the create is still to land.
+    pub fn creating_from(&self, source: Side, seq: u64) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| p.side != source && p.from_version.is_none() && self.synced[source.index()] == seq)
+    }
+
     /// What a commit of content `hash`, in step on both sides, keeps of the pending mark: a
     /// create of that content, now certain (its target holds it). It is what tells a live delete
     /// from the create's target that the record there is dualsync's own create, made after the

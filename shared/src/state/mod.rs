@@ -231,15 +231,15 @@ impl State {
         }
     }
 
-    /// Removes a link whose record no longer exists on either side, closing its open error
-    /// rows with that reason (they can never sync now).
-    pub async fn delete_link(&self, job: &str, map: &str, key: &Key) -> Result<(), KvError> {
-        if let Some(link) = self.links(job, &[(map, key)]).await?.pop().flatten() {
-            if !link.state.open_errors.is_empty() {
-                self.close_errors(job, &link.state.open_errors, "the record no longer exists on either side").await?;
-            }
+    /// Removes a link whose record no longer exists on either side, if it is still at revision
+    /// `rev`; false when it changed since (a delivery marked a create, which may yet land). Its
+    /// open error rows are the caller's to close.
+    pub async fn forget_link(&self, job: &str, map: &str, key: &Key, rev: u64) -> Result<bool, KvError> {
+        match self.kv.delete(&keys::link_pk(job, map, key), keys::STATE, Expect::Rev(rev)).await {
+            Ok(()) => Ok(true),
+            Err(KvError::ConditionFailed { .. }) => Ok(false),
+            Err(e) => Err(e),
         }
-        self.kv.delete(&keys::link_pk(job, map, key), keys::STATE, Expect::Any).await
     }
 
     /// The seq, per side, of the latest of the record's deletes that ran (see

@@ -21,7 +21,7 @@ use crate::domain::job::{JobStatus, Mode, Side};
 use crate::domain::keys;
 use crate::domain::link::LinkState;
 use crate::ports::{ConnectorError, InMessage, KvError, OutMessage, Put, QueueError, Record};
-use crate::state::{DeleteMark, State};
+use crate::state::{DeleteMark, State, VersionedLink};
 
 /// How often capture re-reads links whose seen-seq update lost a race before giving up.
 const MAX_RACES: usize = 5;
@@ -409,7 +409,7 @@ impl Steps {
         let Some(record) = found else {
             return self.deleted(lj, c).await.map(|()| None);
         };
-        let link = self.state.links(&job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
+        let link = self.link(lj, c).await?;
         let hash = canon::canon(&job.maps[m], target, &record.fields).ok().map(|h| canon::hash(&h));
         if !link.as_ref().is_some_and(|l| hash.is_some_and(|h| l.state.synced_content(&h))) {
             let msg = format!(
@@ -444,26 +444,42 @@ impl Steps {
     }
 
     /// The target's record of `c` is gone: so is its link, unless our create of it may be
-    /// under way.
+    /// under way (a check then judges it). The link goes at the revision read: a delivery that
+    /// marks a create in between changes it, and the next round sees that mark. Deleted
+    /// regardless, the create landed with no link, and the record came back on the side whose
+    /// user deleted it (found by the property tests).
     async fn deleted(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<(), StepError> {
-        self.state.remember_delete(&lj.job.name, &c.map, &c.key, c.source, c.seq).await?;
-        if !self.check_our_create(lj, c).await? {
-            self.state.delete_link(&lj.job.name, &c.map, &c.key).await?;
+        let job = &lj.job.name;
+        self.state.remember_delete(job, &c.map, &c.key, c.source, c.seq).await?;
+        loop {
+            let Some(link) = self.link(lj, c).await? else { return Ok(()) };
+            if creating(&link.state, c) {
+                return self.send_create_check(lj, c).await;
+            }
+            if self.state.forget_link(job, &c.map, &c.key, link.rev).await? {
+                let why = "the record no longer exists on either side";
+                return Ok(self.state.close_errors(job, &link.state.open_errors, why).await?);
+            }
         }
-        Ok(())
     }
 
     /// When the link of `c` marks our create of the record in the delete's target, a check from
     /// the delete's side judges it (see [`Self::send_check`]); true then.
     async fn check_our_create(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<bool, StepError> {
-        let link = self.state.links(&lj.job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
-        let target = c.source.other();
-        if !link.and_then(|l| l.state.pending).is_some_and(|p| p.side == target && p.from_version.is_none()) {
+        if !self.link(lj, c).await?.is_some_and(|l| creating(&l.state, c)) {
             return Ok(false);
         }
-        let check = ChangeRef { retry_of: None, waited: false, ..c.clone() };
-        self.send_check(lj, check, &format!("delete-check-{}-{}", c.txid, c.seq)).await?;
+        self.send_create_check(lj, c).await?;
         Ok(true)
+    }
+
+    async fn send_create_check(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<(), StepError> {
+        let check = ChangeRef { retry_of: None, waited: false, ..c.clone() };
+        self.send_check(lj, check, &format!("delete-check-{}-{}", c.txid, c.seq)).await
+    }
+
+    async fn link(&self, lj: &LoadedJob, c: &ChangeRef) -> Result<Option<VersionedLink>, StepError> {
+        Ok(self.state.links(&lj.job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten())
     }
 
     /// Sends `check` down its record's lane, behind any delivery of the record under way. From
@@ -479,7 +495,7 @@ impl Steps {
     /// Whether `record`, at the source of change `c`, holds what our pending create wrote there
     /// from the other side's unchanged record (see [`crate::domain::link::PendingWrite::restores`]).
     async fn ours(&self, lj: &LoadedJob, m: usize, c: &ChangeRef, record: &Record) -> Result<bool, StepError> {
-        let link = self.state.links(&lj.job.name, &[(c.map.as_str(), &c.key)]).await?.pop().flatten();
+        let link = self.link(lj, c).await?;
         let Some(p) = link.and_then(|l| l.state.pending) else { return Ok(false) };
         let hash = canon::canon(&lj.job.maps[m], c.source, &record.fields).ok().map(|h| canon::hash(&h));
         Ok(p.side == c.source && p.restores && hash.as_deref() == Some(p.hash.as_str()))
@@ -547,6 +563,11 @@ pub(crate) enum Begun {
     Earlier(DeleteMark),
     /// Begun now: the target's record as read (`None`: absent).
     Now(Option<Record>),
+}
+
+/// Whether `link` marks our create of `c`'s record in the delete's target.
+fn creating(link: &LinkState, c: &ChangeRef) -> bool {
+    link.pending.as_ref().is_some_and(|p| p.side == c.source.other() && p.from_version.is_none())
 }
 
 fn entities<'a>(lj: &LoadedJob, changes: impl Iterator<Item = &'a ChangeRef>) -> BTreeSet<String> {

@@ -91,7 +91,7 @@ impl Item<'_> {
             Progress::ToCommit(_) => Effect::InStep,
             Progress::ToCheck(_) | Progress::ToMark(_) | Progress::ToWrite(..) => self.write.unwrap_or(Effect::Updated),
             Progress::Done(done) => self.effect_of(&done.end),
-            Progress::ToRead | Progress::ToUndo | Progress::ToForget { .. } | Progress::Again => Effect::Skipped,
+            Progress::ToRead | Progress::ToUndo { .. } | Progress::ToForget { .. } | Progress::Again => Effect::Skipped,
         }
     }
 
@@ -130,7 +130,7 @@ impl Steps {
             self.write(lj, &mut items).await?;
             self.failpoints.check("deliver.after_write")?;
             self.undo(lj, &mut items).await?;
-            self.forget(job, &mut items).await?;
+            self.forget_all(job, &mut items).await?;
             self.commit(job, &mut items).await?;
             self.failpoints.check("deliver.after_commit")?;
             let release: Vec<_> = items
@@ -388,7 +388,7 @@ impl Steps {
     async fn undo(&self, lj: &LoadedJob, items: &mut [Item<'_>]) -> Result<(), StepError> {
         let mut by_target: BTreeMap<(usize, Side), Vec<usize>> = BTreeMap::new();
         for (i, it) in items.iter().enumerate() {
-            if it.progress == Progress::ToUndo {
+            if matches!(it.progress, Progress::ToUndo { .. }) {
                 by_target.entry((it.map, it.c.source.other())).or_default().push(i);
             }
         }
@@ -401,30 +401,40 @@ impl Steps {
             let answer = lj.connector(side).delete(lj.spec(m, side), &keys).await;
             for &i in &is {
                 let it = &mut items[i];
-                let failure = match &answer {
+                let Progress::ToUndo { rev, rows } = &it.progress else { continue };
+                let answer = match &answer {
                     Ok(()) => {
-                        self.state.delete_link(&lj.job.name, &it.c.map, &it.c.key).await?;
                         Metrics::add(&self.metrics.live_deletes, 1);
-                        None
+                        Ok(self.forget(&lj.job, it.c, *rev, rows).await?)
                     }
-                    Err(e) => Some((e.category(), e.message(), e.retry_after())),
+                    Err(e) => Err((e.category(), e.message(), e.retry_after())),
                 };
-                it.progress = std::mem::replace(&mut it.progress, Progress::Again).undone(failure);
+                it.progress = std::mem::replace(&mut it.progress, Progress::Again).undone(answer);
             }
         }
         Ok(())
     }
 
-    /// Records on neither side: their rows are closed and their links deleted.
-    async fn forget(&self, job: &Job, items: &mut [Item<'_>]) -> Result<(), StepError> {
+    /// Records on neither side: their links deleted, each if unchanged since it was read.
+    async fn forget_all(&self, job: &Job, items: &mut [Item<'_>]) -> Result<(), StepError> {
         for it in items.iter_mut() {
-            if let Progress::ToForget { rows, .. } = &it.progress {
-                self.state.close_errors(&job.name, rows, "the record no longer exists on either side").await?;
-                self.state.delete_link(&job.name, &it.c.map, &it.c.key).await?;
-                it.progress = std::mem::replace(&mut it.progress, Progress::Again).forgotten();
+            if let Progress::ToForget { rev, rows, .. } = &it.progress {
+                let deleted = self.forget(job, it.c, *rev, rows).await?;
+                it.progress = std::mem::replace(&mut it.progress, Progress::Again).forgotten(deleted);
             }
         }
         Ok(())
+    }
+
+    /// Deletes the link of `c`'s record, on neither side now, if still at revision `rev`, then
+    /// closes its rows; false when it changed since it was read (a delivery racing this one
+    /// marked a create, which may yet land).
+    async fn forget(&self, job: &Job, c: &ChangeRef, rev: u64, rows: &[String]) -> Result<bool, StepError> {
+        if !self.state.forget_link(&job.name, &c.map, &c.key, rev).await? {
+            return Ok(false);
+        }
+        self.state.close_errors(&job.name, rows, "the record no longer exists on either side").await?;
+        Ok(true)
     }
 
     /// Step 3's commits: links in step whose stored state lags, each conditional on the
@@ -548,7 +558,7 @@ fn progress_name(p: &Progress) -> &'static str {
         Progress::ToCommit(_) => "in step",
         Progress::ToCheck(w) if w.conflict => "conflict won",
         Progress::ToCheck(_) | Progress::ToMark(_) | Progress::ToWrite(..) => "write",
-        Progress::ToUndo => "undo",
+        Progress::ToUndo { .. } => "undo",
         Progress::ToForget { .. } => "forget",
         Progress::Again => "again",
         Progress::Done(Done { end, .. }) => match end {
