@@ -788,3 +788,45 @@ fn found_a_delete_held_while_the_job_was_stopped_is_not_resolved_by_a_sync_of_it
     actions.extend(round(2, 2));
     run(block_on(convergence_over_services(Side::A, false, &actions)));
 }
+
+/// Primary A. A's user creates p1 and deletes it; B's user creates p1 (and a child of it) after
+/// that. Capture of A's delete read B's new p1 and marked the delete begun with its version,
+/// then could not read A (a 503) and was retried. Meanwhile B's p1 reached A. Run again, the
+/// delete found B's record still at the marked version and deleted it, without the source
+/// check a first run makes: p1 stayed on A alone, with no error. A delete run again now reads
+/// the source first, like a first run, and B's p1, back at A, wins over it.
+#[test]
+fn found_a_delete_run_again_after_its_source_was_unreachable_reads_the_source_first() {
+    use Action::*;
+    use StepKind::*;
+    let st = |step, batch| Step { step, batch };
+    let actions = [
+        Edit { side: Side::A, recs: vec![Rec::Parent(0)] },
+        Feeds { limit: 1 },
+        st(Capture, 1),
+        st(Sequence, 1),
+        st(Deliver, 1),
+        Edit { side: Side::A, recs: vec![Rec::Child(0, 1)] },
+        Feeds { limit: 1 },
+        st(Capture, 1),
+        st(Sequence, 1),
+        st(Deliver, 1),
+        Edit { side: Side::B, recs: vec![Rec::Child(1, 1)] },
+        Service { side: Side::A, fault: odata_sample::Fault::Status(503), after: 5 },
+        Edit { side: Side::A, recs: vec![Rec::Parent(2)] },
+        Edit { side: Side::A, recs: vec![Rec::Parent(1), Rec::Parent(0)] },
+        Delete { side: Side::A, rec: Rec::Parent(1) },
+        Feeds { limit: 1 },
+        st(Capture, 1),
+        st(Sequence, 1),
+        st(Deliver, 1),
+        Edit { side: Side::B, recs: vec![Rec::Parent(1)] },
+        Feeds { limit: 2 },
+        st(Capture, 3),
+        st(Sequence, 3),
+        st(Deliver, 3),
+        Feeds { limit: 2 },
+        st(Capture, 3),
+    ];
+    run(block_on(convergence_over_services(Side::A, false, &actions)));
+}

@@ -365,7 +365,10 @@ impl Steps {
 
     /// The live delete of `c` began in an earlier run (its mark says so): the target's record is deleted
     /// only if it is still the one the delete meant. One created or changed since stays, and
-    /// its own change decides (DESIGN §3: an edit wins over a delete).
+    /// its own change decides (DESIGN §3: an edit wins over a delete). One still the same goes
+    /// the way of a first run ([`Self::delete_now`]), source read first: the earlier run may
+    /// have stopped before it judged anything (the source unreachable), and the record the
+    /// mark names may be the other side's newer one, which reached the source since.
     async fn delete_again(
         &self,
         lj: &LoadedJob,
@@ -379,7 +382,7 @@ impl Steps {
             Err(outcome) => return Ok(Some(outcome)),
         };
         match (found, mark.target_version) {
-            (Some(r), Some(v)) if r.version == v => self.delete_target(lj, m, c, Some(r), receive_count).await,
+            (Some(r), Some(v)) if r.version == v => self.delete_now(lj, m, c, Some(r), receive_count).await,
             (Some(_), _) => {
                 debug!(job = %lj.job.name, map = %c.map, key = %c.key, txid = %c.txid, "live delete run again: the target's record is newer than the delete");
                 // Newer, and perhaps our create that raced the delete: its check decides.
