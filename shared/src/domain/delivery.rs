@@ -575,22 +575,6 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(end(&Progress::read(&CX, &c, None, None, None)), End::Failed { .. }));
-        // Gone from both while this change's own create may still land there: the link stays.
-        let marked = LinkState {
-            synced: [6, 0],
-            pending: Some(PendingWrite {
-                side: Side::B,
-                hash: "h1".into(),
-                from_version: None,
-                uncertain: false,
-                restores: false,
-            }),
-            ..with_rows.clone()
-        };
-        assert!(matches!(end(&Progress::read(&CX, &c, at(&marked), None, None)), End::Failed { .. }));
-        // A later change (the delete's check from capture) forgets it.
-        assert!(matches!(Progress::read(&CX, &change(Side::A, 7), at(&marked), None, None), Progress::ToForget { .. }));
-        // Our pending create is what the other side holds: undone.
         let mut creating = LinkState {
             pending: Some(PendingWrite {
                 side: Side::B,
@@ -601,6 +585,12 @@ mod tests {
             }),
             ..Default::default()
         };
+        // Gone from both while this change's own create may still land there: the link stays.
+        let marked = LinkState { synced: [6, 0], open_errors: with_rows.open_errors.clone(), ..creating.clone() };
+        assert!(matches!(end(&Progress::read(&CX, &c, at(&marked), None, None)), End::Failed { .. }));
+        // A later change (the delete's check from capture) forgets it.
+        assert!(matches!(Progress::read(&CX, &change(Side::A, 7), at(&marked), None, None), Progress::ToForget { .. }));
+        // Our pending create is what the other side holds: undone.
         assert_eq!(Progress::read(&CX, &c, at(&creating), None, seen("h1")), Progress::ToUndo { rev: 7, rows: vec![] });
         // Someone else's record with other content: not ours to delete.
         assert!(matches!(end(&Progress::read(&CX, &c, at(&creating), None, seen("h2"))), End::Failed { .. }));
